@@ -1,0 +1,263 @@
+"""Typed configuration for VideoLlama models, with named presets.
+
+This module imports no torch on purpose: configs are read by the CLI, by recipes and by
+tools that must not pay for (or even have) a torch import.
+
+A model is fully described by :class:`VideoLlamaConfig`, saved as ``config.json`` next to
+every model directory and checkpoint. The preprocessing spec (:class:`PreprocessConfig`)
+is part of it, so training, evaluation and serving decode video identically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class PreprocessConfig:
+    """How a video becomes the model's input tensor ``[F, 3, size, size]``.
+
+    The reference recipe: 16 frames at 4 FPS (a 4 s window), 224x224, ImageNet mean/std.
+    """
+
+    num_frames: int = 16
+    fps: float = 4.0
+    size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class VisionConfig:
+    """A CLIP-style ViT applied per frame, plus gated temporal aggregation.
+
+    Parameter names follow Hugging Face CLIP so that import is a rename table.
+    ``temporal_every``: a gated temporal-attention block after every k-th ViT block
+    (0 disables temporal attention). ``frame_diff``: add a gated projection of the
+    difference between consecutive frames' patch embeddings (a cheap motion signal).
+    """
+
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    max_frames: int = 16
+    temporal_every: int = 1
+    frame_diff: bool = False
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class ResamplerConfig:
+    """Perceiver resampler: frames x patches -> ``num_latents`` visual latents."""
+
+    num_latents: int = 64
+    depth: int = 2
+    num_heads: int = 16
+    head_dim: int = 64
+    ff_mult: int = 4
+
+
+@dataclass
+class DecoderConfig:
+    """Llama-style decoder with gated cross-attention to the visual latents.
+
+    Parameter names follow Hugging Face Llama. A gated cross-attention block is inserted
+    before every ``cross_attn_every``-th decoder layer (0 disables them).
+    """
+
+    vocab_size: int = 65536
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None
+    intermediate_size: int = 11008
+    max_seq_len: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    cross_attn_every: int = 4
+    cross_attn_heads: int | None = None
+    cross_attn_ff_mult: int = 4
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+
+@dataclass
+class VideoLlamaConfig:
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    initializer_range: float = 0.02
+
+    # ---- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VideoLlamaConfig:
+        return _from_dict(cls, d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> VideoLlamaConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a valid VideoLlama config: {e}") from e
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> VideoLlamaConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        cfg = cls.from_dict(PRESETS[name])
+        return replace(cfg, overrides) if overrides else cfg
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Build a (nested) dataclass from a dict; unknown keys are an error, not silence."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    kwargs = {}
+    for k, v in d.items():
+        sub = _NESTED.get((cls.__name__, k))
+        if sub is not None and isinstance(v, dict):
+            v = _from_dict(sub, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def replace(cfg: VideoLlamaConfig, overrides: dict[str, Any]) -> VideoLlamaConfig:
+    """Return a copy with dotted overrides applied, e.g. ``{"decoder.num_layers": 2}``."""
+    d = cfg.to_dict()
+    for key, value in overrides.items():
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if p not in node or not isinstance(node[p], dict):
+                raise ValueError(f"unknown config key {key!r}")
+            node = node[p]
+        if leaf not in node:
+            raise ValueError(f"unknown config key {key!r}")
+        node[leaf] = value
+    return VideoLlamaConfig.from_dict(d)
+
+
+_NESTED = {
+    ("VideoLlamaConfig", "vision"): VisionConfig,
+    ("VideoLlamaConfig", "resampler"): ResamplerConfig,
+    ("VideoLlamaConfig", "decoder"): DecoderConfig,
+    ("VideoLlamaConfig", "preprocess"): PreprocessConfig,
+}
+
+
+def _preset(name: str, vision: VisionConfig, resampler: ResamplerConfig, decoder: DecoderConfig,
+            preprocess: PreprocessConfig | None = None) -> dict[str, Any]:
+    cfg = VideoLlamaConfig(name=name, vision=vision, resampler=resampler, decoder=decoder,
+                           preprocess=preprocess or PreprocessConfig())
+    return cfg.to_dict()
+
+
+# The tiny and small presets see the Shapes corpus (SHAPES.md) at 64x64 and 96x96.
+_SHAPES_PRE = PreprocessConfig(num_frames=16, fps=4.0, size=64)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tests and the CPU demo: under 1M parameters.
+    "tiny": _preset(
+        "tiny",
+        VisionConfig(image_size=64, patch_size=8, hidden_size=64, num_layers=2, num_heads=4,
+                     intermediate_size=128, max_frames=16, temporal_every=1, frame_diff=True),
+        ResamplerConfig(num_latents=16, depth=1, num_heads=4, head_dim=16, ff_mult=2),
+        DecoderConfig(vocab_size=1024, hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=256, max_seq_len=128, cross_attn_every=1, cross_attn_ff_mult=2),
+        _SHAPES_PRE,
+    ),
+    # CPU benchmarks: 20M-50M parameters.
+    "small": _preset(
+        "small",
+        VisionConfig(image_size=96, patch_size=16, hidden_size=256, num_layers=6, num_heads=8,
+                     intermediate_size=1024, max_frames=16, temporal_every=2),
+        ResamplerConfig(num_latents=32, depth=2, num_heads=8, head_dim=32, ff_mult=4),
+        DecoderConfig(vocab_size=8192, hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=6,
+                      intermediate_size=1024, max_seq_len=512, cross_attn_every=4),
+        PreprocessConfig(num_frames=16, fps=4.0, size=96),
+    ),
+    # One-GPU scale: about 1B parameters.
+    "1b": _preset(
+        "1b",
+        VisionConfig(image_size=224, patch_size=14, hidden_size=768, num_layers=12, num_heads=12,
+                     intermediate_size=3072, temporal_every=4),
+        ResamplerConfig(num_latents=64, depth=2, num_heads=12, head_dim=64),
+        DecoderConfig(vocab_size=65536, hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8,
+                      intermediate_size=5632, max_seq_len=2048, cross_attn_every=4),
+    ),
+    # The reference model: 3.5B vision side + 9.5B decoder side = 13B.
+    "videollama-13b": _preset(
+        "videollama-13b",
+        VisionConfig(image_size=224, patch_size=14, hidden_size=2560, num_layers=32, num_heads=32,
+                     intermediate_size=10240, temporal_every=1),
+        ResamplerConfig(num_latents=64, depth=6, num_heads=20, head_dim=128),
+        DecoderConfig(vocab_size=65536, hidden_size=5120, num_layers=28, num_heads=40, num_kv_heads=40,
+                      intermediate_size=13824, max_seq_len=2048, cross_attn_every=4),
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line override value (``key=value``) as YAML would."""
+    import yaml  # yaml is a core dependency and imports no torch
+
+    return yaml.safe_load(text)
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DecoderConfig",
+    "PRESETS",
+    "PreprocessConfig",
+    "ResamplerConfig",
+    "VideoLlamaConfig",
+    "VisionConfig",
+    "parse_value",
+    "preset_names",
+    "replace",
+]
