@@ -1,0 +1,30 @@
+"""The one exception type for a sample that cannot be used, with a reason code.
+
+The loader raises it; the shard pipeline catches it, counts it by ``reason`` and logs it
+once with its key. Reasons are short stable strings, used as keys in skip statistics.
+"""
+
+from __future__ import annotations
+
+# Stable reason codes (keys of the skip statistics and of `videollama data inspect --json`).
+EMPTY_FILE = "empty_file"              # zero bytes
+INVALID_CONTAINER = "invalid_container"  # FFmpeg cannot open it (garbage, missing moov atom, ...)
+NO_VIDEO_STREAM = "no_video_stream"
+ZERO_FRAMES = "zero_frames"            # opens, but no frame decodes
+DECODE_ERROR = "decode_error"          # fails part-way through decoding
+ABSURD_RESOLUTION = "absurd_resolution"
+ABSURD_DURATION = "absurd_duration"
+TIMEOUT = "timeout"                    # decoding exceeded its time/work bound
+MISSING_JSON = "missing_json"
+INVALID_JSON = "invalid_json"
+MISSING_VIDEO = "missing_video"
+TRUNCATED_TAR = "truncated_tar"
+
+
+class BadSample(Exception):
+    """A sample that must be skipped. ``reason`` is one of the codes above."""
+
+    def __init__(self, reason: str, source: str, message: str):
+        self.reason = reason
+        self.source = source
+        super().__init__(f"{source}: {message} [{reason}]")
