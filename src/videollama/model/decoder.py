@@ -1,0 +1,223 @@
+"""The language decoder: Llama blocks with gated cross-attention to the visual latents.
+
+Parameter names follow Hugging Face ``LlamaForCausalLM`` (``model.X`` there is ``decoder.X``
+here), so importing Llama weights is a prefix rename. A gated cross-attention block
+(``cross_attn_layers.{k}``) runs before decoder layers 0, every, 2*every, ...; its tanh gates
+start at zero, so a fresh model is exactly the text-only language model.
+
+Generation uses a static per-layer :class:`KVCache` (gpt-fast style): ``start`` says where the
+current tokens go in the cache; the visual keys/values are projected once per video
+(:meth:`Decoder.project_media`) and passed to every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from videollama.config import DecoderConfig
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm, computed in float32 like HF whatever the parameter dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [B, T] integer positions -> (cos, sin), each [B, 1, T, head_dim].
+
+    Computed on the fly in float32 (a few hundred flops) rather than kept in a buffer, so the
+    model has no buffers to lose on the meta device or under FSDP.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                             dtype=torch.int64).float() / head_dim))  # [hd/2]
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, hd]: HF's rotate_half layout
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, hd]; cos/sin: [B, 1, T, hd]."""
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class KVCache:
+    """Static keys/values of one attention layer: [B, kv_heads, max_len, head_dim] each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, kv_heads, T, hd] at positions start..start+T; return everything so far."""
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; writing up to {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class LlamaAttention(nn.Module):
+    """Causal grouped-query self-attention with rotary positions (HF names, no biases)."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        if config.hidden_size % config.num_heads or config.num_heads % config.kv_heads:
+            raise ValueError(f"decoder hidden_size {config.hidden_size}, num_heads {config.num_heads} and "
+                             f"num_kv_heads {config.kv_heads} do not divide evenly")
+        self.num_heads, self.kv_heads, self.head_dim = config.num_heads, config.kv_heads, config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """x: [B, T, D]; mask: None (plain causal) or bool [B, 1, T, S] (True = may attend)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # [B, KV, start+T, hd]
+        if self.kv_heads != self.num_heads:
+            # Each group of query heads shares one key/value head (HF's repeat_kv order).
+            k = k.repeat_interleave(self.num_heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.kv_heads, dim=1)
+        # Without a mask: a fresh sequence is plainly causal; one new token sees all the past.
+        is_causal = mask is None and t > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class SwiGLU(nn.Module):
+    """Llama's feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache, start=start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_for(key_mask: torch.Tensor | None, t: int, start: int) -> torch.Tensor | None:
+    """The boolean attention mask [B, 1, T, S] for T queries at positions start..start+T-1.
+
+    key_mask: [B, S] with S = start + T, 1 for real tokens and 0 for (left) padding, or None.
+    Returns None where plain causal attention is exact (no padding, and either a fresh
+    sequence or one new token), so SDPA can take its fastest path.
+    """
+    if key_mask is None and (start == 0 or t == 1):
+        return None
+    s = start + t
+    device = key_mask.device if key_mask is not None else None
+    q_pos = torch.arange(start, s, device=device)[:, None]  # [T, 1]
+    k_pos = torch.arange(s, device=device)[None, :]  # [1, S]
+    causal = k_pos <= q_pos  # [T, S]
+    if key_mask is None:
+        return causal[None, None]
+    # A padding query would see no key at all (SDPA then gives NaN); let it see itself. Its
+    # output is never used, but NaNs must not exist anywhere.
+    allowed = causal & (key_mask.bool()[:, None, :] | (k_pos == q_pos))  # [B, T, S]
+    return allowed[:, None]
+
+
+class Decoder(nn.Module):
+    """Llama decoder (embeddings, layers, final norm) with gated cross-attention blocks.
+
+    Holds no lm_head: the composed model owns it (HF keeps it outside ``model.`` too).
+    """
+
+    def __init__(self, config: DecoderConfig, *, media_dim: int) -> None:
+        super().__init__()
+        # Imported here because resampler.py builds its cross-attention from this file's parts.
+        from videollama.model.resampler import GatedCrossAttentionBlock
+
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        every = config.cross_attn_every
+        num_cross = len(range(0, config.num_layers, every)) if every > 0 else 0
+        self.cross_attn_layers = nn.ModuleList(
+            GatedCrossAttentionBlock(dim=config.hidden_size, media_dim=media_dim,
+                                     num_heads=config.cross_attn_heads or config.num_heads,
+                                     ff_mult=config.cross_attn_ff_mult, eps=config.rms_norm_eps)
+            for _ in range(num_cross))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def project_media(self, latents: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """latents: [B, L, D_v] -> per cross-attention block, its (k, v), each [B, H, L, hd].
+
+        Done once per video: during generation every step reuses them.
+        """
+        return [block.project_media(latents) for block in self.cross_attn_layers]
+
+    def new_kv_cache(self, batch: int, max_len: int, *, device: torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> list[KVCache]:
+        """Empty static caches, one per layer, for sequences of up to max_len tokens."""
+        c = self.config
+        device = device or self.embed_tokens.weight.device
+        dtype = dtype or self.embed_tokens.weight.dtype
+        shape = (batch, c.kv_heads, max_len, c.head_dim)
+        return [KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                for _ in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor,
+                key_mask: torch.Tensor | None = None,
+                media_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                kv_caches: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
+        """Final hidden states [B, T, D] (after the final norm).
+
+        input_ids, positions: [B, T]; key_mask: [B, start+T] (1 = real token) or None;
+        media_kv: from :meth:`project_media`, or None for text only (cross-attention skipped);
+        kv_caches / start: generation's caches and where these tokens go in them.
+        """
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = attention_mask_for(key_mask, input_ids.shape[1], start)
+        every = self.config.cross_attn_every
+        for i, layer in enumerate(self.layers):
+            if media_kv is not None and every > 0 and i % every == 0:
+                x = self.cross_attn_layers[i // every](x, media_kv[i // every])
+            cache = kv_caches[i] if kv_caches is not None else None
+            x = layer(x, cos, sin, mask=mask, cache=cache, start=start)
+        return self.norm(x)

@@ -1,0 +1,150 @@
+"""Text generation with a KV cache, and the ``videollama generate`` command.
+
+In the gpt-fast spirit: small pure functions. :func:`prefill` runs the prompt once and fills
+the static KV caches; :func:`decode_one_token` runs one new token per row against them. The
+visual latents and every cross-attention block's keys/values are computed once per video,
+before the prompt. Greedy when ``temperature == 0``, else temperature + nucleus sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from videollama.model.decoder import KVCache
+from videollama.model.videollama import VideoLlama, positions_from_mask
+
+MediaKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def prefill(model: VideoLlama, input_ids: torch.Tensor, *, attention_mask: torch.Tensor,
+            media_kv: MediaKV | None, kv_caches: list[KVCache]) -> torch.Tensor:
+    """Run the prompt [B, T] (attention_mask [B, T], 1 = real, left padding) through the model,
+    filling kv_caches at positions 0..T-1; return the last position's logits [B, V]."""
+    padded = not bool(attention_mask.all())
+    logits = model.decode(input_ids, positions=positions_from_mask(attention_mask, input_ids),
+                          key_mask=attention_mask if padded else None, media_kv=media_kv,
+                          kv_caches=kv_caches, start=0)
+    return logits[:, -1]
+
+
+def decode_one_token(model: VideoLlama, token: torch.Tensor, *, position: torch.Tensor,
+                     key_mask: torch.Tensor | None, media_kv: MediaKV | None, kv_caches: list[KVCache],
+                     start: int) -> torch.Tensor:
+    """token, position: [B, 1]; key_mask: [B, start+1] or None when no row is padded.
+    Writes cache slot ``start``; returns logits [B, V]."""
+    logits = model.decode(token, positions=position, key_mask=key_mask, media_kv=media_kv,
+                          kv_caches=kv_caches, start=start)
+    return logits[:, -1]
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits: [B, V] -> next token ids [B]. Greedy at temperature 0."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (always >= 1 token).
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.Tensor | None = None, *,
+             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None,
+             visual_latents: torch.Tensor | None = None) -> torch.Tensor:
+    """New tokens [B, T_new] (T_new <= max_new_tokens) after prompts input_ids [B, T].
+
+    video: [B, F, 3, H, W] or None; visual_latents: [B, L, D_v] instead of video (to ask one
+    video several questions without re-encoding it); attention_mask: [B, T] with 1 for real
+    tokens, prompts LEFT-padded. A row that has emitted eos_token_id emits the pad id after;
+    generation stops early once every row has.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    model.check_tokens(input_ids, extra=max_new_tokens)
+    b, t = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
+                         f"input_ids {tuple(input_ids.shape)}")
+    elif not bool(attention_mask[:, -1].all()):
+        raise ValueError("prompts must be LEFT-padded: every row's last token must be real")
+    attention_mask = attention_mask.to(input_ids.device).long()
+
+    media_kv = model.visual_context(input_ids, video, visual_latents)  # once per video
+    kv_caches = model.decoder.new_kv_cache(b, t + max_new_tokens)
+    padded = not bool(attention_mask.all())
+    pad_id = model.config.decoder.pad_token_id
+
+    logits = prefill(model, input_ids, attention_mask=attention_mask, media_kv=media_kv, kv_caches=kv_caches)
+    position = positions_from_mask(attention_mask, input_ids)[:, -1:]  # [B, 1]
+    key_mask = attention_mask
+    finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        token = sample(logits, temperature=temperature, top_p=top_p, generator=generator)  # [B]
+        token = token.masked_fill(finished, pad_id)
+        new_tokens.append(token)
+        if eos_token_id is not None:
+            finished |= token == eos_token_id
+            if bool(finished.all()):
+                break
+        if step == max_new_tokens - 1:
+            break
+        position = position + 1
+        key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)  # [B, t+step+1]
+        logits = decode_one_token(model, token[:, None], position=position,
+                                  key_mask=key_mask if padded else None, media_kv=media_kv,
+                                  kv_caches=kv_caches, start=t + step)
+    return torch.stack(new_tokens, dim=1)
+
+
+# ---- the `videollama generate` command -------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="model directory (config.json, "
+                        "model.safetensors, tokenizer.json, preprocessor.json)")
+    parser.add_argument("--prompt", required=True, help="the prompt text, e.g. a question about the video")
+    parser.add_argument("--video", type=Path, help="a video file; without it the model answers from text only")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Lazy: the data package (PyAV, tokenizers) is only needed when this command runs.
+    from videollama.data.tokenizer import encode_prompt, load_tokenizer
+
+    model = VideoLlama.from_pretrained(args.model, device=args.device).eval()
+    tokenizer = load_tokenizer(args.model)
+    input_ids = torch.tensor([encode_prompt(tokenizer, args.prompt)], device=args.device)
+    video = None
+    if args.video is not None:
+        from videollama.data import load_clip
+
+        pre = model.config.preprocess
+        frames, _ = load_clip(args.video, num_frames=pre.num_frames, fps=pre.fps, size=pre.size,
+                              mean=pre.mean, std=pre.std)
+        video = torch.as_tensor(frames, dtype=torch.float32, device=args.device)[None]  # [1, F, 3, S, S]
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    new = generate(model, input_ids, video, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, eos_token_id=model.config.decoder.eos_token_id, generator=generator)
+    ids = [i for i in new[0].tolist() if i != model.config.decoder.eos_token_id]
+    print(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return 0

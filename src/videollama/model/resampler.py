@@ -1,0 +1,135 @@
+"""From frame features to a few visual latents, and from latents into the decoder.
+
+:class:`PerceiverResampler` (OpenFlamingo style) turns ``F x (1+N)`` ViT tokens into a fixed,
+small set of latents; a learned time embedding added to each frame's tokens lets the latents
+keep track of when things happen. :class:`GatedCrossAttentionBlock` lets the decoder's hidden
+states read those latents through tanh gates that start at zero, so a fresh model is exactly
+the text-only language model. Video never enters the token sequence: a 2,048-token prompt
+attends to 64 latents, which is what keeps cross-modal attention cheap at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from videollama.config import ResamplerConfig
+from videollama.model.decoder import RMSNorm, SwiGLU
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to concat(media tokens, latents)."""
+
+    def __init__(self, *, dim: int, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        inner = num_heads * head_dim
+        self.num_heads = num_heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """media: [B, M, D]; latents: [B, L, D] -> [B, L, D]."""
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        q = self.to_q(latents)  # [B, L, inner]
+        # Latents also attend to themselves, so they can coordinate what each one keeps.
+        k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)  # [B, M+L, inner] each
+        q, k, v = (rearrange(t, "b s (h d) -> b h s d", h=self.num_heads) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(rearrange(out, "b h s d -> b s (h d)"))
+
+
+class PerceiverFeedForward(nn.Module):
+    def __init__(self, *, dim: int, mult: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mult * dim, bias=False)
+        self.fc2 = nn.Linear(mult * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class PerceiverLayer(nn.Module):
+    def __init__(self, config: ResamplerConfig, dim: int) -> None:
+        super().__init__()
+        self.attn = PerceiverAttention(dim=dim, num_heads=config.num_heads, head_dim=config.head_dim)
+        self.ff = PerceiverFeedForward(dim=dim, mult=config.ff_mult)
+
+
+class PerceiverResampler(nn.Module):
+    """[B, F, N, D_v] frame tokens -> [B, num_latents, D_v] visual latents."""
+
+    def __init__(self, config: ResamplerConfig, *, dim: int, max_frames: int) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.empty(config.num_latents, dim))
+        # Small random (not zero) init: latents must tell frames apart from the first step.
+        self.time_embedding = nn.Parameter(torch.empty(max_frames, dim))
+        nn.init.normal_(self.latents, std=0.02)
+        nn.init.normal_(self.time_embedding, std=0.02)
+        self.layers = nn.ModuleList(PerceiverLayer(config, dim) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, F, N, D_v] -> [B, L, D_v]."""
+        b, f = x.shape[:2]
+        x = x + self.time_embedding[:f, None, :]  # the same time code on every token of a frame
+        media = rearrange(x, "b f n d -> b (f n) d")  # [B, F*N, D]
+        latents = self.latents.expand(b, -1, -1)  # [B, L, D]
+        for layer in self.layers:
+            latents = latents + layer.attn(media, latents)
+            latents = latents + layer.ff(latents)
+        return self.norm(latents)
+
+
+class CrossAttention(nn.Module):
+    """Text hidden states (queries) attend to visual latents (keys/values from D_v)."""
+
+    def __init__(self, *, dim: int, media_dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"decoder hidden_size {dim} is not divisible by cross-attention heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(media_dim, dim, bias=False)
+        self.v_proj = nn.Linear(media_dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def project_media(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents: [B, L, D_v] -> (k, v), each [B, H, L, hd]."""
+        k = rearrange(self.k_proj(latents), "b l (h d) -> b h l d", h=self.num_heads)
+        v = rearrange(self.v_proj(latents), "b l (h d) -> b h l d", h=self.num_heads)
+        return k, v
+
+    def forward(self, x: torch.Tensor, media_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]. Every text position sees every latent: no mask."""
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.num_heads)
+        out = F.scaled_dot_product_attention(q, *media_kv)  # [B, H, T, hd]
+        return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """x = x + tanh(attn_gate) * attn(RMSNorm(x), latents); x = x + tanh(ff_gate) * ff(RMSNorm(x))."""
+
+    def __init__(self, *, dim: int, media_dim: int, num_heads: int, ff_mult: int, eps: float) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = CrossAttention(dim=dim, media_dim=media_dim, num_heads=num_heads)
+        self.ff_norm = RMSNorm(dim, eps)
+        self.ff = SwiGLU(dim, ff_mult * dim)
+        # Shape [1] rather than [] so that FSDP can shard it along dim 0 like every other tensor.
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def project_media(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents [B, L, D_v] -> this block's (k, v); compute once per video, reuse every step."""
+        return self.attn.project_media(latents)
+
+    def forward(self, x: torch.Tensor, media_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [B, T, D]; media_kv: from :meth:`project_media` -> [B, T, D]."""
+        x = x + torch.tanh(self.attn_gate) * self.attn(self.attn_norm(x), media_kv)
+        return x + torch.tanh(self.ff_gate) * self.ff(self.ff_norm(x))

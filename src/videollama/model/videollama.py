@@ -1,0 +1,300 @@
+"""The composed VideoLlama model, its loss, and the model directory format.
+
+    video [B, F, 3, H, W] -> vision (ViT per frame + temporal) -> post_layernorm
+        -> resampler -> latents [B, L, D_v]
+    input_ids [B, T] -> decoder (Llama + gated cross-attention to the latents) -> lm_head -> logits
+
+A model directory holds ``config.json``, ``preprocessor.json`` and ``model.safetensors`` (or
+``model-0000i-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``, the Hugging
+Face index format). Loading is strict: a missing, unexpected or misshapen tensor is an error
+that names the tensor and the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from videollama.config import VideoLlamaConfig
+from videollama.model.decoder import Decoder, KVCache, RMSNorm
+from videollama.model.resampler import PerceiverResampler
+from videollama.model.vision import VisionEncoder
+
+CONFIG_NAME = "config.json"
+PREPROCESSOR_NAME = "preprocessor.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VideoLlamaOutput:
+    logits: torch.Tensor  # [B, T, V]
+    loss: torch.Tensor | None = None  # scalar, when labels were given
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy. logits: [B, T, V]; labels: [B, T] aligned with the inputs.
+
+    Position t predicts labels[t+1]; labels equal to -100 are not counted. ``mean`` divides by
+    the number of counted tokens (0 when there are none, never NaN); ``sum`` lets a training
+    loop divide by a token count gathered across ranks or micro-batches. Computed in float32.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:2])}")
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B*(T-1), V]
+    shift_labels = labels[:, 1:].reshape(-1)  # [B*(T-1)]
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class VideoLlama(nn.Module):
+    def __init__(self, config: VideoLlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(config.vision)
+        self.resampler = PerceiverResampler(config.resampler, dim=config.vision.hidden_size,
+                                            max_frames=config.vision.max_frames)
+        self.decoder = Decoder(config.decoder, media_dim=config.vision.hidden_size)
+        self.lm_head = nn.Linear(config.decoder.hidden_size, config.decoder.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    # ---- construction ---------------------------------------------------------------
+    def _init_weights(self, module: nn.Module) -> None:
+        """HF-style init: normal(0, initializer_range) weights, zero biases, unit norms.
+
+        Parameters that are not in such modules (gates, latents, class and time embeddings)
+        are set by their own constructors: gates stay at exactly zero.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def tie_weights(self) -> None:
+        if self.config.decoder.tie_word_embeddings:
+            self.lm_head.weight = self.decoder.embed_tokens.weight
+
+    # ---- input checks -----------------------------------------------------------------
+    def check_video(self, video: torch.Tensor) -> None:
+        """Raise a ValueError unless video is [B, F, C, H, W] as the vision config expects."""
+        v = self.config.vision
+        if video.dim() != 5:
+            raise ValueError(f"video must be 5-D [batch, frames, channels, height, width], got shape "
+                             f"{tuple(video.shape)}")
+        b, f, c, h, w = video.shape
+        if c != v.num_channels:
+            raise ValueError(f"video has {c} channels, the model expects {v.num_channels} (shape {tuple(video.shape)})")
+        if h != v.image_size or w != v.image_size:
+            raise ValueError(f"video frames are {h}x{w}, the model expects {v.image_size}x{v.image_size}")
+        if f < 1 or f > v.max_frames:
+            raise ValueError(f"video has {f} frames, the model takes 1 to {v.max_frames}")
+        if not video.is_floating_point():
+            raise ValueError(f"video must hold normalised floating-point pixels, got {video.dtype}")
+
+    def check_tokens(self, input_ids: torch.Tensor, *, extra: int = 0) -> None:
+        """Raise a ValueError unless input_ids is [B, T] of ids in [0, vocab) and T + extra fits."""
+        d = self.config.decoder
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: at least one token is needed")
+        if input_ids.shape[1] + extra > d.max_seq_len:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens" + (f" + {extra} new" if extra else "")
+                             + f" is longer than max_seq_len {d.max_seq_len}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= d.vocab_size:
+            raise ValueError(f"token ids must be in [0, {d.vocab_size}), got values in [{lo}, {hi}]")
+
+    # ---- forward ----------------------------------------------------------------------
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """video: [B, F, 3, H, W] normalised pixels -> visual latents [B, L, D_v]."""
+        self.check_video(video)
+        tokens = self.vision.post_layernorm(self.vision(video))  # [B, F, 1+N, D_v]
+        return self.resampler(tokens)
+
+    def visual_context(self, input_ids: torch.Tensor, video: torch.Tensor | None,
+                       visual_latents: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The cross-attention keys/values for this batch, or None for text only."""
+        if video is not None and visual_latents is not None:
+            raise ValueError("pass either video or visual_latents, not both")
+        if video is not None:
+            if video.dim() == 5 and video.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"batch size mismatch: input_ids has {input_ids.shape[0]} rows, "
+                                 f"video has {video.shape[0]}")
+            visual_latents = self.encode_video(video)
+        if visual_latents is None:
+            return None
+        expected = (self.config.resampler.num_latents, self.config.vision.hidden_size)
+        if visual_latents.dim() != 3 or tuple(visual_latents.shape[1:]) != expected:
+            raise ValueError(f"visual_latents must be [batch, {expected[0]}, {expected[1]}], "
+                             f"got {tuple(visual_latents.shape)}")
+        if visual_latents.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"batch size mismatch: input_ids has {input_ids.shape[0]} rows, "
+                             f"visual_latents has {visual_latents.shape[0]}")
+        return self.decoder.project_media(visual_latents)
+
+    def forward(self, input_ids: torch.Tensor, video: torch.Tensor | None = None, *,
+                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                visual_latents: torch.Tensor | None = None) -> VideoLlamaOutput:
+        """input_ids: [B, T]; video: [B, F, 3, H, W] or None (text only); labels: [B, T] aligned
+        with input_ids (shifted inside, -100 ignored); attention_mask: [B, T], 1 = real token,
+        for left-padded batches; visual_latents: [B, L, D_v] from :meth:`encode_video` instead of video.
+        """
+        self.check_tokens(input_ids)
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
+                             f"input_ids {tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        media_kv = self.visual_context(input_ids, video, visual_latents)
+        positions = positions_from_mask(attention_mask, input_ids)
+        logits = self.decode(input_ids, positions=positions, key_mask=attention_mask, media_kv=media_kv)
+        loss = lm_loss(logits, labels) if labels is not None else None
+        return VideoLlamaOutput(logits=logits, loss=loss)
+
+    def decode(self, input_ids: torch.Tensor, *, positions: torch.Tensor, key_mask: torch.Tensor | None = None,
+               media_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               kv_caches: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
+        """Logits [B, T, V] for tokens already checked; the step that generation repeats."""
+        return self.lm_head(self.decoder(input_ids, positions=positions, key_mask=key_mask,
+                                         media_kv=media_kv, kv_caches=kv_caches, start=start))
+
+    # ---- model directory --------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, *, max_shard_size: int = 5 * 2**30) -> None:
+        """Write config.json, preprocessor.json and the weights as safetensors (sharded above
+        max_shard_size bytes). Tied output weights are stored once, as the embedding."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_NAME)
+        (directory / PREPROCESSOR_NAME).write_text(json.dumps(asdict(self.config.preprocess), indent=2) + "\n")
+
+        state = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
+        if self.config.decoder.tie_word_embeddings:
+            del state["lm_head.weight"]
+        # Leftovers of an earlier save with another layout would confuse the loader.
+        for old in [directory / WEIGHTS_NAME, directory / WEIGHTS_INDEX_NAME,
+                    *directory.glob("model-*-of-*.safetensors")]:
+            old.unlink(missing_ok=True)
+
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(directory / WEIGHTS_NAME), metadata=meta)
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / file), metadata=meta)
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> VideoLlama:
+        """Load a model directory written by :meth:`save_pretrained` (or by ``videollama convert``)."""
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; not a VideoLlama model directory")
+        config = VideoLlamaConfig.load(directory / CONFIG_NAME)
+        files = weight_files(directory)
+
+        # Built on the meta device: no memory, no random init; the tensors are assigned below.
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {name: p for name, p in model.state_dict().items()}
+        if config.decoder.tie_word_embeddings:
+            del expected["lm_head.weight"]
+
+        state: dict[str, torch.Tensor] = {}
+        where: dict[str, Path] = {}
+        for file, names in files.items():
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                stored = set(f.keys())
+                missing_in_file = set(names) - stored
+                if missing_in_file:
+                    raise ValueError(f"{file}: the index lists {sorted(missing_in_file)[:5]} but the file lacks them")
+                for name in names:
+                    if name in where:
+                        raise ValueError(f"{file}: tensor {name!r} is also stored in {where[name]}")
+                    if name not in expected:
+                        raise ValueError(f"{file}: unexpected tensor {name!r} for a {config.name!r} config")
+                    t = f.get_tensor(name)
+                    if tuple(t.shape) != tuple(expected[name].shape):
+                        raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, the config "
+                                         f"({directory / CONFIG_NAME}) needs {tuple(expected[name].shape)}")
+                    state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
+                    where[name] = file
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"{directory}: missing tensors {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        if config.decoder.tie_word_embeddings:
+            state["lm_head.weight"] = state["decoder.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        model.tie_weights()  # assign=True replaced the shared Parameter with two
+        return model
+
+
+def weight_files(directory: Path) -> dict[Path, list[str]]:
+    """The safetensors files of a model directory and the tensor names each one holds."""
+    from safetensors import safe_open
+
+    index = directory / WEIGHTS_INDEX_NAME
+    single = directory / WEIGHTS_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from e
+        files: dict[Path, list[str]] = {}
+        for name, file in weight_map.items():
+            path = directory / file
+            if not path.is_file():
+                raise FileNotFoundError(f"{index}: tensor {name!r} points to missing file {path}")
+            files.setdefault(path, []).append(name)
+        return files
+    if single.is_file():
+        with safe_open(str(single), framework="pt", device="cpu") as f:
+            return {single: list(f.keys())}
+    raise FileNotFoundError(f"{directory}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}")
+
+
+def positions_from_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    """Rotary positions [B, T]: 0..T-1, or counted over real tokens only for left-padded rows."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
