@@ -378,7 +378,9 @@ def _write_splits(out: Path, train_jobs, eval_jobs, pool, shard_size: int) -> tu
     (out / "train").mkdir(parents=True, exist_ok=True)
     num_shards = 0
     if train_jobs:
-        with wds.ShardWriter(str(out / "train" / "shapes-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+        # A fixed mtime makes the shards byte-for-byte reproducible from the seed.
+        pattern = str(out / "train" / "shapes-%06d.tar")
+        with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0.0) as sink:
             for key, mp4, meta in _render_all(pool, train_jobs, "train"):
                 sink.write({"__key__": key, "mp4": mp4, "json": json.dumps(meta).encode()})
             num_shards = sink.shard
