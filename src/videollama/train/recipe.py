@@ -1,0 +1,282 @@
+"""Training recipes: a typed :class:`TrainConfig` read from YAML, with command-line overrides.
+
+This module imports no torch, so recipes can be read, validated and printed anywhere.
+
+A recipe is one YAML file under ``configs/``; any field can be overridden from the command
+line as ``key.sub=value``, the value parsed as YAML (``optimizer.lr=1e-4``,
+``freeze=[vision]``). Pre-training and fine-tuning are the same loop and differ by recipe
+only: a fine-tuning recipe sets ``model.init_from`` to a model directory, a lower LR, and a
+data task whose labels cover the answer or caption tokens only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Parts of the model that `freeze` may name; the loop maps each to its submodules.
+FREEZABLE = ("vision", "temporal", "resampler", "decoder", "cross_attn", "embeddings")
+# Block types that activation checkpointing may wrap (see parallel.py).
+BLOCK_TYPES = ("vit", "temporal", "resampler", "decoder", "cross_attn")
+
+
+@dataclass
+class ModelSection:
+    """Which model to train: a preset built from scratch, or a model directory to start from."""
+
+    preset: str | None = "tiny"
+    init_from: str | None = None  # a model directory (config.json + model.safetensors)
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted VideoLlamaConfig keys
+
+
+@dataclass
+class DataSection:
+    """Where batches come from.
+
+    ``kind: webdataset``: ``sources`` are shard folders/globs or an evaluation-set JSONL
+    file, read by ``videollama.data.shards.VideoTextLoader``. ``kind: synthetic``:
+    random clips and token ids generated from (seed, sample index), for smoke tests and
+    throughput benchmarks; no files are read.
+    """
+
+    kind: str = "webdataset"
+    sources: list[str] = field(default_factory=list)
+    task: str = "caption"  # caption | videoqa
+    num_workers: int = 0
+    skip_budget: float = 0.01
+    max_len: int | None = None  # default: the decoder's max_seq_len
+    synthetic_seq_len: int = 32  # kind: synthetic only
+
+
+@dataclass
+class OptimizerSection:
+    """AdamW. Weight decay applies to matrices only: never to norms, biases, tanh gates or
+    embedding tables (the usual Llama/GPT recipe; decaying a gate towards 0 would fight
+    the gradient that opens it)."""
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+@dataclass
+class ScheduleSection:
+    warmup_steps: int = 1000
+    min_lr: float = 1e-6
+
+
+@dataclass
+class ParallelSection:
+    """Applied to the finished model in this order: activation checkpointing, compile, FSDP2."""
+
+    activation_checkpointing: list[str] = field(default_factory=list)  # names from BLOCK_TYPES
+    compile: bool = False
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0  # steps between checkpoints; 0: only at the end and on SIGTERM
+    keep: int = 3  # keep the last K checkpoints
+    at_end: bool = True
+
+
+@dataclass
+class GuardSection:
+    """Protection against bad steps and hung ranks."""
+
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    spike_factor: float = 3.0  # a loss above factor x the recent mean is logged as a spike
+    spike_window: int = 20
+    timeout_s: float = 1800.0  # collective timeout; a monitored barrier names the late rank
+    barrier_every: int = 100  # steps between monitored barriers (0: only at checkpoints)
+    # Test hooks: make this rank's loss NaN at these steps (a bad batch on one rank).
+    inject_nan_steps: list[int] = field(default_factory=list)
+    inject_nan_rank: int = 0
+
+
+@dataclass
+class LogSection:
+    every: int = 1  # metrics.jsonl gets every step; the progress bar/TensorBoard every k
+    tensorboard: bool = True
+    progress: bool = True
+    peak_flops: float = 0.0  # per device, for MFU; 0: MFU not reported
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: str | None = None  # tokenizer.json; default: the init_from model dir's
+    data: DataSection = field(default_factory=DataSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    global_batch: int = 8  # clips per optimizer step, over all ranks
+    micro_batch: int = 8  # clips per forward pass on one rank
+    max_steps: int = 100
+    clip_grad: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    freeze: list[str] = field(default_factory=list)  # names from FREEZABLE
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    guards: GuardSection = field(default_factory=GuardSection)
+    log: LogSection = field(default_factory=LogSection)
+    seed: int = 0
+    deterministic: bool = False
+
+    # ---- derived ------------------------------------------------------------------------
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step: global = micro * world * accumulation."""
+        per_pass = self.micro_batch * world_size
+        if self.global_batch % per_pass:
+            raise ValueError(
+                f"global_batch {self.global_batch} is not divisible by micro_batch {self.micro_batch} "
+                f"x world size {world_size} = {per_pass}")
+        return self.global_batch // per_pass
+
+    def validate(self) -> None:
+        if self.model.preset is None and self.model.init_from is None:
+            raise ValueError("model: set preset or init_from")
+        bad = sorted(set(self.freeze) - set(FREEZABLE))
+        if bad:
+            raise ValueError(f"freeze: unknown parts {bad}; choose from {list(FREEZABLE)}")
+        bad = sorted(set(self.parallel.activation_checkpointing) - set(BLOCK_TYPES))
+        if bad:
+            raise ValueError(f"parallel.activation_checkpointing: unknown {bad}; choose from {list(BLOCK_TYPES)}")
+        if self.data.kind not in ("webdataset", "synthetic"):
+            raise ValueError(f"data.kind must be webdataset or synthetic, not {self.data.kind!r}")
+        if self.data.kind == "webdataset" and not self.data.sources:
+            raise ValueError("data.sources is empty (give shard folders/globs or a JSONL file, or --data)")
+        if self.data.task not in ("caption", "videoqa"):
+            raise ValueError(f"data.task must be caption or videoqa, not {self.data.task!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
+        if self.micro_batch < 1 or self.global_batch < 1 or self.max_steps < 0:
+            raise ValueError("micro_batch and global_batch must be >= 1, max_steps >= 0")
+        if self.schedule.warmup_steps < 0 or self.checkpoint.keep < 1:
+            raise ValueError("schedule.warmup_steps must be >= 0 and checkpoint.keep >= 1")
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, where: str = "config") -> TrainConfig:
+        cfg = _build(cls, d, where)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+        """Read a recipe and apply ``key.sub=value`` overrides (values parsed as YAML)."""
+        import yaml
+
+        path = Path(path)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: cannot read recipe: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a recipe must be a YAML mapping")
+        for item in overrides or []:
+            apply_override(d, item)
+        try:
+            return cls.from_dict(d, where=str(path))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()), where=str(path))
+
+
+def apply_override(d: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` to a nested dict, in place.
+
+    Inside ``model.overrides`` (a free-form dict of VideoLlamaConfig keys) the rest of the
+    path stays one dotted key: ``model.overrides.decoder.num_layers=2``.
+    """
+    import yaml
+
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not key=value")
+    key, text = item.split("=", 1)
+    value = yaml.safe_load(text)
+    parts = key.strip().split(".")
+    if parts[:2] == ["model", "overrides"] and len(parts) > 2:
+        d.setdefault("model", {}).setdefault("overrides", {})[".".join(parts[2:])] = value
+        return
+    node = d
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    """Build a nested dataclass from a dict, coercing YAML scalars to the declared types.
+
+    Unknown keys are an error (a typo in a recipe must not be silently ignored).
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
+    kwargs = {}
+    for name, value in d.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value or {}, where)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    try:
+        if tp is float:
+            # PyYAML reads "2e-4" (no dot) as a string: accept it as the number it means.
+            return float(value)
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        item_types = args if origin is tuple and Ellipsis not in args else (args[0],) * len(value)
+        if origin is tuple and len(item_types) != len(value):
+            raise ValueError(f"{where}: expected {len(item_types)} values, got {value!r}")
+        items = [_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
