@@ -1,0 +1,262 @@
+"""The byte-level BPE tokenizer, its special tokens, and the prompt templates (the only copy).
+
+The tokenizer is a Hugging Face ``tokenizers`` byte-level BPE, saved as ``tokenizer.json``
+(loadable by ``transformers.PreTrainedTokenizerFast`` too). No normaliser: every string
+round-trips, ``decode(encode(x)) == x``. Special tokens come first, in a fixed order, so
+their ids never change between vocabularies:
+
+    0 <pad>   1 <s> (BOS)   2 </s> (EOS)   3 <video>   4 <|caption|>   5 <|question|>   6 <|answer|>
+
+Prompts (the model sees the video through cross-attention, never as tokens; ``<video>``
+marks where the text starts to be about it):
+
+    caption:  <s><video><|caption|>                      -> target  "a red square moves left." </s>
+    videoqa:  <s><video><|question|>{question}<|answer|> -> target  "left" </s>
+    multiple choice adds a line "options: a | b | c" after the question.
+
+``videollama tokenizer train --data SHARDS_OR_TEXT... --vocab-size 65536 --out DIR``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # tokenizers is imported lazily, inside the functions that need it
+    from tokenizers import Tokenizer
+
+PAD, BOS, EOS, VIDEO = "<pad>", "<s>", "</s>", "<video>"
+CAPTION, QUESTION, ANSWER = "<|caption|>", "<|question|>", "<|answer|>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, VIDEO, CAPTION, QUESTION, ANSWER)  # ids 0..6, in this order
+PAD_ID, BOS_ID, EOS_ID, VIDEO_ID = 0, 1, 2, 3
+IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch cross_entropy's default)
+
+
+# ---------------------------------------------------------------------------------------
+# Training, saving, loading
+# ---------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE on ``texts``; the vocabulary stops early if merges run out.
+
+    All 256 byte symbols are in the initial alphabet, so any string (any script, emoji,
+    control characters) encodes without an unknown token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise ValueError(f"vocab_size {vocab_size} is below {len(SPECIAL_TOKENS) + 256} (special tokens + bytes)")
+    tok = Tokenizer(models.BPE())
+    # add_prefix_space=False: no text is invented, so decode(encode(x)) == x exactly.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    _check_special_tokens(tok, "the trained tokenizer")
+    return tok
+
+
+def _check_special_tokens(tok: Tokenizer, where: str) -> None:
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(token) != expected_id:
+            raise ValueError(f"{where}: special token {token!r} has id {tok.token_to_id(token)}, expected {expected_id}")
+
+
+def load_tokenizer(path_or_dir: str | Path) -> Tokenizer:
+    """Load ``tokenizer.json`` (a file, or a folder holding one) and check the special tokens."""
+    from tokenizers import Tokenizer
+
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer file (expected tokenizer.json, see `videollama tokenizer train`)")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception with a serde message
+        raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
+    _check_special_tokens(tok, str(path))
+    return tok
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt templates and training examples
+# ---------------------------------------------------------------------------------------
+
+
+def caption_prompt() -> str:
+    return f"{VIDEO}{CAPTION}"
+
+
+def videoqa_prompt(question: str, options: Sequence[str] | None = None) -> str:
+    """Open-ended question, or multiple choice when ``options`` are given (answer = an option's text)."""
+    question = question.strip()
+    if options:
+        question += "\noptions: " + " | ".join(o.strip() for o in options)
+    return f"{VIDEO}{QUESTION}{question}{ANSWER}"
+
+
+def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
+    """BOS + the prompt's tokens: what generation starts from."""
+    return [BOS_ID] + tok.encode(prompt, add_special_tokens=False).ids
+
+
+def encode_example(tok: Tokenizer, prompt: str, target: str, max_len: int) -> tuple[list[int], list[int]]:
+    """``input_ids = BOS + prompt + target + EOS`` and ``labels`` of the same length.
+
+    ``labels`` is ``-100`` on BOS and the prompt and equals ``input_ids`` on target + EOS;
+    it is *not* shifted (the loss predicts ``labels[i + 1]`` from position ``i``).
+
+    Truncation rule: when the example is longer than ``max_len``, prompt tokens are dropped
+    from the prompt's *start* (right after BOS), because its end (the question and the
+    ``<|answer|>`` marker) is what the target follows from. The target is never cut: if
+    BOS + target + EOS alone exceeds ``max_len``, this raises ``ValueError``.
+    """
+    prompt_ids = tok.encode(prompt, add_special_tokens=False).ids
+    target_ids = tok.encode(target, add_special_tokens=False).ids + [EOS_ID]
+    room = max_len - 1 - len(target_ids)  # prompt tokens that fit beside BOS and the target
+    if room < 0:
+        raise ValueError(
+            f"target of {len(target_ids)} tokens (with EOS) does not fit max_len={max_len} with BOS: {target[:80]!r}"
+        )
+    if len(prompt_ids) > room:
+        prompt_ids = prompt_ids[len(prompt_ids) - room :]
+    input_ids = [BOS_ID] + prompt_ids + target_ids
+    labels = [IGNORE_INDEX] * (1 + len(prompt_ids)) + target_ids
+    return input_ids, labels
+
+
+def make_example(meta: dict, task: str, rng: random.Random) -> tuple[str, str]:
+    """``(prompt, target)`` from a shard sample's JSON: its caption, or one random QA item.
+
+    ``meta`` has ``caption`` and, for ``task="videoqa"``, a non-empty ``qa`` list of
+    ``{question, answer, ...}``.
+    """
+    where = meta.get("key", "sample")
+    if task == "caption":
+        if not isinstance(meta.get("caption"), str):
+            raise ValueError(f"{where}: no 'caption' string in the sample's JSON")
+        return caption_prompt(), meta["caption"]
+    if task == "videoqa":
+        qa = meta.get("qa")
+        if not qa:
+            raise ValueError(f"{where}: task 'videoqa' needs a non-empty 'qa' list in the sample's JSON")
+        item = rng.choice(qa)
+        return videoqa_prompt(item["question"], item.get("options")), item["answer"]
+    raise ValueError(f"unknown task {task!r}; expected 'caption' or 'videoqa'")
+
+
+def normalize_answer(text: str) -> str:
+    """The Shapes scoring rule: lower-case, trim white space, drop one final period."""
+    text = text.strip().lower()
+    if text.endswith("."):
+        text = text[:-1].rstrip()
+    return text
+
+
+# ---------------------------------------------------------------------------------------
+# Reading training text: shards, JSONL, plain text
+# ---------------------------------------------------------------------------------------
+
+
+def _texts_from_record(record: dict) -> Iterator[str]:
+    """Caption(s), questions and answers of a shard JSON or a JSONL line."""
+    for key in ("caption", "text", "question", "answer"):
+        if isinstance(record.get(key), str):
+            yield record[key]
+    yield from record.get("captions") or []
+    for item in record.get("qa") or []:
+        yield item["question"]
+        yield item["answer"]
+        yield from item.get("options") or []
+
+
+def iter_training_texts(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Texts from ``.tar`` shards (``KEY.json``), ``.jsonl`` files and plain text files (one per line).
+
+    A folder is read recursively (files with those suffixes, plus ``.txt``).
+    """
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in (".tar", ".jsonl", ".txt") and p.is_file())
+            yield from iter_training_texts(files)
+        elif not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        elif path.suffix == ".tar":
+            try:
+                with tarfile.open(path) as tar:
+                    for member in tar:
+                        if member.isfile() and member.name.endswith(".json"):
+                            data = tar.extractfile(member).read()
+                            yield from _texts_from_record(_parse_json(data, f"{path}:{member.name}"))
+            except tarfile.TarError as e:
+                raise ValueError(f"{path}: unreadable tar shard ({e})") from e
+        elif path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        yield from _texts_from_record(_parse_json(line, f"{path}:{n}"))
+        else:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield line.rstrip("\n")
+
+
+def _parse_json(data: str | bytes, where: str) -> dict:
+    try:
+        record = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e})") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+# ---------------------------------------------------------------------------------------
+# CLI: videollama tokenizer train
+# ---------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="tokenizer_verb", metavar="VERB", required=True)
+    train = sub.add_parser("train", help="train a byte-level BPE tokenizer", description="train a byte-level BPE")
+    train.add_argument("--data", nargs="+", required=True, help="tar shards, JSONL files, text files or folders")
+    train.add_argument("--vocab-size", type=int, default=65536, help="target vocabulary size (an upper bound)")
+    train.add_argument("--min-frequency", type=int, default=2, help="a pair must occur this often to merge")
+    train.add_argument("--out", required=True, help="output folder; gets tokenizer.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.tokenizer_verb != "train":
+        raise SystemExit(f"unknown tokenizer verb {args.tokenizer_verb!r}")
+    count = 0
+
+    def counted(texts: Iterator[str]) -> Iterator[str]:
+        nonlocal count
+        for text in texts:
+            count += 1
+            yield text
+
+    tok = train_tokenizer(counted(iter_training_texts(args.data)), args.vocab_size, min_frequency=args.min_frequency)
+    if count == 0:
+        raise SystemExit(f"no training text found in {' '.join(args.data)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    size = tok.get_vocab_size()
+    note = "" if size == args.vocab_size else f" (asked for {args.vocab_size}; the corpus ran out of merges)"
+    print(f"trained on {count} texts; vocabulary size {size}{note}; wrote {out / 'tokenizer.json'}")
+    return 0
