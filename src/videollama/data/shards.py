@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 IGNORE_INDEX = -100
+# A skip reason of this stage only (errors.py lists the decoding ones): the target text alone
+# exceeds max_len, and encode_example never cuts a target.
+TARGET_TOO_LONG = "target_too_long"
 STATE_VERSION = 1
 
 
@@ -439,13 +442,19 @@ def group_members(path: str) -> Iterator[SampleRef]:
 
     for item in read_tar_members(path):
         if isinstance(item, _TarDamage):
-            damaged_current = current is not None and (
-                item.cut_member is not None or "json" not in current.members
+            # One TRUNCATED_TAR per damaged shard, blamed on the sample it cut: the owner of a
+            # member cut short, else an incomplete sample in progress, else the shard's tail.
+            cut_key = _split_name(item.cut_member)[0] if item.cut_member is not None else None
+            if current is not None and cut_key not in (None, current.key):
+                yield finish(current)
+                current = None
+            incomplete = current is not None and (
+                cut_key is not None or "json" not in current.members
                 or not any(ext in current.members for ext in _VIDEO_MEMBER_EXTS)
             )
-            if current is not None and not damaged_current:
+            if current is not None and not incomplete:
                 yield finish(current)
-            key = current.key if damaged_current else f"<tail of {os.path.basename(path)}>"
+            key = cut_key or (current.key if incomplete else f"<tail of {os.path.basename(path)}>")
             yield SampleRef(key=key, source=path, error=(errors.TRUNCATED_TAR, item.message))
             return
         name, offset, size = item
@@ -639,7 +648,10 @@ def tokenize_sample(
     except (KeyError, ValueError, TypeError, IndexError) as e:
         # The JSON parsed but lacks what the task needs (e.g. no "qa" for videoqa).
         return Skip(item.index, item.key, item.source, errors.INVALID_JSON, f"{item.key}: unusable for {task}: {e}")
-    input_ids, labels = encode_example(tokenizer, prompt, target, max_len)
+    try:
+        input_ids, labels = encode_example(tokenizer, prompt, target, max_len)
+    except ValueError as e:  # encode_example never cuts the target; such a sample cannot train
+        return Skip(item.index, item.key, item.source, TARGET_TOO_LONG, f"{item.key}: {e}")
     item.input_ids = torch.as_tensor(input_ids, dtype=torch.long)
     item.labels = torch.as_tensor(labels, dtype=torch.long)
     return item
@@ -810,16 +822,17 @@ class VideoTextLoader:
         epochs: int | None = None,
         shuffle_buffer: int = 1000,
         video_root: str | None = None,
-        pad_id: int = 0,
+        pad_id: int | None = None,
         drop_last: bool = False,
         worker_timeout_s: float = 600.0,
     ):
         if task not in ("caption", "videoqa"):
             raise ValueError(f"task must be 'caption' or 'videoqa', not {task!r}")
-        if isinstance(tokenizer, (str, Path)):
-            from videollama.data.tokenizer import load_tokenizer
+        from videollama.data.tokenizer import PAD_ID, load_tokenizer
 
+        if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)
+        pad_id = PAD_ID if pad_id is None else pad_id
         self.units = expand_sources(sources)
         self.plan = _Plan(
             units=self.units, preprocess=preprocess, seed=seed, rank=rank, world_size=world_size, train=train,
