@@ -119,6 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="model directory (config.json, "
                         "model.safetensors, tokenizer.json, preprocessor.json)")
     parser.add_argument("--prompt", required=True, help="the prompt text, e.g. a question about the video")
+    parser.add_argument("--template", choices=["raw", "videoqa", "caption"], default="raw",
+                        help="raw: the prompt as given; videoqa: wrap it as a question (the fine-tuned "
+                        "format); caption: ask for a caption (the prompt is ignored)")
     parser.add_argument("--video", type=Path, help="a video file; without it the model answers from text only")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -129,11 +132,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Lazy: the data package (PyAV, tokenizers) is only needed when this command runs.
-    from videollama.data.tokenizer import encode_prompt, load_tokenizer
+    from videollama.data.tokenizer import caption_prompt, encode_prompt, load_tokenizer, videoqa_prompt
 
     model = VideoLlama.from_pretrained(args.model, device=args.device).eval()
     tokenizer = load_tokenizer(args.model)
-    input_ids = torch.tensor([encode_prompt(tokenizer, args.prompt)], device=args.device)
+    prompt = {"raw": lambda: args.prompt, "videoqa": lambda: videoqa_prompt(args.prompt),
+              "caption": caption_prompt}[args.template]()
+    input_ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=args.device)
     video = None
     if args.video is not None:
         from videollama.data import load_clip
