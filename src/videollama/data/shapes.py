@@ -11,7 +11,8 @@ Geometry: an object's position is the top-left corner of its bounding box, in fl
 centre ``(j + 0.5, i + 0.5)`` lies inside the shape, so rasterisation is deterministic.
 
 ``videollama data synth`` writes the training split as WebDataset shards and the evaluation
-split as ``videoqa.jsonl`` + ``caption.jsonl`` beside a ``videos/`` folder.
+split as ``videoqa.jsonl`` + ``caption.jsonl`` beside a ``videos/`` folder (plus
+``specs.jsonl``: the full spec of every eval clip, for analysis).
 """
 
 from __future__ import annotations

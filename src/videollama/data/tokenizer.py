@@ -250,7 +250,10 @@ def run(args: argparse.Namespace) -> int:
             count += 1
             yield text
 
-    tok = train_tokenizer(counted(iter_training_texts(args.data)), args.vocab_size, min_frequency=args.min_frequency)
+    try:
+        tok = train_tokenizer(counted(iter_training_texts(args.data)), args.vocab_size, min_frequency=args.min_frequency)
+    except (OSError, ValueError) as e:  # bad input: one clear line naming the file, not a traceback
+        raise SystemExit(f"videollama tokenizer train: {e}") from e
     if count == 0:
         raise SystemExit(f"no training text found in {' '.join(args.data)}")
     out = Path(args.out)
