@@ -1,0 +1,397 @@
+"""Load one clip from a video: seek, decode, sample frames at a fixed rate, resize, crop, normalise.
+
+``load_clip`` is the one place where a video file becomes the model's input, used alike by
+training, evaluation and serving (through the preprocessing spec stored with every model).
+
+What "the frame at time t" means here:
+    * times are seconds from the video stream's first frame (its ``start_time``), whatever
+      the container's own start time, and come from ``pts * time_base``, never from a frame
+      index, so variable-frame-rate video is sampled by when frames are really shown;
+    * the frame at time ``t`` is the frame on screen at ``t``: the last frame whose
+      presentation time is ``<= t`` (with 1 us of slack for the float rounding of
+      ``start + i / fps``);
+    * a clip of ``num_frames`` frames at ``fps`` covers the window ``[start, start + num_frames / fps)``
+      and samples it at ``start + i / fps``. ``start`` is drawn uniformly in training and centred
+      in evaluation, among the starts whose window fits inside the video.
+
+Policy for a video shorter than the window (and for any sample time past the end of the
+video): the window starts at 0 and the samples past the end repeat the last frame; their
+timestamps are clamped to the presentation time of that last frame, so the returned
+timestamps always say which moment was really shown.
+
+Resizing uses FFmpeg's swscale through PyAV's ``reformat`` (bilinear; for downscaling swscale
+widens the filter with the scale factor, so it is antialiased, like ``torch`` interpolate with
+``antialias=True``), converting YUV to RGB in the same pass. The short side becomes ``size``,
+then a ``size x size`` crop is taken (centred, or at a random place in training). Rotation
+metadata (the display matrix) is applied after resizing, in multiples of 90 degrees.
+
+Work is bounded: declared sizes and durations are checked before decoding, the decoder starts
+at the keyframe before the window and stops at the first frame past it, and a cap on decoded
+frames/packets and a wall-clock budget turn a pathological file into ``BadSample(TIMEOUT)``.
+Every unusable input raises ``BadSample`` with one of the reason codes of ``errors.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from videollama.config import IMAGENET_MEAN, IMAGENET_STD
+from videollama.data.errors import (
+    ABSURD_DURATION,
+    ABSURD_RESOLUTION,
+    DECODE_ERROR,
+    EMPTY_FILE,
+    INVALID_CONTAINER,
+    NO_VIDEO_STREAM,
+    TIMEOUT,
+    ZERO_FRAMES,
+    BadSample,
+)
+
+# Limits on what a declared video may be before we spend any work on it.
+MAX_SIDE = 8192
+MAX_PIXELS = 40_000_000
+MAX_DURATION_S = 24 * 3600.0
+# Work bounds for one clip. A 4 s window of a 60 FPS video with a 10 s keyframe interval needs
+# about 840 frames; 3000 leaves room for long GOPs while still capping a pathological file.
+DEFAULT_MAX_DECODED_FRAMES = 3000
+DEFAULT_TIME_BUDGET_S = 60.0
+# Slack when comparing a frame's time with a sample time: absorbs float rounding, far below
+# any real frame interval.
+_TIME_EPS = 1e-6
+# A stream that ends this long before its declared duration is treated as truncated.
+_TRUNCATION_SLACK_S = 0.5
+
+Source = str | os.PathLike | bytes | bytearray | memoryview
+
+
+def load_clip(
+    source: Source,
+    *,
+    num_frames: int = 16,
+    fps: float = 4.0,
+    size: int = 224,
+    start: float | None = None,
+    train: bool = False,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    generator: torch.Generator | random.Random | None = None,
+    normalize: bool = True,
+    name: str | None = None,
+    threads: int = 1,
+    max_decoded_frames: int = DEFAULT_MAX_DECODED_FRAMES,
+    time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``num_frames`` frames at ``fps`` from a video and turn them into model input.
+
+    Args:
+        source: a path, or the bytes of a video file (e.g. an mp4 read from a tar shard).
+        num_frames, fps: the sampling grid; the window is ``num_frames / fps`` seconds long.
+        size: output side; the short side is resized to ``size``, then a square crop.
+        start: window start in seconds from the first frame; ``None`` draws it (``train``)
+            or centres it (evaluation). Must be ``>= 0``.
+        train: random window start and random crop position (from ``generator``).
+        mean, std: per-channel normalisation of 0..1 RGB values.
+        generator: a ``torch.Generator`` or ``random.Random`` for reproducible draws;
+            ``None`` uses torch's global generator.
+        normalize: ``False`` returns plain 0..1 RGB floats (tests, contact sheets).
+        name: how errors name the source (defaults to the path, or ``<N bytes>``).
+        threads: decoder threads (FFmpeg frame/slice threading, ``thread_type="AUTO"``);
+            1 is the most work-efficient when data-loader workers already use every core.
+        max_decoded_frames: cap on packets read and frames decoded for this clip.
+        time_budget_s: wall-clock cap for this clip (``None``: no wall-clock cap).
+
+    Returns:
+        ``(frames, timestamps)``: float32 ``[num_frames, 3, size, size]`` and float64
+        ``[num_frames]`` seconds from the first frame of the video stream.
+
+    Raises:
+        BadSample: the video cannot be used; ``reason`` says why.
+        FileNotFoundError: ``source`` is a path that does not exist.
+    """
+    if num_frames < 1 or fps <= 0 or size < 1:
+        raise ValueError(f"need num_frames >= 1, fps > 0, size >= 1; got {num_frames}, {fps}, {size}")
+    if start is not None and start < 0:
+        raise ValueError(f"start must be >= 0 seconds, got {start}")
+    if name is None:
+        name = f"<{len(source)} bytes>" if isinstance(source, bytes | bytearray | memoryview) else str(source)
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+
+    container = _open(source, name)
+    try:
+        stream = _video_stream(container, name)
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
+        origin = stream.start_time  # pts of the first frame in presentation order
+        if origin is None:
+            origin = _first_pts(container, stream, name)
+        duration = _duration(container, stream, origin, name, max_decoded_frames)
+        if duration > MAX_DURATION_S:
+            raise BadSample(ABSURD_DURATION, name, f"declared duration {duration:.0f} s exceeds {MAX_DURATION_S:.0f} s")
+
+        # The random draws happen in a fixed order (start, then crop) so that a seeded
+        # generator reproduces the same clip.
+        window = num_frames / fps
+        if start is None:
+            if duration <= window:
+                start = 0.0
+            else:
+                start = (duration - window) * (_uniform(generator) if train else 0.5)
+        crop_fraction = (_uniform(generator), _uniform(generator)) if train else (0.5, 0.5)
+        times = start + np.arange(num_frames, dtype=np.float64) / fps
+
+        decoder = _WindowDecoder(
+            container, stream, origin=origin, times=times, name=name,
+            convert=lambda frame: _resize_crop(frame, size, crop_fraction),
+            max_frames=max_decoded_frames, deadline=deadline,
+        )
+        chosen, latest = decoder.run()
+        # Reaching the end of the stream well before a sample time that the declared duration
+        # covers means the file lost its tail: refuse it rather than repeat a stale frame.
+        if decoder.reached_end and decoder.last_time < min(times[-1], duration) - _TRUNCATION_SLACK_S:
+            raise BadSample(DECODE_ERROR, name, f"stream ends at {decoder.last_time:.2f} s, before its "
+                                                f"declared duration {duration:.2f} s (truncated file?)")
+
+        pixels = np.stack(chosen)  # (F, size, size, 3) uint8
+    finally:
+        container.close()
+
+    frames = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).float()  # (F, 3, S, S)
+    if normalize:
+        # (x / 255 - mean) / std as one multiply and one subtract per element.
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        frames.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
+    else:
+        frames.div_(255.0)
+    timestamps = torch.from_numpy(np.minimum(times, latest))
+    return frames, timestamps
+
+
+def _open(source: Source, name: str) -> av.container.InputContainer:
+    """Open a container, mapping empty and unreadable input to ``BadSample``."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        if len(source) == 0:
+            raise BadSample(EMPTY_FILE, name, "zero bytes")
+        target = io.BytesIO(bytes(source))
+    else:
+        path = Path(source)
+        if path.stat().st_size == 0:  # raises FileNotFoundError, naming the path, when missing
+            raise BadSample(EMPTY_FILE, name, "zero bytes")
+        target = str(path)
+    try:
+        return av.open(target, mode="r")
+    except av.error.FFmpegError as error:
+        raise BadSample(INVALID_CONTAINER, name, f"FFmpeg cannot open it: {error}") from error
+
+
+def _video_stream(container: av.container.InputContainer, name: str) -> av.video.stream.VideoStream:
+    """The first video stream, after checking its declared frame size."""
+    if not container.streams.video:
+        kinds = ", ".join(s.type for s in container.streams) or "none"
+        raise BadSample(NO_VIDEO_STREAM, name, f"no video stream (streams: {kinds})")
+    stream = container.streams.video[0]
+    _check_resolution(stream.codec_context.width, stream.codec_context.height, name, "declared")
+    return stream
+
+
+def _check_resolution(width: int, height: int, name: str, what: str) -> None:
+    if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
+        raise BadSample(ABSURD_RESOLUTION, name, f"{what} frame size {width}x{height} exceeds "
+                                                 f"{MAX_SIDE} per side or {MAX_PIXELS} pixels")
+
+
+def _first_pts(container, stream, name: str) -> int:
+    """The first frame's pts, for the rare streams that declare no start time."""
+    try:
+        for frame in container.decode(stream):
+            if frame.pts is not None:
+                pts = frame.pts
+                break
+        else:
+            raise BadSample(ZERO_FRAMES, name, "no frame decodes")
+        container.seek(pts, stream=stream, backward=True)
+        stream.codec_context.flush_buffers()
+    except av.error.FFmpegError as error:
+        raise BadSample(ZERO_FRAMES, name, f"no frame decodes: {error}") from error
+    return pts
+
+
+def _duration(container, stream, origin: int, name: str, max_packets: int) -> float:
+    """Seconds from the first frame to the end of the last one.
+
+    The stream's own duration when declared (mp4, MPEG-TS); otherwise (e.g. Matroska, whose
+    container duration is not relative to the first frame) the end of the last packet, found
+    by seeking to the last keyframe and reading the packets after it without decoding them.
+    """
+    tb = stream.time_base
+    if stream.duration:
+        return float(stream.duration * tb)
+    end = None
+    try:
+        container.seek(2**62, stream=stream, backward=True)
+        end = _last_packet_end(container, stream, name, max_packets)
+    except av.error.FFmpegError:
+        end = None
+    if end is None:  # seeking failed or found nothing: read every packet from the start
+        try:
+            container.seek(origin, stream=stream, backward=True)
+            end = _last_packet_end(container, stream, name, max_packets)
+        except av.error.FFmpegError as error:
+            raise BadSample(INVALID_CONTAINER, name, f"cannot read packets: {error}") from error
+    try:
+        container.seek(origin, stream=stream, backward=True)
+    except av.error.FFmpegError as error:
+        raise BadSample(INVALID_CONTAINER, name, f"cannot seek back to the start: {error}") from error
+    if end is None:
+        raise BadSample(ZERO_FRAMES, name, "the video stream has no packets")
+    return float((end - origin) * tb)
+
+
+def _last_packet_end(container, stream, name: str, max_packets: int) -> int | None:
+    end = None
+    for count, packet in enumerate(container.demux(stream)):
+        if count > max_packets:
+            raise BadSample(TIMEOUT, name, f"more than {max_packets} packets while measuring the duration")
+        if packet.pts is not None:
+            end = max(end or packet.pts, packet.pts + (packet.duration or 0))
+    return end
+
+
+def _uniform(generator: torch.Generator | random.Random | None) -> float:
+    """One draw in [0, 1) from whichever generator the caller uses."""
+    if isinstance(generator, random.Random):
+        return generator.random()
+    return torch.rand((), generator=generator).item()
+
+
+class _WindowDecoder:
+    """Seek to the keyframe before the window, decode forward, keep the frame shown at each time."""
+
+    def __init__(self, container, stream, *, origin: int, times: np.ndarray, name: str,
+                 convert: Callable[[av.VideoFrame], np.ndarray], max_frames: int, deadline: float | None):
+        self.container, self.stream, self.origin = container, stream, origin
+        self.convert = convert
+        self.times, self.name = times, name
+        self.max_frames, self.deadline = max_frames, deadline
+        self.time_base = stream.time_base
+        rate = stream.average_rate or stream.guessed_rate or 25
+        self.frame_step = 1 / Fraction(rate)  # seconds; only to date a frame that has no pts
+        self.decoded = 0
+        self.packets = 0
+        self.reached_end = False
+        self.last_time = 0.0
+
+    def run(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """Returns the converted frame chosen for each sample time, and for each sample the latest time it
+        may claim: infinity, or for samples past the end of the video, the last frame's time."""
+        first_pts = self.origin + math.floor(Fraction(self.times[0]) / self.time_base)
+        seeked = first_pts > self.origin
+        if seeked:
+            self._seek(first_pts)
+        result = self._decode(check_overshoot=seeked)
+        if result is None:
+            # The seek landed after the first sample time (a demuxer that seeks imprecisely):
+            # fall back to decoding from the start, still bounded by the frame cap.
+            self._seek(self.origin)
+            result = self._decode(check_overshoot=False)
+        return result
+
+    def _seek(self, pts: int) -> None:
+        try:
+            self.container.seek(pts, stream=self.stream, backward=True)
+        except av.error.FFmpegError as error:
+            raise BadSample(DECODE_ERROR, self.name, f"cannot seek to pts {pts}: {error}") from error
+        self.stream.codec_context.flush_buffers()
+
+    def _seconds(self, pts: int) -> float:
+        return float((pts - self.origin) * self.time_base)  # exact rational, then rounded once
+
+    def _decode(self, *, check_overshoot: bool):
+        times, n = self.times, len(self.times)
+        # Frames are converted as soon as they are chosen, once each (a slow or short video
+        # repeats frames): holding decoded AVFrames while decoding on is not safe, since the
+        # decoder may hand their buffers out again, and would cost memory at high resolutions.
+        chosen: list[np.ndarray] = []
+        previous_rgb = None
+        previous, previous_time = None, 0.0
+        try:
+            for packet in self.container.demux(self.stream):
+                self.packets += 1
+                self._check_work()
+                for frame in self.stream.decode(packet):
+                    self.decoded += 1
+                    self._check_work()
+                    _check_resolution(frame.width, frame.height, self.name, "decoded")
+                    if frame.pts is not None:
+                        frame_time = self._seconds(frame.pts)
+                    else:
+                        frame_time = previous_time + float(self.frame_step)
+                    if previous is None and check_overshoot and frame_time > times[0] + _TIME_EPS:
+                        return None
+                    # Every sample time before this frame was showing the previous frame.
+                    while len(chosen) < n and frame_time > times[len(chosen)] + _TIME_EPS:
+                        if previous is None:  # a sample before the first frame: show the first
+                            previous, previous_time, previous_rgb = frame, frame_time, None
+                        if previous_rgb is None:
+                            previous_rgb = self.convert(previous)
+                        chosen.append(previous_rgb)
+                    if len(chosen) == n:
+                        return chosen, np.full(n, np.inf)
+                    previous, previous_time, previous_rgb = frame, frame_time, None
+        except av.error.FFmpegError as error:
+            if self.decoded == 0:
+                raise BadSample(ZERO_FRAMES, self.name, f"no frame decodes: {error}") from error
+            raise BadSample(DECODE_ERROR, self.name, f"decoding failed after {self.decoded} frames: "
+                                                     f"{error}") from error
+        # End of stream: the remaining sample times show the last frame.
+        self.reached_end = True
+        if previous is None and check_overshoot:
+            return None  # the seek went past the last frame that exists: retry from the start
+        if previous is None:
+            raise BadSample(ZERO_FRAMES, self.name, "no frame decodes")
+        self.last_time = previous_time
+        latest = np.full(n, np.inf)
+        latest[len(chosen):] = previous_time
+        if previous_rgb is None:
+            previous_rgb = self.convert(previous)
+        chosen.extend([previous_rgb] * (n - len(chosen)))
+        return chosen, latest
+
+    def _check_work(self) -> None:
+        if self.decoded > self.max_frames or self.packets > self.max_frames:
+            raise BadSample(TIMEOUT, self.name, f"more than {self.max_frames} frames or packets for one clip")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise BadSample(TIMEOUT, self.name, "wall-clock budget for one clip exceeded")
+
+
+def _resize_crop(frame: av.VideoFrame, size: int, crop_fraction: tuple[float, float]) -> np.ndarray:
+    """Short side to ``size`` (swscale bilinear, YUV->RGB in the same pass), rotate, crop.
+
+    Returns uint8 ``(size, size, 3)``. ``crop_fraction`` (x, y) in [0, 1] places the crop
+    along the long side: 0.5 centres it.
+    """
+    width, height = frame.width, frame.height
+    short = min(width, height)
+    # Round the long side; the short side maps exactly to ``size``.
+    new_width = size if width == short else max(size, round(width * size / short))
+    new_height = size if height == short else max(size, round(height * size / short))
+    rgb = frame.to_ndarray(width=new_width, height=new_height, format="rgb24", interpolation="BILINEAR")
+    quarter_turns = round((frame.rotation or 0) / 90) % 4
+    if quarter_turns:
+        rgb = np.rot90(rgb, k=quarter_turns)  # counter-clockwise, as the display matrix says
+    rows, cols = rgb.shape[:2]  # (H', W') after rotation
+    top = round(crop_fraction[1] * (rows - size)) if crop_fraction[1] != 0.5 else (rows - size) // 2
+    left = round(crop_fraction[0] * (cols - size)) if crop_fraction[0] != 0.5 else (cols - size) // 2
+    return rgb[top:top + size, left:left + size]
