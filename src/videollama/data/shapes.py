@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import random
+import tarfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -373,18 +374,31 @@ def synthesize(
     }
 
 
-def _write_splits(out: Path, train_jobs, eval_jobs, pool, shard_size: int) -> tuple[int, int]:
-    import webdataset as wds
+def _add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed mtime, owner and mode: the shards are byte-for-byte reproducible from the seed.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
 
+
+def _write_splits(out: Path, train_jobs, eval_jobs, pool, shard_size: int) -> tuple[int, int]:
+    # Plain tarfile rather than webdataset's ShardWriter: the same WebDataset layout
+    # (KEY.json + KEY.mp4, consecutive), without importing torch into the generator.
     (out / "train").mkdir(parents=True, exist_ok=True)
     num_shards = 0
-    if train_jobs:
-        # A fixed mtime makes the shards byte-for-byte reproducible from the seed.
-        pattern = str(out / "train" / "shapes-%06d.tar")
-        with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0.0) as sink:
-            for key, mp4, meta in _render_all(pool, train_jobs, "train"):
-                sink.write({"__key__": key, "mp4": mp4, "json": json.dumps(meta).encode()})
-            num_shards = sink.shard
+    tar = None
+    try:
+        for i, (key, mp4, meta) in enumerate(_render_all(pool, train_jobs, "train")):
+            if i % shard_size == 0:
+                if tar is not None:
+                    tar.close()
+                tar = tarfile.open(out / "train" / f"shapes-{num_shards:06d}.tar", "w", format=tarfile.USTAR_FORMAT)
+                num_shards += 1
+            _add_to_tar(tar, f"{key}.json", json.dumps(meta).encode())
+            _add_to_tar(tar, f"{key}.mp4", mp4)
+    finally:
+        if tar is not None:
+            tar.close()
 
     videos = out / "eval" / "videos"
     videos.mkdir(parents=True, exist_ok=True)
