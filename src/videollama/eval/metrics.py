@@ -1,7 +1,8 @@
 """VideoQA accuracy and the standard caption metrics (BLEU, METEOR, ROUGE-L, CIDEr).
 
 VideoQA follows the Shapes scoring rule (SHAPES.md): an answer is correct when it equals the
-reference after lower-casing, trimming white space and dropping a final period. Multiple-choice
+reference after lower-casing, trimming white space and dropping a final period
+(``videollama.data.tokenizer.normalize_answer``, re-exported here). Multiple-choice
 items first map the prediction to one of the options (by its text or by its letter).
 
 Caption metrics are pycocoevalcap's own scorers behind pycocoevalcap's PTB tokenizer, called
@@ -19,19 +20,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+# The scoring rule has one definition, beside the prompt templates (and cheap to import).
+from videollama.data.tokenizer import normalize_answer
+
 OPTION_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def normalize_answer(text: str) -> str:
-    """The SHAPES.md rule: lower-case, trim white space, drop one final period.
-
-    Defined here (not imported from the tokenizer module) because it is the *scoring* rule:
-    metrics must not change when prompt formatting does.
-    """
-    text = text.strip().lower()
-    if text.endswith("."):
-        text = text[:-1].rstrip()
-    return text
 
 
 # "b", "(b)", "b)", "b.", "b:" and the same forms followed by the option text, e.g. "b. blue".

@@ -1,0 +1,371 @@
+"""The evaluation harness: ``videollama eval`` and :func:`evaluate`.
+
+Reads an evaluation set (DESIGN.md section 4: a JSONL file plus a video root), decodes each
+video with the model's own preprocessing spec, generates answers or captions greedily in
+left-padded batches, and writes
+
+- ``OUT/predictions.jsonl``: one line per item, in the order of the input file, with the
+  prediction, the reference(s), whether it is correct (VideoQA) and the frame timestamps the
+  model saw;
+- ``OUT/metrics.json``: accuracy overall and by kind (VideoQA) or BLEU / METEOR / ROUGE-L /
+  CIDEr (captioning), plus how many items were skipped because their video failed to load.
+
+``--frames 1`` feeds only the centre frame, repeated to fill the clip: the gap between that
+score and the full-clip score is what the temporal path adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TASKS = ("videoqa", "caption")
+# Shapes answers are at most a few words, captions up to three clauses; both leave room for BPE.
+DEFAULT_MAX_NEW_TOKENS = {"videoqa": 16, "caption": 48}
+
+
+# ---- the evaluation set ---------------------------------------------------------------------
+@dataclass
+class EvalItem:
+    """One line of an evaluation set. ``index`` is its position among the file's items."""
+
+    index: int
+    video: str
+    question: str | None = None
+    answer: str | None = None
+    kind: str | None = None
+    options: list[str] | None = None
+    captions: list[str] | None = None
+
+
+def _require_str(obj: dict, key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def read_eval_set(path: str | Path, task: str, *, limit: int | None = None) -> list[EvalItem]:
+    """Parse and validate a VideoQA or captioning JSONL file (DESIGN.md section 4).
+
+    Every problem is reported as ``FILE:LINE: what is wrong`` before any model work starts.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: evaluation set not found")
+    items: list[EvalItem] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(items) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            item = EvalItem(index=len(items), video=_require_str(obj, "video", where))
+            if task == "videoqa":
+                item.question = _require_str(obj, "question", where)
+                item.answer = _require_str(obj, "answer", where)
+                kind = obj.get("kind", "unspecified")
+                if not isinstance(kind, str):
+                    raise ValueError(f"{where}: 'kind' must be a string, got {kind!r}")
+                item.kind = kind
+                options = obj.get("options")
+                if options is not None:
+                    if not (isinstance(options, list) and len(options) >= 2
+                            and all(isinstance(o, str) and o.strip() for o in options)):
+                        raise ValueError(f"{where}: 'options' must be a list of at least two non-empty strings")
+                    from videollama.eval.metrics import choose_option
+
+                    if choose_option(item.answer, options) is None:
+                        raise ValueError(f"{where}: answer {item.answer!r} is not one of the options {options}")
+                    item.options = options
+            else:
+                captions = obj.get("captions")
+                if not (isinstance(captions, list) and captions
+                        and all(isinstance(c, str) for c in captions)):
+                    raise ValueError(f"{where}: 'captions' must be a non-empty list of strings")
+                item.captions = captions
+            items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no evaluation items")
+    return items
+
+
+# ---- video loading --------------------------------------------------------------------------
+@dataclass
+class LoadedVideo:
+    """A decoded clip ``frames`` [F, 3, S, S] with the timestamps (s) of the frames the model
+    sees, or the reason it could not be loaded (``frames`` is None then)."""
+
+    frames: Any = None
+    timestamps: list[float] | None = None
+    error: str | None = None
+
+
+def load_video(path: Path, preprocess: Any, *, single_frame: bool) -> LoadedVideo:
+    """Decode one evaluation video with the model's preprocessing spec (centred window).
+
+    With ``single_frame`` the centre frame is repeated ``num_frames`` times, so that the model
+    gets its usual input shape but no motion. Never raises for a bad video: evaluation counts
+    it and goes on.
+    """
+    from videollama.data import load_clip
+
+    try:
+        frames, timestamps = load_clip(
+            path, num_frames=preprocess.num_frames, fps=preprocess.fps, size=preprocess.size,
+            mean=preprocess.mean, std=preprocess.std, start=None, train=False,
+        )
+    except Exception as e:  # noqa: BLE001 - a broken file of any kind must not end a long evaluation
+        return LoadedVideo(error=f"{type(e).__name__}: {e}")
+    timestamps = [round(float(t), 4) for t in timestamps]
+    if single_frame:
+        centre = frames.shape[0] // 2
+        frames = frames[centre : centre + 1].expand_as(frames).contiguous()  # [F, 3, S, S], all equal
+        timestamps = [timestamps[centre]]
+    return LoadedVideo(frames=frames, timestamps=timestamps)
+
+
+# ---- generation -----------------------------------------------------------------------------
+def _left_pad(prompts: list[list[int]], pad_id: int):
+    """Token lists -> ``input_ids`` [B, T] left-padded with ``pad_id`` and ``attention_mask`` [B, T]."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+def _decode(tokenizer: Any, ids: list[int], *, eos_id: int, pad_id: int) -> str:
+    """New tokens of one row -> text: everything before the first EOS, without padding."""
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    ids = [i for i in ids if i != pad_id]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _prompt_ids(tokenizer: Any, item: EvalItem, task: str) -> list[int]:
+    from videollama.data.tokenizer import caption_prompt, encode_prompt, videoqa_prompt
+
+    prompt = videoqa_prompt(item.question, item.options) if task == "videoqa" else caption_prompt()
+    return list(encode_prompt(tokenizer, prompt))
+
+
+def _generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], videos: list[Any],
+                    video_index: list[int], *, max_new_tokens: int) -> list[str]:
+    """Greedy generation for one batch of B prompts about U distinct videos.
+
+    ``videos``: U clips [F, 3, S, S]; ``video_index``: for each prompt, which clip. Each clip
+    is encoded once into visual latents, however many questions ask about it. Returns B strings.
+    """
+    import torch
+
+    from videollama.model.generate import generate
+
+    dec = model.config.decoder
+    input_ids, attention_mask = _left_pad(prompts, dec.pad_token_id)
+    # Never ask for more than the context holds: the prompt plus new tokens must fit max_seq_len.
+    budget = dec.max_seq_len - input_ids.shape[1]
+    if budget < 1:
+        raise ValueError(f"prompt of {input_ids.shape[1]} tokens leaves no room in max_seq_len={dec.max_seq_len}")
+    param = next(model.parameters())
+    with torch.inference_mode():
+        video = torch.stack(videos).to(device=param.device, dtype=param.dtype)  # [U, F, 3, S, S]
+        latents = model.encode_video(video)  # [U, L, D_v]
+        latents = latents[torch.tensor(video_index, device=latents.device)]  # [B, L, D_v]
+        new_tokens = generate(
+            model, input_ids.to(param.device), max_new_tokens=min(max_new_tokens, budget), temperature=0.0,
+            eos_token_id=dec.eos_token_id, attention_mask=attention_mask.to(param.device),
+            visual_latents=latents,
+        )  # [B, T_new]
+    return [_decode(tokenizer, row, eos_id=dec.eos_token_id, pad_id=dec.pad_token_id)
+            for row in new_tokens.tolist()]
+
+
+# ---- the harness ----------------------------------------------------------------------------
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: str,
+    data_path: str | Path,
+    video_root: str | Path | None,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    frames: int | None = None,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    meteor: bool | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on a VideoQA or captioning set; write predictions and metrics.
+
+    Args:
+        model: a VideoLlama (its ``config.preprocess`` decides how videos are decoded).
+        tokenizer: the model's tokenizer (``videollama.data.tokenizer.load_tokenizer``).
+        task: "videoqa" or "caption".
+        data_path: the JSONL evaluation set; ``video_root``: folder its ``video`` paths are
+            relative to (default: the JSONL file's folder).
+        out_dir: receives ``predictions.jsonl`` and ``metrics.json``.
+        frames: None for the full clip, 1 for the centre frame only (repeated).
+        limit: evaluate only the first ``limit`` items.
+        meteor: caption METEOR (a Java process); default: when Java is installed.
+    Returns:
+        the metrics dict written to ``metrics.json``.
+    """
+    from tqdm import tqdm
+
+    from videollama.eval.metrics import caption_scores, is_correct, java_available, videoqa_accuracy
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    preprocess = model.config.preprocess
+    if frames not in (None, 1, preprocess.num_frames):
+        raise ValueError(f"frames must be 1 (centre frame only) or {preprocess.num_frames} (the full clip)")
+    single_frame = frames == 1
+    if task == "caption" and not java_available():
+        # Fail before hours of generation, not after: the PTB tokenizer of the metrics is Java.
+        raise RuntimeError("caption metrics need Java (pycocoevalcap's PTB tokenizer); install a JRE")
+    data_path = Path(data_path)
+    video_root = Path(video_root) if video_root is not None else data_path.parent
+    items = read_eval_set(data_path, task, limit=limit)
+    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+    model.eval()
+
+    # Questions about the same video become neighbours, so that a video is decoded once even
+    # when its questions are spread over the file; output keeps the file's order.
+    first_seen: dict[str, int] = {}
+    for item in items:
+        first_seen.setdefault(item.video, item.index)
+    order = sorted(items, key=lambda it: (first_seen[it.video], it.index))
+
+    predictions: dict[int, str] = {}
+    loaded: dict[str, LoadedVideo] = {}  # only the videos of the current batch (grouping makes that enough)
+    skipped_videos: dict[str, str] = {}
+    timestamps: dict[str, list[float]] = {}
+    bar = tqdm(total=len(order), desc=f"eval {task}", unit="item", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        loaded = {v: loaded[v] for v in {it.video for it in batch} if v in loaded}
+        for item in batch:
+            if item.video not in loaded:
+                loaded[item.video] = load_video(video_root / item.video, preprocess, single_frame=single_frame)
+                timestamps[item.video] = loaded[item.video].timestamps
+                if loaded[item.video].error is not None:
+                    skipped_videos[item.video] = loaded[item.video].error
+                    log.warning("skipping %s (scored as wrong): %s", video_root / item.video,
+                                loaded[item.video].error)
+        ready = [it for it in batch if loaded[it.video].error is None]
+        for it in batch:
+            if loaded[it.video].error is not None:
+                predictions[it.index] = ""
+        if ready:
+            distinct = list(dict.fromkeys(it.video for it in ready))
+            prompts = [_prompt_ids(tokenizer, it, task) for it in ready]
+            texts = _generate_batch(model, tokenizer, prompts, [loaded[v].frames for v in distinct],
+                                    [distinct.index(it.video) for it in ready], max_new_tokens=max_new_tokens)
+            for it, text in zip(ready, texts):
+                predictions[it.index] = text
+        bar.update(len(batch))
+    bar.close()
+
+    # ---- score and write ----------------------------------------------------------------
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preds = [predictions[it.index] for it in items]
+    n_skipped = sum(it.video in skipped_videos for it in items)
+    metrics: dict[str, Any] = {
+        "task": task,
+        "data": str(data_path),
+        "model": getattr(model.config, "name", None),
+        "n": len(items),
+        "skipped": n_skipped,
+        "skipped_videos": skipped_videos,
+        "frames": 1 if single_frame else preprocess.num_frames,
+        "num_frames": preprocess.num_frames,
+        "fps": preprocess.fps,
+        "max_new_tokens": max_new_tokens,
+    }
+    records = []
+    if task == "videoqa":
+        metrics.update(videoqa_accuracy(preds, [it.answer for it in items], [it.kind for it in items],
+                                        options=[it.options for it in items]))
+        for it, pred in zip(items, preds):
+            skipped = it.video in skipped_videos
+            rec = {"video": it.video, "question": it.question, "prediction": pred, "answer": it.answer,
+                   "kind": it.kind, "correct": (not skipped) and is_correct(pred, it.answer, it.options)}
+            if it.options is not None:
+                rec["options"] = it.options
+            records.append((rec, it))
+    else:
+        # A skipped video's empty caption scores zero, as a wrong answer would.
+        metrics.update(caption_scores(preds, [it.captions for it in items], meteor=meteor))
+        records = [({"video": it.video, "references": it.captions, "prediction": pred}, it)
+                   for it, pred in zip(items, preds)]
+    with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
+        for rec, it in records:
+            rec["timestamps"] = timestamps.get(it.video)  # None: the video failed to load
+            if it.video in skipped_videos:
+                rec["error"] = skipped_videos[it.video]
+            f.write(json.dumps(rec) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+# ---- command line ---------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="model directory (config, weights, tokenizer)")
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--data", required=True, type=Path, help="evaluation set (JSONL)")
+    parser.add_argument("--video-root", type=Path, default=None,
+                        help="folder the JSONL's video paths are relative to (default: the JSONL's folder)")
+    parser.add_argument("--out", required=True, type=Path, help="writes predictions.jsonl and metrics.json here")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=None,
+                        help="1: feed only the centre frame (repeated), to measure what motion adds")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"default: {DEFAULT_MAX_NEW_TOKENS['videoqa']} (videoqa), "
+                             f"{DEFAULT_MAX_NEW_TOKENS['caption']} (caption)")
+    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves a Java start)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from videollama.data.tokenizer import load_tokenizer
+    from videollama.model.videollama import VideoLlama
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = VideoLlama.from_pretrained(args.model, device=device)
+    tokenizer = load_tokenizer(args.model)
+    metrics = evaluate(
+        model, tokenizer, args.task, args.data, args.video_root, args.out,
+        batch_size=args.batch_size, frames=args.frames, limit=args.limit,
+        max_new_tokens=args.max_new_tokens, meteor=False if args.no_meteor else None,
+    )
+    summary = {k: v for k, v in metrics.items() if k not in ("skipped_videos", "data")}
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out / 'predictions.jsonl'} and {args.out / 'metrics.json'}")
+    return 0

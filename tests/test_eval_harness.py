@@ -1,0 +1,259 @@
+"""The evaluation harness end to end: a tiny random model, a trained tokenizer, real MP4 clips.
+
+Predictions are checked against :func:`videollama.model.generate.generate` called directly on
+one unpadded prompt and one clip decoded by ``load_clip``: batching, left padding and the
+per-video latent cache must not change a single answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from videollama.config import VideoLlamaConfig
+from videollama.data import load_clip
+from videollama.data.tokenizer import (
+    caption_prompt,
+    encode_prompt,
+    load_tokenizer,
+    train_tokenizer,
+    videoqa_prompt,
+)
+from videollama.eval import harness
+from videollama.eval.harness import evaluate, read_eval_set
+from videollama.eval.metrics import is_correct
+from videollama.model.generate import generate
+from videollama.model.videollama import VideoLlama
+
+WORDS = ("a red green blue square circle triangle moves left right up down stays still what color shape "
+         "is the which way does object how many objects are there one two three")
+
+
+def _write_clip(path, *, color, direction, seconds=4.5, fps=8, width=80, height=64):
+    """A small H.264 MP4: a colored square sliding across a gray background."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(int(seconds * fps)):
+            img = np.full((height, width, 3), 40, dtype=np.uint8)
+            x = 10 + direction * i
+            img[24:40, x : x + 16] = color
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalset")
+    videos = root / "videos"
+    videos.mkdir()
+    _write_clip(videos / "red_right.mp4", color=(220, 40, 40), direction=1)
+    _write_clip(videos / "blue_left.mp4", color=(50, 90, 230), direction=-1)
+    (videos / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 definitely not a video" * 20)
+
+    model_dir = root / "model"
+    torch.manual_seed(0)
+    config = VideoLlamaConfig.from_name("tiny")
+    model = VideoLlama(config).eval()
+    tokenizer = train_tokenizer([WORDS] * 20, vocab_size=config.decoder.vocab_size)
+    # The tiny corpus fills only ~360 of the 1024 ids; a random model would mostly emit ids that
+    # decode to nothing. Zero logits for those (and for the special tokens other than EOS) so that
+    # it speaks words: random words, but real text for the metrics to score.
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.get_vocab_size():] = 0
+        model.lm_head.weight[[0, 1, 3, 4, 5, 6]] = 0
+    model.save_pretrained(model_dir)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    return root, model_dir
+
+
+def _reference_prediction(model, tokenizer, prompt_ids, video_path, *, max_new_tokens, single_frame=False):
+    """One item alone: no padding, no batching, no latent cache."""
+    pre = model.config.preprocess
+    frames, _ = load_clip(video_path, num_frames=pre.num_frames, fps=pre.fps, size=pre.size,
+                          mean=pre.mean, std=pre.std)
+    if single_frame:
+        frames = frames[pre.num_frames // 2].expand_as(frames)
+    eos = model.config.decoder.eos_token_id
+    new = generate(model, torch.tensor([prompt_ids]), frames[None], max_new_tokens=max_new_tokens,
+                   temperature=0.0, eos_token_id=eos)[0].tolist()
+    new = new[: new.index(eos)] if eos in new else new
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _videoqa_items():
+    # Questions of different lengths (so that prompts are left-padded), three about one video,
+    # interleaved with others so that the harness must group them to decode each video once.
+    return [
+        {"video": "videos/red_right.mp4", "question": "what color is the square?", "answer": "red", "kind": "static"},
+        {"video": "videos/blue_left.mp4", "question": "which way does the blue square move?", "answer": "left",
+         "kind": "temporal"},
+        {"video": "videos/broken.mp4", "question": "how many objects are there?", "answer": "one", "kind": "static"},
+        {"video": "videos/red_right.mp4", "question": "which way does the red square move?", "answer": "right",
+         "kind": "temporal"},
+        {"video": "videos/red_right.mp4", "question": "which way?", "answer": "b", "kind": "temporal",
+         "options": ["left", "right", "up", "down"]},
+    ]
+
+
+def test_videoqa_end_to_end(setup, tmp_path, monkeypatch, caplog):
+    root, model_dir = setup
+    model = VideoLlama.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
+    items = _videoqa_items()
+
+    # The answer of the first item is set to what the model really says, so that accuracy is
+    # known exactly: item 0 right, the others (random model) almost surely wrong - checked below.
+    max_new = 6
+    refs = []
+    for it in items:
+        prompt = encode_prompt(tokenizer, videoqa_prompt(it["question"], it.get("options")))
+        refs.append(None if "broken" in it["video"] else
+                    _reference_prediction(model, tokenizer, prompt, root / it["video"], max_new_tokens=max_new))
+    assert refs[0], "the random model produced an empty answer; pick another seed"
+    items[0]["answer"] = refs[0]
+    data = root / "videoqa.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in items))
+
+    # Count decodes and encodes: each good video once, however its questions are spread.
+    decoded, encoded = [], []
+    real_load_video, real_encode = harness.load_video, model.encode_video
+    monkeypatch.setattr(harness, "load_video", lambda path, *a, **k: decoded.append(path.name)
+                        or real_load_video(path, *a, **k))
+    monkeypatch.setattr(model, "encode_video", lambda video: encoded.append(video.shape[0]) or real_encode(video))
+
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="videollama.eval.harness"):
+        metrics = evaluate(model, tokenizer, "videoqa", data, None, out, batch_size=3, max_new_tokens=max_new,
+                           progress=False)
+
+    assert sorted(decoded) == ["blue_left.mp4", "broken.mp4", "red_right.mp4"]
+    # One latent set per good video: grouping puts the three red questions in one batch of 3.
+    assert encoded == [1, 1]
+    assert any("broken.mp4" in r.getMessage() and "skipping" in r.getMessage() for r in caplog.records)
+
+    preds = _read_jsonl(out / "predictions.jsonl")
+    assert [p["question"] for p in preds] == [it["question"] for it in items]  # the file's order
+    for p, it, ref in zip(preds, items, refs):
+        assert set(p) >= {"video", "question", "prediction", "answer", "kind", "correct", "timestamps"}
+        assert p["video"] == it["video"] and p["answer"] == it["answer"] and p["kind"] == it["kind"]
+        if ref is None:  # the broken video: skipped, scored wrong, no timestamps
+            assert p["prediction"] == "" and p["correct"] is False and p["timestamps"] is None
+            assert "error" in p
+        else:
+            assert p["prediction"] == ref  # batching and padding change nothing
+            assert len(p["timestamps"]) == 16 and p["timestamps"] == sorted(p["timestamps"])
+            # Centred 4 s window of a 4.5 s clip at 4 FPS: frames 0.25 s apart, starting near 0.25 s.
+            assert np.diff(p["timestamps"]) == pytest.approx([0.25] * 15, abs=0.07)
+            assert p["correct"] == is_correct(ref, it["answer"], it.get("options"))
+    assert preds[0]["correct"] is True
+    n_correct = sum(p["correct"] for p in preds)
+
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == metrics
+    assert metrics["n"] == 5 and metrics["skipped"] == 1 and list(metrics["skipped_videos"]) == ["videos/broken.mp4"]
+    assert metrics["frames"] == 16 and metrics["task"] == "videoqa"
+    assert metrics["accuracy"] == pytest.approx(n_correct / 5)
+    static = [p["correct"] for p in preds if p["kind"] == "static"]
+    assert metrics["accuracy_by_kind"]["static"] == pytest.approx(sum(static) / len(static))
+
+
+def test_single_frame_and_limit(setup, tmp_path, monkeypatch):
+    root, model_dir = setup
+    model = VideoLlama.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
+    data = root / "videoqa_single.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in _videoqa_items()))
+
+    seen = []
+    real_encode = model.encode_video
+    monkeypatch.setattr(model, "encode_video", lambda video: seen.append(video.clone()) or real_encode(video))
+    metrics = evaluate(model, tokenizer, "videoqa", data, root, tmp_path, batch_size=2, frames=1, limit=2,
+                       max_new_tokens=4, progress=False)
+    assert metrics["frames"] == 1 and metrics["n"] == 2 and metrics["skipped"] == 0
+    # The model saw one frame repeated: all 16 frames of every clip are identical.
+    for video in seen:
+        assert video.shape[1] == 16 and torch.equal(video, video[:, 8:9].expand_as(video))
+    preds = _read_jsonl(tmp_path / "predictions.jsonl")
+    assert len(preds) == 2 and all(len(p["timestamps"]) == 1 for p in preds)
+    item = _videoqa_items()[1]
+    prompt = encode_prompt(tokenizer, videoqa_prompt(item["question"]))
+    assert preds[1]["prediction"] == _reference_prediction(model, tokenizer, prompt, root / item["video"],
+                                                          max_new_tokens=4, single_frame=True)
+
+
+def test_caption_end_to_end(setup, tmp_path):
+    root, model_dir = setup
+    model = VideoLlama.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
+    items = [
+        {"video": "videos/red_right.mp4", "captions": ["a red square moves right."]},
+        {"video": "videos/broken.mp4", "captions": ["a green circle stays still."]},
+        {"video": "videos/blue_left.mp4", "captions": ["a blue square moves left.", "a blue square goes left."]},
+    ]
+    data = root / "caption.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in items))
+    metrics = evaluate(model, tokenizer, "caption", data, None, tmp_path, batch_size=2, max_new_tokens=5,
+                       meteor=False, progress=False)
+    preds = _read_jsonl(tmp_path / "predictions.jsonl")
+    assert [p["references"] for p in preds] == [it["captions"] for it in items]
+    assert preds[1]["prediction"] == "" and preds[1]["timestamps"] is None
+    prompt = encode_prompt(tokenizer, caption_prompt())
+    assert preds[2]["prediction"] == _reference_prediction(model, tokenizer, prompt, root / items[2]["video"],
+                                                          max_new_tokens=5)
+    from videollama.eval.metrics import caption_scores
+
+    expected = caption_scores([p["prediction"] for p in preds], [it["captions"] for it in items], meteor=False)
+    assert {k: metrics[k] for k in expected} == expected
+    assert metrics["skipped"] == 1 and "METEOR" not in metrics
+
+
+def test_cli(setup, tmp_path, capsys):
+    from videollama.cli import main
+
+    root, model_dir = setup
+    data = root / "videoqa_cli.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in _videoqa_items()[:2]))
+    rc = main(["eval", "--model", str(model_dir), "--task", "videoqa", "--data", str(data),
+               "--video-root", str(root), "--out", str(tmp_path), "--batch-size", "2", "--frames", "1",
+               "--max-new-tokens", "3"])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["frames"] == 1 and metrics["n"] == 2 and metrics["max_new_tokens"] == 3
+    assert len(_read_jsonl(tmp_path / "predictions.jsonl")) == 2
+    assert '"accuracy"' in capsys.readouterr().out
+
+
+def test_bad_evaluation_sets(tmp_path):
+    path = tmp_path / "set.jsonl"
+    cases = [
+        ('{"video": "a.mp4", "question": "q?", "answer": "red"}\n{not json\n', r"set\.jsonl:2: not valid JSON"),
+        ('{"video": "a.mp4", "answer": "red"}\n', r"set\.jsonl:1: 'question' must be a non-empty string"),
+        ('["a.mp4"]\n', r"set\.jsonl:1: expected a JSON object"),
+        ('{"video": "a.mp4", "question": "q?", "answer": "pink", "options": ["red", "blue"]}\n',
+         r"set\.jsonl:1: answer 'pink' is not one of the options"),
+        ("\n\n", r"set\.jsonl: no evaluation items"),
+    ]
+    for text, message in cases:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_eval_set(path, "videoqa")
+    path.write_text('{"video": "a.mp4", "captions": "a red square."}\n')
+    with pytest.raises(ValueError, match=r"set\.jsonl:1: 'captions' must be a non-empty list"):
+        read_eval_set(path, "caption")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read_eval_set(tmp_path / "missing.jsonl", "videoqa")
+    path.write_text('{"video": "a.mp4", "question": "q?", "answer": "red"}\n' * 5)
+    items = read_eval_set(path, "videoqa", limit=3)
+    assert len(items) == 3 and items[2].kind == "unspecified"
