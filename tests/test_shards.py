@@ -1,7 +1,7 @@
 """Shard writer and reader: bad data is skipped and counted, positions resume exactly.
 
-Test clips are tiny (64x48, 1 s at 25 FPS, 4 sampled frames at 8 px... see PRE) so every test runs
-in seconds. The bad videos come from tests/badvideos.py, the same table load_clip is tested with.
+Test clips are tiny (64x48 px, 1 s at 25 FPS, decoded to 4 frames of 16x16) so every test runs in
+seconds. The bad videos come from tests/badvideos.py, the same table load_clip is tested with.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from badvideos import BAD_VIDEOS, encode_video, pattern_frame
 
+from badvideos import BAD_VIDEOS, encode_video, pattern_frame
 from videollama.config import PreprocessConfig
 from videollama.data import errors
 from videollama.data.shards import (

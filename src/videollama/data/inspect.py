@@ -72,7 +72,8 @@ def describe(sample) -> str:
 
 
 def save_contact_sheet(video, timestamps, preprocess: PreprocessConfig, out: str | Path) -> None:
-    """Tile frames ``video [F, 3, S, S]`` (normalised) into a grid PNG, each labelled with its time."""
+    """Tile frames ``video [F, 3, S, S]`` (normalised) into a grid PNG; tiles of 64 px and more
+    are labelled with their frame's time."""
     import torch
     from PIL import Image, ImageDraw
 
@@ -88,7 +89,8 @@ def save_contact_sheet(video, timestamps, preprocess: PreprocessConfig, out: str
     for i in range(frames):
         x, y = (i % cols) * side, (i // cols) * side
         sheet.paste(Image.fromarray(pixels[i]), (x, y))
-        draw.text((x + 2, y + 2), f"{float(timestamps[i]):.2f}s", fill=(255, 255, 0))
+        if side >= 64:  # a label would cover most of a smaller tile
+            draw.text((x + 2, y + 2), f"{float(timestamps[i]):.2f}s", fill=(255, 255, 0))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, format="PNG")
 

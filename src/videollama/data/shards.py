@@ -755,12 +755,13 @@ class SkipBudgetExceeded(RuntimeError):
 class _Accounting:
     """Skip counts by reason, the skip budget, and logging each bad key once."""
 
-    def __init__(self, *, skip_budget: float, min_samples: int):
+    def __init__(self, *, skip_budget: float, min_samples: int, logged: set[tuple[str, str]] | None = None):
         self.skip_budget, self.min_samples = skip_budget, min_samples
         self.skipped: dict[str, int] = {}
         self.seen = 0
         self.examples: dict[str, str] = {}
-        self._logged: set[tuple[str, str]] = set()
+        # Shared across iterations of one loader, so a bad sample is logged once, not once an epoch.
+        self._logged = set() if logged is None else logged
 
     def count(self, item: Sample | Skip) -> None:
         self.seen += 1
@@ -845,6 +846,7 @@ class VideoTextLoader:
         # The committed position: where the next batch starts, and the counts up to there.
         self._epoch, self._position, self._seen, self._skipped = 0, 0, 0, {}
         self._active: Iterator | None = None
+        self._logged: set[tuple[str, str]] = set()
 
     # ---- position ------------------------------------------------------------------
     @property
@@ -900,7 +902,9 @@ class VideoTextLoader:
         return self._active
 
     def _batches(self) -> Iterator[dict[str, Any]]:
-        accounting = _Accounting(skip_budget=self.skip_budget, min_samples=self.skip_budget_min_samples)
+        accounting = _Accounting(
+            skip_budget=self.skip_budget, min_samples=self.skip_budget_min_samples, logged=self._logged
+        )
         accounting.seen, accounting.skipped = self._seen, dict(self._skipped)
         epoch, position = self._epoch, self._position
         batch: list[Sample] = []
