@@ -7,7 +7,8 @@ start at zero, so a fresh model is exactly the text-only language model.
 
 Generation uses a static per-layer :class:`KVCache` (gpt-fast style): ``start`` says where the
 current tokens go in the cache; the visual keys/values are projected once per video
-(:meth:`Decoder.project_media`) and passed to every step.
+(:meth:`Decoder.project_media`) and passed to every step. Training passes the latents
+themselves, and each cross-attention block projects them inside its own forward.
 """
 
 from __future__ import annotations
@@ -203,12 +204,13 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor,
                 key_mask: torch.Tensor | None = None,
-                media_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                media: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                 kv_caches: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
         """Final hidden states [B, T, D] (after the final norm).
 
         input_ids, positions: [B, T]; key_mask: [B, start+T] (1 = real token) or None;
-        media_kv: from :meth:`project_media`, or None for text only (cross-attention skipped);
+        media: the visual latents [B, L, D_v], or their per-block (k, v) from :meth:`project_media`,
+        or None for text only (cross-attention skipped);
         kv_caches / start: generation's caches and where these tokens go in them.
         """
         x = self.embed_tokens(input_ids)  # [B, T, D]
@@ -216,8 +218,9 @@ class Decoder(nn.Module):
         mask = attention_mask_for(key_mask, input_ids.shape[1], start)
         every = self.config.cross_attn_every
         for i, layer in enumerate(self.layers):
-            if media_kv is not None and every > 0 and i % every == 0:
-                x = self.cross_attn_layers[i // every](x, media_kv[i // every])
+            if media is not None and every > 0 and i % every == 0:
+                k = i // every
+                x = self.cross_attn_layers[k](x, media if isinstance(media, torch.Tensor) else media[k])
             cache = kv_caches[i] if kv_caches is not None else None
             x = layer(x, cos, sin, mask=mask, cache=cache, start=start)
         return self.norm(x)

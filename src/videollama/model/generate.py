@@ -25,7 +25,7 @@ def prefill(model: VideoLlama, input_ids: torch.Tensor, *, attention_mask: torch
     filling kv_caches at positions 0..T-1; return the last position's logits [B, V]."""
     padded = not bool(attention_mask.all())
     logits = model.decode(input_ids, positions=positions_from_mask(attention_mask, input_ids),
-                          key_mask=attention_mask if padded else None, media_kv=media_kv,
+                          key_mask=attention_mask if padded else None, media=media_kv,
                           kv_caches=kv_caches, start=0)
     return logits[:, -1]
 
@@ -35,7 +35,7 @@ def decode_one_token(model: VideoLlama, token: torch.Tensor, *, position: torch.
                      start: int) -> torch.Tensor:
     """token, position: [B, 1]; key_mask: [B, start+1] or None when no row is padded.
     Writes cache slot ``start``; returns logits [B, V]."""
-    logits = model.decode(token, positions=position, key_mask=key_mask, media_kv=media_kv,
+    logits = model.decode(token, positions=position, key_mask=key_mask, media=media_kv,
                           kv_caches=kv_caches, start=start)
     return logits[:, -1]
 
@@ -85,7 +85,9 @@ def generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.Tensor | N
         raise ValueError("prompts must be LEFT-padded: every row's last token must be real")
     attention_mask = attention_mask.to(input_ids.device).long()
 
-    media_kv = model.visual_context(input_ids, video, visual_latents)  # once per video
+    latents = model.visual_context(input_ids, video, visual_latents)
+    # Every cross-attention block's keys/values, once per video rather than once per token.
+    media_kv = model.decoder.project_media(latents) if latents is not None else None
     kv_caches = model.decoder.new_kv_cache(b, t + max_new_tokens)
     padded = not bool(attention_mask.all())
     pad_id = model.config.decoder.pad_token_id

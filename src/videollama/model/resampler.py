@@ -129,7 +129,10 @@ class GatedCrossAttentionBlock(nn.Module):
         """latents [B, L, D_v] -> this block's (k, v); compute once per video, reuse every step."""
         return self.attn.project_media(latents)
 
-    def forward(self, x: torch.Tensor, media_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [B, T, D]; media_kv: from :meth:`project_media` -> [B, T, D]."""
+    def forward(self, x: torch.Tensor, media: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]. media: the latents [B, L, D_v] (training: projected here, inside
+        this forward, where FSDP has the weights gathered) or their (k, v) from :meth:`project_media`
+        (generation: projected once per video)."""
+        media_kv = self.project_media(media) if isinstance(media, torch.Tensor) else media
         x = x + torch.tanh(self.attn_gate) * self.attn(self.attn_norm(x), media_kv)
         return x + torch.tanh(self.ff_gate) * self.ff(self.ff_norm(x))

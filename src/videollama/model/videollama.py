@@ -130,12 +130,13 @@ class VideoLlama(nn.Module):
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """video: [B, F, 3, H, W] normalised pixels -> visual latents [B, L, D_v]."""
         self.check_video(video)
-        tokens = self.vision.post_layernorm(self.vision(video))  # [B, F, 1+N, D_v]
+        tokens = self.vision(video, apply_post_layernorm=True)  # [B, F, 1+N, D_v]
         return self.resampler(tokens)
 
     def visual_context(self, input_ids: torch.Tensor, video: torch.Tensor | None,
-                       visual_latents: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """The cross-attention keys/values for this batch, or None for text only."""
+                       visual_latents: torch.Tensor | None) -> torch.Tensor | None:
+        """The checked visual latents [B, L, D_v] for this batch (encoded from video if given),
+        or None for text only."""
         if video is not None and visual_latents is not None:
             raise ValueError("pass either video or visual_latents, not both")
         if video is not None:
@@ -152,7 +153,7 @@ class VideoLlama(nn.Module):
         if visual_latents.shape[0] != input_ids.shape[0]:
             raise ValueError(f"batch size mismatch: input_ids has {input_ids.shape[0]} rows, "
                              f"visual_latents has {visual_latents.shape[0]}")
-        return self.decoder.project_media(visual_latents)
+        return visual_latents
 
     def forward(self, input_ids: torch.Tensor, video: torch.Tensor | None = None, *,
                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -167,18 +168,19 @@ class VideoLlama(nn.Module):
                              f"input_ids {tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}")
-        media_kv = self.visual_context(input_ids, video, visual_latents)
+        latents = self.visual_context(input_ids, video, visual_latents)
         positions = positions_from_mask(attention_mask, input_ids)
-        logits = self.decode(input_ids, positions=positions, key_mask=attention_mask, media_kv=media_kv)
+        logits = self.decode(input_ids, positions=positions, key_mask=attention_mask, media=latents)
         loss = lm_loss(logits, labels) if labels is not None else None
         return VideoLlamaOutput(logits=logits, loss=loss)
 
     def decode(self, input_ids: torch.Tensor, *, positions: torch.Tensor, key_mask: torch.Tensor | None = None,
-               media_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               media: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                kv_caches: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
-        """Logits [B, T, V] for tokens already checked; the step that generation repeats."""
+        """Logits [B, T, V] for tokens already checked; the step that generation repeats.
+        media: visual latents [B, L, D_v] or the decoder's ``project_media`` of them, or None."""
         return self.lm_head(self.decoder(input_ids, positions=positions, key_mask=key_mask,
-                                         media_kv=media_kv, kv_caches=kv_caches, start=start))
+                                         media=media, kv_caches=kv_caches, start=start))
 
     # ---- model directory --------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, max_shard_size: int = 5 * 2**30) -> None:

@@ -160,9 +160,13 @@ class VisionEncoder(nn.Module):
             nn.init.normal_(self.temporal_embedding, std=0.02)
         self.frame_diff = FrameDifference(d) if config.frame_diff else None
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, *, apply_post_layernorm: bool = False) -> torch.Tensor:
         """video: [B, F, C, H, W] normalised pixels -> [B, F, 1+N, D], the last hidden state
-        per frame (CLS first, then patches), before ``post_layernorm`` like HF's last_hidden_state."""
+        per frame (CLS first, then patches), before ``post_layernorm`` like HF's last_hidden_state.
+
+        The composed model asks for ``apply_post_layernorm=True``: the norm then runs inside this
+        forward, where FSDP has this module's parameters gathered.
+        """
         b, f = video.shape[:2]
         frames = video.flatten(0, 1).to(self.embeddings.patch_embedding.weight.dtype)  # [(B F), C, H, W]
         patches = self.embeddings.patch_embedding(frames).flatten(2).transpose(1, 2)  # [(B F), N, D]
@@ -178,4 +182,6 @@ class VisionEncoder(nn.Module):
             if every > 0 and (i + 1) % every == 0:
                 x = self.temporal[j](x.unflatten(0, (b, f)), self.temporal_embedding[:f]).flatten(0, 1)
                 j += 1
+        if apply_post_layernorm:
+            x = self.post_layernorm(x)
         return x.unflatten(0, (b, f))
