@@ -29,7 +29,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
@@ -337,9 +336,6 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
             shutil.copyfile(tokenizer_path, run_dir / "tokenizer.json")
 
     mesh = build_mesh(env.device.type, world, env.local_world_size)
-    # project_media returns k/v views (rearranged projections) that nothing modifies in place;
-    # FSDP2 warns about views on every call.
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     model.to(env.device)
     parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
                 compile=cfg.parallel.compile, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward)
@@ -462,9 +458,12 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
         log.close()
         if progress is not None:
             progress.close()
-    return {"steps": step, "start_step": start_step, "loss": last_loss, "bad_steps": bad_total,
-            "params": n_params, "frozen_params": frozen, "accumulation": accum, "world_size": world,
-            "preempted": bool(preempted["flag"])}
+    summary = {"steps": step, "start_step": start_step, "loss": last_loss, "bad_steps": bad_total,
+               "params": n_params, "frozen_params": frozen, "accumulation": accum, "world_size": world,
+               "mesh": dict(zip(mesh.mesh_dim_names, mesh.shape)), "preempted": bool(preempted["flag"])}
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def _micro_step(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:

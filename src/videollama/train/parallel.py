@@ -94,19 +94,12 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None
     ``param_dtype`` bf16 computes in bf16 while the sharded master weights and optimizer
     state stay fp32; ``reduce_dtype`` fp32 keeps the gradient reduction exact enough.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block_type in BLOCK_TYPES:
         for _, _, block in blocks(model, block_type):
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-            if block_type == "cross_attn":
-                # The decoder calls block.project_media(latents) outside the block's forward
-                # (once per video, reused by every generation step): FSDP must gather the
-                # block's parameters around that call too.
-                # (With activation checkpointing, `block` is the wrapper, which forwards the
-                # attribute to the wrapped block; the patched method is set on the wrapper.)
-                register_fsdp_forward_method(block, "project_media")
     # The root keeps its parameters gathered after forward: backward needs them at once.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     return model

@@ -1,0 +1,71 @@
+"""``videollama plot RUN_DIR``: RUN_DIR/curves.png with the loss and LR curves of a run.
+
+Reads RUN_DIR/metrics.jsonl (one JSON object per step, written by the training loop).
+Skipped (non-finite) steps have no loss and leave a gap. matplotlib is imported lazily:
+it is an optional dependency (`pip install videollama[plot]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise ValueError(f"{path}: no such file (is {run_dir} a training run directory?)")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON: {e}") from e
+    if not records:
+        raise ValueError(f"{path}: no steps logged yet")
+    return records
+
+
+def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    steps = [r["step"] for r in records]
+    loss = [r["loss"] if r.get("loss") is not None else float("nan") for r in records]
+    lr = [r["lr"] for r in records]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ax_loss.plot(steps, loss, lw=1)
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title(str(Path(run_dir).name))
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, lr, lw=1, color="tab:orange")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="training run directory (with metrics.jsonl)")
+    parser.add_argument("--out", help="image to write (default RUN_DIR/curves.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = plot(args.run_dir, args.out)
+    except ValueError as e:
+        print(f"videollama plot: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
