@@ -230,9 +230,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "videollama-13b",
         VisionConfig(image_size=224, patch_size=14, hidden_size=2560, num_layers=32, num_heads=32,
                      intermediate_size=10240, temporal_every=1),
-        ResamplerConfig(num_latents=64, depth=6, num_heads=20, head_dim=128),
-        DecoderConfig(vocab_size=65536, hidden_size=5120, num_layers=28, num_heads=40, num_kv_heads=40,
-                      intermediate_size=13824, max_seq_len=2048, cross_attn_every=4),
+        ResamplerConfig(num_latents=64, depth=2, num_heads=20, head_dim=128),
+        DecoderConfig(vocab_size=65536, hidden_size=5120, num_layers=24, num_heads=40, num_kv_heads=40,
+                      intermediate_size=14336, max_seq_len=2048, cross_attn_every=4, cross_attn_ff_mult=1),
     ),
 }
 

@@ -1,0 +1,283 @@
+"""Import Hugging Face weights into a VideoLlama model directory.
+
+The decoder uses Hugging Face Llama parameter names and the ViT uses Hugging Face CLIP
+names, so importing is a rename table (the one place that knows both name spaces):
+
+    LlamaForCausalLM   model.*           -> decoder.*        lm_head.weight -> lm_head.weight
+    CLIPVisionModel    vision_model.*    -> vision.*         (transformers 5: no prefix -> vision.*)
+    CLIPModel          vision_model.*    -> vision.*         (text tower and projections dropped)
+
+Everything the checkpoints do not have (temporal aggregation, resampler, gated cross-attention)
+keeps its fresh initialisation; the gates start at zero, so the converted model computes exactly
+what the imported image ViT and text-only Llama compute.
+
+Usage: videollama convert [--llama HF_DIR] [--vision HF_CLIP_DIR] [--preset NAME] --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from videollama.config import VideoLlamaConfig, replace
+
+# (checkpoint prefix, our prefix); keys matching no prefix are dropped (listed in DROPPED_*).
+LLAMA_RENAMES = [("model.", "decoder."), ("lm_head.", "lm_head.")]
+CLIP_RENAMES = [("vision_model.", "vision.")] + [
+    # transformers >= 5 saves a bare CLIPVisionModel without the `vision_model.` prefix.
+    (p, "vision." + p) for p in ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+]
+# Keys a CLIP checkpoint may carry that the video encoder does not use.
+CLIP_DROPPED_PREFIXES = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
+# Non-persistent buffers some transformers versions still save.
+IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
+
+_VOCAB_TENSORS = ("decoder.embed_tokens.weight", "lm_head.weight")
+
+
+def rename(key: str, table: list[tuple[str, str]]) -> str | None:
+    """Our name for a checkpoint key, or None when the key has no counterpart."""
+    if key.endswith(IGNORED_SUFFIXES):
+        return None
+    for src, dst in table:
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return None
+
+
+# ---- reading Hugging Face checkpoint directories -------------------------------------------
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; expected a Hugging Face checkpoint directory")
+    return json.loads(path.read_text())
+
+
+def read_safetensors_dir(hf_dir: Path) -> dict[str, Any]:
+    """All tensors of a (possibly sharded) safetensors checkpoint. Pickled checkpoints are refused."""
+    from safetensors.torch import load_file
+
+    index = hf_dir / "model.safetensors.index.json"
+    single = hf_dir / "model.safetensors"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif single.is_file():
+        files = [single.name]
+    else:
+        if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
+            raise ValueError(f"{hf_dir}: only pickled weights (*.bin/*.pt) found; VideoLlama reads safetensors "
+                             "only (never unpickles). Re-save the model with save_pretrained(safe_serialization=True).")
+        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, Any] = {}
+    for name in files:
+        tensors.update(load_file(str(hf_dir / name)))
+    return tensors
+
+
+def llama_overrides(hf: dict[str, Any]) -> dict[str, Any]:
+    """Decoder config overrides from a Hugging Face LlamaConfig dict."""
+    if hf.get("model_type") not in ("llama", None):
+        raise ValueError(f"--llama: model_type {hf.get('model_type')!r} is not 'llama'")
+    if hf.get("rope_scaling"):
+        raise ValueError(f"--llama: rope_scaling {hf['rope_scaling']} is not supported (plain RoPE only)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("--llama: attention_bias/mlp_bias checkpoints are not supported")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if head_dim * heads != hf["hidden_size"]:
+        raise ValueError(f"--llama: head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"--llama: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU/silu only)")
+    return {
+        "decoder.hidden_size": hf["hidden_size"],
+        "decoder.intermediate_size": hf["intermediate_size"],
+        "decoder.num_layers": hf["num_hidden_layers"],
+        "decoder.num_heads": heads,
+        "decoder.num_kv_heads": hf.get("num_key_value_heads") or heads,
+        "decoder.rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "decoder.rope_theta": float(hf.get("rope_theta", 10000.0)),
+        "decoder.tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+
+
+def clip_overrides(hf: dict[str, Any], hf_dir: Path) -> dict[str, Any]:
+    """Vision config overrides from a CLIPVisionConfig / CLIPConfig dict (and its preprocessor)."""
+    vc = hf.get("vision_config", hf) if hf.get("model_type") == "clip" else hf
+    if vc.get("model_type", "clip_vision_model") not in ("clip_vision_model",):
+        raise ValueError(f"--vision: model_type {vc.get('model_type')!r} is not a CLIP vision model")
+    out = {
+        "vision.image_size": vc["image_size"],
+        "vision.patch_size": vc["patch_size"],
+        "vision.num_channels": vc.get("num_channels", 3),
+        "vision.hidden_size": vc["hidden_size"],
+        "vision.intermediate_size": vc["intermediate_size"],
+        "vision.num_layers": vc["num_hidden_layers"],
+        "vision.num_heads": vc["num_attention_heads"],
+        "vision.hidden_act": vc.get("hidden_act", "quick_gelu"),
+        "vision.layer_norm_eps": vc.get("layer_norm_eps", 1e-5),
+        "preprocess.size": vc["image_size"],
+    }
+    # The imported ViT was trained with its own normalisation: keep it, or its features are off.
+    pre = hf_dir / "preprocessor_config.json"
+    if pre.is_file():
+        p = json.loads(pre.read_text())
+        if "image_mean" in p and "image_std" in p:
+            out["preprocess.mean"] = list(p["image_mean"])
+            out["preprocess.std"] = list(p["image_std"])
+    return out
+
+
+# ---- the conversion ---------------------------------------------------------------------------
+
+
+def convert(*, llama: str | Path | None = None, vision: str | Path | None = None, preset: str = "videollama-13b",
+            vocab_size: int | None = None, overrides: dict[str, Any] | None = None, seed: int = 0,
+            log=print):
+    """Build a VideoLlama with imported weights. Returns the model (fp32, CPU).
+
+    vocab_size: the target vocabulary (default: the preset's). When it differs from the Llama
+    checkpoint's, the embeddings and the output head keep their fresh initialisation.
+    """
+    import torch
+
+    from videollama.model.videollama import VideoLlama
+
+    cfg_over: dict[str, Any] = {}
+    imported: dict[str, torch.Tensor] = {}
+    if llama is not None:
+        llama = Path(llama)
+        hf = read_hf_config(llama)
+        tensors = read_safetensors_dir(llama)          # first: refuses pickles before anything else
+        cfg_over.update(_checked(llama_overrides, hf, llama))
+        for k, v in tensors.items():
+            new = rename(k, LLAMA_RENAMES)
+            if new is None:
+                continue
+            imported[new] = v
+        if "lm_head.weight" not in imported and not hf.get("tie_word_embeddings", False):
+            raise ValueError(f"{llama}: lm_head.weight missing and tie_word_embeddings is false")
+        ckpt_vocab = hf["vocab_size"]
+        target_vocab = vocab_size if vocab_size is not None else VideoLlamaConfig.from_name(preset).decoder.vocab_size
+        if target_vocab != ckpt_vocab:
+            for k in _VOCAB_TENSORS:
+                imported.pop(k, None)
+            log(f"convert: target vocabulary {target_vocab} != checkpoint vocabulary {ckpt_vocab}: "
+                "embeddings and output head are RE-INITIALISED (train them with the new tokenizer).")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(hf.get(name), int) and target_vocab == ckpt_vocab:
+                cfg_over[f"decoder.{name}"] = hf[name]
+        cfg_over["decoder.vocab_size"] = target_vocab
+        cfg_over["decoder.max_seq_len"] = min(hf.get("max_position_embeddings", 2048),
+                                              VideoLlamaConfig.from_name(preset).decoder.max_seq_len)
+    elif vocab_size is not None:
+        cfg_over["decoder.vocab_size"] = vocab_size
+    if vision is not None:
+        vision = Path(vision)
+        hf_v = read_hf_config(vision)
+        tensors = read_safetensors_dir(vision)
+        cfg_over.update(_checked(clip_overrides, hf_v, vision, vision))
+        for k, v in tensors.items():
+            if k.startswith(CLIP_DROPPED_PREFIXES):
+                continue
+            new = rename(k, CLIP_RENAMES)
+            if new is None:
+                continue
+            imported[new] = v
+    cfg_over.update(overrides or {})
+    cfg = replace(VideoLlamaConfig.from_name(preset), cfg_over)
+    cfg.name = f"{preset}-converted"
+
+    torch.manual_seed(seed)
+    model = VideoLlama(cfg)
+    load_imported(model, imported, parts=[p for p, src in (("decoder", llama), ("vision", vision)) if src])
+    n = sum(v.numel() for v in imported.values())
+    log(f"convert: imported {len(imported)} tensors ({n / 1e6:.1f}M parameters); "
+        "temporal aggregation, resampler and cross-attention are freshly initialised with gates at 0.")
+    return model
+
+
+def _checked(fn, hf: dict, path: Path, *args):
+    try:
+        return fn(hf, *args)
+    except KeyError as e:
+        raise ValueError(f"{path / 'config.json'}: missing required key {e}") from None
+
+
+def load_imported(model, imported: dict, parts: list[str]) -> None:
+    """Copy imported tensors into ``model``. Every imported tensor must exist with the same shape,
+    and every tensor of an imported part that a checkpoint has a counterpart for must be covered."""
+    import torch
+
+    own = model.state_dict()
+    for k, v in imported.items():
+        if k not in own:
+            raise KeyError(f"convert: checkpoint tensor {k!r} has no counterpart in VideoLlama")
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise ValueError(f"convert: tensor {k!r}: checkpoint shape {tuple(v.shape)} != model shape "
+                             f"{tuple(own[k].shape)}")
+    expected = set()
+    for k in own:
+        if "decoder" in parts and (k.startswith("decoder.") or k == "lm_head.weight") and _from_llama(k):
+            expected.add(k)
+        if "vision" in parts and k.startswith("vision.") and _from_clip(k):
+            expected.add(k)
+    # Vocabulary tensors may be deliberately left out (re-initialised); tied heads share storage.
+    missing = sorted(k for k in expected - set(imported) if k not in _VOCAB_TENSORS)
+    if missing:
+        raise KeyError(f"convert: checkpoint lacks tensors the model needs: {missing[:8]}"
+                       f"{' ...' if len(missing) > 8 else ''}")
+    with torch.no_grad():
+        params = dict(model.named_parameters(remove_duplicate=False))
+        params.update(dict(model.named_buffers()))
+        for k, v in imported.items():
+            params[k].copy_(v.to(params[k].dtype))
+
+
+def _from_llama(key: str) -> bool:
+    """Decoder tensors that a LlamaForCausalLM checkpoint has (not our cross-attention)."""
+    return not key.startswith("decoder.cross_attn_layers.")
+
+
+def _from_clip(key: str) -> bool:
+    """Vision tensors that a CLIP checkpoint has (not our temporal aggregation)."""
+    rest = key[len("vision."):]
+    return rest.startswith(("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm."))
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--llama", help="Hugging Face LlamaForCausalLM directory (safetensors)")
+    parser.add_argument("--vision", help="Hugging Face CLIPVisionModel or CLIPModel directory (safetensors)")
+    parser.add_argument("--preset", default="videollama-13b",
+                        help="preset for everything not imported (default: videollama-13b)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="target vocabulary (default: the preset's); a different size from the Llama "
+                             "checkpoint's re-initialises embeddings and head")
+    parser.add_argument("--tokenizer", help="tokenizer.json (or a folder holding it) to copy into the model directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the freshly initialised parts")
+    parser.add_argument("--out", required=True, help="output model directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.llama and not args.vision:
+        print("convert: nothing to import: give --llama and/or --vision")
+        return 2
+    model = convert(llama=args.llama, vision=args.vision, preset=args.preset, vocab_size=args.vocab_size,
+                    seed=args.seed)
+    out = Path(args.out)
+    model.save_pretrained(out)
+    if args.tokenizer:
+        tok = Path(args.tokenizer)
+        tok = tok / "tokenizer.json" if tok.is_dir() else tok
+        if not tok.is_file():
+            raise FileNotFoundError(f"{tok}: tokenizer.json not found")
+        shutil.copyfile(tok, out / "tokenizer.json")
+    print(f"convert: wrote {out}")
+    return 0
