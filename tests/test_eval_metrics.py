@@ -196,3 +196,19 @@ def test_multiple_choice():
     )
     assert out["accuracy"] == pytest.approx(3 / 4)
     assert out["accuracy_by_kind"] == {"static": pytest.approx(0.5), "temporal": pytest.approx(1.0)}
+
+
+def test_package_exports_are_lazy():
+    import subprocess
+    import sys
+
+    code = ("import sys, videollama.eval as e; assert 'torch' not in sys.modules; "
+            "assert 'pycocoevalcap' not in sys.modules; "
+            "from videollama.eval import metrics; assert e.caption_scores is metrics.caption_scores; "
+            "assert e.videoqa_accuracy is metrics.videoqa_accuracy; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    import videollama.eval
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        videollama.eval.nope  # noqa: B018

@@ -273,10 +273,12 @@ def evaluate(
                     skipped_videos[item.video] = loaded[item.video].error
                     log.warning("skipping %s (scored as wrong): %s", video_root / item.video,
                                 loaded[item.video].error)
-        ready = [it for it in batch if loaded[it.video].error is None]
+        ready = []
         for it in batch:
-            if loaded[it.video].error is not None:
-                predictions[it.index] = ""
+            if loaded[it.video].error is None:
+                ready.append(it)
+            else:
+                predictions[it.index] = ""  # no answer: scored as wrong
         if ready:
             distinct = list(dict.fromkeys(it.video for it in ready))
             prompts = [_prompt_ids(tokenizer, it, task) for it in ready]
@@ -316,7 +318,7 @@ def evaluate(
                 rec["options"] = it.options
             records.append((rec, it))
     else:
-        # A skipped video's empty caption scores zero, as a wrong answer would.
+        # A skipped video's caption is empty: it matches nothing, as a wrong caption would.
         metrics.update(caption_scores(preds, [it.captions for it in items], meteor=meteor))
         records = [({"video": it.video, "references": it.captions, "prediction": pred}, it)
                    for it, pred in zip(items, preds)]
