@@ -145,6 +145,12 @@ def test_write_shards_roundtrip_and_rollover(tmp_path):
         assert members[f"clip{i}.mp4"] == videos[i]
         assert json.loads(members[f"clip{i}.json"]) == good_meta(i)
     assert not list((tmp_path / "out").glob("*.tmp"))
+    # The webdataset library reads them as samples {__key__, mp4, json}.
+    import webdataset as wds
+
+    read = list(wds.WebDataset([str(p) for p in paths], shardshuffle=False))
+    assert [s["__key__"] for s in read] == [f"clip{i}" for i in range(5)]
+    assert all(s["mp4"] == videos[i] and json.loads(s["json"]) == good_meta(i) for i, s in enumerate(read))
 
     # The byte limit counts member headers and padded data: choose one that holds two samples.
     padded = [1024 + -(-len(v) // 512) * 512 + -(-len(json.dumps(good_meta(i))) // 512) * 512

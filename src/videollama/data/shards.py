@@ -393,8 +393,13 @@ def read_tar_members(path: str) -> Iterator[tuple[str, int, int] | _TarDamage]:
     A damaged shard yields its good members, then one ``_TarDamage`` (and stops): a member
     cut short, a truncated or invalid header, or a missing end-of-archive block.
     """
-    file_size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    try:
+        file_size = os.path.getsize(path)
+        f = open(path, "rb")  # closed by the `with f` below
+    except OSError as e:  # deleted or unreadable since the shard list was made
+        yield _TarDamage(f"cannot open the shard ({e})", None)
+        return
+    with f:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
         except tarfile.ReadError as e:
@@ -595,10 +600,14 @@ def decode_sample(
                 raise BadSample(errors.MISSING_VIDEO, ref.video_path, "the video file does not exist")
             meta, video_source = ref.meta or {}, ref.video_path
         else:
-            with open(ref.source, "rb") as f:
-                meta = _parse_meta(_read_member(f, ref.members["json"]), f"{ref.source}:{ref.key}.json")
-                ext = next(e for e in _VIDEO_MEMBER_EXTS if e in ref.members)
-                video_source = _read_member(f, ref.members[ext])
+            try:
+                with open(ref.source, "rb") as f:
+                    meta_bytes = _read_member(f, ref.members["json"])
+                    ext = next(e for e in _VIDEO_MEMBER_EXTS if e in ref.members)
+                    video_source = _read_member(f, ref.members[ext])
+            except OSError as e:  # the shard vanished or shrank after it was indexed
+                raise BadSample(errors.TRUNCATED_TAR, ref.source, f"cannot read {ref.key}: {e}") from e
+            meta = _parse_meta(meta_bytes, f"{ref.source}:{ref.key}.json")
         generator = torch.Generator().manual_seed(sample_seed(seed, epoch, ref.source, ref.key))
         try:
             frames, timestamps = load_clip(
@@ -618,7 +627,10 @@ def decode_sample(
 def _read_member(f, where: tuple[int, int]) -> bytes:
     offset, size = where
     f.seek(offset)
-    return f.read(size)
+    data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"the shard ends {size - len(data)} bytes early")
+    return data
 
 
 def _parse_meta(data: bytes, source: str) -> dict[str, Any]:
