@@ -743,6 +743,8 @@ def epoch_items(
     if num_workers == 0:
         yield from dataset
         return
+    # The Rust tokenizer's thread pool does not survive fork; tokenizing in workers is serial anyway.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = DataLoader(
         dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
         timeout=timeout_s, prefetch_factor=2,
