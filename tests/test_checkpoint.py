@@ -1,0 +1,115 @@
+"""Checkpoints: atomic writes, `latest`, keep-K, resume, and export to a model directory.
+
+Runs the real loop in this process (a one-rank gloo group) on the shrunken tiny model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from videollama.train import checkpoint as ckpt
+from videollama.train.loop import train
+from videollama.train.recipe import TrainConfig
+
+
+def small_cfg(**top) -> TrainConfig:
+    d = {
+        "model": {"preset": "tiny", "overrides": {"preprocess.num_frames": 2, "preprocess.size": 32,
+                                                  "vision.image_size": 32, "vision.max_frames": 2}},
+        "data": {"kind": "synthetic", "synthetic_seq_len": 12},
+        "optimizer": {"lr": 2e-3}, "schedule": {"warmup_steps": 1},
+        "global_batch": 2, "micro_batch": 2, "max_steps": 4,
+        "log": {"tensorboard": False, "progress": False},
+        "checkpoint": {"every": 2, "keep": 5}, "seed": 1, "deterministic": True,
+    }
+    for k, v in top.items():
+        if isinstance(v, dict):
+            d.setdefault(k, {}).update(v)
+        else:
+            d[k] = v
+    return TrainConfig.from_dict(d)
+
+
+def dcp_model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def test_crash_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch):
+    run = tmp_path / "run"
+    train(small_cfg(), run)  # checkpoints after steps 2 and 4
+    assert ckpt.latest_checkpoint(run).name == "step-00000004"
+    before = dcp_model_tensors(run / "checkpoints" / "step-00000004")
+
+    def crash(*args, **kwargs):  # the process dies after DCP wrote its shards, before the rename
+        raise OSError("disk gone (simulated)")
+
+    monkeypatch.setattr(ckpt, "_write_rank_state", crash)
+    with pytest.raises(OSError, match="simulated"):
+        train(small_cfg(max_steps=6), run)
+    assert (run / "checkpoints" / ".tmp-step-00000006").is_dir()  # the half-written one
+    assert not (run / "checkpoints" / "step-00000006").exists()
+    latest = ckpt.latest_checkpoint(run)
+    assert latest.name == "step-00000004"
+    after = dcp_model_tensors(latest)  # still loadable, and unchanged
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    monkeypatch.undo()
+    summary = train(small_cfg(max_steps=6), run)  # the same command again resumes from step 4
+    assert summary["start_step"] == 4 and summary["steps"] == 6
+    assert ckpt.latest_checkpoint(run).name == "step-00000006"
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the debris is gone
+
+
+def test_keep_last_k_and_latest_pointer(tmp_path: Path):
+    run = tmp_path / "run"
+    train(small_cfg(max_steps=5, checkpoint={"every": 1, "keep": 2}), run)
+    names = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert names == ["step-00000004", "step-00000005"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000005"
+    assert ckpt.find_checkpoint(run, 4).name == "step-00000004"
+    with pytest.raises(ValueError, match="no complete checkpoint for step 1"):
+        ckpt.find_checkpoint(run, 1)
+
+
+def test_latest_naming_an_incomplete_folder_is_a_clear_error(tmp_path: Path):
+    root = tmp_path / "checkpoints"
+    (root / "step-00000003").mkdir(parents=True)
+    (root / "latest").write_text("step-00000003\n")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        ckpt.latest_checkpoint(tmp_path)
+
+
+def test_export_writes_a_model_directory_with_the_checkpoint_weights(tmp_path: Path):
+    from videollama.model.videollama import VideoLlama
+
+    run = tmp_path / "run"
+    train(small_cfg(), run)
+    (run / "tokenizer.json").write_text('{"stand-in": true}')  # export copies the run's tokenizer
+    out = ckpt.export(run, tmp_path / "model", step=2)
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "preprocessor.json",
+                                               "tokenizer.json"}
+    model = VideoLlama.from_pretrained(out)
+    saved = dcp_model_tensors(run / "checkpoints" / "step-00000002")
+    state = model.state_dict()
+    assert saved.keys() == state.keys()
+    for k in saved:
+        assert torch.equal(saved[k], state[k]), k
+    # Step 2 and step 4 differ: export really picked the step asked for.
+    later = dcp_model_tensors(run / "checkpoints" / "step-00000004")
+    assert any(not torch.equal(later[k], state[k]) for k in later)
+
+
+def test_export_without_checkpoints_names_the_run(tmp_path: Path, capsys):
+    from videollama.cli import main
+
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
