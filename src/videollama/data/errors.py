@@ -19,6 +19,7 @@ MISSING_JSON = "missing_json"
 INVALID_JSON = "invalid_json"
 MISSING_VIDEO = "missing_video"
 TRUNCATED_TAR = "truncated_tar"
+TARGET_TOO_LONG = "target_too_long"    # the caption/answer does not fit the max sequence length
 
 
 class BadSample(Exception):

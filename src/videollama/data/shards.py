@@ -55,9 +55,7 @@ log = logging.getLogger(__name__)
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 IGNORE_INDEX = -100
-# A skip reason of this stage only (errors.py lists the decoding ones): the target text alone
-# exceeds max_len, and encode_example never cuts a target.
-TARGET_TOO_LONG = "target_too_long"
+TARGET_TOO_LONG = errors.TARGET_TOO_LONG  # encode_example never cuts a target: such samples are skipped
 STATE_VERSION = 1
 
 
