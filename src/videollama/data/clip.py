@@ -19,11 +19,12 @@ video): the window starts at 0 and the samples past the end repeat the last fram
 timestamps are clamped to the presentation time of that last frame, so the returned
 timestamps always say which moment was really shown.
 
-Resizing uses FFmpeg's swscale through PyAV's ``reformat`` (bilinear; for downscaling swscale
-widens the filter with the scale factor, so it is antialiased, like ``torch`` interpolate with
-``antialias=True``), converting YUV to RGB in the same pass. The short side becomes ``size``,
-then a ``size x size`` crop is taken (centred, or at a random place in training). Rotation
-metadata (the display matrix) is applied after resizing, in multiples of 90 degrees.
+Resizing uses FFmpeg's swscale through PyAV (bilinear; when shrinking, swscale widens the
+filter with the scale factor, so it is antialiased like ``torch`` interpolate with
+``antialias=True``), converting YUV to RGB in the same pass: "short side to ``size``, then a
+``size x size`` crop" (centred; at a random place in training), done as crop-then-scale so
+that only kept pixels are scaled (see ``resize_crop_frame``). Rotation metadata (the display
+matrix) is applied last, in multiples of 90 degrees; flips in the matrix are ignored.
 
 Work is bounded: declared sizes and durations are checked before decoding, the decoder starts
 at the keyframe before the window and stops at the first frame past it, and a cap on decoded
@@ -45,6 +46,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 
 from videollama.config import IMAGENET_MEAN, IMAGENET_STD
 from videollama.data.errors import (
@@ -151,9 +153,13 @@ def load_clip(
         crop_fraction = (_uniform(generator), _uniform(generator)) if train else (0.5, 0.5)
         times = start + np.arange(num_frames, dtype=np.float64) / fps
 
+        # One swscale context for the whole clip: building one per frame (what
+        # ``VideoFrame.to_ndarray(width=...)`` does) costs about as much as the scaling itself.
+        reformatter = VideoReformatter()
         decoder = _WindowDecoder(
             container, stream, origin=origin, times=times, name=name,
-            convert=lambda frame: _resize_crop(frame, size, crop_fraction),
+            convert=lambda frame: resize_crop_frame(frame, size, crop_fraction=crop_fraction,
+                                                    reformatter=reformatter),
             max_frames=max_decoded_frames, deadline=deadline,
         )
         chosen, latest = decoder.run()
@@ -167,14 +173,17 @@ def load_clip(
     finally:
         container.close()
 
-    frames = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).float()  # (F, 3, S, S)
+    # uint8 (F, S, S, 3) -> float32 (F, 3, S, S) in one pass: the permuted view is read once
+    # and written contiguously into ``frames``.
+    channels_first = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (F, 3, S, S) view
+    frames = torch.empty(channels_first.shape, dtype=torch.float32)
     if normalize:
-        # (x / 255 - mean) / std as one multiply and one subtract per element.
+        # (x / 255 - mean) / std  ==  x * (1 / (255 std)) - mean / std
         std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        frames.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
+        torch.addcmul(-mean_t / std_t, channels_first, 1.0 / (255.0 * std_t), out=frames)
     else:
-        frames.div_(255.0)
+        torch.div(channels_first, 255.0, out=frames)
     timestamps = torch.from_numpy(np.minimum(times, latest))
     return frames, timestamps
 
@@ -376,22 +385,65 @@ class _WindowDecoder:
             raise BadSample(TIMEOUT, self.name, "wall-clock budget for one clip exceeded")
 
 
-def _resize_crop(frame: av.VideoFrame, size: int, crop_fraction: tuple[float, float]) -> np.ndarray:
-    """Short side to ``size`` (swscale bilinear, YUV->RGB in the same pass), rotate, crop.
+def resize_crop_frame(
+    frame: av.VideoFrame,
+    size: int,
+    *,
+    crop_fraction: tuple[float, float] = (0.5, 0.5),
+    reformatter: VideoReformatter | None = None,
+) -> np.ndarray:
+    """One decoded frame -> uint8 RGB ``(size, size, 3)``: square crop, resize, rotate.
 
-    Returns uint8 ``(size, size, 3)``. ``crop_fraction`` (x, y) in [0, 1] places the crop
-    along the long side: 0.5 centres it.
+    The crop is the largest square of the coded frame (its side is the short side), placed
+    along the long side by ``crop_fraction`` (x, y) in [0, 1] (0.5 centres it); swscale
+    then scales it to ``size x size`` (bilinear, antialiased when shrinking) and converts
+    YUV to RGB in the same pass; finally the display matrix's rotation is applied. This is
+    "short side to ``size``, then crop", with the crop done first so that swscale scales only
+    the pixels kept: for 4:2:0 video (nearly all video) the square is copied out of the
+    decoded planes (offsets and side rounded to even, to keep chroma aligned). Other pixel
+    formats take the plain route: scale the whole frame, then crop.
     """
+    reformatter = reformatter or VideoReformatter()
     width, height = frame.width, frame.height
-    short = min(width, height)
-    # Round the long side; the short side maps exactly to ``size``.
-    new_width = size if width == short else max(size, round(width * size / short))
-    new_height = size if height == short else max(size, round(height * size / short))
-    rgb = frame.to_ndarray(width=new_width, height=new_height, format="rgb24", interpolation="BILINEAR")
     quarter_turns = round((frame.rotation or 0) / 90) % 4
+    # The crop position is drawn in display coordinates; on a frame shown turned by 90 or
+    # 270 degrees the display's x runs along the coded frame's y.
+    fraction_x, fraction_y = crop_fraction if quarter_turns % 2 == 0 else crop_fraction[::-1]
+    if frame.format.name in ("yuv420p", "yuvj420p") and min(width, height) >= 2:
+        side = min(width, height) // 2 * 2
+        left = round(fraction_x * (width - side)) // 2 * 2
+        top = round(fraction_y * (height - side)) // 2 * 2
+        square = _crop_yuv420(frame, left, top, side)
+        rgb = reformatter.reformat(square, width=size, height=size, format="rgb24",
+                                   interpolation="BILINEAR", threads=1).to_ndarray()
+    else:
+        short = min(width, height)
+        # Round the long side; the short side maps exactly to ``size``.
+        new_width = size if width == short else max(size, round(width * size / short))
+        new_height = size if height == short else max(size, round(height * size / short))
+        # threads=1: swscale's own slice threads only add overhead when every core runs a loader.
+        rgb = reformatter.reformat(frame, width=new_width, height=new_height, format="rgb24",
+                                   interpolation="BILINEAR", threads=1).to_ndarray()
+        top = round(fraction_y * (new_height - size))
+        left = round(fraction_x * (new_width - size))
+        rgb = rgb[top:top + size, left:left + size]
     if quarter_turns:
         rgb = np.rot90(rgb, k=quarter_turns)  # counter-clockwise, as the display matrix says
-    rows, cols = rgb.shape[:2]  # (H', W') after rotation
-    top = round(crop_fraction[1] * (rows - size)) if crop_fraction[1] != 0.5 else (rows - size) // 2
-    left = round(crop_fraction[0] * (cols - size)) if crop_fraction[0] != 0.5 else (cols - size) // 2
-    return rgb[top:top + size, left:left + size]
+    return np.ascontiguousarray(rgb)
+
+
+def _crop_yuv420(frame: av.VideoFrame, left: int, top: int, side: int) -> av.VideoFrame:
+    """A ``side x side`` 4:2:0 frame copied from ``frame`` at (left, top), all even.
+
+    The copy goes into a frame that FFmpeg allocates, so its rows are aligned the way
+    swscale's SIMD paths want (a numpy-built frame with odd strides scales slower).
+    """
+    square = av.VideoFrame(side, side, frame.format.name)
+    square.colorspace, square.color_range = frame.colorspace, frame.color_range
+    chroma = (left // 2, top // 2, (side + 1) // 2)
+    for plane_index, (x, y, extent) in enumerate([(left, top, side), chroma, chroma]):
+        source, target = frame.planes[plane_index], square.planes[plane_index]
+        source_rows = np.frombuffer(source, np.uint8).reshape(source.height, source.line_size)
+        target_rows = np.frombuffer(target, np.uint8).reshape(target.height, target.line_size)
+        target_rows[:extent, :extent] = source_rows[y:y + extent, x:x + extent]
+    return square
