@@ -296,7 +296,11 @@ class _WindowDecoder:
         self.max_frames, self.deadline = max_frames, deadline
         self.time_base = stream.time_base
         rate = stream.average_rate or stream.guessed_rate or 25
-        self.frame_step = 1 / Fraction(rate)  # seconds; only to date a frame that has no pts
+        # In time-base units; only to date a frame that has no pts.
+        self.frame_step = max(1, round(1 / (Fraction(rate) * self.time_base)))
+        # Sample time t shows the last frame with (pts - origin) * time_base <= t: as an
+        # integer bound per sample, so that the per-frame test is one integer comparison.
+        self.last_pts = [self.origin + math.floor(Fraction(t + _TIME_EPS) / self.time_base) for t in times]
         self.decoded = 0
         self.packets = 0
         self.reached_end = False
@@ -305,7 +309,7 @@ class _WindowDecoder:
     def run(self) -> tuple[list[np.ndarray], np.ndarray]:
         """Returns the converted frame chosen for each sample time, and for each sample the latest time it
         may claim: infinity, or for samples past the end of the video, the last frame's time."""
-        first_pts = self.origin + math.floor(Fraction(self.times[0]) / self.time_base)
+        first_pts = self.last_pts[0]
         seeked = first_pts > self.origin
         if seeked:
             self._seek(first_pts)
@@ -328,13 +332,13 @@ class _WindowDecoder:
         return float((pts - self.origin) * self.time_base)  # exact rational, then rounded once
 
     def _decode(self, *, check_overshoot: bool):
-        times, n = self.times, len(self.times)
+        last_pts, n = self.last_pts, len(self.last_pts)
         # Frames are converted as soon as they are chosen, once each (a slow or short video
         # repeats frames): holding decoded AVFrames while decoding on is not safe, since the
         # decoder may hand their buffers out again, and would cost memory at high resolutions.
         chosen: list[np.ndarray] = []
         previous_rgb = None
-        previous, previous_time = None, 0.0
+        previous, previous_pts = None, self.origin
         try:
             for packet in self.container.demux(self.stream):
                 self.packets += 1
@@ -343,22 +347,19 @@ class _WindowDecoder:
                     self.decoded += 1
                     self._check_work()
                     _check_resolution(frame.width, frame.height, self.name, "decoded")
-                    if frame.pts is not None:
-                        frame_time = self._seconds(frame.pts)
-                    else:
-                        frame_time = previous_time + float(self.frame_step)
-                    if previous is None and check_overshoot and frame_time > times[0] + _TIME_EPS:
+                    pts = frame.pts if frame.pts is not None else previous_pts + self.frame_step
+                    if previous is None and check_overshoot and pts > last_pts[0]:
                         return None
                     # Every sample time before this frame was showing the previous frame.
-                    while len(chosen) < n and frame_time > times[len(chosen)] + _TIME_EPS:
+                    while len(chosen) < n and pts > last_pts[len(chosen)]:
                         if previous is None:  # a sample before the first frame: show the first
-                            previous, previous_time, previous_rgb = frame, frame_time, None
+                            previous, previous_pts, previous_rgb = frame, pts, None
                         if previous_rgb is None:
                             previous_rgb = self.convert(previous)
                         chosen.append(previous_rgb)
                     if len(chosen) == n:
                         return chosen, np.full(n, np.inf)
-                    previous, previous_time, previous_rgb = frame, frame_time, None
+                    previous, previous_pts, previous_rgb = frame, pts, None
         except av.error.FFmpegError as error:
             if self.decoded == 0:
                 raise BadSample(ZERO_FRAMES, self.name, f"no frame decodes: {error}") from error
@@ -370,9 +371,9 @@ class _WindowDecoder:
             return None  # the seek went past the last frame that exists: retry from the start
         if previous is None:
             raise BadSample(ZERO_FRAMES, self.name, "no frame decodes")
-        self.last_time = previous_time
+        self.last_time = self._seconds(previous_pts)
         latest = np.full(n, np.inf)
-        latest[len(chosen):] = previous_time
+        latest[len(chosen):] = self.last_time
         if previous_rgb is None:
             previous_rgb = self.convert(previous)
         chosen.extend([previous_rgb] * (n - len(chosen)))
