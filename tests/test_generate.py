@@ -207,3 +207,14 @@ def test_cli_generate_with_video(tmp_path, capsys):
     x = torch.tensor([encode_prompt(tok, videoqa_prompt("which way?"))])
     new = generate(model, x, frames[None], max_new_tokens=5, eos_token_id=2)[0].tolist()
     assert with_video == tok.decode([i for i in new if i != 2], skip_special_tokens=True).strip()
+
+
+def test_generate_in_bfloat16(model):
+    m = VideoLlama(model.config).eval()
+    m.load_state_dict(model.state_dict())
+    m.to(torch.bfloat16)
+    assert m.decoder.new_kv_cache(1, 4)[0].k.dtype == torch.bfloat16
+    x, v = ids(), video()
+    got = generate(m, x, v, max_new_tokens=4)
+    # The first token comes from the prefill alone: it must equal the bf16 full forward's choice.
+    assert got.shape == (1, 4) and int(got[0, 0]) == int(m(x, v).logits[0, -1].argmax())

@@ -349,3 +349,16 @@ def test_closed_gates_equal_plain_image_vit_bitwise(model):
     v = video(b=2, f=3)
     assert torch.equal(model.vision(v), plain.vision(v))
     assert torch.equal(model.encode_video(v), plain.encode_video(v))
+
+
+@torch.no_grad()
+def test_bfloat16_forward_close_to_float32(model):
+    m = VideoLlama(model.config).eval()
+    m.load_state_dict(model.state_dict())
+    open_gates(m, temporal=True, cross=True, frame_diff=True)
+    x, v = ids(), video()
+    ref = m(x, v).logits
+    m.to(torch.bfloat16)
+    low = m(x, v).logits  # float32 video in: the encoder casts it to the weights' dtype
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
