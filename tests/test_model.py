@@ -362,3 +362,15 @@ def test_bfloat16_forward_close_to_float32(model):
     low = m(x, v).logits  # float32 video in: the encoder casts it to the weights' dtype
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
+
+
+@torch.no_grad()
+def test_right_padding_and_all_ones_mask(model):
+    x, v = ids(b=2, t=8), video()
+    plain = model(x, v).logits
+    assert torch.equal(model(x, v, attention_mask=torch.ones_like(x)).logits, plain)
+    # Right padding (training batches): real tokens never see the pads after them.
+    mask = torch.tensor([[1] * 5 + [0] * 3, [1] * 8])
+    padded = model(x, v, attention_mask=mask).logits
+    torch.testing.assert_close(padded[0, :5], plain[0, :5], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(padded).all()

@@ -170,7 +170,9 @@ class VideoLlama(nn.Module):
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}")
         latents = self.visual_context(input_ids, video, visual_latents)
         positions = positions_from_mask(attention_mask, input_ids)
-        logits = self.decode(input_ids, positions=positions, key_mask=attention_mask, media=latents)
+        # An all-ones mask changes nothing: drop it so attention takes the plain causal fast path.
+        key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        logits = self.decode(input_ids, positions=positions, key_mask=key_mask, media=latents)
         loss = lm_loss(logits, labels) if labels is not None else None
         return VideoLlamaOutput(logits=logits, loss=loss)
 
