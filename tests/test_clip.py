@@ -222,12 +222,28 @@ def test_times_count_from_the_first_frame_not_the_container_start(fmt):
     assert torch.equal(frames, SequentialReference(data).clip(timestamps, 48))
 
 
-@pytest.mark.parametrize(("width", "height", "size"), [(63, 47, 32), (47, 63, 32), (30, 18, 40)])
-def test_odd_sizes_and_upscaling(width, height, size):
-    data = encode_video(width=width, height=height, num_frames=30, codec="png")
+@pytest.mark.parametrize(("width", "height", "size", "codec"), [
+    (63, 47, 32, "png"), (47, 63, 32, "png"), (30, 18, 40, "png"),  # RGB frames: scale, then crop
+    (63, 47, 32, "ffv1"), (47, 63, 40, "ffv1"),  # odd 4:2:0 frames: the crop-then-scale path
+])
+def test_odd_sizes_and_upscaling(width, height, size, codec):
+    data = encode_video(width=width, height=height, num_frames=30, codec=codec)
     frames, timestamps = load_clip(data, size=size, num_frames=4, fps=10, normalize=False)
     assert frames.shape == (4, 3, size, size)
     assert torch.equal(frames, SequentialReference(data).clip(timestamps, size))
+
+
+def test_raw_h264_stream_without_timestamps_is_timed_by_frame_count():
+    # A raw H.264 elementary stream has no container, no pts, no duration: frame k is shown
+    # at k / 25 s. The same frames in mp4 (validated against the reference above) must match.
+    raw = encode_video(num_frames=200, fmt="h264")
+    with av.open(io.BytesIO(raw)) as container:
+        assert container.streams.video[0].start_time is None
+        assert next(container.decode(video=0)).pts is None
+    frames, timestamps = load_clip(raw, size=32, normalize=False)
+    np.testing.assert_allclose(timestamps.numpy(), expected_times(2.0), atol=1e-12)  # 8 s: centred
+    in_mp4 = load_clip(encode_video(num_frames=200, fmt="mp4"), size=32, normalize=False)
+    assert torch.equal(frames, in_mp4[0]) and torch.equal(timestamps, in_mp4[1])
 
 
 def test_bytes_and_path_give_the_same_clip(tmp_path):

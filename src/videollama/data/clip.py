@@ -132,13 +132,26 @@ def load_clip(
 
     container = _open(source, name)
     try:
-        stream = _video_stream(container, name)
-        stream.thread_type = "AUTO"
-        stream.codec_context.thread_count = threads
+        stream = _video_stream(container, name, threads)
         origin = stream.start_time  # pts of the first frame in presentation order
+        timeless = False
         if origin is None:
+            # Rare (raw elementary streams): find the first frame's pts by decoding it, then
+            # rewind by reopening, which works for every input. A stream whose frames carry no
+            # timestamps at all is timed by frame count at its nominal rate.
             origin = _first_pts(container, stream, name)
-        duration = _duration(container, stream, origin, name, max_decoded_frames)
+            timeless = origin is None
+            origin = origin or 0
+            container.close()
+            container = _open(source, name)
+            stream = _video_stream(container, name, threads)
+            if timeless and not stream.duration:
+                duration = _count_packets(container, stream, name, max_decoded_frames) / _nominal_rate(stream)
+                container.close()
+                container = _open(source, name)
+                stream = _video_stream(container, name, threads)
+        if not timeless or stream.duration:
+            duration = _duration(container, stream, origin, name, max_decoded_frames)
         if duration > MAX_DURATION_S:
             raise BadSample(ABSURD_DURATION, name, f"declared duration {duration:.0f} s exceeds {MAX_DURATION_S:.0f} s")
 
@@ -157,7 +170,7 @@ def load_clip(
         # ``VideoFrame.to_ndarray(width=...)`` does) costs about as much as the scaling itself.
         reformatter = VideoReformatter()
         decoder = _WindowDecoder(
-            container, stream, origin=origin, times=times, name=name,
+            container, stream, origin=origin, times=times, name=name, can_seek=not timeless,
             convert=lambda frame: resize_crop_frame(frame, size, crop_fraction=crop_fraction,
                                                     reformatter=reformatter),
             max_frames=max_decoded_frames, deadline=deadline,
@@ -206,14 +219,20 @@ def _open(source: Source, name: str) -> av.container.InputContainer:
         raise BadSample(INVALID_CONTAINER, name, f"FFmpeg cannot open it: {error}") from error
 
 
-def _video_stream(container: av.container.InputContainer, name: str) -> av.video.stream.VideoStream:
-    """The first video stream, after checking its declared frame size."""
+def _video_stream(container: av.container.InputContainer, name: str, threads: int) -> av.video.stream.VideoStream:
+    """The first video stream, after checking its declared frame size, set up to decode."""
     if not container.streams.video:
         kinds = ", ".join(s.type for s in container.streams) or "none"
         raise BadSample(NO_VIDEO_STREAM, name, f"no video stream (streams: {kinds})")
     stream = container.streams.video[0]
     _check_resolution(stream.codec_context.width, stream.codec_context.height, name, "declared")
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = threads
     return stream
+
+
+def _nominal_rate(stream) -> Fraction:
+    return Fraction(stream.average_rate or stream.guessed_rate or 25)
 
 
 def _check_resolution(width: int, height: int, name: str, what: str) -> None:
@@ -222,20 +241,27 @@ def _check_resolution(width: int, height: int, name: str, what: str) -> None:
                                                  f"{MAX_SIDE} per side or {MAX_PIXELS} pixels")
 
 
-def _first_pts(container, stream, name: str) -> int:
-    """The first frame's pts, for the rare streams that declare no start time."""
+def _first_pts(container, stream, name: str) -> int | None:
+    """The first frame's pts (None: it has none), for streams that declare no start time."""
     try:
         for frame in container.decode(stream):
-            if frame.pts is not None:
-                pts = frame.pts
-                break
-        else:
-            raise BadSample(ZERO_FRAMES, name, "no frame decodes")
-        container.seek(pts, stream=stream, backward=True)
-        stream.codec_context.flush_buffers()
+            return frame.pts
     except av.error.FFmpegError as error:
         raise BadSample(ZERO_FRAMES, name, f"no frame decodes: {error}") from error
-    return pts
+    raise BadSample(ZERO_FRAMES, name, "no frame decodes")
+
+
+def _count_packets(container, stream, name: str, max_packets: int) -> int:
+    """Video packets of a freshly opened container (frames, for a stream without timestamps)."""
+    count = 0
+    try:
+        for packet in container.demux(stream):
+            count += 1 if packet.size else 0
+            if count > max_packets:
+                raise BadSample(TIMEOUT, name, f"more than {max_packets} packets while counting frames")
+    except av.error.FFmpegError as error:
+        raise BadSample(INVALID_CONTAINER, name, f"cannot read packets: {error}") from error
+    return count
 
 
 def _duration(container, stream, origin: int, name: str, max_packets: int) -> float:
@@ -289,16 +315,15 @@ def _uniform(generator: torch.Generator | random.Random | None) -> float:
 class _WindowDecoder:
     """Seek to the keyframe before the window, decode forward, keep the frame shown at each time."""
 
-    def __init__(self, container, stream, *, origin: int, times: np.ndarray, name: str,
+    def __init__(self, container, stream, *, origin: int, times: np.ndarray, name: str, can_seek: bool,
                  convert: Callable[[av.VideoFrame], np.ndarray], max_frames: int, deadline: float | None):
         self.container, self.stream, self.origin = container, stream, origin
-        self.convert = convert
+        self.convert, self.can_seek = convert, can_seek
         self.times, self.name = times, name
         self.max_frames, self.deadline = max_frames, deadline
         self.time_base = stream.time_base
-        rate = stream.average_rate or stream.guessed_rate or 25
         # In time-base units; only to date a frame that has no pts.
-        self.frame_step = max(1, round(1 / (Fraction(rate) * self.time_base)))
+        self.frame_step = max(1, round(1 / (_nominal_rate(stream) * self.time_base)))
         # Sample time t shows the last frame with (pts - origin) * time_base <= t: as an
         # integer bound per sample, so that the per-frame test is one integer comparison.
         self.last_pts = [self.origin + math.floor(Fraction(t + _TIME_EPS) / self.time_base) for t in times]
@@ -311,7 +336,7 @@ class _WindowDecoder:
         """Returns the converted frame chosen for each sample time, and for each sample the latest time it
         may claim: infinity, or for samples past the end of the video, the last frame's time."""
         first_pts = self.last_pts[0]
-        seeked = first_pts > self.origin
+        seeked = first_pts > self.origin and self.can_seek
         if seeked:
             self._seek(first_pts)
         result = self._decode(check_overshoot=seeked)
@@ -339,7 +364,7 @@ class _WindowDecoder:
         # decoder may hand their buffers out again, and would cost memory at high resolutions.
         chosen: list[np.ndarray] = []
         previous_rgb = None
-        previous, previous_pts = None, self.origin
+        previous, previous_pts = None, None
         try:
             for packet in self.container.demux(self.stream):
                 self.packets += 1
@@ -348,7 +373,10 @@ class _WindowDecoder:
                     self.decoded += 1
                     self._check_work()
                     _check_resolution(frame.width, frame.height, self.name, "decoded")
-                    pts = frame.pts if frame.pts is not None else previous_pts + self.frame_step
+                    if frame.pts is not None:
+                        pts = frame.pts
+                    else:  # no timestamp: one nominal frame interval after the previous frame
+                        pts = self.origin if previous_pts is None else previous_pts + self.frame_step
                     if previous is None and check_overshoot and pts > last_pts[0]:
                         return None
                     # Every sample time before this frame was showing the previous frame.
