@@ -148,7 +148,7 @@ def test_nan_on_one_rank_skips_the_step_everywhere(recipe: Path, tmp_path: Path)
     run = tmp_path / "nan"
     # Rank 1's loss is NaN at step 3; checkpoints after steps 3 and 4 hold the weights before
     # and after the poisoned step.
-    run_ok(train_cmd(recipe, run, "max_steps=6", "guards.inject_nan_steps=[3]", "guards.inject_nan_rank=1",
+    run_ok(train_cmd(recipe, run, "max_steps=6", "guards.inject_nan_steps=[3]", "guards.inject_rank=1",
                      "checkpoint.every=1", "checkpoint.keep=10", nproc=2), timeout=180)
     recs = {r["step"]: r for r in records(run)}
     assert sorted(recs) == list(range(6))
@@ -187,6 +187,18 @@ def test_two_simulated_nodes_train_with_hybrid_sharding(recipe: Path, tmp_path: 
     a, b = losses(one), losses(hsdp)
     for step in range(6):
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+@pytest.mark.slow
+def test_a_late_rank_is_named(recipe: Path, tmp_path: Path):
+    run = tmp_path / "hang"
+    cmd = train_cmd(recipe, run, "max_steps=4", "guards.barrier_every=1", "guards.timeout_s=4",
+                    "guards.inject_rank=1", "guards.inject_hang_steps=[2]", "guards.inject_hang_s=12", nproc=2)
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "ranks did not reach step 2 (after loading its batches) within 4 s" in p.stderr, p.stderr[-3000:]
+    assert "Rank 1" in p.stderr  # gloo's monitored barrier names the missing rank
+    assert [r["step"] for r in records(run)] == [0, 1]
 
 
 def test_sigterm_writes_a_checkpoint_and_rerun_continues(recipe: Path, tmp_path: Path):

@@ -95,6 +95,23 @@ def test_activation_checkpointing_on_every_block_type_changes_nothing(tmp_path: 
     assert all(abs(a[s] - b[s]) < 1e-6 for s in range(3)), (a, b)
 
 
+def test_meta_device_init_matches_the_constructors_init(tmp_path: Path):
+    """parallel.meta_init (the GPU default): build on meta, shard, allocate, initialise."""
+    run = tmp_path / "meta"
+    summary = train(small_cfg(max_steps=1, optimizer={"lr": 1e-12}, parallel={"meta_init": True}), run)
+    assert summary["steps"] == 1
+    w = dcp_model_tensors(ckpt.latest_checkpoint(run))  # after one step at LR 1e-12: the init
+    gates = [k for k in w if k.rsplit(".", 1)[-1] in ("gate", "attn_gate", "ff_gate")]
+    # (Adam moves every parameter by about the LR, 1e-12, whatever its gradient.)
+    assert gates and all(float(w[k].abs().max()) < 1e-9 for k in gates)
+    norms = [k for k in w if k.endswith("norm.weight") or "layer_norm" in k and k.endswith("weight")]
+    assert norms and all(torch.allclose(w[k], torch.ones_like(w[k]), atol=1e-9) for k in norms)
+    for k in ("decoder.layers.0.self_attn.q_proj.weight", "decoder.embed_tokens.weight", "resampler.latents",
+              "vision.embeddings.class_embedding", "vision.temporal_embedding", "lm_head.weight"):
+        assert abs(float(w[k].std()) - 0.02) < 0.004, (k, float(w[k].std()))
+    assert torch.count_nonzero(w["decoder.layers.0.self_attn.q_proj.weight"]) > 0
+
+
 def test_weight_decay_skips_norms_biases_gates_and_embeddings():
     from videollama.config import VideoLlamaConfig
     from videollama.model.videollama import VideoLlama

@@ -102,8 +102,12 @@ def monitored_barrier(env: DistEnv, timeout_s: float, where: str) -> None:
 # ---- model ---------------------------------------------------------------------------------------
 
 
-def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, VideoLlamaConfig]:
-    """The single-device model, on CPU, identical on every rank (same seed or same weights)."""
+def build_model(cfg: TrainConfig, *, meta: bool = False) -> tuple[torch.nn.Module, VideoLlamaConfig]:
+    """The single-device model, identical on every rank (same seed or same weights).
+
+    ``meta``: parameters on the meta device (no memory, no values); :func:`materialize`
+    allocates and initialises them after sharding.
+    """
     from videollama.model.videollama import VideoLlama
 
     if cfg.model.init_from:
@@ -114,8 +118,48 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, VideoLlamaConfig]:
     model_cfg = VideoLlamaConfig.from_name(cfg.model.preset)
     if cfg.model.overrides:
         model_cfg = replace(model_cfg, cfg.model.overrides)
+    if meta:
+        if model_cfg.decoder.tie_word_embeddings:
+            raise ValueError("parallel.meta_init does not support tie_word_embeddings; set it to false")
+        with torch.device("meta"):
+            return VideoLlama(model_cfg), model_cfg
     torch.manual_seed(cfg.seed)
     return VideoLlama(model_cfg), model_cfg
+
+
+# Parameters that VideoLlama's constructors initialise themselves (not by module type in
+# VideoLlama._init_weights): tanh gates start at exactly 0, learned embeddings at N(0, 0.02).
+_ZERO_INIT = ("gate", "attn_gate", "ff_gate")
+_NORMAL_INIT = ("latents", "time_embedding", "class_embedding", "temporal_embedding")
+_TYPE_INIT = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding, torch.nn.LayerNorm)
+
+
+def check_meta_init_covers(model: torch.nn.Module) -> None:
+    """Raise unless :func:`materialize` knows how to initialise every parameter of ``model``."""
+    from videollama.model.decoder import RMSNorm
+
+    covered = {id(p) for m in model.modules() if isinstance(m, (*_TYPE_INIT, RMSNorm))
+               for p in m.parameters(recurse=False)}
+    for name, p in model.named_parameters():
+        if id(p) not in covered and name.rsplit(".", 1)[-1] not in _ZERO_INIT + _NORMAL_INIT:
+            raise ValueError(f"meta-device init does not know how to initialise {name}; "
+                             "set parallel.meta_init=false")
+
+
+def materialize(model: torch.nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate a meta-built (and already sharded) model on ``device`` and initialise it as
+    VideoLlama's constructor does: its ``_init_weights`` per module, plus the table above."""
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            model._init_weights(module)
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in _ZERO_INIT:
+                p.zero_()
+            elif leaf in _NORMAL_INIT:
+                torch.nn.init.normal_(p, std=0.02)
 
 
 def part_of(name: str) -> str:
@@ -324,7 +368,12 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
 
-    model, model_cfg = build_model(cfg)
+    meta = cfg.parallel.meta_init
+    if meta is None:
+        meta = env.device.type == "cuda" and not cfg.model.init_from
+    model, model_cfg = build_model(cfg, meta=meta)
+    if meta:
+        check_meta_init_covers(model)
     frozen = freeze(model, cfg.freeze)
     n_params = sum(p.numel() for p in model.parameters())
     tokenizer_path = resolve_tokenizer(cfg)
@@ -336,9 +385,12 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
             shutil.copyfile(tokenizer_path, run_dir / "tokenizer.json")
 
     mesh = build_mesh(env.device.type, world, env.local_world_size)
-    model.to(env.device)
+    if not meta:
+        model.to(env.device)
     parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
                 compile=cfg.parallel.compile, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward)
+    if meta:
+        materialize(model, env.device, cfg.seed)
     # After fully_shard: it replaces every parameter by a sharded DTensor parameter.
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = param_groups(model, cfg.optimizer.weight_decay)
@@ -379,6 +431,12 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
         while step < cfg.max_steps:
             t0, c0 = time.perf_counter(), time.process_time()
             micro_batches = [_next_batch(data_iter, cfg) for _ in range(accum)]
+            if step in cfg.guards.inject_hang_steps and rank == cfg.guards.inject_rank:
+                time.sleep(cfg.guards.inject_hang_s)  # test hook: this rank is late
+            if cfg.guards.barrier_every and step % cfg.guards.barrier_every == 0:
+                # Every rank has its batches: a rank stuck in data loading (or dead) is named here
+                # instead of leaving the others blocked in an anonymous all-reduce.
+                monitored_barrier(env, cfg.guards.timeout_s, f"step {step} (after loading its batches)")
             local_label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
             label_tokens = _all_reduce([local_label_tokens], env)[0]
             if label_tokens == 0:
@@ -390,7 +448,7 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
                 # Reduce-scatter gradients once per step, on the last micro-batch only.
                 model.set_requires_gradient_sync(m == accum - 1)
                 summed = _micro_step(model, batch, env.device)
-                if step in cfg.guards.inject_nan_steps and rank == cfg.guards.inject_nan_rank:
+                if step in cfg.guards.inject_nan_steps and rank == cfg.guards.inject_rank:
                     summed = summed * float("nan")  # test hook: a poisoned batch on one rank
                 # FSDP averages gradients over ranks; the x world undoes that, so the gradient
                 # is the sum over every token of the global batch divided by its token count.
@@ -442,8 +500,6 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
             if bad_in_row >= cfg.guards.max_bad_steps:
                 raise TrainingStopped(f"{bad_in_row} non-finite steps in a row (last at step {step - 1}); "
                                       "weights are unchanged since the last good step")
-            if cfg.guards.barrier_every and step % cfg.guards.barrier_every == 0:
-                monitored_barrier(env, cfg.guards.timeout_s, f"the end of step {step - 1}")
             stop = totals[4] > 0
             due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
             at_end = step == cfg.max_steps and cfg.checkpoint.at_end

@@ -77,6 +77,9 @@ class ParallelSection:
     activation_checkpointing: list[str] = field(default_factory=list)  # names from BLOCK_TYPES
     compile: bool = False
     reshard_after_forward: bool = True
+    # Build on the meta device, shard, then allocate only this rank's shards and initialise
+    # them (a 13B model never exists whole in any process). null: on for GPU runs from a preset.
+    meta_init: bool | None = None
 
 
 @dataclass
@@ -94,10 +97,13 @@ class GuardSection:
     spike_factor: float = 3.0  # a loss above factor x the recent mean is logged as a spike
     spike_window: int = 20
     timeout_s: float = 1800.0  # collective timeout; a monitored barrier names the late rank
-    barrier_every: int = 100  # steps between monitored barriers (0: only at checkpoints)
-    # Test hooks: make this rank's loss NaN at these steps (a bad batch on one rank).
+    barrier_every: int = 100  # a monitored barrier every k steps, after data loading (0: only at checkpoints)
+    # Test hooks, on rank `inject_rank` only: a NaN loss at these steps (a poisoned batch), and
+    # a sleep of `inject_hang_s` before these steps' first collective (a stuck data loader).
+    inject_rank: int = 0
     inject_nan_steps: list[int] = field(default_factory=list)
-    inject_nan_rank: int = 0
+    inject_hang_steps: list[int] = field(default_factory=list)
+    inject_hang_s: float = 0.0
 
 
 @dataclass
