@@ -130,28 +130,8 @@ def load_clip(
         name = f"<{len(source)} bytes>" if isinstance(source, bytes | bytearray | memoryview) else str(source)
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
 
-    container = _open(source, name)
+    container, stream, origin, duration, timeless = _open_and_time(source, name, threads, max_decoded_frames)
     try:
-        stream = _video_stream(container, name, threads)
-        origin = stream.start_time  # pts of the first frame in presentation order
-        timeless = False
-        if origin is None:
-            # Rare (raw elementary streams): find the first frame's pts by decoding it, then
-            # rewind by reopening, which works for every input. A stream whose frames carry no
-            # timestamps at all is timed by frame count at its nominal rate.
-            origin = _first_pts(container, stream, name)
-            timeless = origin is None
-            origin = origin or 0
-            container.close()
-            container = _open(source, name)
-            stream = _video_stream(container, name, threads)
-            if timeless and not stream.duration:
-                duration = _count_packets(container, stream, name, max_decoded_frames) / _nominal_rate(stream)
-                container.close()
-                container = _open(source, name)
-                stream = _video_stream(container, name, threads)
-        if not timeless or stream.duration:
-            duration = _duration(container, stream, origin, name, max_decoded_frames)
         if duration > MAX_DURATION_S:
             raise BadSample(ABSURD_DURATION, name, f"declared duration {duration:.0f} s exceeds {MAX_DURATION_S:.0f} s")
 
@@ -200,6 +180,39 @@ def load_clip(
         frames.div_(255.0)
     timestamps = torch.from_numpy(np.minimum(times, latest))
     return frames, timestamps
+
+
+def _open_and_time(source: Source, name: str, threads: int, max_packets: int):
+    """Open the video and find its time origin and duration.
+
+    Returns ``(container, stream, origin, duration, timeless)``: ``origin`` is the pts of the
+    first frame in presentation order, ``duration`` the seconds from it to the end of the last
+    frame, and ``timeless`` says that the frames carry no timestamps at all (raw elementary
+    streams), so that they are timed by frame count at the stream's nominal rate.
+    """
+    container = _open(source, name)
+    try:
+        stream = _video_stream(container, name, threads)
+        if stream.start_time is not None:
+            origin = stream.start_time
+            return container, stream, origin, _duration(container, stream, origin, name, max_packets), False
+        # No declared start: decode the first frame to find its pts, then rewind by reopening,
+        # which works for every input (raw streams cannot seek).
+        origin = _first_pts(container, stream, name)
+        container.close()
+        container = _open(source, name)
+        stream = _video_stream(container, name, threads)
+        if origin is not None:
+            return container, stream, origin, _duration(container, stream, origin, name, max_packets), False
+        if stream.duration:
+            return container, stream, 0, float(stream.duration * stream.time_base), True
+        duration = _count_packets(container, stream, name, max_packets) / _nominal_rate(stream)
+        container.close()
+        container = _open(source, name)
+        return container, _video_stream(container, name, threads), 0, float(duration), True
+    except BaseException:
+        container.close()
+        raise
 
 
 def _open(source: Source, name: str) -> av.container.InputContainer:
