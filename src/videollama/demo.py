@@ -24,6 +24,8 @@ clips/s) and ``runs/demo/*-curves.png``, and prints a short summary. The targets
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -56,6 +58,8 @@ class DemoSettings:
     nproc: int = 1  # training processes (torchrun when > 1)
     eval_batch_size: int = 32
     caption_eval: bool = True
+    train_overrides: tuple[str, ...] = ()  # recipe overrides for both training stages, e.g. micro_batch=4
+    in_process: bool = False  # run the stages in this interpreter (tests), not as subprocesses
 
 
 class Stage:
@@ -76,25 +80,36 @@ class Stage:
             print(f"--- {self.title}: {self.timings[self.name]:.1f} s", flush=True)
 
 
-def videollama(*args: str, capture: bool = False, nproc: int = 1) -> str:
+def videollama(*args: str, capture: bool = False, nproc: int = 1, in_process: bool = False) -> str:
     """Run one ``videollama`` subcommand as a subprocess (progress bars pass straight through).
 
     Raises RuntimeError naming the command when it fails. With ``capture`` returns its stdout.
+    ``in_process`` calls the same entry point in this interpreter instead (the tests use it
+    to save a Python and torch start-up per stage); ``nproc > 1`` runs it under torchrun.
     """
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "videollama.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "videollama.cli", *args]
     print("$ videollama " + " ".join(args), flush=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(cmd, stdout=subprocess.PIPE if capture else None, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"`videollama {' '.join(args)}` failed with exit code {result.returncode}")
+    if in_process:
+        if nproc > 1:
+            raise ValueError("in_process runs one training process; use a subprocess for nproc > 1")
+        from videollama.cli import main
+
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer) if capture else contextlib.nullcontext():
+            code = main(list(args))
+        output = buffer.getvalue()
+    else:
+        cli = ["-m", "videollama.cli", *args]
+        if nproc > 1:
+            cli = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cli]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        result = subprocess.run([sys.executable, *cli], stdout=subprocess.PIPE if capture else None, text=True,
+                                env=env)
+        code, output = result.returncode, result.stdout or ""
+    if code != 0:
+        raise RuntimeError(f"`videollama {' '.join(args)}` failed with exit code {code}")
     if capture:
-        print(result.stdout, end="", flush=True)
-        return result.stdout
-    return ""
+        print(output, end="", flush=True)
+    return output
 
 
 # ---- stages ------------------------------------------------------------------------------------
@@ -117,7 +132,7 @@ def make_corpus(s: DemoSettings) -> bool:
         shutil.rmtree(data / part, ignore_errors=True)
     stamp.unlink(missing_ok=True)
     videollama("data", "synth", "--out", str(data), "--train", str(s.train_clips), "--eval", str(s.eval_clips),
-               "--seed", str(s.seed), "--workers", str(s.synth_workers))
+               "--seed", str(s.seed), "--workers", str(s.synth_workers), in_process=s.in_process)
     stamp.write_text(json.dumps(wanted) + "\n")
     return True
 
@@ -130,8 +145,8 @@ def train_and_export(s: DemoSettings, config: str, run_dir: Path, model_dir: Pat
     args = ["train", "--config", config, "--run-dir", str(run_dir), "--data", str(Path(s.data) / "train")]
     if steps is not None:
         args += ["--max-steps", str(steps)]
-    videollama(*args, *overrides, nproc=s.nproc)
-    videollama("export", str(run_dir), "--out", str(model_dir))
+    videollama(*args, *overrides, *s.train_overrides, nproc=s.nproc, in_process=s.in_process)
+    videollama("export", str(run_dir), "--out", str(model_dir), in_process=s.in_process)
 
 
 def evaluate(s: DemoSettings, model_dir: Path, task: str, out: Path, frames: int | None = None) -> dict:
@@ -140,7 +155,7 @@ def evaluate(s: DemoSettings, model_dir: Path, task: str, out: Path, frames: int
             "--batch-size", str(s.eval_batch_size), "--no-meteor"]
     if frames is not None:
         args += ["--frames", str(frames)]
-    videollama(*args, capture=True)
+    videollama(*args, capture=True, in_process=s.in_process)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -196,7 +211,7 @@ def run_demo(s: DemoSettings) -> dict:
         make_corpus(s)
     with Stage(timings, "tokenizer", "tokenizer: byte-level BPE on the training texts"):
         videollama("tokenizer", "train", "--data", str(data / "train"), "--vocab-size", str(s.vocab_size),
-                   "--out", str(data))
+                   "--out", str(data), in_process=s.in_process)
     tokenizer = f"tokenizer={data / 'tokenizer.json'}"
     with Stage(timings, "pretrain", "pre-train on captions"):
         train_and_export(s, s.pretrain_config, out / "pretrain", out / "pretrain-model", s.pretrain_steps,
@@ -216,13 +231,13 @@ def run_demo(s: DemoSettings) -> dict:
             caption = evaluate(s, out / "pretrain-model", "caption", out / "eval-caption")
     with Stage(timings, "plot", "training curves"):
         for name in ("pretrain", "finetune"):
-            videollama("plot", str(out / name), "--out", str(out / f"{name}-curves.png"))
+            videollama("plot", str(out / name), "--out", str(out / f"{name}-curves.png"), in_process=s.in_process)
     examples = []
     with Stage(timings, "generate", "two held-out questions, answered by `videollama generate`"):
         for row in example_questions(s):
             video = data / "eval" / row["video"]
             answer = videollama("generate", "--model", str(model), "--template", "videoqa", "--prompt",
-                                row["question"], "--video", str(video), capture=True).strip()
+                                row["question"], "--video", str(video), capture=True, in_process=s.in_process).strip()
             examples.append({"video": str(video), "question": row["question"], "answer": answer,
                              "reference": row["answer"], "kind": row["kind"]})
     timings["total"] = round(time.perf_counter() - t0, 1)
