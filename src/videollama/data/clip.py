@@ -332,7 +332,7 @@ class _WindowDecoder:
                  convert: Callable[[av.VideoFrame], np.ndarray], max_frames: int, deadline: float | None):
         self.container, self.stream, self.origin = container, stream, origin
         self.convert, self.can_seek = convert, can_seek
-        self.times, self.name = times, name
+        self.name = name
         self.max_frames, self.deadline = max_frames, deadline
         self.time_base = stream.time_base
         # In time-base units; only to date a frame that has no pts.
@@ -372,6 +372,7 @@ class _WindowDecoder:
 
     def _decode(self, *, check_overshoot: bool):
         last_pts, n = self.last_pts, len(self.last_pts)
+        self.reached_end = False
         # Frames are converted as soon as they are chosen, once each (a slow or short video
         # repeats frames): holding decoded AVFrames while decoding on is not safe, since the
         # decoder may hand their buffers out again, and would cost memory at high resolutions.
