@@ -65,6 +65,7 @@ def encode_video(
             stream = out.add_stream(codec, rate=rate)
             stream.width, stream.height = width, height
             stream.pix_fmt = "rgb24" if codec == "png" else "yuv420p"
+            stream.codec_context.thread_count = 1  # threaded x264 output differs from run to run
             if time_base is not None:
                 stream.time_base = stream.codec_context.time_base = Fraction(*time_base)
             if gop is not None:
