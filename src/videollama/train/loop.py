@@ -442,7 +442,7 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
             if label_tokens == 0:
                 raise TrainingStopped(f"step {step}: the global batch has no label tokens (all -100)")
 
-            loss_sum = torch.zeros((), dtype=torch.float32)
+            loss_sum = torch.zeros((), dtype=torch.float32, device=env.device)  # no GPU sync per micro-batch
             input_tokens = clips = 0
             for m, batch in enumerate(micro_batches):
                 # Reduce-scatter gradients once per step, on the last micro-batch only.
@@ -453,7 +453,7 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
                 # FSDP averages gradients over ranks; the x world undoes that, so the gradient
                 # is the sum over every token of the global batch divided by its token count.
                 (summed * (world / label_tokens)).backward()
-                loss_sum += summed.detach().float().cpu()
+                loss_sum += summed.detach().float()
                 input_tokens += batch["input_ids"].numel()
                 clips += batch["input_ids"].shape[0]
 
