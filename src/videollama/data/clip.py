@@ -6,7 +6,9 @@ training, evaluation and serving (through the preprocessing spec stored with eve
 What "the frame at time t" means here:
     * times are seconds from the video stream's first frame (its ``start_time``), whatever
       the container's own start time, and come from ``pts * time_base``, never from a frame
-      index, so variable-frame-rate video is sampled by when frames are really shown;
+      index, so variable-frame-rate video is sampled by when frames are really shown (only a
+      stream with no timestamps at all, e.g. raw H.264, is timed by frame count at its
+      nominal rate);
     * the frame at time ``t`` is the frame on screen at ``t``: the last frame whose
       presentation time is ``<= t`` (with 1 us of slack for the float rounding of
       ``start + i / fps``);
@@ -29,7 +31,9 @@ matrix) is applied last, in multiples of 90 degrees; flips in the matrix are ign
 Work is bounded: declared sizes and durations are checked before decoding, the decoder starts
 at the keyframe before the window and stops at the first frame past it, and a cap on decoded
 frames/packets and a wall-clock budget turn a pathological file into ``BadSample(TIMEOUT)``.
-Every unusable input raises ``BadSample`` with one of the reason codes of ``errors.py``.
+Every unusable input raises ``BadSample`` with one of the reason codes of ``errors.py``: an
+FFmpeg error before any frame decodes is ZERO_FRAMES, after one is DECODE_ERROR, and so is a
+stream that ends well before its declared duration inside the window (a truncated file).
 """
 
 from __future__ import annotations
