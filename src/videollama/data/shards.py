@@ -14,7 +14,8 @@ The reader is a visible list of named stages, one function each::
     group_members      consecutive KEY.* members -> one SampleRef (or a known-bad one)
     shuffle_refs       a bounded shuffle buffer over SampleRefs, from (seed, epoch, rank)
     split_by_worker    worker w of W takes indices start+w, start+w+W, ... of the rank's sequence
-    decode_sample      read the bytes, parse JSON, load_clip -> Sample, or Skip(reason)
+    decode_sample      read the bytes, parse JSON, load_clip -> Sample, or Skip(reason);
+                       with a clip cache: decode each video once, then draw windows from the cache
     tokenize_sample    make_example + encode_example -> input_ids, labels
     collate            stack video, pad text right with pad_id (labels -100 on pads)
 
@@ -585,9 +586,14 @@ def sample_seed(seed: int, epoch: int, source: str, key: str) -> int:
 
 
 def decode_sample(
-    index: int, ref: SampleRef, *, preprocess: PreprocessConfig, train: bool, seed: int, epoch: int
+    index: int, ref: SampleRef, *, preprocess: PreprocessConfig, train: bool, seed: int, epoch: int,
+    cache_dir: str | None = None,
 ) -> Sample | Skip:
-    """Stage 8. Read the sample's bytes, parse its JSON and decode the clip; never raises for bad data."""
+    """Stage 8. Read the sample's bytes, parse its JSON and decode the clip; never raises for bad data.
+
+    With ``cache_dir`` the clip comes from :func:`cached_clip` (decoded once, windows drawn from
+    the cache) instead of a fresh ``load_clip``.
+    """
     from videollama.data.clip import load_clip
 
     if ref.error is not None:
@@ -607,12 +613,18 @@ def decode_sample(
                 raise BadSample(errors.TRUNCATED_TAR, ref.source, f"cannot read {ref.key}: {e}") from e
             meta = _parse_meta(meta_bytes, f"{ref.source}:{ref.key}.json")
         generator = torch.Generator().manual_seed(sample_seed(seed, epoch, ref.source, ref.key))
+        name = f"{ref.source}:{ref.key}" if ref.video_path is None else ref.video_path
         try:
-            frames, timestamps = load_clip(
-                video_source, num_frames=preprocess.num_frames, fps=preprocess.fps, size=preprocess.size,
-                train=train, mean=preprocess.mean, std=preprocess.std, generator=generator,
-                name=f"{ref.source}:{ref.key}" if ref.video_path is None else ref.video_path,
-            )
+            if cache_dir is not None:
+                frames, timestamps = cached_clip(
+                    video_source, cache_dir=cache_dir, identity=(ref.video_path or ref.source, ref.key),
+                    preprocess=preprocess, train=train, generator=generator, name=name,
+                )
+            else:
+                frames, timestamps = load_clip(
+                    video_source, num_frames=preprocess.num_frames, fps=preprocess.fps, size=preprocess.size,
+                    train=train, mean=preprocess.mean, std=preprocess.std, generator=generator, name=name,
+                )
         except BadSample:
             raise
         except Exception as e:  # FFmpeg failures load_clip did not classify still must not end the epoch
@@ -620,6 +632,72 @@ def decode_sample(
     except BadSample as e:
         return Skip(index, ref.key, ref.source, e.reason, str(e))
     return Sample(index, ref.key, ref.source, meta, frames, torch.as_tensor(timestamps, dtype=torch.float64))
+
+
+# Most grid frames one video keeps in the cache: four windows' worth (a 4 s window of a 16 s clip).
+CACHE_MAX_WINDOWS = 4
+
+
+def cached_clip(
+    video_source: str | bytes, *, cache_dir: str, identity: tuple[str, str], preprocess: PreprocessConfig,
+    train: bool, generator: torch.Generator, name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 8 with a clip cache: the clip ``load_clip`` would give, minus the decoding after the first time.
+
+    Decoding H.264 costs a tiny model about as much CPU as training on the clip, and every epoch
+    decodes every clip again. Here each video is decoded once onto the time grid ``k / fps``
+    (``k = 0 .. G-1``, ``G`` covering the video up to ``CACHE_MAX_WINDOWS`` windows, centred in a
+    longer video), centre-cropped, and kept as uint8 in ``cache_dir`` (one ``.npz`` per video,
+    keyed by its file, size, mtime, sample key and the preprocessing spec). A training window
+    starts at a grid point drawn from ``generator``; evaluation takes the centre one. Compared
+    with ``load_clip(train=True)`` the window start is drawn from the grid rather than from a
+    continuum, and there is no random crop. Returns ``(frames [F, 3, S, S] float32 normalised,
+    timestamps [F] float64)``; raises ``BadSample`` as ``load_clip`` does.
+    """
+    import av
+    import numpy as np
+
+    from videollama.data.clip import load_clip
+
+    source, key = identity
+    stat = os.stat(source)
+    pre = preprocess
+    ident = f"{os.path.abspath(source)}|{stat.st_size}|{stat.st_mtime_ns}|{key}|{pre.size}|{pre.fps}"
+    path = Path(cache_dir) / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            pixels, grid_times = stored["pixels"], stored["timestamps"]  # [G, 3, S, S] uint8, [G]
+    except (OSError, ValueError, KeyError):  # not cached yet (or a damaged entry: decode again)
+        try:
+            with av.open(io.BytesIO(video_source) if isinstance(video_source, bytes) else video_source) as c:
+                stream = c.streams.video[0]
+                duration = (float(stream.duration * stream.time_base) if stream.duration is not None
+                            else (c.duration or 0) / 1e6)
+        except Exception:  # noqa: BLE001 - load_clip below names what is wrong with the file
+            duration = 0.0
+        grid = int(duration * pre.fps + 1e-6)
+        grid = min(max(grid, pre.num_frames), CACHE_MAX_WINDOWS * pre.num_frames)
+        first = max(0.0, (duration - grid / pre.fps) / 2)  # centre the grid in a longer video
+        first = round(first * pre.fps) / pre.fps  # ... on the grid, so evaluation's centre is a grid point
+        frames, grid_times = load_clip(video_source, num_frames=grid, fps=pre.fps, size=pre.size, start=first,
+                                       train=False, normalize=False, name=name)
+        pixels = (frames * 255.0).round_().to(torch.uint8).numpy()
+        grid_times = grid_times.numpy()
+        os.makedirs(cache_dir, exist_ok=True)
+        # Written under a temporary name and renamed: a concurrent reader never sees half a file.
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, pixels=pixels, timestamps=grid_times)
+        os.replace(tmp, path)
+    starts = len(pixels) - pre.num_frames  # the last grid index a window may start at
+    if train:
+        start = int(torch.randint(0, starts + 1, (1,), generator=generator))
+    else:
+        start = starts // 2
+    window = torch.from_numpy(pixels[start:start + pre.num_frames].astype(np.float32))  # [F, 3, S, S]
+    std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
+    window.mul_(1.0 / (255.0 * std)).sub_(mean / std)  # (x / 255 - mean) / std, as load_clip does
+    return window, torch.from_numpy(np.asarray(grid_times[start:start + pre.num_frames], dtype=np.float64))
 
 
 def _read_member(f, where: tuple[int, int]) -> bytes:
@@ -704,6 +782,7 @@ class _Plan:
     tokenizer: Any = None
     task: str = "caption"
     max_len: int = 0
+    cache_dir: str | None = None
 
 
 class _EpochStream(IterableDataset):
@@ -721,7 +800,8 @@ class _EpochStream(IterableDataset):
             shuffle_buffer=p.shuffle_buffer, video_root=p.video_root,
         )
         for index, ref in split_by_worker(refs, start=self.start, worker_id=worker_id, num_workers=num_workers):
-            item = decode_sample(index, ref, preprocess=p.preprocess, train=p.train, seed=p.seed, epoch=self.epoch)
+            item = decode_sample(index, ref, preprocess=p.preprocess, train=p.train, seed=p.seed, epoch=self.epoch,
+                                 cache_dir=p.cache_dir)
             if p.tokenizer is not None:
                 item = tokenize_sample(
                     item, tokenizer=p.tokenizer, task=p.task, max_len=p.max_len, seed=p.seed, epoch=self.epoch
@@ -813,7 +893,8 @@ class VideoTextLoader:
     from ``(seed, epoch)``. Iteration continues from the current position, so
     ``load_state_dict`` then ``iter`` resumes exactly. Bad samples are skipped and counted in
     ``skipped``; ``SkipBudgetExceeded`` is raised once more than ``skip_budget`` of at least
-    ``skip_budget_min_samples`` seen samples were unusable.
+    ``skip_budget_min_samples`` seen samples were unusable. ``cache_dir``: decode each video once
+    and draw later windows from a uint8 cache there (see :func:`cached_clip`).
     """
 
     def __init__(
@@ -838,6 +919,7 @@ class VideoTextLoader:
         pad_id: int | None = None,
         drop_last: bool = False,
         worker_timeout_s: float = 600.0,
+        cache_dir: str | None = None,
     ):
         if task not in ("caption", "videoqa"):
             raise ValueError(f"task must be 'caption' or 'videoqa', not {task!r}")
@@ -850,7 +932,7 @@ class VideoTextLoader:
         self.plan = _Plan(
             units=self.units, preprocess=preprocess, seed=seed, rank=rank, world_size=world_size, train=train,
             shuffle_buffer=shuffle_buffer, video_root=video_root, tokenizer=tokenizer, task=task,
-            max_len=max_len,
+            max_len=max_len, cache_dir=None if cache_dir is None else str(cache_dir),
         )
         self.batch_size, self.num_workers, self.epochs = batch_size, num_workers, epochs
         self.pad_id, self.drop_last, self.worker_timeout_s = pad_id, drop_last, worker_timeout_s
