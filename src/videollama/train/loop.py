@@ -254,7 +254,7 @@ def build_loader(cfg: TrainConfig, model_cfg: VideoLlamaConfig, env: DistEnv, to
                            preprocess=model_cfg.preprocess, task=cfg.data.task, batch_size=cfg.micro_batch,
                            max_len=cfg.data.max_len or model_cfg.decoder.max_seq_len, seed=cfg.seed,
                            rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers,
-                           train=True, skip_budget=cfg.data.skip_budget)
+                           train=True, skip_budget=cfg.data.skip_budget, cache_dir=cfg.data.cache_dir)
 
 
 def resolve_tokenizer(cfg: TrainConfig) -> str | None:

@@ -49,6 +49,7 @@ class DataSection:
     num_workers: int = 0
     skip_budget: float = 0.01
     max_len: int | None = None  # default: the decoder's max_seq_len
+    cache_dir: str | None = None  # decode each video once, keep uint8 frames here (shards.cached_clip)
     synthetic_seq_len: int = 32  # kind: synthetic only
 
 
