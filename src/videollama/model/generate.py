@@ -24,10 +24,11 @@ def prefill(model: VideoLlama, input_ids: torch.Tensor, *, attention_mask: torch
     """Run the prompt [B, T] (attention_mask [B, T], 1 = real, left padding) through the model,
     filling kv_caches at positions 0..T-1; return the last position's logits [B, V]."""
     padded = not bool(attention_mask.all())
-    logits = model.decode(input_ids, positions=positions_from_mask(attention_mask, input_ids),
-                          key_mask=attention_mask if padded else None, media=media_kv,
-                          kv_caches=kv_caches, start=0)
-    return logits[:, -1]
+    hidden = model.decoder(input_ids, positions=positions_from_mask(attention_mask, input_ids),
+                           key_mask=attention_mask if padded else None, media=media_kv,
+                           kv_caches=kv_caches, start=0)  # [B, T, D]
+    # Only the last position's logits are needed: skip a [B, T, V] projection of the prompt.
+    return model.lm_head(hidden[:, -1])
 
 
 def decode_one_token(model: VideoLlama, token: torch.Tensor, *, position: torch.Tensor,
