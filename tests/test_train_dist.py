@@ -90,18 +90,24 @@ def recipe(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_loss_curve(recipe: Path, tmp_path: Path):
     # Same global batch of 4: 1 rank x 2 micro-batches x accumulation 2, or 2 ranks x 2 x 1.
-    one, two = tmp_path / "one", tmp_path / "two"
+    # One rank runs the plain module by default; parallel.fsdp=true shards over one rank.
+    one, one_fsdp, two = tmp_path / "one", tmp_path / "one_fsdp", tmp_path / "two"
     run_ok(train_cmd(recipe, one))
+    run_ok(train_cmd(recipe, one_fsdp, "parallel.fsdp=true"))
     run_ok(train_cmd(recipe, two, nproc=2))
-    a, b = losses(one), losses(two)
-    assert sorted(a) == sorted(b) == list(range(20))
+    a, b, c = losses(one), losses(two), losses(one_fsdp)
+    assert sorted(a) == sorted(b) == sorted(c) == list(range(20))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+        assert abs(a[step] - c[step]) < 1e-5, (step, a[step], c[step])
     # The curve is a real training curve, not a constant: the model fits its (repeating-
     # distribution) data a little, and the loss moves by far more than the tolerance.
     assert max(a.values()) - min(a.values()) > 1e-2
     assert json.loads((two / "summary.json").read_text())["accumulation"] == 1
     assert json.loads((one / "summary.json").read_text())["accumulation"] == 2
+    assert json.loads((one / "summary.json").read_text())["mesh"] is None
+    assert json.loads((one_fsdp / "summary.json").read_text())["mesh"] == {"shard": 1}
+    assert json.loads((two / "summary.json").read_text())["mesh"] == {"shard": 2}
 
 
 @pytest.mark.slow

@@ -98,7 +98,7 @@ def test_activation_checkpointing_on_every_block_type_changes_nothing(tmp_path: 
 def test_meta_device_init_matches_the_constructors_init(tmp_path: Path):
     """parallel.meta_init (the GPU default): build on meta, shard, allocate, initialise."""
     run = tmp_path / "meta"
-    summary = train(small_cfg(max_steps=1, optimizer={"lr": 1e-12}, parallel={"meta_init": True}), run)
+    summary = train(small_cfg(max_steps=1, optimizer={"lr": 1e-12}, parallel={"meta_init": True, "fsdp": True}), run)
     assert summary["steps"] == 1
     w = dcp_model_tensors(ckpt.latest_checkpoint(run))  # after one step at LR 1e-12: the init
     gates = [k for k in w if k.rsplit(".", 1)[-1] in ("gate", "attn_gate", "ff_gate")]

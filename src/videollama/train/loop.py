@@ -1,8 +1,9 @@
 """``videollama train``: the one training loop, for pre-training and fine-tuning alike.
 
 Runs as one process or under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE
-in the environment). A single process still joins a one-rank process group, so the FSDP2 code
-path is the same at every scale. Backend: NCCL when CUDA is available, gloo otherwise.
+in the environment). A single process still joins a one-rank process group (collectives,
+DCP checkpoints and guards are the same code at every scale); it skips FSDP sharding unless
+``parallel.fsdp`` is true or it computes in bf16. Backend: NCCL with CUDA, gloo otherwise.
 
 One optimizer step:
   1. take ``accumulation`` micro-batches on every rank (global = micro * world * accumulation);
@@ -384,7 +385,11 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, run_dir / "tokenizer.json")
 
-    mesh = build_mesh(env.device.type, world, env.local_world_size)
+    # bf16 compute (with fp32 master weights) comes from FSDP's MixedPrecisionPolicy.
+    use_fsdp = cfg.parallel.fsdp if cfg.parallel.fsdp is not None else (world > 1 or bf16)
+    if not use_fsdp and (world > 1 or bf16):
+        raise ValueError("parallel.fsdp=false works only on a single rank in fp32")
+    mesh = build_mesh(env.device.type, world, env.local_world_size) if use_fsdp else None
     if not meta:
         model.to(env.device)
     parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
@@ -446,7 +451,8 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
             input_tokens = clips = 0
             for m, batch in enumerate(micro_batches):
                 # Reduce-scatter gradients once per step, on the last micro-batch only.
-                model.set_requires_gradient_sync(m == accum - 1)
+                if use_fsdp:
+                    model.set_requires_gradient_sync(m == accum - 1)
                 summed = _micro_step(model, batch, env.device)
                 if step in cfg.guards.inject_nan_steps and rank == cfg.guards.inject_rank:
                     summed = summed * float("nan")  # test hook: a poisoned batch on one rank
@@ -519,7 +525,7 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
             progress.close()
     summary = {"steps": step, "start_step": start_step, "loss": last_loss, "bad_steps": bad_total,
                "params": n_params, "frozen_params": frozen, "accumulation": accum, "world_size": world,
-               "mesh": dict(zip(mesh.mesh_dim_names, mesh.shape)), "preempted": bool(preempted["flag"])}
+               "mesh": dict(zip(mesh.mesh_dim_names, mesh.shape)) if mesh is not None else None, "preempted": bool(preempted["flag"])}
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

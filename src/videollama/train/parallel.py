@@ -107,10 +107,17 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None
 
 def parallelize(model: nn.Module, mesh, *, activation_checkpointing: list[str], compile: bool,
                 bf16: bool, reshard_after_forward: bool = True) -> nn.Module:
-    """Apply checkpointing, compile and FSDP2 to ``model`` (in place), in that order."""
+    """Apply checkpointing, compile and FSDP2 to ``model`` (in place), in that order.
+
+    ``mesh`` None: no FSDP (a single rank), checkpointing and compile only.
+    """
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)
+    if mesh is None:
+        if bf16:
+            raise ValueError("bf16 compute comes from FSDP's mixed-precision policy: it needs a mesh")
+        return model
     return apply_fsdp(model, mesh, param_dtype=torch.bfloat16 if bf16 else None,
                       reduce_dtype=torch.float32 if bf16 else None,
                       reshard_after_forward=reshard_after_forward)
