@@ -113,3 +113,13 @@ def test_export_without_checkpoints_names_the_run(tmp_path: Path, capsys):
 
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
     assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_resuming_a_run_dir_with_another_model_is_refused(tmp_path: Path):
+    run = tmp_path / "run"
+    train(small_cfg(max_steps=2), run)
+    other = small_cfg(max_steps=4)
+    other.model.overrides["decoder.num_layers"] = 1
+    with pytest.raises(ValueError, match="holds checkpoints of another model \\(differs in \\['decoder'\\]\\)"):
+        train(other, run)
+    assert ckpt.latest_checkpoint(run).name == "step-00000002"  # untouched

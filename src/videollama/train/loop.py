@@ -163,6 +163,19 @@ def materialize(model: torch.nn.Module, device: torch.device, seed: int) -> None
                 torch.nn.init.normal_(p, std=0.02)
 
 
+def check_same_model(run_dir: Path, model_cfg: VideoLlamaConfig) -> None:
+    """A run directory with checkpoints resumes only the model it was started with."""
+    saved = run_dir / "model_config.json"
+    if ckpt.latest_checkpoint(run_dir) is None or not saved.exists():
+        return
+    before = VideoLlamaConfig.load(saved).to_dict()
+    now = model_cfg.to_dict()
+    if before != now:
+        diff = sorted(k for k in before if before[k] != now.get(k))
+        raise ValueError(f"{run_dir} holds checkpoints of another model (differs in {diff}); "
+                         "use a new --run-dir, or the recipe that started this run")
+
+
 def part_of(name: str) -> str:
     """The recipe's name (see FREEZABLE) of the model part a parameter belongs to."""
     from videollama.model.info import _part_of
@@ -378,6 +391,7 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
     frozen = freeze(model, cfg.freeze)
     n_params = sum(p.numel() for p in model.parameters())
     tokenizer_path = resolve_tokenizer(cfg)
+    check_same_model(run_dir, model_cfg)  # before anything in run_dir is overwritten
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "train_config.json")
