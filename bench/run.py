@@ -4,6 +4,7 @@ Each benchmark is a script that prints nothing required and writes its section, 
 Markdown, to bench/results/<name>.md. BENCHMARKS.md is the header below plus every
 section in file-name order, so a partial run keeps the other sections as they were.
 Usage: python bench/run.py [NAME ...]   (NAME: e.g. loader, train)
+       python bench/run.py --collect      (only rebuild BENCHMARKS.md from bench/results/)
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ unless the section says otherwise. Ratios compare numbers measured side by side 
 def main(argv: list[str]) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     scripts = sorted((ROOT / "bench").glob("bench_*.py"))
-    if argv:
+    if argv == ["--collect"]:
+        scripts = []
+    elif argv:
         scripts = [s for s in scripts if s.stem.removeprefix("bench_") in argv]
     failed = []
     for script in scripts:
