@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from videollama.cli import main as cli_main  # noqa: E402
-from videollama.convert import convert  # noqa: E402
-from videollama.model.videollama import VideoLlama  # noqa: E402
+from videollama.cli import main as cli_main
+from videollama.convert import convert
+from videollama.model.videollama import VideoLlama
 
 LLAMA_VOCAB = 320
 
