@@ -299,7 +299,7 @@ def test_visual_latents_reuse_equals_video(model):
 
 @torch.no_grad()
 def test_decoder_matches_hf_llama(model):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     d = model.config.decoder
     hf_cfg = transformers.LlamaConfig(vocab_size=d.vocab_size, hidden_size=d.hidden_size,
                                       intermediate_size=d.intermediate_size, num_hidden_layers=d.num_layers,
@@ -322,7 +322,7 @@ def test_decoder_matches_hf_llama(model):
 
 @torch.no_grad()
 def test_vision_matches_hf_clip(model):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     vc = model.config.vision
     hf_cfg = transformers.CLIPVisionConfig(hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size,
                                            num_hidden_layers=vc.num_layers, num_attention_heads=vc.num_heads,
