@@ -128,7 +128,7 @@ def make_corpus(s: DemoSettings) -> bool:
         except json.JSONDecodeError:
             pass
     # A corpus with other parameters (or a half-written one) is replaced, never mixed with.
-    for part in ("train", "eval"):
+    for part in ("train", "eval", "cache"):
         shutil.rmtree(data / part, ignore_errors=True)
     stamp.unlink(missing_ok=True)
     videollama("data", "synth", "--out", str(data), "--train", str(s.train_clips), "--eval", str(s.eval_clips),
@@ -143,6 +143,7 @@ def train_and_export(s: DemoSettings, config: str, run_dir: Path, model_dir: Pat
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(model_dir, ignore_errors=True)
     args = ["train", "--config", config, "--run-dir", str(run_dir), "--data", str(Path(s.data) / "train")]
+    overrides = [*overrides, f"data.cache_dir={Path(s.data) / 'cache'}"]
     if steps is not None:
         args += ["--max-steps", str(steps)]
     videollama(*args, *overrides, *s.train_overrides, nproc=s.nproc, in_process=s.in_process)

@@ -181,7 +181,8 @@ class Decoder(nn.Module):
         self.cross_attn_layers = nn.ModuleList(
             GatedCrossAttentionBlock(dim=config.hidden_size, media_dim=media_dim,
                                      num_heads=config.cross_attn_heads or config.num_heads,
-                                     ff_mult=config.cross_attn_ff_mult, eps=config.rms_norm_eps)
+                                     ff_mult=config.cross_attn_ff_mult, eps=config.rms_norm_eps,
+                                     gate_init=config.cross_attn_gate_init)
             for _ in range(num_cross))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

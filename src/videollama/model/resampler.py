@@ -115,15 +115,16 @@ class CrossAttention(nn.Module):
 class GatedCrossAttentionBlock(nn.Module):
     """x = x + tanh(attn_gate) * attn(RMSNorm(x), latents); x = x + tanh(ff_gate) * ff(RMSNorm(x))."""
 
-    def __init__(self, *, dim: int, media_dim: int, num_heads: int, ff_mult: int, eps: float) -> None:
+    def __init__(self, *, dim: int, media_dim: int, num_heads: int, ff_mult: int, eps: float,
+                 gate_init: float = 0.0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps)
         self.attn = CrossAttention(dim=dim, media_dim=media_dim, num_heads=num_heads)
         self.ff_norm = RMSNorm(dim, eps)
         self.ff = SwiGLU(dim, ff_mult * dim)
         # Shape [1] rather than [] so that FSDP can shard it along dim 0 like every other tensor.
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        self.ff_gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def project_media(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents [B, L, D_v] -> this block's (k, v); compute once per video, reuse every step."""

@@ -107,7 +107,7 @@ class TemporalAttentionBlock(nn.Module):
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = VisionAttention(config.hidden_size, config.num_heads)
         # Shape [1] rather than [] so that FSDP can shard it along dim 0 like every other tensor.
-        self.gate = nn.Parameter(torch.zeros(1))
+        self.gate = nn.Parameter(torch.full((1,), float(config.gate_init)))
 
     def forward(self, x: torch.Tensor, time_embedding: torch.Tensor) -> torch.Tensor:
         """x: [B, F, N+1, D]; time_embedding: [F, D] -> [B, F, N+1, D]."""
@@ -126,10 +126,10 @@ class FrameDifference(nn.Module):
     the ViT before the first block, which the tiny model needs to learn directions at all.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, *, gate_init: float = 0.0) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, dim)
-        self.gate = nn.Parameter(torch.zeros(1))
+        self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """patches: [B, F, N, D] -> [B, F, N, D]. The first frame has no predecessor: zero difference."""
@@ -158,7 +158,7 @@ class VisionEncoder(nn.Module):
         self.temporal_embedding = nn.Parameter(torch.empty(config.max_frames, d)) if num_temporal else None
         if self.temporal_embedding is not None:
             nn.init.normal_(self.temporal_embedding, std=0.02)
-        self.frame_diff = FrameDifference(d) if config.frame_diff else None
+        self.frame_diff = FrameDifference(d, gate_init=config.gate_init) if config.frame_diff else None
 
     def forward(self, video: torch.Tensor, *, apply_post_layernorm: bool = False) -> torch.Tensor:
         """video: [B, F, C, H, W] normalised pixels -> [B, F, 1+N, D], the last hidden state
