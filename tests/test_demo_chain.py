@@ -100,3 +100,23 @@ def test_question_types_cover_every_shapes_template(demo):
              "which_object": "temporal"}
     for row in rows:
         assert kinds[question_type(row["question"])] == row["kind"]
+
+
+def test_shapes_preset_starts_with_open_gates_in_both_init_paths():
+    """The demo's preset opens its gates; the meta-device init (the GPU default) must agree."""
+    from videollama.config import VideoLlamaConfig
+    from videollama.model.videollama import VideoLlama
+    from videollama.train.loop import materialize
+
+    cfg = VideoLlamaConfig.from_name("shapes")
+    fresh = dict(VideoLlama(cfg).named_parameters())
+    with torch.device("meta"):
+        meta_built = VideoLlama(cfg)
+    materialize(meta_built, torch.device("cpu"), seed=0)
+    gates = [n for n in fresh if n.endswith("gate")]
+    assert len(gates) == 7
+    for name, p in meta_built.named_parameters():
+        if name in gates:
+            assert float(p) == float(fresh[name]) == 1.0, name
+    tiny = VideoLlama(VideoLlamaConfig.from_name("tiny"))
+    assert all(float(p) == 0.0 for n, p in tiny.named_parameters() if n.endswith("gate"))

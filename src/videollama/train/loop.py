@@ -129,7 +129,7 @@ def build_model(cfg: TrainConfig, *, meta: bool = False) -> tuple[torch.nn.Modul
 
 
 # Parameters that VideoLlama's constructors initialise themselves (not by module type in
-# VideoLlama._init_weights): tanh gates start at exactly 0, learned embeddings at N(0, 0.02).
+# VideoLlama._init_weights): tanh gates at the config's start value (0 by default), learned embeddings at N(0, 0.02).
 _ZERO_INIT = ("gate", "attn_gate", "ff_gate")
 _NORMAL_INIT = ("latents", "time_embedding", "class_embedding", "temporal_embedding")
 _TYPE_INIT = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding, torch.nn.LayerNorm)
@@ -158,7 +158,9 @@ def materialize(model: torch.nn.Module, device: torch.device, seed: int) -> None
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if leaf in _ZERO_INIT:
-                p.zero_()
+                # The config's gate start values (0 unless a preset opens them, as `shapes` does).
+                cfg = model.config
+                p.fill_(cfg.decoder.cross_attn_gate_init if name.startswith("decoder.") else cfg.vision.gate_init)
             elif leaf in _NORMAL_INIT:
                 torch.nn.init.normal_(p, std=0.02)
 
