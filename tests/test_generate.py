@@ -13,10 +13,11 @@ from videollama.model.generate import generate, sample
 V = 1024
 
 
-@pytest.fixture(scope="module")
-def model() -> VideoLlama:
+@pytest.fixture(scope="module", params=[16, 0], ids=["resampler", "no-resampler"])
+def model(request) -> VideoLlama:
     torch.manual_seed(0)
-    m = VideoLlama(VideoLlamaConfig.from_name("tiny")).eval()
+    # num_latents 0: the decoder reads every frame token (the Shapes preset's choice).
+    m = VideoLlama(replace(VideoLlamaConfig.from_name("tiny"), {"resampler.num_latents": request.param})).eval()
     # Open every gate so that the video really shapes the tokens being compared.
     with torch.no_grad():
         for block in m.vision.temporal:

@@ -295,6 +295,49 @@ def test_visual_latents_reuse_equals_video(model):
     assert torch.equal(m(x, visual_latents=latents).logits, m(x, v).logits)
 
 
+def test_video_index_shares_one_encoding_among_text_rows(model):
+    """Three text rows about two videos (rows 0 and 2 about video 1) give the logits and the loss
+    of the same rows with each row's video repeated, and gradients reach the encoder."""
+    m = VideoLlama(model.config)
+    m.load_state_dict(model.state_dict())
+    open_gates(m, temporal=True, cross=True, frame_diff=True)
+    x, v = ids(b=3, t=6), video(b=2)
+    index = torch.tensor([1, 0, 1])
+    labels = x.clone()
+    labels[:, :2] = -100
+    shared = m(x, v, video_index=index, labels=labels)
+    with torch.no_grad():
+        repeated = m(x, v[index], labels=labels)
+    torch.testing.assert_close(shared.logits, repeated.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared.loss, repeated.loss, rtol=1e-5, atol=1e-6)
+    shared.loss.backward()
+    assert m.vision.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="one entry per row"):
+        m(x, v, video_index=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"in \[0, 2\)"):
+        m(x, v, video_index=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="video_index needs video"):
+        m(x, video_index=index)
+
+
+@torch.no_grad()
+def test_no_resampler_reads_every_frame_token():
+    """num_latents 0: the latents are the F x (1+N) frame tokens plus their frame's time embedding."""
+    torch.manual_seed(0)
+    m = VideoLlama(tiny(**{"resampler.num_latents": 0})).eval()
+    open_gates(m, temporal=True, cross=True, frame_diff=True)
+    assert m.resampler.latents is None and len(m.resampler.layers) == 0
+    v = video(f=3)
+    latents = m.encode_video(v)
+    tokens = m.vision(v, apply_post_layernorm=True)  # [2, 3, 65, 64]
+    assert latents.shape == (2, 3 * 65, 64)
+    torch.testing.assert_close(latents, (tokens + m.resampler.time_embedding[:3, None]).flatten(1, 2))
+    x = ids()
+    assert torch.equal(m(x, visual_latents=latents).logits, m(x, v).logits)
+    with pytest.raises(ValueError, match=r"\[batch, frames x 65, 64\]"):
+        m(x, visual_latents=latents[:, :100])
+
+
 # ---- parity smoke tests against Hugging Face (the full parity suite is tests/test_convert.py) ----
 
 @torch.no_grad()

@@ -349,6 +349,34 @@ def test_batches_shapes_padding_and_labels(dataset, tokenizer):
         assert (b["input_ids"][row, n:] == 0).all() and (b["labels"][row, n:] == IGNORE_INDEX).all()
 
 
+def test_every_text_of_a_clip_becomes_a_row(dataset, tokenizer):
+    """texts_per_clip=0: the caption and every question of each clip are rows of one batch, mapped
+    back to their clip by video_index, each encoded exactly as encode_example encodes it."""
+    from videollama.data.tokenizer import caption_prompt, encode_example, videoqa_prompt
+
+    root, good = dataset
+    loader = make_loader(root, tokenizer, epochs=1, train=False, task="caption+videoqa", texts_per_clip=0)
+    b = next(iter(loader))
+    assert b["video"].shape[0] == 3 and b["input_ids"].shape[0] == 3 * 3  # caption + 2 questions each
+    assert b["video_index"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for clip, key in enumerate(b["keys"]):
+        meta = good_meta(int(key[4:]))
+        texts = [(caption_prompt(), meta["caption"])] + [(videoqa_prompt(q["question"]), q["answer"]) for q in meta["qa"]]
+        for j, (prompt, target) in enumerate(texts):
+            ids, labels = encode_example(tokenizer, prompt, target, 48)
+            row = 3 * clip + j
+            assert b["input_ids"][row, : len(ids)].tolist() == ids
+            assert b["labels"][row, : len(labels)].tolist() == labels
+            assert (b["labels"][row, len(labels):] == IGNORE_INDEX).all()
+    # k texts: k rows per clip, drawn from that clip's own texts; one text: video_index = 0..B-1.
+    b2 = next(iter(make_loader(root, tokenizer, epochs=1, train=False, task="caption+videoqa", texts_per_clip=2)))
+    assert b2["video_index"].tolist() == [0, 0, 1, 1, 2, 2]
+    b1 = next(iter(make_loader(root, tokenizer, epochs=1, train=False, task="videoqa")))
+    assert b1["video_index"].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="task must be one of"):
+        make_loader(root, tokenizer, task="summaries")
+
+
 def test_resume_with_more_workers_matches_uninterrupted_run(dataset, tokenizer):
     root, good = dataset
     # The uninterrupted reference: 0 workers, two epochs of 11 samples in batches of 3 (8 batches).

@@ -143,6 +143,29 @@ def test_prompts_and_make_example():
         T.make_example(meta, "summarise", rng)
 
 
+def test_make_examples_takes_one_some_or_every_text():
+    meta = {"key": "k1", "caption": "a red square stays still.", "qa": [
+        {"question": "how many objects are there?", "answer": "one", "kind": "static"},
+        {"question": "which way does the red square move?", "answer": "still", "kind": "temporal"},
+    ]}  # fmt: skip
+    caption = (T.caption_prompt(), meta["caption"])
+    questions = [(T.videoqa_prompt(q["question"]), q["answer"]) for q in meta["qa"]]
+    # One text of a single task is make_example's choice, drawn from the same generator.
+    assert T.make_examples(meta, "videoqa", random.Random(3)) == [T.make_example(meta, "videoqa", random.Random(3))]
+    assert T.make_examples(meta, "caption+videoqa", random.Random(0), 0) == [caption, *questions]
+    assert T.make_examples(meta, "videoqa", random.Random(0), 0) == questions
+    assert T.make_examples(meta, "caption", random.Random(0), 0) == [caption]
+    two = T.make_examples(meta, "caption+videoqa", random.Random(0), 2)
+    assert len(two) == 2 and len(set(two)) == 2 and set(two) <= {caption, *questions}
+    # Evaluation-set caption lines hold several references: every one is a text.
+    refs = {"captions": ["one.", "two."]}
+    assert T.make_examples(refs, "caption", random.Random(0), 0) == [(T.caption_prompt(), "one."), (T.caption_prompt(), "two.")]
+    with pytest.raises(ValueError, match="needs a non-empty 'qa'"):
+        T.make_examples({"key": "k2", "caption": "x"}, "caption+videoqa", random.Random(0), 0)
+    with pytest.raises(ValueError, match="texts_per_clip"):
+        T.make_examples(meta, "videoqa", random.Random(0), -1)
+
+
 def test_normalize_answer():
     assert T.normalize_answer("  Red. ") == "red"
     assert T.normalize_answer("The Blue Circle.\n") == "the blue circle"

@@ -16,8 +16,8 @@ The reader is a visible list of named stages, one function each::
     split_by_worker    worker w of W takes indices start+w, start+w+W, ... of the rank's sequence
     decode_sample      read the bytes, parse JSON, load_clip -> Sample, or Skip(reason);
                        with a clip cache: decode each video once, then draw windows from the cache
-    tokenize_sample    make_example + encode_example -> input_ids, labels
-    collate            stack video, pad text right with pad_id (labels -100 on pads)
+    tokenize_sample    make_examples + encode_example -> input_ids, labels (one row per text)
+    collate            stack video, pad text rows right with pad_id (labels -100 on pads), video_index
 
 Why plain ``tarfile`` + a torch ``IterableDataset`` instead of ``webdataset.WebDataset``: exact
 resume and per-reason error accounting need control that its pipeline hides. Indexing reads
@@ -297,7 +297,8 @@ class SampleRef:
 
 @dataclass
 class Sample:
-    """A decoded sample. video: [F, 3, S, S] float32; timestamps: [F] seconds; ids/labels: [T]."""
+    """A decoded sample. video: [F, 3, S, S] float32; timestamps: [F] seconds; input_ids/labels: a list
+    of [T] long tensors, one per text of the clip (after tokenize_sample)."""
 
     index: int
     key: str
@@ -720,43 +721,52 @@ def _parse_meta(data: bytes, source: str) -> dict[str, Any]:
 
 
 def tokenize_sample(
-    item: Sample | Skip, *, tokenizer: Any, task: str, max_len: int, seed: int, epoch: int
+    item: Sample | Skip, *, tokenizer: Any, task: str, max_len: int, seed: int, epoch: int, texts_per_clip: int = 1
 ) -> Sample | Skip:
-    """Stage 9. Choose the caption or one QA item (deterministically per sample) and encode it."""
-    from videollama.data.tokenizer import encode_example, make_example
+    """Stage 9. Choose the clip's texts (deterministically per sample) and encode each one.
+
+    ``item.input_ids`` / ``item.labels`` become lists of 1-D tensors, one per text: the caption
+    or one QA item by default, or several (``texts_per_clip``, see ``make_examples``)."""
+    from videollama.data.tokenizer import encode_example, make_examples
 
     if isinstance(item, Skip):
         return item
     rng = random.Random(sample_seed(seed, epoch, item.source, item.key))
     meta = item.meta
-    if task == "caption" and isinstance(meta.get("captions"), list) and meta["captions"]:
+    if task == "caption" and texts_per_clip == 1 and isinstance(meta.get("captions"), list) and meta["captions"]:
         meta = {**meta, "caption": rng.choice(meta["captions"])}  # evaluation-set lines hold several
     try:
-        prompt, target = make_example(meta, task, rng)
+        texts = make_examples(meta, task, rng, texts_per_clip)
     except (KeyError, ValueError, TypeError, IndexError) as e:
         # The JSON parsed but lacks what the task needs (e.g. no "qa" for videoqa).
         return Skip(item.index, item.key, item.source, errors.INVALID_JSON, f"{item.key}: unusable for {task}: {e}")
-    try:
-        input_ids, labels = encode_example(tokenizer, prompt, target, max_len)
-    except ValueError as e:  # encode_example never cuts the target; such a sample cannot train
-        return Skip(item.index, item.key, item.source, TARGET_TOO_LONG, f"{item.key}: {e}")
-    item.input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-    item.labels = torch.as_tensor(labels, dtype=torch.long)
+    item.input_ids, item.labels = [], []
+    for prompt, target in texts:
+        try:
+            input_ids, labels = encode_example(tokenizer, prompt, target, max_len)
+        except ValueError as e:  # encode_example never cuts the target; such a sample cannot train
+            return Skip(item.index, item.key, item.source, TARGET_TOO_LONG, f"{item.key}: {e}")
+        item.input_ids.append(torch.as_tensor(input_ids, dtype=torch.long))
+        item.labels.append(torch.as_tensor(labels, dtype=torch.long))
     return item
 
 
 def collate(samples: list[Sample], *, pad_id: int) -> dict[str, Any]:
-    """Stage 10. -> video [B, F, 3, S, S], input_ids/labels [B, T] (right-padded), timestamps [B, F]."""
-    length = max(len(s.input_ids) for s in samples)
-    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-    for i, s in enumerate(samples):
-        input_ids[i, : len(s.input_ids)] = s.input_ids
-        labels[i, : len(s.labels)] = s.labels
+    """Stage 10. -> video [B, F, 3, S, S]; input_ids/labels [R, T] (right-padded), one row per text;
+    video_index [R]: the clip each row belongs to (R == B, and video_index == 0..B-1, with one text
+    per clip); timestamps [B, F]."""
+    rows = [(i, ids, lab) for i, s in enumerate(samples) for ids, lab in zip(s.input_ids, s.labels)]
+    length = max(len(ids) for _, ids, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    for r, (_, ids, lab) in enumerate(rows):
+        input_ids[r, : len(ids)] = ids
+        labels[r, : len(lab)] = lab
     return {
         "video": torch.stack([s.video for s in samples]),  # [B, F, 3, S, S]
         "input_ids": input_ids,
         "labels": labels,
+        "video_index": torch.tensor([i for i, _, _ in rows], dtype=torch.long),  # [R]
         "keys": [s.key for s in samples],
         "timestamps": torch.stack([s.timestamps for s in samples]),  # [B, F]
     }
@@ -783,6 +793,7 @@ class _Plan:
     task: str = "caption"
     max_len: int = 0
     cache_dir: str | None = None
+    texts_per_clip: int = 1
 
 
 class _EpochStream(IterableDataset):
@@ -804,7 +815,8 @@ class _EpochStream(IterableDataset):
                                  cache_dir=p.cache_dir)
             if p.tokenizer is not None:
                 item = tokenize_sample(
-                    item, tokenizer=p.tokenizer, task=p.task, max_len=p.max_len, seed=p.seed, epoch=self.epoch
+                    item, tokenizer=p.tokenizer, task=p.task, max_len=p.max_len, seed=p.seed, epoch=self.epoch,
+                    texts_per_clip=p.texts_per_clip,
                 )
             yield item
 
@@ -887,9 +899,11 @@ def iter_samples(
 class VideoTextLoader:
     """Batches of video + text from shards or evaluation-set JSONL, resumable and robust to bad data.
 
-    Iterating yields ``{"video": [B, F, 3, S, S] float32, "input_ids": [B, T] long,
-    "labels": [B, T] long (-100 on the prompt and on pads), "keys": [str] * B,
-    "timestamps": [B, F] float32}``. With ``epochs=None`` it never ends; each epoch reshuffles
+    Iterating yields ``{"video": [B, F, 3, S, S] float32, "input_ids": [R, T] long,
+    "labels": [R, T] long (-100 on the prompt and on pads), "video_index": [R] long (the clip of
+    each text row), "keys": [str] * B, "timestamps": [B, F] float32}``. ``task`` is ``caption``,
+    ``videoqa`` or ``caption+videoqa``; ``texts_per_clip`` texts of each clip become rows (0: all
+    of them; the default 1 gives R == B). With ``epochs=None`` it never ends; each epoch reshuffles
     from ``(seed, epoch)``. Iteration continues from the current position, so
     ``load_state_dict`` then ``iter`` resumes exactly. Bad samples are skipped and counted in
     ``skipped``; ``SkipBudgetExceeded`` is raised once more than ``skip_budget`` of at least
@@ -920,10 +934,14 @@ class VideoTextLoader:
         drop_last: bool = False,
         worker_timeout_s: float = 600.0,
         cache_dir: str | None = None,
+        texts_per_clip: int = 1,
     ):
-        if task not in ("caption", "videoqa"):
-            raise ValueError(f"task must be 'caption' or 'videoqa', not {task!r}")
-        from videollama.data.tokenizer import PAD_ID, load_tokenizer
+        from videollama.data.tokenizer import PAD_ID, TASKS, load_tokenizer
+
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+        if texts_per_clip < 0:
+            raise ValueError(f"texts_per_clip must be >= 0 (0: every text of a clip), not {texts_per_clip}")
 
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)
@@ -932,7 +950,7 @@ class VideoTextLoader:
         self.plan = _Plan(
             units=self.units, preprocess=preprocess, seed=seed, rank=rank, world_size=world_size, train=train,
             shuffle_buffer=shuffle_buffer, video_root=video_root, tokenizer=tokenizer, task=task,
-            max_len=max_len, cache_dir=None if cache_dir is None else str(cache_dir),
+            max_len=max_len, cache_dir=None if cache_dir is None else str(cache_dir), texts_per_clip=texts_per_clip,
         )
         self.batch_size, self.num_workers, self.epochs = batch_size, num_workers, epochs
         self.pad_id, self.drop_last, self.worker_timeout_s = pad_id, drop_last, worker_timeout_s

@@ -138,6 +138,9 @@ def encode_example(tok: Tokenizer, prompt: str, target: str, max_len: int) -> tu
     return input_ids, labels
 
 
+TASKS = ("caption", "videoqa", "caption+videoqa")
+
+
 def make_example(meta: dict, task: str, rng: random.Random) -> tuple[str, str]:
     """``(prompt, target)`` from a shard sample's JSON: its caption, or one random QA item.
 
@@ -155,7 +158,40 @@ def make_example(meta: dict, task: str, rng: random.Random) -> tuple[str, str]:
             raise ValueError(f"{where}: task 'videoqa' needs a non-empty 'qa' list in the sample's JSON")
         item = rng.choice(qa)
         return videoqa_prompt(item["question"], item.get("options")), item["answer"]
-    raise ValueError(f"unknown task {task!r}; expected 'caption' or 'videoqa'")
+    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+def make_examples(meta: dict, task: str, rng: random.Random, texts_per_clip: int = 1) -> list[tuple[str, str]]:
+    """Every ``(prompt, target)`` one clip trains on in one step.
+
+    ``task``: ``caption``, ``videoqa``, or ``caption+videoqa`` (the caption and the questions
+    together). ``texts_per_clip``: how many of the clip's texts to use, drawn at random without
+    replacement; 0 takes them all, in order. The rows share one pass of the video encoder (see
+    ``VideoLlama.forward(video_index=...)``): the encoder is most of a step's cost and a clip
+    has one caption and 3-10 questions, so using them all multiplies what a step teaches.
+    With the default of 1 and a single task this is ``[make_example(meta, task, rng)]``.
+    """
+    where = meta.get("key", "sample")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if texts_per_clip < 0:
+        raise ValueError(f"texts_per_clip must be >= 0, not {texts_per_clip}")
+    if task != "caption+videoqa" and texts_per_clip == 1:
+        return [make_example(meta, task, rng)]
+    texts: list[tuple[str, str]] = []
+    if task in ("caption", "caption+videoqa"):
+        captions = meta.get("captions") if isinstance(meta.get("captions"), list) else [meta.get("caption")]
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"{where}: no 'caption' string in the sample's JSON")
+        texts += [(caption_prompt(), c) for c in captions]
+    if task in ("videoqa", "caption+videoqa"):
+        qa = meta.get("qa")
+        if not qa:
+            raise ValueError(f"{where}: task {task!r} needs a non-empty 'qa' list in the sample's JSON")
+        texts += [(videoqa_prompt(q["question"], q.get("options")), q["answer"]) for q in qa]
+    if texts_per_clip == 0 or texts_per_clip >= len(texts):
+        return texts
+    return rng.sample(texts, texts_per_clip)
 
 
 def normalize_answer(text: str) -> str:

@@ -206,12 +206,14 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor,
                 key_mask: torch.Tensor | None = None,
                 media: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                kv_caches: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
+                kv_caches: list[KVCache] | None = None, start: int = 0,
+                media_index: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [B, T, D] (after the final norm).
 
         input_ids, positions: [B, T]; key_mask: [B, start+T] (1 = real token) or None;
         media: the visual latents [B, L, D_v], or their per-block (k, v) from :meth:`project_media`,
-        or None for text only (cross-attention skipped);
+        or None for text only (cross-attention skipped); media_index: [B] or None, which video of
+        media [V, ...] each row reads (several text rows about one clip share its latents);
         kv_caches / start: generation's caches and where these tokens go in them.
         """
         x = self.embed_tokens(input_ids)  # [B, T, D]
@@ -221,7 +223,8 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             if media is not None and every > 0 and i % every == 0:
                 k = i // every
-                x = self.cross_attn_layers[k](x, media if isinstance(media, torch.Tensor) else media[k])
+                x = self.cross_attn_layers[k](x, media if isinstance(media, torch.Tensor) else media[k],
+                                              media_index=media_index)
             cache = kv_caches[i] if kv_caches is not None else None
             x = layer(x, cos, sin, mask=mask, cache=cache, start=start)
         return self.norm(x)

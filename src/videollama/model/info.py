@@ -87,11 +87,14 @@ def forward_flops(config: VideoLlamaConfig, *, frames: int, tokens: int) -> dict
         temporal += _linear(frames * n, D, D)
 
     inner = r.num_heads * r.head_dim
-    L = r.num_latents
-    kv_rows = frames * seq + L
-    resampler = r.depth * (_linear(L, D, inner) + 2 * _linear(kv_rows, D, inner)
-                           + _attention(L, kv_rows, inner, batch=1) + _linear(L, inner, D)
-                           + _linear(L, D, r.ff_mult * D) + _linear(L, r.ff_mult * D, D))
+    if r.num_latents:
+        L = r.num_latents
+        kv_rows = frames * seq + L
+        resampler = r.depth * (_linear(L, D, inner) + 2 * _linear(kv_rows, D, inner)
+                               + _attention(L, kv_rows, inner, batch=1) + _linear(L, inner, D)
+                               + _linear(L, D, r.ff_mult * D) + _linear(L, r.ff_mult * D, D))
+    else:  # no resampler: the decoder reads every frame token
+        L, resampler = frames * seq, 0
 
     H = d.hidden_size
     kvd = d.kv_heads * d.head_dim

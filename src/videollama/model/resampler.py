@@ -62,23 +62,34 @@ class PerceiverLayer(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """[B, F, N, D_v] frame tokens -> [B, num_latents, D_v] visual latents."""
+    """[B, F, N, D_v] frame tokens -> [B, num_latents, D_v] visual latents.
+
+    ``num_latents: 0`` turns resampling off: the "latents" are then the frame tokens themselves,
+    [B, F*N, D_v], each with its frame's time embedding. For a small input (the Shapes model's
+    8 x 65 tokens) that costs little, and the decoder's cross-attention can pick out one object's
+    tokens by what it asks about ("the red square") instead of depending on learned latent
+    queries to have kept every object apart (bench/results/demo.md measures the difference).
+    """
 
     def __init__(self, config: ResamplerConfig, *, dim: int, max_frames: int) -> None:
         super().__init__()
-        self.latents = nn.Parameter(torch.empty(config.num_latents, dim))
+        self.resample = config.num_latents > 0
         # Small random (not zero) init: latents must tell frames apart from the first step.
         self.time_embedding = nn.Parameter(torch.empty(max_frames, dim))
-        nn.init.normal_(self.latents, std=0.02)
         nn.init.normal_(self.time_embedding, std=0.02)
-        self.layers = nn.ModuleList(PerceiverLayer(config, dim) for _ in range(config.depth))
-        self.norm = nn.LayerNorm(dim)
+        self.latents = nn.Parameter(torch.empty(config.num_latents, dim)) if self.resample else None
+        if self.latents is not None:
+            nn.init.normal_(self.latents, std=0.02)
+        self.layers = nn.ModuleList(PerceiverLayer(config, dim) for _ in range(config.depth if self.resample else 0))
+        self.norm = nn.LayerNorm(dim) if self.resample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, F, N, D_v] -> [B, L, D_v]."""
+        """x: [B, F, N, D_v] -> [B, L, D_v] (L = num_latents, or F*N without resampling)."""
         b, f = x.shape[:2]
         x = x + self.time_embedding[:f, None, :]  # the same time code on every token of a frame
         media = rearrange(x, "b f n d -> b (f n) d")  # [B, F*N, D]
+        if self.latents is None:
+            return media
         latents = self.latents.expand(b, -1, -1)  # [B, L, D]
         for layer in self.layers:
             latents = latents + layer.attn(media, latents)
@@ -105,11 +116,31 @@ class CrossAttention(nn.Module):
         v = rearrange(self.v_proj(latents), "b l (h d) -> b h l d", h=self.num_heads)
         return k, v
 
-    def forward(self, x: torch.Tensor, media_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [B, T, D] -> [B, T, D]. Every text position sees every latent: no mask."""
-        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.num_heads)
-        out = F.scaled_dot_product_attention(q, *media_kv)  # [B, H, T, hd]
-        return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+    def forward(self, x: torch.Tensor, media_kv: tuple[torch.Tensor, torch.Tensor],
+                media_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]. Every text position sees every latent: no mask.
+
+        media_kv: (k, v), each [B, H, L, hd]; or [V, H, L, hd] with ``media_index`` [B] saying
+        which video row b reads. Since no text position attends to another here, the rows of
+        one video are laid end to end as one query sequence against that video's keys: the
+        keys and values are never copied per row (for a clip with ten questions and hundreds of
+        latents, the copies cost more than the attention)."""
+        if media_index is None:
+            q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.num_heads)
+            out = F.scaled_dot_product_attention(q, *media_kv)  # [B, H, T, hd]
+            return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+        b, t, _ = x.shape
+        videos = media_kv[0].shape[0]
+        # slot[r]: how many earlier rows read the same video (rows of a video fill slots 0, 1, ...).
+        one_hot = F.one_hot(media_index, videos)  # [B, V]
+        slot = (one_hot.cumsum(0) - 1).gather(1, media_index[:, None]).squeeze(1)  # [B]
+        per_video = int(one_hot.sum(0).max())
+        grouped = x.new_zeros(videos, per_video, t, x.shape[-1])
+        grouped[media_index, slot] = x  # [V, S, T, D]; empty slots stay zero and are dropped below
+        q = rearrange(self.q_proj(grouped), "v s t (h d) -> v h (s t) d", h=self.num_heads)
+        out = F.scaled_dot_product_attention(q, *media_kv)  # [V, H, S*T, hd]
+        out = rearrange(out, "v h (s t) d -> v s t (h d)", t=t)[media_index, slot]  # [B, T, H*hd]
+        return self.o_proj(out)
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -130,10 +161,12 @@ class GatedCrossAttentionBlock(nn.Module):
         """latents [B, L, D_v] -> this block's (k, v); compute once per video, reuse every step."""
         return self.attn.project_media(latents)
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, media: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                media_index: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, D] -> [B, T, D]. media: the latents [B, L, D_v] (training: projected here, inside
         this forward, where FSDP has the weights gathered) or their (k, v) from :meth:`project_media`
-        (generation: projected once per video)."""
+        (generation: projected once per video). media_index: [B], optional: row b reads video
+        ``media_index[b]`` of latents [V, L, D_v], projected once per video and then gathered."""
         media_kv = self.project_media(media) if isinstance(media, torch.Tensor) else media
-        x = x + torch.tanh(self.attn_gate) * self.attn(self.attn_norm(x), media_kv)
+        x = x + torch.tanh(self.attn_gate) * self.attn(self.attn_norm(x), media_kv, media_index)
         return x + torch.tanh(self.ff_gate) * self.ff(self.ff_norm(x))

@@ -134,33 +134,52 @@ class VideoLlama(nn.Module):
         return self.resampler(tokens)
 
     def visual_context(self, input_ids: torch.Tensor, video: torch.Tensor | None,
-                       visual_latents: torch.Tensor | None) -> torch.Tensor | None:
-        """The checked visual latents [B, L, D_v] for this batch (encoded from video if given),
-        or None for text only."""
+                       visual_latents: torch.Tensor | None, video_index: torch.Tensor | None = None
+                       ) -> torch.Tensor | None:
+        """The checked visual latents [B, L, D_v] for this batch (encoded from video if given, one
+        row per text row when ``video_index`` maps rows to videos), or None for text only."""
         if video is not None and visual_latents is not None:
             raise ValueError("pass either video or visual_latents, not both")
+        if video_index is not None:
+            if video is None:
+                raise ValueError("video_index needs video")
+            if video_index.shape != (input_ids.shape[0],):
+                raise ValueError(f"video_index must be [{input_ids.shape[0]}] (one entry per row of input_ids), "
+                                 f"got shape {tuple(video_index.shape)}")
+            if video.dim() == 5 and ((video_index < 0) | (video_index >= video.shape[0])).any():
+                raise ValueError(f"video_index values must be in [0, {video.shape[0]}) (the videos given)")
         if video is not None:
-            if video.dim() == 5 and video.shape[0] != input_ids.shape[0]:
+            if video.dim() == 5 and video_index is None and video.shape[0] != input_ids.shape[0]:
                 raise ValueError(f"batch size mismatch: input_ids has {input_ids.shape[0]} rows, "
                                  f"video has {video.shape[0]}")
             visual_latents = self.encode_video(video)
         if visual_latents is None:
             return None
-        expected = (self.config.resampler.num_latents, self.config.vision.hidden_size)
-        if visual_latents.dim() != 3 or tuple(visual_latents.shape[1:]) != expected:
-            raise ValueError(f"visual_latents must be [batch, {expected[0]}, {expected[1]}], "
-                             f"got {tuple(visual_latents.shape)}")
-        if visual_latents.shape[0] != input_ids.shape[0]:
+        d_v, n_latents = self.config.vision.hidden_size, self.config.resampler.num_latents
+        tokens_per_frame = self.config.vision.num_patches + 1
+        if n_latents:
+            ok = visual_latents.dim() == 3 and tuple(visual_latents.shape[1:]) == (n_latents, d_v)
+            wanted = f"[batch, {n_latents}, {d_v}]"
+        else:  # no resampler: every token of every frame
+            ok = (visual_latents.dim() == 3 and visual_latents.shape[2] == d_v and visual_latents.shape[1] > 0
+                  and visual_latents.shape[1] % tokens_per_frame == 0)
+            wanted = f"[batch, frames x {tokens_per_frame}, {d_v}]"
+        if not ok:
+            raise ValueError(f"visual_latents must be {wanted}, got {tuple(visual_latents.shape)}")
+        if video_index is None and visual_latents.shape[0] != input_ids.shape[0]:
             raise ValueError(f"batch size mismatch: input_ids has {input_ids.shape[0]} rows, "
                              f"visual_latents has {visual_latents.shape[0]}")
         return visual_latents
 
     def forward(self, input_ids: torch.Tensor, video: torch.Tensor | None = None, *,
                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                visual_latents: torch.Tensor | None = None) -> VideoLlamaOutput:
+                visual_latents: torch.Tensor | None = None, video_index: torch.Tensor | None = None
+                ) -> VideoLlamaOutput:
         """input_ids: [B, T]; video: [B, F, 3, H, W] or None (text only); labels: [B, T] aligned
         with input_ids (shifted inside, -100 ignored); attention_mask: [B, T], 1 = real token,
         for left-padded batches; visual_latents: [B, L, D_v] from :meth:`encode_video` instead of video.
+        video_index: [B] long, optional: row b of input_ids is about video ``video_index[b]`` of
+        ``video`` [V, F, 3, H, W], so several texts about one clip share one pass of the encoder.
         """
         self.check_tokens(input_ids)
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -168,21 +187,26 @@ class VideoLlama(nn.Module):
                              f"input_ids {tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}")
-        latents = self.visual_context(input_ids, video, visual_latents)
+        latents = self.visual_context(input_ids, video, visual_latents, video_index)
         positions = positions_from_mask(attention_mask, input_ids)
         # An all-ones mask changes nothing: drop it so attention takes the plain causal fast path.
         key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
-        logits = self.decode(input_ids, positions=positions, key_mask=key_mask, media=latents)
+        # With video_index each video is encoded, and each cross-attention block projects its
+        # latents, once; the text rows of a video then gather that video's keys and values.
+        logits = self.decode(input_ids, positions=positions, key_mask=key_mask, media=latents,
+                             media_index=video_index)
         loss = lm_loss(logits, labels) if labels is not None else None
         return VideoLlamaOutput(logits=logits, loss=loss)
 
     def decode(self, input_ids: torch.Tensor, *, positions: torch.Tensor, key_mask: torch.Tensor | None = None,
                media: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-               kv_caches: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
+               kv_caches: list[KVCache] | None = None, start: int = 0,
+               media_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for tokens already checked; the step that generation repeats.
-        media: visual latents [B, L, D_v] or the decoder's ``project_media`` of them, or None."""
-        return self.lm_head(self.decoder(input_ids, positions=positions, key_mask=key_mask,
-                                         media=media, kv_caches=kv_caches, start=start))
+        media: visual latents [B, L, D_v] or the decoder's ``project_media`` of them, or None;
+        media_index: [B], which video of media each row reads (None: row b reads video b)."""
+        return self.lm_head(self.decoder(input_ids, positions=positions, key_mask=key_mask, media=media,
+                                         kv_caches=kv_caches, start=start, media_index=media_index))
 
     # ---- model directory --------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, max_shard_size: int = 5 * 2**30) -> None:

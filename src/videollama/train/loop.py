@@ -270,7 +270,8 @@ def build_loader(cfg: TrainConfig, model_cfg: VideoLlamaConfig, env: DistEnv, to
                            preprocess=model_cfg.preprocess, task=cfg.data.task, batch_size=cfg.micro_batch,
                            max_len=cfg.data.max_len or model_cfg.decoder.max_seq_len, seed=cfg.seed,
                            rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers,
-                           train=True, skip_budget=cfg.data.skip_budget, cache_dir=cfg.data.cache_dir)
+                           train=True, skip_budget=cfg.data.skip_budget, cache_dir=cfg.data.cache_dir,
+                           texts_per_clip=cfg.data.texts_per_clip)
 
 
 def resolve_tokenizer(cfg: TrainConfig) -> str | None:
@@ -477,7 +478,7 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
                 (summed * (world / label_tokens)).backward()
                 loss_sum += summed.detach().float()
                 input_tokens += batch["input_ids"].numel()
-                clips += batch["input_ids"].shape[0]
+                clips += batch["video"].shape[0] if batch.get("video") is not None else batch["input_ids"].shape[0]
 
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -551,9 +552,10 @@ def _micro_step(model: torch.nn.Module, batch: dict, device: torch.device) -> to
     """Forward one micro-batch; returns the loss summed over its label tokens (fp32 scalar)."""
     from videollama.model.videollama import lm_loss
 
-    video = batch.get("video")
+    video, video_index = batch.get("video"), batch.get("video_index")
     out = model(input_ids=batch["input_ids"].to(device),
-                video=video.to(device) if video is not None else None)
+                video=video.to(device) if video is not None else None,
+                video_index=video_index.to(device) if video_index is not None and video is not None else None)
     return lm_loss(out.logits.float(), batch["labels"].to(device), reduction="sum")
 
 

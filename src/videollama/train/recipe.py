@@ -45,7 +45,10 @@ class DataSection:
 
     kind: str = "webdataset"
     sources: list[str] = field(default_factory=list)
-    task: str = "caption"  # caption | videoqa
+    task: str = "caption"  # caption | videoqa | caption+videoqa
+    # Texts of a clip trained on per step, all through one pass of the video encoder: 1 (one
+    # random text), k, or 0 (every one: the caption and all questions).
+    texts_per_clip: int = 1
     num_workers: int = 0
     skip_budget: float = 0.01
     max_len: int | None = None  # default: the decoder's max_seq_len
