@@ -26,7 +26,7 @@ def test_13b_budget_via_cli(capsys):
     assert 0 < out["memory_per_gpu_gib"]["total_gib"] < 80     # fits an A100 80GB
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("preset", ["tiny", "small", "shapes"])
 def test_param_count_matches_a_real_model(preset):
     cfg = VideoLlamaConfig.from_name(preset)
     model = VideoLlama(cfg)
@@ -38,8 +38,9 @@ def test_tiny_is_under_one_million_and_small_in_range():
     assert 20e6 <= count_params(VideoLlamaConfig.from_name("small"))["total"] <= 50e6
 
 
-def test_flop_formula_matches_torch_flop_counter():
-    cfg = VideoLlamaConfig.from_name("tiny")
+@pytest.mark.parametrize("preset", ["tiny", "shapes"])  # shapes: no resampler (num_latents 0)
+def test_flop_formula_matches_torch_flop_counter(preset):
+    cfg = VideoLlamaConfig.from_name(preset)
     model = VideoLlama(cfg).eval().requires_grad_(False)   # the counter's module hooks want no autograd
     frames, tokens = cfg.preprocess.num_frames, 32
     video = torch.randn(1, frames, 3, cfg.vision.image_size, cfg.vision.image_size)
