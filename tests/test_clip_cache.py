@@ -28,31 +28,35 @@ def reference(video: Path, start: float) -> tuple[torch.Tensor, torch.Tensor]:
                      mean=PRE.mean, std=PRE.std)
 
 
-def cached(video: Path, cache: Path, *, train: bool, seed: int = 0, data: bytes | None = None):
+def cached(video: Path, cache: Path, *, train: bool, seed: int = 0, data: bytes | None = None, pre=PRE):
     return shards.cached_clip(data if data is not None else str(video), cache_dir=str(cache),
-                              identity=(str(video), "clip"), preprocess=PRE, train=train,
+                              identity=(str(video), "clip"), preprocess=pre, train=train,
                               generator=torch.Generator().manual_seed(seed), name=str(video))
 
 
-def test_evaluation_window_equals_load_clip_centred_window(video: Path, tmp_path: Path):
-    frames, times = cached(video, tmp_path, train=False)
-    ref_frames, ref_times = load_clip(video, num_frames=PRE.num_frames, fps=PRE.fps, size=PRE.size, train=False,
-                                      mean=PRE.mean, std=PRE.std)
+# 8 frames at 2 FPS, and the demo's 4 at 1 FPS (whose centred start, 0.5 s, lies between seconds)
+@pytest.mark.parametrize("pre", [PRE, PreprocessConfig(num_frames=4, fps=1.0, size=32)])
+def test_evaluation_window_equals_load_clip_centred_window(video: Path, tmp_path: Path, pre: PreprocessConfig):
+    frames, times = cached(video, tmp_path, train=False, pre=pre)
+    ref_frames, ref_times = load_clip(video, num_frames=pre.num_frames, fps=pre.fps, size=pre.size, train=False,
+                                      mean=pre.mean, std=pre.std)
     torch.testing.assert_close(frames, ref_frames, atol=1e-6, rtol=0)
     torch.testing.assert_close(times, ref_times.double())
 
 
 def test_training_windows_are_load_clip_windows_on_the_grid_and_cover_every_start(video: Path, tmp_path: Path):
     starts = set()
-    for seed in range(40):
+    for seed in range(60):
         frames, times = cached(video, tmp_path, train=True, seed=seed)
         start = float(times[0])
         ref_frames, ref_times = reference(video, start)
         torch.testing.assert_close(frames, ref_frames, atol=1e-6, rtol=0)
         torch.testing.assert_close(times, ref_times.double())
         starts.add(start)
-    # A 5 s video on a 2 FPS grid holds 10 frames: windows of 8 start at 0, 0.5 or 1.0 s.
-    assert starts == {0.0, 0.5, 1.0}
+    # A 5 s video is cached on a grid 3 times finer than 2 FPS (30 frames, 1/6 s apart; 3 x 10 is
+    # within the 4 windows' worth of frames the cache keeps): windows of 8 frames 0.5 s apart span
+    # 22 grid frames and start at any of the 9 grid points 0, 1/6, ..., 8/6 s.
+    assert sorted(starts) == pytest.approx([k / 6 for k in range(9)])
 
 
 def test_second_call_reads_the_cache_and_a_changed_video_is_decoded_again(video: Path, tmp_path: Path, monkeypatch):

@@ -60,6 +60,8 @@ def test_overrides_are_parsed_as_yaml(tmp_path: Path):
     ("precision=fp8", "precision must be"),
     ("parallel.activation_checkpointing=[mlp]", "unknown \\['mlp'\\]"),
     ("optimizer.lr", "not key=value"),
+    ("data.task=qa", "data.task must be one of caption, videoqa, caption\\+videoqa"),
+    ("data.texts_per_clip=-1", "data.texts_per_clip must be >= 0"),
 ])
 def test_bad_recipes_name_the_file_and_the_field(override: str, message: str):
     path = ROOT / "configs" / "pretrain-tiny.yaml"

@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -297,8 +298,12 @@ class SampleRef:
 
 @dataclass
 class Sample:
-    """A decoded sample. video: [F, 3, S, S] float32; timestamps: [F] seconds; input_ids/labels: a list
-    of [T] long tensors, one per text of the clip (after tokenize_sample)."""
+    """A decoded sample. video: [F, 3, S, S] float32; timestamps: [F] seconds; input_ids/labels: one
+    list of token ids per text of the clip (after tokenize_sample).
+
+    Token ids stay Python lists until ``collate``: a worker process hands each tensor to the main
+    process through its own shared-memory file descriptor, and with eight texts a clip those
+    hand-overs took a third of a training step's time."""
 
     index: int
     key: str
@@ -635,8 +640,11 @@ def decode_sample(
     return Sample(index, ref.key, ref.source, meta, frames, torch.as_tensor(timestamps, dtype=torch.float64))
 
 
-# Most grid frames one video keeps in the cache: four windows' worth (a 4 s window of a 16 s clip).
+# Most sample frames one video keeps in the cache: four windows' worth (a 4 s window of a 16 s clip).
 CACHE_MAX_WINDOWS = 4
+# A short video is cached on a grid up to this many times finer than 1 / fps, so that training
+# windows start at many points (0.25 s apart at 1 FPS) rather than a few whole seconds apart.
+CACHE_SUBSTEPS = 4
 
 
 def cached_clip(
@@ -646,12 +654,14 @@ def cached_clip(
     """Stage 8 with a clip cache: the clip ``load_clip`` would give, minus the decoding after the first time.
 
     Decoding H.264 costs a tiny model about as much CPU as training on the clip, and every epoch
-    decodes every clip again. Here each video is decoded once onto the time grid ``k / fps``
-    (``k = 0 .. G-1``, ``G`` covering the video up to ``CACHE_MAX_WINDOWS`` windows, centred in a
-    longer video), centre-cropped, and kept as uint8 in ``cache_dir`` (one ``.npz`` per video,
-    keyed by its file, size, mtime, sample key and the preprocessing spec). A training window
-    starts at a grid point drawn from ``generator``; evaluation takes the centre one. Compared
-    with ``load_clip(train=True)`` the window start is drawn from the grid rather than from a
+    decodes every clip again. Here each video is decoded once onto the time grid ``k / (fps s)``
+    (``s`` up to ``CACHE_SUBSTEPS`` sub-steps per frame interval for a short video, 1 for a long
+    one; the grid covers the video up to ``CACHE_MAX_WINDOWS`` windows' worth of frames, centred
+    in a longer video), centre-cropped, and kept as uint8 in ``cache_dir`` (one ``.npz`` per
+    video, keyed by its file, size, mtime, sample key and the preprocessing spec). A window is
+    every ``s``-th grid frame: training starts it at a grid point drawn from ``generator``;
+    evaluation at ``load_clip``'s centred start, which the grid goes through. Compared with
+    ``load_clip(train=True)`` the window start is drawn from the grid rather than from a
     continuum, and there is no random crop. Returns ``(frames [F, 3, S, S] float32 normalised,
     timestamps [F] float64)``; raises ``BadSample`` as ``load_clip`` does.
     """
@@ -663,11 +673,13 @@ def cached_clip(
     source, key = identity
     stat = os.stat(source)
     pre = preprocess
-    ident = f"{os.path.abspath(source)}|{stat.st_size}|{stat.st_mtime_ns}|{key}|{pre.size}|{pre.fps}"
+    ident = f"{os.path.abspath(source)}|{stat.st_size}|{stat.st_mtime_ns}|{key}|{pre.size}|{pre.fps}|{pre.num_frames}"
     path = Path(cache_dir) / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.npz"
     try:
         with np.load(path, allow_pickle=False) as stored:
-            pixels, grid_times = stored["pixels"], stored["timestamps"]  # [G, 3, S, S] uint8, [G]
+            # [G, 3, S, S] uint8, [G] seconds, grid steps per frame interval, evaluation's start
+            pixels, grid_times = stored["pixels"], stored["timestamps"]
+            sub, eval_start = int(stored["substeps"]), int(stored["eval_start"])
     except (OSError, ValueError, KeyError):  # not cached yet (or a damaged entry: decode again)
         try:
             with av.open(io.BytesIO(video_source) if isinstance(video_source, bytes) else video_source) as c:
@@ -676,29 +688,36 @@ def cached_clip(
                             else (c.duration or 0) / 1e6)
         except Exception:  # noqa: BLE001 - load_clip below names what is wrong with the file
             duration = 0.0
-        grid = int(duration * pre.fps + 1e-6)
-        grid = min(max(grid, pre.num_frames), CACHE_MAX_WINDOWS * pre.num_frames)
-        first = max(0.0, (duration - grid / pre.fps) / 2)  # centre the grid in a longer video
-        first = round(first * pre.fps) / pre.fps  # ... on the grid, so evaluation's centre is a grid point
-        frames, grid_times = load_clip(video_source, num_frames=grid, fps=pre.fps, size=pre.size, start=first,
+        most = CACHE_MAX_WINDOWS * pre.num_frames
+        sub = max(1, min(CACHE_SUBSTEPS, most // max(1, math.ceil(duration * pre.fps - 1e-6))))
+        rate = pre.fps * sub
+        span = (pre.num_frames - 1) * sub + 1  # grid frames one window covers
+        # The grid goes through load_clip's centred window start, so that evaluation sees exactly
+        # load_clip's frames, and reaches back from it as far as the video (or the cap) allows.
+        centre = max(0.0, (duration - pre.num_frames / pre.fps) / 2)
+        eval_start = min(math.floor(centre * rate + 1e-6), max(0, (most * sub - span) // 2))
+        first = centre - eval_start / rate
+        grid = min(max(int((duration - first) * rate + 1e-6), span, eval_start + span), most * sub)
+        frames, grid_times = load_clip(video_source, num_frames=grid, fps=rate, size=pre.size, start=first,
                                        train=False, normalize=False, name=name)
         pixels = (frames * 255.0).round_().to(torch.uint8).numpy()
         grid_times = grid_times.numpy()
         os.makedirs(cache_dir, exist_ok=True)
         # Written under a temporary name and renamed: a concurrent reader never sees half a file.
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, pixels=pixels, timestamps=grid_times)
+        np.savez(tmp, pixels=pixels, timestamps=grid_times, substeps=sub, eval_start=eval_start)
         os.replace(tmp, path)
-    starts = len(pixels) - pre.num_frames  # the last grid index a window may start at
+    span = (pre.num_frames - 1) * sub + 1
+    starts = len(pixels) - span  # the last grid index a window may start at
     if train:
         start = int(torch.randint(0, starts + 1, (1,), generator=generator))
     else:
-        start = starts // 2
-    window = torch.from_numpy(pixels[start:start + pre.num_frames].astype(np.float32))  # [F, 3, S, S]
+        start = min(eval_start, starts)
+    window = torch.from_numpy(pixels[start:start + span:sub].astype(np.float32))  # [F, 3, S, S]
     std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
     mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
     window.mul_(1.0 / (255.0 * std)).sub_(mean / std)  # (x / 255 - mean) / std, as load_clip does
-    return window, torch.from_numpy(np.asarray(grid_times[start:start + pre.num_frames], dtype=np.float64))
+    return window, torch.from_numpy(np.asarray(grid_times[start:start + span:sub], dtype=np.float64))
 
 
 def _read_member(f, where: tuple[int, int]) -> bytes:
@@ -725,7 +744,7 @@ def tokenize_sample(
 ) -> Sample | Skip:
     """Stage 9. Choose the clip's texts (deterministically per sample) and encode each one.
 
-    ``item.input_ids`` / ``item.labels`` become lists of 1-D tensors, one per text: the caption
+    ``item.input_ids`` / ``item.labels`` become lists of token-id lists, one per text: the caption
     or one QA item by default, or several (``texts_per_clip``, see ``make_examples``)."""
     from videollama.data.tokenizer import encode_example, make_examples
 
@@ -746,8 +765,8 @@ def tokenize_sample(
             input_ids, labels = encode_example(tokenizer, prompt, target, max_len)
         except ValueError as e:  # encode_example never cuts the target; such a sample cannot train
             return Skip(item.index, item.key, item.source, TARGET_TOO_LONG, f"{item.key}: {e}")
-        item.input_ids.append(torch.as_tensor(input_ids, dtype=torch.long))
-        item.labels.append(torch.as_tensor(labels, dtype=torch.long))
+        item.input_ids.append(list(input_ids))
+        item.labels.append(list(labels))
     return item
 
 
@@ -757,11 +776,8 @@ def collate(samples: list[Sample], *, pad_id: int) -> dict[str, Any]:
     per clip); timestamps [B, F]."""
     rows = [(i, ids, lab) for i, s in enumerate(samples) for ids, lab in zip(s.input_ids, s.labels)]
     length = max(len(ids) for _, ids, _ in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    for r, (_, ids, lab) in enumerate(rows):
-        input_ids[r, : len(ids)] = ids
-        labels[r, : len(lab)] = lab
+    input_ids = torch.tensor([list(ids) + [pad_id] * (length - len(ids)) for _, ids, _ in rows], dtype=torch.long)
+    labels = torch.tensor([list(lab) + [IGNORE_INDEX] * (length - len(lab)) for _, _, lab in rows], dtype=torch.long)
     return {
         "video": torch.stack([s.video for s in samples]),  # [B, F, 3, S, S]
         "input_ids": input_ids,
@@ -818,6 +834,12 @@ class _EpochStream(IterableDataset):
                     item, tokenizer=p.tokenizer, task=p.task, max_len=p.max_len, seed=p.seed, epoch=self.epoch,
                     texts_per_clip=p.texts_per_clip,
                 )
+            if info is not None and isinstance(item, Sample):
+                # To the main process as numpy, pickled into the worker's pipe: a tensor would go
+                # through a shared-memory file descriptor of its own, a socket round trip each
+                # (2 ms apiece here, a sixth of a tiny model's training step). epoch_items turns
+                # them back into tensors.
+                item.video, item.timestamps = item.video.numpy(), item.timestamps.numpy()
             yield item
 
 
@@ -826,9 +848,12 @@ def _worker_init(_worker_id: int) -> None:
 
 
 def epoch_items(
-    plan: _Plan, epoch: int, start: int, *, num_workers: int, timeout_s: float = 600.0
+    plan: _Plan, epoch: int, start: int, *, num_workers: int, timeout_s: float = 600.0, prefetch: int = 2
 ) -> Iterator[Sample | Skip]:
-    """Run one epoch's stream (in ``num_workers`` processes) and yield items in sequence order."""
+    """Run one epoch's stream (in ``num_workers`` processes) and yield items in sequence order.
+
+    ``prefetch``: samples each worker keeps ready ahead of the consumer (a batch's worth keeps a
+    training step from waiting on the next clip)."""
     dataset = _EpochStream(plan, epoch, start)
     if num_workers == 0:
         yield from dataset
@@ -837,13 +862,15 @@ def epoch_items(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = DataLoader(
         dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
-        timeout=timeout_s, prefetch_factor=2,
+        timeout=timeout_s, prefetch_factor=max(2, prefetch),
     )
     # DataLoader already visits workers round-robin, which is sequence order here; re-ordering by
     # index anyway keeps the guarantee independent of that implementation detail.
     pending: dict[int, Sample | Skip] = {}
     expected = start
     for item in loader:
+        if isinstance(item, Sample):
+            item.video, item.timestamps = torch.from_numpy(item.video), torch.from_numpy(item.timestamps)
         pending[item.index] = item
         while expected in pending:
             yield pending.pop(expected)
@@ -1029,7 +1056,8 @@ class VideoTextLoader:
             usable = 0
             first = position
             for item in epoch_items(
-                self.plan, epoch, position, num_workers=self.num_workers, timeout_s=self.worker_timeout_s
+                self.plan, epoch, position, num_workers=self.num_workers, timeout_s=self.worker_timeout_s,
+                prefetch=-(-self.batch_size // max(1, self.num_workers)),
             ):
                 position = item.index + 1
                 accounting.count(item)

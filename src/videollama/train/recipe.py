@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from videollama.data.tokenizer import TASKS
+
 # Parts of the model that `freeze` may name; the loop maps each to its submodules.
 FREEZABLE = ("vision", "temporal", "resampler", "decoder", "cross_attn", "embeddings")
 # Block types that activation checkpointing may wrap (see parallel.py).
@@ -164,8 +166,10 @@ class TrainConfig:
             raise ValueError(f"data.kind must be webdataset or synthetic, not {self.data.kind!r}")
         if self.data.kind == "webdataset" and not self.data.sources:
             raise ValueError("data.sources is empty (give shard folders/globs or a JSONL file, or --data)")
-        if self.data.task not in ("caption", "videoqa"):
-            raise ValueError(f"data.task must be caption or videoqa, not {self.data.task!r}")
+        if self.data.task not in TASKS:
+            raise ValueError(f"data.task must be one of {', '.join(TASKS)}, not {self.data.task!r}")
+        if self.data.texts_per_clip < 0:
+            raise ValueError(f"data.texts_per_clip must be >= 0 (0: every text of a clip), not {self.data.texts_per_clip}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
         if self.micro_batch < 1 or self.global_batch < 1 or self.max_steps < 0:
