@@ -66,7 +66,7 @@ class PerceiverResampler(nn.Module):
 
     ``num_latents: 0`` turns resampling off: the "latents" are then the frame tokens themselves,
     [B, F*N, D_v], each with its frame's time embedding. For a small input (the Shapes model's
-    8 x 65 tokens) that costs little, and the decoder's cross-attention can pick out one object's
+    4 x 65 tokens) that costs little, and the decoder's cross-attention can pick out one object's
     tokens by what it asks about ("the red square") instead of depending on learned latent
     queries to have kept every object apart (bench/results/demo.md measures the difference).
     """
