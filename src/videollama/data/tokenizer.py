@@ -141,6 +141,14 @@ def encode_example(tok: Tokenizer, prompt: str, target: str, max_len: int) -> tu
 TASKS = ("caption", "videoqa", "caption+videoqa")
 
 
+def _qa_examples(meta: dict, task: str) -> list[tuple[str, str]]:
+    """``(prompt, answer)`` for every QA item of a sample's JSON; raises if it has none."""
+    qa = meta.get("qa")
+    if not qa:
+        raise ValueError(f"{meta.get('key', 'sample')}: task {task!r} needs a non-empty 'qa' list in the sample's JSON")
+    return [(videoqa_prompt(q["question"], q.get("options")), q["answer"]) for q in qa]
+
+
 def make_example(meta: dict, task: str, rng: random.Random) -> tuple[str, str]:
     """``(prompt, target)`` from a shard sample's JSON: its caption, or one random QA item.
 
@@ -153,11 +161,7 @@ def make_example(meta: dict, task: str, rng: random.Random) -> tuple[str, str]:
             raise ValueError(f"{where}: no 'caption' string in the sample's JSON")
         return caption_prompt(), meta["caption"]
     if task == "videoqa":
-        qa = meta.get("qa")
-        if not qa:
-            raise ValueError(f"{where}: task 'videoqa' needs a non-empty 'qa' list in the sample's JSON")
-        item = rng.choice(qa)
-        return videoqa_prompt(item["question"], item.get("options")), item["answer"]
+        return rng.choice(_qa_examples(meta, task))
     raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
 
 
@@ -185,10 +189,7 @@ def make_examples(meta: dict, task: str, rng: random.Random, texts_per_clip: int
             raise ValueError(f"{where}: no 'caption' string in the sample's JSON")
         texts += [(caption_prompt(), c) for c in captions]
     if task in ("videoqa", "caption+videoqa"):
-        qa = meta.get("qa")
-        if not qa:
-            raise ValueError(f"{where}: task {task!r} needs a non-empty 'qa' list in the sample's JSON")
-        texts += [(videoqa_prompt(q["question"], q.get("options")), q["answer"]) for q in qa]
+        texts += _qa_examples(meta, task)
     if texts_per_clip == 0 or texts_per_clip >= len(texts):
         return texts
     return rng.sample(texts, texts_per_clip)
