@@ -9,38 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from helpers import dcp_model_tensors, small_cfg
 from videollama.train import checkpoint as ckpt
 from videollama.train.loop import train
-from videollama.train.recipe import TrainConfig
-
-
-def small_cfg(**top) -> TrainConfig:
-    d = {
-        "model": {"preset": "tiny", "overrides": {"preprocess.num_frames": 2, "preprocess.size": 32,
-                                                  "vision.image_size": 32, "vision.max_frames": 2}},
-        "data": {"kind": "synthetic", "synthetic_seq_len": 12},
-        "optimizer": {"lr": 2e-3}, "schedule": {"warmup_steps": 1},
-        "global_batch": 2, "micro_batch": 2, "max_steps": 4,
-        "log": {"tensorboard": False, "progress": False},
-        "checkpoint": {"every": 2, "keep": 5}, "seed": 1, "deterministic": True,
-    }
-    for k, v in top.items():
-        if isinstance(v, dict):
-            d.setdefault(k, {}).update(v)
-        else:
-            d[k] = v
-    return TrainConfig.from_dict(d)
-
-
-def dcp_model_tensors(path: Path) -> dict[str, torch.Tensor]:
-    meta = dcp.FileSystemReader(str(path)).read_metadata()
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
-             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    return {k.removeprefix("model."): v for k, v in state.items()}
 
 
 def test_crash_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch):

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from test_shards import FUZZ_PRE, build_fuzz_shard, good_meta, good_video, no_hang  # noqa: F401
+from helpers import FUZZ_PRE, build_fuzz_shard, good_meta, good_video
 from videollama.cli import main
 from videollama.data.clip import load_clip
 from videollama.data.shards import write_shards
+
+pytestmark = pytest.mark.usefixtures("no_hang")  # fail instead of hanging the suite (conftest.py)
 
 FUZZ_ARGS = ["--num-frames", str(FUZZ_PRE.num_frames), "--fps", str(FUZZ_PRE.fps), "--size", str(FUZZ_PRE.size)]
 

@@ -1,21 +1,21 @@
 """Shard writer and reader: bad data is skipped and counted, positions resume exactly.
 
 Test clips are tiny (64x48 px, 1 s at 25 FPS, decoded to 4 frames of 16x16) so every test runs in
-seconds. The bad videos come from tests/badvideos.py, the same table load_clip is tested with.
+seconds. The bad videos come from tests/badvideos.py, the same table load_clip is tested with;
+the good clips and the fuzz shard from tests/helpers.py.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import signal
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from badvideos import BAD_VIDEOS, encode_video, pattern_frame
+from badvideos import BAD_VIDEOS
+from helpers import FUZZ_PRE, add_member, build_fuzz_shard, good_meta, good_video
 from videollama.config import PreprocessConfig
 from videollama.data import errors
 from videollama.data.shards import (
@@ -32,87 +32,8 @@ from videollama.data.shards import (
 )
 
 PRE = PreprocessConfig(num_frames=4, fps=8.0, size=16)
-# The reference 4 s window (16 frames at 4 FPS), which badvideos.too_many_frames is built against.
-FUZZ_PRE = PreprocessConfig(num_frames=16, fps=4.0, size=16)
 
-
-@pytest.fixture(autouse=True)
-def no_hang():
-    """Fail (instead of hanging the suite) if a test runs past 90 s."""
-
-    def on_alarm(signum, frame):
-        raise TimeoutError("test exceeded 90 s: the pipeline hangs")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(90)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
-def good_video(seed: int) -> bytes:
-    """1 s at 25 FPS; the pattern shifts with ``seed`` so every clip has different pixels."""
-    return encode_video(num_frames=25, frame_fn=lambda i, w, h: pattern_frame(i + 5 * seed, w, h))
-
-
-def good_meta(i: int) -> dict:
-    return {
-        "caption": f"a red square moves left number {i}.",
-        "qa": [
-            {"question": "what color is the square?", "answer": "red", "kind": "static"},
-            {"question": "which way does the red square move?", "answer": "left", "kind": "temporal"},
-        ],
-    }
-
-
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def build_fuzz_shard(path: Path, n_good: int = 4) -> tuple[list[str], dict[str, int]]:
-    """One shard with good samples between every kind of bad one, its tail truncated.
-
-    Returns (good keys in order, expected skip counts by reason).
-    """
-    expected: dict[str, int] = {}
-    good: list[str] = []
-
-    def expect(reason: str) -> None:
-        expected[reason] = expected.get(reason, 0) + 1
-
-    with tarfile.open(path, "w") as tar:
-        for i in range(n_good):
-            key = f"good{i:02d}"
-            add_member(tar, f"{key}.mp4", good_video(i))
-            add_member(tar, f"{key}.json", json.dumps(good_meta(i)).encode())
-            good.append(key)
-            if i == 0:  # every bad video right after the first good sample
-                for name, (make, reason) in BAD_VIDEOS.items():
-                    add_member(tar, f"bad_{name}.mp4", make())
-                    add_member(tar, f"bad_{name}.json", json.dumps(good_meta(99)).encode())
-                    expect(reason)
-            if i == 1:
-                add_member(tar, "no_json.mp4", good_video(50))  # missing JSON
-                expect(errors.MISSING_JSON)
-                add_member(tar, "bad_json.mp4", good_video(51))
-                add_member(tar, "bad_json.json", b'{"caption": "unterminated')
-                expect(errors.INVALID_JSON)
-                add_member(tar, "list_json.mp4", good_video(52))
-                add_member(tar, "list_json.json", b"[1, 2, 3]")  # valid JSON, but not an object
-                expect(errors.INVALID_JSON)
-                add_member(tar, "no_video.json", json.dumps(good_meta(53)).encode())  # missing mp4
-                expect(errors.MISSING_VIDEO)
-        # The last sample is cut in the middle of its video: the tail of a half-copied shard.
-        add_member(tar, "cut.mp4", good_video(60))
-        add_member(tar, "cut.json", json.dumps(good_meta(60)).encode())
-        expect(errors.TRUNCATED_TAR)
-    with tarfile.open(path) as tar:
-        cut = tar.getmember("cut.mp4")
-    data = path.read_bytes()
-    path.write_bytes(data[: cut.offset_data + cut.size // 2])
-    return good, expected
+pytestmark = pytest.mark.usefixtures("no_hang")  # fail instead of hanging the suite (conftest.py)
 
 
 def counts(items) -> tuple[list[str], dict[str, int]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_checkpoint import dcp_model_tensors, small_cfg
+from helpers import dcp_model_tensors, small_cfg
 from videollama.train import checkpoint as ckpt
 from videollama.train.loop import param_groups, part_of, train
 from videollama.train.recipe import TrainConfig
