@@ -1,4 +1,8 @@
-"""Weight import: parity with Hugging Face Llama and CLIP on tiny random checkpoints."""
+"""Weight import: parity with Hugging Face Llama and CLIP on tiny random checkpoints.
+
+The one Hugging Face parity suite: Llama with GQA (untied) and MHA (tied), unpadded and left-padded;
+CLIPVisionModel and CLIPModel, one image and a multi-frame video with the gates closed.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +60,12 @@ def test_llama_parity(tmp_path, tie, kv_heads):
         got = ours(ids).logits
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-4
+    # Left padding: HF's positions come from the mask too; compare the real positions.
+    mask = torch.tensor([[0, 0, 0] + [1] * 14, [1] * 17])
+    with torch.no_grad():
+        ours_padded = ours(ids, attention_mask=mask).logits
+        hf_padded = hf(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    torch.testing.assert_close(ours_padded[0, 3:], hf_padded[0, 3:], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("full_clip", [False, True])
