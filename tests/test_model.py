@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from videollama.config import VideoLlamaConfig, replace
+from videollama.config import VideoLlamaConfig
 from videollama.model import VideoLlama, lm_loss
 
 V = 1024  # tiny vocabulary
@@ -19,7 +19,7 @@ V = 1024  # tiny vocabulary
 
 def tiny(**overrides) -> VideoLlamaConfig:
     cfg = VideoLlamaConfig.from_name("tiny")
-    return replace(cfg, overrides) if overrides else cfg
+    return cfg.with_overrides(overrides) if overrides else cfg
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +186,54 @@ def test_loss_matches_manual_cross_entropy_and_trains(model):
     m(x, video(), labels=labels).loss.backward()
     assert m.vision.temporal[0].gate.grad.abs().sum() > 0
     assert m.vision.frame_diff.gate.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("tiny", {}),
+    ("shapes", {}),  # open gates, no resampler, initializer_range 0.1
+    ("tiny", {"decoder.tie_word_embeddings": True}),
+])
+def test_meta_build_plus_init_weights_equals_eager_build(preset, overrides):
+    """The model owns its initialisation: built on meta, allocated with to_empty and given
+    init_weights() under the same seed, it equals the model the constructor builds, value for
+    value; every parameter is covered (none keeps the NaN it was allocated with)."""
+    cfg = VideoLlamaConfig.from_name(preset, **overrides)
+    torch.manual_seed(7)
+    eager = VideoLlama(cfg)
+    with torch.device("meta"):
+        lazy = VideoLlama(cfg)
+    assert all(p.is_meta for p in lazy.parameters())
+    lazy.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in lazy.parameters():
+            p.fill_(float("nan"))
+    torch.manual_seed(7)
+    lazy.init_weights()
+    expected, got = eager.state_dict(), lazy.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    if cfg.decoder.tie_word_embeddings:
+        assert lazy.lm_head.weight is lazy.decoder.embed_tokens.weight
+    # Gates start at the config's value; the generic rule's std is the config's initializer_range.
+    gate = cfg.decoder.cross_attn_gate_init
+    assert all(p.item() == gate for n, p in lazy.named_parameters() if n.endswith(("attn_gate", "ff_gate")))
+    std = lazy.decoder.layers[0].mlp.up_proj.weight.detach().std().item()
+    assert std == pytest.approx(cfg.initializer_range, rel=0.1)
+
+
+def test_init_weights_reinitialises_a_trained_model():
+    torch.manual_seed(0)
+    fresh = VideoLlama(tiny())
+    torch.manual_seed(1)
+    trained = VideoLlama(tiny())
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    torch.manual_seed(0)
+    trained.init_weights()
+    for (name, a), b in zip(fresh.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_tied_embeddings():

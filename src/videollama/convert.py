@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from videollama.config import VideoLlamaConfig, replace
+from videollama.config import VideoLlamaConfig
+from videollama.model.parts import CLIP_PREFIXES, LLAMA_PREFIXES, part_of
 
 # (checkpoint prefix, our prefix); keys matching no prefix are dropped (listed in DROPPED_*).
-LLAMA_RENAMES = [("model.", "decoder."), ("lm_head.", "lm_head.")]
-CLIP_RENAMES = [("vision_model.", "vision.")] + [
-    # transformers >= 5 saves a bare CLIPVisionModel without the `vision_model.` prefix.
-    (p, "vision." + p) for p in ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
-]
+LLAMA_RENAMES = list(LLAMA_PREFIXES)
+CLIP_RENAMES = list(CLIP_PREFIXES)
 # Keys a CLIP checkpoint may carry that the video encoder does not use.
 CLIP_DROPPED_PREFIXES = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
 # Non-persistent buffers some transformers versions still save.
@@ -189,7 +186,7 @@ def convert(*, llama: str | Path | None = None, vision: str | Path | None = None
                 continue
             imported[new] = v
     cfg_over.update(overrides or {})
-    cfg = replace(VideoLlamaConfig.from_name(preset), cfg_over)
+    cfg = VideoLlamaConfig.from_name(preset).with_overrides(cfg_over)
     cfg.name = f"{preset}-converted"
 
     torch.manual_seed(seed)
@@ -220,12 +217,10 @@ def load_imported(model, imported: dict, parts: list[str]) -> None:
         if tuple(own[k].shape) != tuple(v.shape):
             raise ValueError(f"convert: tensor {k!r}: checkpoint shape {tuple(v.shape)} != model shape "
                              f"{tuple(own[k].shape)}")
-    expected = set()
-    for k in own:
-        if "decoder" in parts and (k.startswith("decoder.") or k == "lm_head.weight") and _from_llama(k):
-            expected.add(k)
-        if "vision" in parts and k.startswith("vision.") and _from_clip(k):
-            expected.add(k)
+    # The model parts (videollama.model.parts) that each checkpoint has a counterpart for.
+    from_checkpoints = {"decoder": ("decoder", "embeddings"), "vision": ("vision",)}
+    covered = {part for p in parts for part in from_checkpoints[p]}
+    expected = {k for k in own if part_of(k) in covered}
     # Vocabulary tensors may be deliberately left out (re-initialised); tied heads share storage.
     missing = sorted(k for k in expected - set(imported) if k not in _VOCAB_TENSORS)
     if missing:
@@ -236,17 +231,6 @@ def load_imported(model, imported: dict, parts: list[str]) -> None:
         params.update(dict(model.named_buffers()))
         for k, v in imported.items():
             params[k].copy_(v.to(params[k].dtype))
-
-
-def _from_llama(key: str) -> bool:
-    """Decoder tensors that a LlamaForCausalLM checkpoint has (not our cross-attention)."""
-    return not key.startswith("decoder.cross_attn_layers.")
-
-
-def _from_clip(key: str) -> bool:
-    """Vision tensors that a CLIP checkpoint has (not our temporal aggregation)."""
-    rest = key[len("vision."):]
-    return rest.startswith(("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm."))
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
@@ -272,12 +256,11 @@ def run(args: argparse.Namespace) -> int:
     model = convert(llama=args.llama, vision=args.vision, preset=args.preset, vocab_size=args.vocab_size,
                     seed=args.seed)
     out = Path(args.out)
-    model.save_pretrained(out)
+    tokenizer = None
     if args.tokenizer:
-        tok = Path(args.tokenizer)
-        tok = tok / "tokenizer.json" if tok.is_dir() else tok
-        if not tok.is_file():
-            raise FileNotFoundError(f"{tok}: tokenizer.json not found")
-        shutil.copyfile(tok, out / "tokenizer.json")
+        from videollama.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)  # checked before anything is written
+    model.save_pretrained(out, tokenizer=tokenizer)
     print(f"convert: wrote {out}")
     return 0

@@ -1,10 +1,25 @@
 """Single-device VideoLlama model code, one file per component.
 
-vision.py (ViT per frame + temporal aggregation), resampler.py (Perceiver resampler and gated
-cross-attention), decoder.py (Llama blocks), videollama.py (the composed model, loss and model
-directory format), generate.py (KV-cache generation and the ``generate`` command).
+layers.py (RMSNorm, SwiGLU, rotary), parts.py (which part a parameter belongs to, the blocks of
+each kind, Hugging Face prefixes), vision.py (ViT per frame + temporal aggregation), resampler.py
+(Perceiver resampler and gated cross-attention), decoder.py (Llama blocks), videollama.py (the
+composed model, init_weights, loss and model directory format), generate.py (KV-cache generation
+and the ``generate`` command).
+
+Attributes are imported lazily: ``videollama.model.parts`` is read by torch-free code (recipes).
 """
 
-from videollama.model.videollama import VideoLlama, VideoLlamaOutput, lm_loss
+from __future__ import annotations
 
-__all__ = ["VideoLlama", "VideoLlamaOutput", "lm_loss"]
+_EXPORTS = {"VideoLlama", "VideoLlamaOutput", "lm_loss"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        from videollama.model import videollama
+
+        return getattr(videollama, name)
+    raise AttributeError(f"module 'videollama.model' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

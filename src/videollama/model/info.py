@@ -14,15 +14,16 @@ import json
 from dataclasses import dataclass
 
 from videollama.config import VideoLlamaConfig
+from videollama.model.parts import DECODER_SIDE, PARTS, VISION_SIDE, part_of
 
 GiB = 2**30
 
 
 def count_params(config: VideoLlamaConfig) -> dict[str, int]:
-    """Parameters by part, counted on a meta-device model (shared tensors counted once).
+    """Parameters counted on a meta-device model (shared tensors counted once).
 
-    vision: ViT (+ temporal aggregation) and resampler; decoder: Llama blocks, cross-attention
-    blocks, embeddings and output head.
+    ``vision`` and ``decoder``: the two sides (videollama.model.parts.VISION_SIDE / DECODER_SIDE);
+    ``by_part``: per part of videollama.model.parts.PARTS.
     """
     import torch
 
@@ -30,28 +31,12 @@ def count_params(config: VideoLlamaConfig) -> dict[str, int]:
 
     with torch.device("meta"):
         model = VideoLlama(config)
-    parts = {"vit": 0, "temporal": 0, "resampler": 0, "llama_blocks": 0, "cross_attn": 0, "embeddings": 0}
+    by_part = dict.fromkeys(PARTS, 0)
     for name, p in model.named_parameters():  # named_parameters de-duplicates tied weights
-        parts[_part_of(name)] += p.numel()
-    vision = parts["vit"] + parts["temporal"] + parts["resampler"]
-    decoder = parts["llama_blocks"] + parts["cross_attn"] + parts["embeddings"]
-    return {"vision": vision, "decoder": decoder, "total": vision + decoder, **parts}
-
-
-def _part_of(name: str) -> str:
-    if name.startswith("vision."):
-        rest = name[len("vision."):]
-        clip = rest.startswith(("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm."))
-        return "vit" if clip else "temporal"
-    if name.startswith("resampler."):
-        return "resampler"
-    if name.startswith("decoder.cross_attn_layers."):
-        return "cross_attn"
-    if name.startswith(("decoder.embed_tokens.", "lm_head.")):
-        return "embeddings"
-    if name.startswith("decoder."):
-        return "llama_blocks"
-    raise ValueError(f"parameter {name!r} belongs to no known part")
+        by_part[part_of(name)] += p.numel()
+    vision = sum(by_part[k] for k in VISION_SIDE)
+    decoder = sum(by_part[k] for k in DECODER_SIDE)
+    return {"vision": vision, "decoder": decoder, "total": vision + decoder, "by_part": by_part}
 
 
 # ---- FLOPs ---------------------------------------------------------------------------------------
@@ -109,7 +94,7 @@ def forward_flops(config: VideoLlamaConfig, *, frames: int, tokens: int) -> dict
                        + _linear(tokens, xdim, H)
                        + 3 * _linear(tokens, H, d.cross_attn_ff_mult * H))   # SwiGLU feed-forward
     head = _linear(tokens, H, d.vocab_size)
-    out = {"vit": vit, "temporal": temporal, "resampler": resampler, "llama_blocks": llama,
+    out = {"vision": vit, "temporal": temporal, "resampler": resampler, "decoder": llama,
            "cross_attn": cross, "lm_head": head}
     out["total"] = sum(out.values())
     return out
@@ -189,11 +174,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     p, f, m = out["params"], out["flops"], out["memory_per_gpu_gib"]
     print(f"preset {out['preset']}")
-    print(f"  parameters  vision {p['vision'] / 1e9:8.3f} B  (ViT {p['vit'] / 1e9:.3f}, temporal "
-          f"{p['temporal'] / 1e9:.3f}, resampler {p['resampler'] / 1e9:.3f})")
-    print(f"              decoder {p['decoder'] / 1e9:7.3f} B  (Llama blocks {p['llama_blocks'] / 1e9:.3f}, "
-          f"cross-attn {p['cross_attn'] / 1e9:.3f}, embeddings {p['embeddings'] / 1e9:.3f})")
-    print(f"              total  {p['total'] / 1e9:8.3f} B")
+    b = p["by_part"]
+    print(f"  parameters  vision side {_count(p['vision'])}  (ViT {_count(b['vision'])}, temporal "
+          f"{_count(b['temporal'])}, resampler {_count(b['resampler'])})")
+    print(f"              decoder side {_count(p['decoder'])}  (Llama blocks {_count(b['decoder'])}, "
+          f"cross-attn {_count(b['cross_attn'])}, embeddings {_count(b['embeddings'])})")
+    print(f"              total {_count(p['total'])}")
     i = out["input"]
     print(f"  training FLOPs per sample ({i['frames']} frames at {i['fps']} FPS, {i['size']}px, {i['tokens']} "
           f"tokens): {f['train_per_sample'] / 1e12:.1f} TFLOP")
@@ -201,3 +187,12 @@ def run(args: argparse.Namespace) -> int:
           f"(state {m['sharded_state_gib']:.1f}, gathered params {m['gathered_params_gib']:.1f}, "
           f"activations {m['activations_gib']:.1f})")
     return 0
+
+
+def _count(n: int) -> str:
+    """A parameter count in the unit that reads best: 12.933 B, 32.3 M, 730 K."""
+    if n >= 1e9:
+        return f"{n / 1e9:.3f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} M"
+    return f"{n / 1e3:.0f} K" if n >= 1e3 else str(n)

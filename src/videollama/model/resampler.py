@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from videollama.config import ResamplerConfig
-from videollama.model.decoder import RMSNorm, SwiGLU
+from videollama.model.layers import RMSNorm, SwiGLU
 
 
 class PerceiverAttention(nn.Module):
@@ -76,12 +76,16 @@ class PerceiverResampler(nn.Module):
         self.resample = config.num_latents > 0
         # Small random (not zero) init: latents must tell frames apart from the first step.
         self.time_embedding = nn.Parameter(torch.empty(max_frames, dim))
-        nn.init.normal_(self.time_embedding, std=0.02)
         self.latents = nn.Parameter(torch.empty(config.num_latents, dim)) if self.resample else None
-        if self.latents is not None:
-            nn.init.normal_(self.latents, std=0.02)
         self.layers = nn.ModuleList(PerceiverLayer(config, dim) for _ in range(config.depth if self.resample else 0))
         self.norm = nn.LayerNorm(dim) if self.resample else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """This module's own parameters (the layers inside follow VideoLlama.init_weights' rule)."""
+        nn.init.normal_(self.time_embedding, std=0.02)
+        if self.latents is not None:
+            nn.init.normal_(self.latents, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, F, N, D_v] -> [B, L, D_v] (L = num_latents, or F*N without resampling)."""
@@ -154,8 +158,15 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_norm = RMSNorm(dim, eps)
         self.ff = SwiGLU(dim, ff_mult * dim)
         # Shape [1] rather than [] so that FSDP can shard it along dim 0 like every other tensor.
-        self.attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
-        self.ff_gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        self.gate_init = float(gate_init)
+        self.attn_gate = nn.Parameter(torch.empty(1))
+        self.ff_gate = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The gates (the norms and projections inside have their own rules)."""
+        nn.init.constant_(self.attn_gate, self.gate_init)
+        nn.init.constant_(self.ff_gate, self.gate_init)
 
     def project_media(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents [B, L, D_v] -> this block's (k, v); compute once per video, reuse every step."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from videollama.config import VideoLlamaConfig
-from videollama.model.decoder import Decoder, KVCache, RMSNorm
+from videollama.model.decoder import Decoder, KVCache
 from videollama.model.resampler import PerceiverResampler
 from videollama.model.vision import VisionEncoder
 
@@ -29,6 +29,7 @@ CONFIG_NAME = "config.json"
 PREPROCESSOR_NAME = "preprocessor.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_NAME = "tokenizer.json"
 IGNORE_INDEX = -100
 
 
@@ -61,33 +62,49 @@ class VideoLlama(nn.Module):
     def __init__(self, config: VideoLlamaConfig) -> None:
         super().__init__()
         self.config = config
-        self.vision = VisionEncoder(config.vision)
-        self.resampler = PerceiverResampler(config.resampler, dim=config.vision.hidden_size,
-                                            max_frames=config.vision.max_frames)
-        self.decoder = Decoder(config.decoder, media_dim=config.vision.hidden_size)
-        self.lm_head = nn.Linear(config.decoder.hidden_size, config.decoder.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        # The caller's device: "meta" inside `with torch.device("meta")`, where nothing is allocated.
+        device = torch.empty(0).device
+        # Built on the meta device, then allocated once and initialised once by init_weights (what
+        # torch.nn.utils.skip_init does): the constructors' own default inits would be thrown away,
+        # and the values would depend on how many random draws they made. So a model built here
+        # equals one built on meta, allocated with to_empty and given init_weights() under the same seed.
+        with torch.device("meta"):
+            self.vision = VisionEncoder(config.vision)
+            self.resampler = PerceiverResampler(config.resampler, dim=config.vision.hidden_size,
+                                                max_frames=config.vision.max_frames)
+            self.decoder = Decoder(config.decoder, media_dim=config.vision.hidden_size)
+            self.lm_head = nn.Linear(config.decoder.hidden_size, config.decoder.vocab_size, bias=False)
         self.tie_weights()
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights()
 
     # ---- construction ---------------------------------------------------------------
-    def _init_weights(self, module: nn.Module) -> None:
-        """HF-style init: normal(0, initializer_range) weights, zero biases, unit norms.
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter, from torch's global generator (seed it first for repeatability).
 
-        Parameters that are not in such modules (gates, latents, class and time embeddings)
-        are set by their own constructors: gates stay at exactly zero.
+        Linear, convolution and embedding weights: normal(0, initializer_range), biases 0; layer
+        norms: 1 and 0. Every other parameter belongs to a module with its own ``reset_parameters``
+        (RMSNorm weights 1; tanh gates at the config's start value, 0 unless a preset opens them;
+        class, time and temporal embeddings and resampler latents normal(0, 0.02)). This is the one
+        statement of the rule: the constructor calls it, and a model built on the meta device
+        calls it after ``to_empty`` (training does so after sharding, per rank).
         """
+        self.tie_weights()  # to_empty may have untied lm_head from the embedding
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
+            elif module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # only its own parameters; children come in this loop
 
     def tie_weights(self) -> None:
         if self.config.decoder.tie_word_embeddings:
@@ -209,15 +226,19 @@ class VideoLlama(nn.Module):
                                          kv_caches=kv_caches, start=start, media_index=media_index))
 
     # ---- model directory --------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, *, max_shard_size: int = 5 * 2**30) -> None:
-        """Write config.json, preprocessor.json and the weights as safetensors (sharded above
-        max_shard_size bytes). Tied output weights are stored once, as the embedding."""
+    def save_pretrained(self, directory: str | Path, *, tokenizer=None, max_shard_size: int = 5 * 2**30) -> None:
+        """Write a model directory: config.json, preprocessor.json, the weights as safetensors
+        (sharded above max_shard_size bytes; tied output weights stored once, as the embedding)
+        and, given ``tokenizer`` (a ``tokenizers.Tokenizer`` or the path of a tokenizer.json),
+        tokenizer.json: then ``videollama generate --model`` and ``videollama eval`` can use it."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_NAME)
         (directory / PREPROCESSOR_NAME).write_text(json.dumps(asdict(self.config.preprocess), indent=2) + "\n")
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, directory / TOKENIZER_NAME)
 
         state = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
         if self.config.decoder.tie_word_embeddings:
@@ -251,8 +272,11 @@ class VideoLlama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> VideoLlama:
-        """Load a model directory written by :meth:`save_pretrained` (or by ``videollama convert``)."""
+                        dtype: torch.dtype | None = None, return_tokenizer: bool = False):
+        """Load a model directory written by :meth:`save_pretrained` (or by ``videollama convert``).
+
+        Returns the model, or ``(model, tokenizer)`` with ``return_tokenizer=True`` (the
+        directory's tokenizer.json, an error if it has none)."""
         from safetensors import safe_open
 
         directory = Path(directory)
@@ -294,7 +318,28 @@ class VideoLlama(nn.Module):
             state["lm_head.weight"] = state["decoder.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
         model.tie_weights()  # assign=True replaced the shared Parameter with two
+        if return_tokenizer:
+            from videollama.data.tokenizer import load_tokenizer
+
+            return model, load_tokenizer(directory)
         return model
+
+
+def _save_tokenizer(tokenizer, path: Path) -> None:
+    """A ``tokenizers.Tokenizer`` is saved; a path (file, or folder holding tokenizer.json) is
+    checked by loading it, then copied byte for byte."""
+    import shutil
+
+    from videollama.data.tokenizer import load_tokenizer
+
+    if isinstance(tokenizer, (str, Path)):
+        source = Path(tokenizer)
+        source = source / TOKENIZER_NAME if source.is_dir() else source
+        load_tokenizer(source)  # a clear error for a missing or invalid file, before copying
+        if source.resolve() != path.resolve():
+            shutil.copyfile(source, path)
+    else:
+        tokenizer.save(str(path))
 
 
 def weight_files(directory: Path) -> dict[Path, list[str]]:

@@ -96,6 +96,9 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(config.num_channels, d, kernel_size=config.patch_size,
                                          stride=config.patch_size, bias=False)
         self.position_embedding = nn.Embedding(1 + config.num_patches, d)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         nn.init.normal_(self.class_embedding, std=0.02)
 
 
@@ -107,7 +110,12 @@ class TemporalAttentionBlock(nn.Module):
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = VisionAttention(config.hidden_size, config.num_heads)
         # Shape [1] rather than [] so that FSDP can shard it along dim 0 like every other tensor.
-        self.gate = nn.Parameter(torch.full((1,), float(config.gate_init)))
+        self.gate_init = float(config.gate_init)
+        self.gate = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gate, self.gate_init)
 
     def forward(self, x: torch.Tensor, time_embedding: torch.Tensor) -> torch.Tensor:
         """x: [B, F, N+1, D]; time_embedding: [F, D] -> [B, F, N+1, D]."""
@@ -129,7 +137,13 @@ class FrameDifference(nn.Module):
     def __init__(self, dim: int, *, gate_init: float = 0.0) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, dim)
-        self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        self.gate_init = float(gate_init)
+        self.gate = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The gate (``proj`` follows VideoLlama.init_weights' rule for linear layers)."""
+        nn.init.constant_(self.gate, self.gate_init)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """patches: [B, F, N, D] -> [B, F, N, D]. The first frame has no predecessor: zero difference."""
@@ -156,9 +170,13 @@ class VisionEncoder(nn.Module):
         num_temporal = config.num_layers // every if every > 0 else 0
         self.temporal = nn.ModuleList(TemporalAttentionBlock(config) for _ in range(num_temporal))
         self.temporal_embedding = nn.Parameter(torch.empty(config.max_frames, d)) if num_temporal else None
+        self.frame_diff = FrameDifference(d, gate_init=config.gate_init) if config.frame_diff else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The temporal position embedding (every block inside has its own rule)."""
         if self.temporal_embedding is not None:
             nn.init.normal_(self.temporal_embedding, std=0.02)
-        self.frame_diff = FrameDifference(d, gate_init=config.gate_init) if config.frame_diff else None
 
     def forward(self, video: torch.Tensor, *, apply_post_layernorm: bool = False) -> torch.Tensor:
         """video: [B, F, C, H, W] normalised pixels -> [B, F, 1+N, D], the last hidden state

@@ -1,0 +1,80 @@
+"""The parts of a VideoLlama model: which part a parameter belongs to, the blocks of each kind,
+and the Hugging Face name prefixes. The one place that knows the model's layout by name.
+
+Parts (each parameter belongs to exactly one):
+
+    vision       the CLIP ViT: patch/class/position embeddings, pre/post layer norms, its blocks
+    temporal     what we add for time: temporal attention blocks, temporal embedding, frame difference
+    resampler    the Perceiver resampler (or, with num_latents 0, only its time embedding)
+    decoder      the Llama blocks and the final norm
+    cross_attn   the gated cross-attention blocks
+    embeddings   the token embedding and the output head
+
+The vision side is ``vision + temporal + resampler``, the decoder side the other three. Recipes
+name parts in ``freeze`` and block kinds in ``parallel.activation_checkpointing``; ``videollama info``
+counts parameters by part; FSDP shards each block; convert renames by the prefixes below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+PARTS = ("vision", "temporal", "resampler", "decoder", "cross_attn", "embeddings")
+VISION_SIDE = ("vision", "temporal", "resampler")
+DECODER_SIDE = ("decoder", "cross_attn", "embeddings")
+# Kinds of block: each is sharded by FSDP on its own and may be activation-checkpointed.
+BLOCK_TYPES = ("vision", "temporal", "resampler", "decoder", "cross_attn")
+
+# The submodules of `vision.` that are Hugging Face CLIPVisionModel's own (`vision_model.` there).
+CLIP_MODULES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+# Hugging Face prefix -> ours.
+LLAMA_PREFIXES = (("model.", "decoder."), ("lm_head.", "lm_head."))
+CLIP_PREFIXES = (("vision_model.", "vision."),) + tuple(
+    # transformers >= 5 saves a bare CLIPVisionModel without the `vision_model.` prefix.
+    (p, "vision." + p) for p in CLIP_MODULES
+)
+
+
+def part_of(name: str) -> str:
+    """The part (one of PARTS) that the parameter or buffer called ``name`` belongs to."""
+    if name.startswith("vision."):
+        return "vision" if name[len("vision."):].startswith(CLIP_MODULES) else "temporal"
+    if name.startswith("resampler."):
+        return "resampler"
+    if name.startswith("decoder.cross_attn_layers."):
+        return "cross_attn"
+    if name.startswith(("decoder.embed_tokens.", "lm_head.")):
+        return "embeddings"
+    if name.startswith("decoder."):
+        return "decoder"
+    raise ValueError(f"parameter {name!r} belongs to no known part")
+
+
+def check_names(names: list[str], allowed: tuple[str, ...], what: str, noun: str = "") -> None:
+    """Raise a ValueError naming the unknown entries of ``names`` (recipe validation)."""
+    bad = sorted(set(names) - set(allowed))
+    if bad:
+        raise ValueError(f"{what}: unknown {noun + ' ' if noun else ''}{bad}; choose from {list(allowed)}")
+
+
+def blocks(model, block_type: str) -> Iterator[tuple[object | None, int, object]]:
+    """Yield ``(container, index, block)`` for every block of a kind of a VideoLlama.
+
+    ``container[index] is block`` for blocks held in a ModuleList, so a wrapper (activation
+    checkpointing) can replace it; the resampler is a single module (container None).
+    """
+    check_names([block_type], BLOCK_TYPES, "block type")
+    if block_type == "resampler":
+        if getattr(model, "resampler", None) is not None:
+            yield None, 0, model.resampler
+        return
+    container = {
+        "vision": lambda: model.vision.encoder.layers,
+        "temporal": lambda: getattr(model.vision, "temporal", None),
+        "decoder": lambda: model.decoder.layers,
+        "cross_attn": lambda: getattr(model.decoder, "cross_attn_layers", None),
+    }[block_type]()
+    if container is None:
+        return
+    for i, block in enumerate(container):
+        yield container, i, block
