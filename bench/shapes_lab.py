@@ -34,8 +34,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from videollama.config import VideoLlamaConfig, replace
-from videollama.data.shards import IGNORE_INDEX
+from videollama.config import VideoLlamaConfig
+from videollama.data.stages import IGNORE_INDEX
 from videollama.data.tokenizer import caption_prompt, encode_example, load_tokenizer, videoqa_prompt
 from videollama.demo import question_type
 from videollama.model.videollama import VideoLlama
@@ -45,7 +45,7 @@ GRID = 20  # frames at 4 FPS: t = 0 .. 4.75 s of a 5 s Shapes clip
 
 
 def _decode(job: tuple[str | bytes, int]) -> np.ndarray:
-    from videollama.data.clip import load_clip
+    from videollama.data.video import load_clip
 
     source, size = job
     frames, _ = load_clip(source, num_frames=GRID, fps=GRID_FPS, size=size, start=0.0, train=False, normalize=False)
@@ -171,7 +171,7 @@ def main() -> None:
     cfg = VideoLlamaConfig.from_name(a.preset)
     overrides = dict(kv.split("=", 1) for kv in a.set)
     if overrides:
-        cfg = replace(cfg, {k: yaml.safe_load(v) for k, v in overrides.items()})
+        cfg = cfg.with_overrides({k: yaml.safe_load(v) for k, v in overrides.items()})
     train, train_meta, held_out, held_out_meta = load_corpus(a.data, a.cache, cfg.preprocess.size)
     tok = load_tokenizer(a.data / "tokenizer.json")
     model = VideoLlama(cfg)

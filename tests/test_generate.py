@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from videollama.cli import main
-from videollama.config import VideoLlamaConfig, replace
+from videollama.config import VideoLlamaConfig
 from videollama.model import VideoLlama
 from videollama.model.generate import generate, sample
 
@@ -17,7 +17,7 @@ V = 1024
 def model(request) -> VideoLlama:
     torch.manual_seed(0)
     # num_latents 0: the decoder reads every frame token (the Shapes preset's choice).
-    m = VideoLlama(replace(VideoLlamaConfig.from_name("tiny"), {"resampler.num_latents": request.param})).eval()
+    m = VideoLlama(VideoLlamaConfig.from_name("tiny").with_overrides({"resampler.num_latents": request.param})).eval()
     # Open every gate so that the video really shapes the tokens being compared.
     with torch.no_grad():
         for block in m.vision.temporal:
@@ -159,8 +159,9 @@ def make_model_dir(tmp_path, **overrides):
     assert tok.get_vocab_size() <= V
     tok.save(str(tmp_path / "tokenizer.json"))
     torch.manual_seed(0)
-    cfg = VideoLlamaConfig.from_name("tiny")
-    model = VideoLlama(replace(cfg, overrides) if overrides else cfg).eval()
+    # The tokenizer's vocabulary: every id the random model can emit decodes to text.
+    cfg = VideoLlamaConfig.from_name("tiny").with_overrides({"decoder.vocab_size": tok.get_vocab_size(), **overrides})
+    model = VideoLlama(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
         for block in model.decoder.cross_attn_layers:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from videollama.config import VideoLlamaConfig, replace
+from videollama.config import VideoLlamaConfig
 from videollama.train.recipe import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ def test_every_recipe_loads_and_its_model_config_is_valid(path: Path):
     if cfg.model.preset is not None:
         model_cfg = VideoLlamaConfig.from_name(cfg.model.preset)
         if cfg.model.overrides:
-            replace(model_cfg, cfg.model.overrides)
+            model_cfg.with_overrides(cfg.model.overrides)
     else:
         assert cfg.model.init_from
     cfg.accumulation(1)  # the global batch splits on one rank

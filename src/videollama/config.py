@@ -11,9 +11,11 @@ is part of it, so training, evaluation and serving decode video identically.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from videollama.dataclass_io import build, set_dotted
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -132,7 +134,15 @@ class VideoLlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VideoLlamaConfig:
-        return _from_dict(cls, d)
+        """Build from a dict (``config.json``); values are coerced to the field types, unknown keys refused."""
+        return build(cls, d)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> VideoLlamaConfig:
+        """A copy with dotted overrides applied, e.g. ``{"decoder.num_layers": 2}``."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            set_dotted(d, key, value)
+        return type(self).from_dict(d)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -144,7 +154,7 @@ class VideoLlamaConfig:
             path = path / "config.json"
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
+        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a valid VideoLlama config: {e}") from e
 
     @classmethod
@@ -152,48 +162,7 @@ class VideoLlamaConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         cfg = cls.from_dict(PRESETS[name])
-        return replace(cfg, overrides) if overrides else cfg
-
-
-def _from_dict(cls: type, d: dict[str, Any]) -> Any:
-    """Build a (nested) dataclass from a dict; unknown keys are an error, not silence."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(d) - set(known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
-    kwargs = {}
-    for k, v in d.items():
-        sub = _NESTED.get((cls.__name__, k))
-        if sub is not None and isinstance(v, dict):
-            v = _from_dict(sub, v)
-        elif isinstance(v, list):
-            v = tuple(v)
-        kwargs[k] = v
-    return cls(**kwargs)
-
-
-def replace(cfg: VideoLlamaConfig, overrides: dict[str, Any]) -> VideoLlamaConfig:
-    """Return a copy with dotted overrides applied, e.g. ``{"decoder.num_layers": 2}``."""
-    d = cfg.to_dict()
-    for key, value in overrides.items():
-        node = d
-        *parents, leaf = key.split(".")
-        for p in parents:
-            if p not in node or not isinstance(node[p], dict):
-                raise ValueError(f"unknown config key {key!r}")
-            node = node[p]
-        if leaf not in node:
-            raise ValueError(f"unknown config key {key!r}")
-        node[leaf] = value
-    return VideoLlamaConfig.from_dict(d)
-
-
-_NESTED = {
-    ("VideoLlamaConfig", "vision"): VisionConfig,
-    ("VideoLlamaConfig", "resampler"): ResamplerConfig,
-    ("VideoLlamaConfig", "decoder"): DecoderConfig,
-    ("VideoLlamaConfig", "preprocess"): PreprocessConfig,
-}
+        return cfg.with_overrides(overrides) if overrides else cfg
 
 
 def _preset(name: str, vision: VisionConfig, resampler: ResamplerConfig, decoder: DecoderConfig,
@@ -276,17 +245,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
-def parse_value(text: str) -> Any:
-    """Parse a command-line override value (``key=value``) as YAML would."""
-    import yaml  # yaml is a core dependency and imports no torch
-
-    return yaml.safe_load(text)
-
-
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -296,7 +254,4 @@ __all__ = [
     "ResamplerConfig",
     "VideoLlamaConfig",
     "VisionConfig",
-    "parse_value",
-    "preset_names",
-    "replace",
 ]
