@@ -65,7 +65,10 @@ def test_export_writes_a_model_directory_with_the_checkpoint_weights(tmp_path: P
 
     run = tmp_path / "run"
     train(small_cfg(), run)
-    (run / "tokenizer.json").write_text('{"stand-in": true}')  # export copies the run's tokenizer
+    from videollama.data.tokenizer import train_tokenizer
+
+    # export copies the run's tokenizer (checked: a model directory's tokenizer must load)
+    train_tokenizer(["a red square moves left."] * 4, vocab_size=300).save(str(run / "tokenizer.json"))
     out = ckpt.export(run, tmp_path / "model", step=2)
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "preprocessor.json",
                                                "tokenizer.json"}
@@ -75,6 +78,7 @@ def test_export_writes_a_model_directory_with_the_checkpoint_weights(tmp_path: P
     assert saved.keys() == state.keys()
     for k in saved:
         assert torch.equal(saved[k], state[k]), k
+    assert (out / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
     # Step 2 and step 4 differ: export really picked the step asked for.
     later = dcp_model_tensors(run / "checkpoints" / "step-00000004")
     assert any(not torch.equal(later[k], state[k]) for k in later)

@@ -117,6 +117,6 @@ def test_shapes_preset_starts_with_open_gates_in_both_init_paths():
     assert len(gates) == 7
     for name, p in meta_built.named_parameters():
         if name in gates:
-            assert float(p) == float(fresh[name]) == 1.0, name
+            assert p.item() == fresh[name].item() == 1.0, name
     tiny = VideoLlama(VideoLlamaConfig.from_name("tiny"))
     assert all(float(p) == 0.0 for n, p in tiny.named_parameters() if n.endswith("gate"))

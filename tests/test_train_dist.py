@@ -229,7 +229,7 @@ def test_sigterm_writes_a_checkpoint_and_rerun_continues(recipe: Path, tmp_path:
 def test_compiled_blocks_with_activation_checkpointing_match_eager(recipe: Path, tmp_path: Path):
     # torchtitan's order on every block: checkpoint wrapper, then Module.compile (inductor, C++ on CPU).
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    ac = "parallel.activation_checkpointing=[vit,temporal,resampler,decoder,cross_attn]"
+    ac = "parallel.activation_checkpointing=[vision,temporal,resampler,decoder,cross_attn]"
     run_ok(train_cmd(recipe, eager, "max_steps=3", ac))
     run_ok(train_cmd(recipe, compiled, "max_steps=3", ac, "parallel.compile=true"), timeout=600)
     a, b = losses(eager), losses(compiled)

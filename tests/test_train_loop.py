@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from helpers import dcp_model_tensors, small_cfg
+from videollama.model.parts import part_of
 from videollama.train import checkpoint as ckpt
-from videollama.train.loop import param_groups, part_of, train
+from videollama.train.loop import train
+from videollama.train.optim import param_groups
 from videollama.train.recipe import TrainConfig
 
 
@@ -89,7 +91,7 @@ def test_activation_checkpointing_on_every_block_type_changes_nothing(tmp_path: 
     plain, ac = tmp_path / "plain", tmp_path / "ac"
     train(small_cfg(max_steps=3, checkpoint={"every": 0, "at_end": False}), plain)
     train(small_cfg(max_steps=3, checkpoint={"every": 0, "at_end": False},
-                    parallel={"activation_checkpointing": ["vit", "temporal", "resampler", "decoder", "cross_attn"]}),
+                    parallel={"activation_checkpointing": ["vision", "temporal", "resampler", "decoder", "cross_attn"]}),
           ac)
     a, b = losses(plain), losses(ac)
     assert all(abs(a[s] - b[s]) < 1e-6 for s in range(3)), (a, b)
@@ -110,6 +112,22 @@ def test_meta_device_init_matches_the_constructors_init(tmp_path: Path):
               "vision.embeddings.class_embedding", "vision.temporal_embedding", "lm_head.weight"):
         assert abs(float(w[k].std()) - 0.02) < 0.004, (k, float(w[k].std()))
     assert torch.count_nonzero(w["decoder.layers.0.self_attn.q_proj.weight"]) > 0
+
+
+def test_meta_init_under_fsdp_equals_the_eager_build_with_tied_embeddings(tmp_path: Path):
+    """Meta init re-ties the embeddings before init_weights, so tied models work on meta too: the
+    sharded, meta-built run and the eagerly built one give the same weights after two steps."""
+    runs = {}
+    for meta in (True, False):
+        cfg = small_cfg(max_steps=2, parallel={"meta_init": meta, "fsdp": True})
+        cfg.model.overrides["decoder.tie_word_embeddings"] = True
+        train(cfg, tmp_path / str(meta))
+        runs[meta] = dcp_model_tensors(ckpt.latest_checkpoint(tmp_path / str(meta)))
+    assert runs[True].keys() == runs[False].keys()
+    assert "lm_head.weight" not in runs[True] or torch.equal(runs[True]["lm_head.weight"],
+                                                           runs[True]["decoder.embed_tokens.weight"])
+    for k in runs[True]:
+        assert torch.equal(runs[True][k], runs[False][k]), k
 
 
 def test_weight_decay_skips_norms_biases_gates_and_embeddings():

@@ -178,13 +178,8 @@ def export(run_dir: str | Path, out: str | Path, *, step: int | None = None) -> 
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
     set_model_state_dict(model, state["model"])
-    model.save_pretrained(out)
-    if (run_dir / "tokenizer.json").exists():
-        shutil.copyfile(run_dir / "tokenizer.json", out / "tokenizer.json")
-    if not (out / "preprocessor.json").exists():
-        from dataclasses import asdict
-
-        (out / "preprocessor.json").write_text(json.dumps(asdict(model_cfg.preprocess), indent=2) + "\n")
+    tokenizer = run_dir / "tokenizer.json"
+    model.save_pretrained(out, tokenizer=tokenizer if tokenizer.exists() else None)
     return out
 
 

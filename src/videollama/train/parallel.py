@@ -14,36 +14,11 @@ the fast intra-node links and only the gradient all-reduce crosses nodes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 
-from videollama.train.recipe import BLOCK_TYPES
-
-
-def blocks(model: nn.Module, block_type: str) -> Iterator[tuple[nn.ModuleList | None, int, nn.Module]]:
-    """Yield ``(container, index, block)`` for every block of a type.
-
-    ``container[index] is block`` for blocks held in a ModuleList, so a wrapper can replace
-    it; the resampler is a single module (container None).
-    """
-    if block_type not in BLOCK_TYPES:
-        raise ValueError(f"unknown block type {block_type!r}; choose from {list(BLOCK_TYPES)}")
-    if block_type == "resampler":
-        if getattr(model, "resampler", None) is not None:
-            yield None, 0, model.resampler
-        return
-    container = {
-        "vit": lambda: model.vision.encoder.layers,
-        "temporal": lambda: getattr(model.vision, "temporal", None),
-        "decoder": lambda: model.decoder.layers,
-        "cross_attn": lambda: getattr(model.decoder, "cross_attn_layers", None),
-    }[block_type]()
-    if container is None:
-        return
-    for i, block in enumerate(container):
-        yield container, i, block
+from videollama.model.parts import BLOCK_TYPES, blocks
 
 
 def apply_activation_checkpointing(model: nn.Module, block_types: list[str]) -> int:

@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from videollama.data.tokenizer import TASKS
-
-# Parts of the model that `freeze` may name; the loop maps each to its submodules.
-FREEZABLE = ("vision", "temporal", "resampler", "decoder", "cross_attn", "embeddings")
-# Block types that activation checkpointing may wrap (see parallel.py).
-BLOCK_TYPES = ("vit", "temporal", "resampler", "decoder", "cross_attn")
+from videollama.dataclass_io import build, parse_override, set_dotted
+from videollama.model.parts import BLOCK_TYPES, PARTS, check_names
 
 
 @dataclass
@@ -40,7 +36,7 @@ class DataSection:
     """Where batches come from.
 
     ``kind: webdataset``: ``sources`` are shard folders/globs or an evaluation-set JSONL
-    file, read by ``videollama.data.shards.VideoTextLoader``. ``kind: synthetic``:
+    file, read by ``videollama.data.loader.VideoTextLoader``. ``kind: synthetic``:
     random clips and token ids generated from (seed, sample index), for smoke tests and
     throughput benchmarks; no files are read.
     """
@@ -54,7 +50,7 @@ class DataSection:
     num_workers: int = 0
     skip_budget: float = 0.01
     max_len: int | None = None  # default: the decoder's max_seq_len
-    cache_dir: str | None = None  # decode each video once, keep uint8 frames here (shards.cached_clip)
+    cache_dir: str | None = None  # decode each video once, keep uint8 frames here (data.clip_cache.cached_clip)
     synthetic_seq_len: int = 32  # kind: synthetic only
 
 
@@ -80,7 +76,7 @@ class ScheduleSection:
 class ParallelSection:
     """Applied to the finished model in this order: activation checkpointing, compile, FSDP2."""
 
-    activation_checkpointing: list[str] = field(default_factory=list)  # names from BLOCK_TYPES
+    activation_checkpointing: list[str] = field(default_factory=list)  # block kinds (model.parts.BLOCK_TYPES)
     compile: bool = False
     reshard_after_forward: bool = True
     # Build on the meta device, shard, then allocate only this rank's shards and initialise
@@ -135,7 +131,7 @@ class TrainConfig:
     max_steps: int = 100
     clip_grad: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    freeze: list[str] = field(default_factory=list)  # names from FREEZABLE
+    freeze: list[str] = field(default_factory=list)  # parts (videollama.model.parts.PARTS)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     guards: GuardSection = field(default_factory=GuardSection)
@@ -156,12 +152,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.model.preset is None and self.model.init_from is None:
             raise ValueError("model: set preset or init_from")
-        bad = sorted(set(self.freeze) - set(FREEZABLE))
-        if bad:
-            raise ValueError(f"freeze: unknown parts {bad}; choose from {list(FREEZABLE)}")
-        bad = sorted(set(self.parallel.activation_checkpointing) - set(BLOCK_TYPES))
-        if bad:
-            raise ValueError(f"parallel.activation_checkpointing: unknown {bad}; choose from {list(BLOCK_TYPES)}")
+        check_names(self.freeze, PARTS, "freeze", "parts")
+        check_names(self.parallel.activation_checkpointing, BLOCK_TYPES, "parallel.activation_checkpointing")
         if self.data.kind not in ("webdataset", "synthetic"):
             raise ValueError(f"data.kind must be webdataset or synthetic, not {self.data.kind!r}")
         if self.data.kind == "webdataset" and not self.data.sources:
@@ -183,7 +175,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, where: str = "config") -> TrainConfig:
-        cfg = _build(cls, d, where)
+        cfg = build(cls, d, where)
         cfg.validate()
         return cfg
 
@@ -215,85 +207,8 @@ class TrainConfig:
 
 
 def apply_override(d: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=value`` to a nested dict, in place.
-
-    Inside ``model.overrides`` (a free-form dict of VideoLlamaConfig keys) the rest of the
-    path stays one dotted key: ``model.overrides.decoder.num_layers=2``.
-    """
-    import yaml
-
-    if "=" not in item:
-        raise ValueError(f"override {item!r} is not key=value")
-    key, text = item.split("=", 1)
-    value = yaml.safe_load(text)
-    parts = key.strip().split(".")
-    if parts[:2] == ["model", "overrides"] and len(parts) > 2:
-        d.setdefault("model", {}).setdefault("overrides", {})[".".join(parts[2:])] = value
-        return
-    node = d
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {item!r}: {p} is not a section")
-    node[parts[-1]] = value
-
-
-def _build(cls: type, d: dict[str, Any], where: str) -> Any:
-    """Build a nested dataclass from a dict, coercing YAML scalars to the declared types.
-
-    Unknown keys are an error (a typo in a recipe must not be silently ignored).
-    """
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a mapping, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
-    kwargs = {}
-    for name, value in d.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value or {}, where)
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
-    try:
-        if tp is float:
-            # PyYAML reads "2e-4" (no dot) as a string: accept it as the number it means.
-            return float(value)
-        if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if tp is bool:
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if tp is str:
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        item_types = args if origin is tuple and Ellipsis not in args else (args[0],) * len(value)
-        if origin is tuple and len(item_types) != len(value):
-            raise ValueError(f"{where}: expected {len(item_types)} values, got {value!r}")
-        items = [_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    return value
+    """Apply one ``a.b.c=value`` to a recipe dict, in place. Inside ``model.overrides`` (a
+    free-form dict of VideoLlamaConfig keys) the rest of the path stays one dotted key:
+    ``model.overrides.decoder.num_layers=2``."""
+    key, value = parse_override(item)
+    set_dotted(d, key, value, opaque=("model.overrides",))

@@ -1,0 +1,57 @@
+"""What a run records: RUN_DIR/metrics.jsonl, TensorBoard scalars, and the loss-spike detector."""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from pathlib import Path
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl (every step) and TensorBoard scalars, on rank 0 only."""
+
+    TB_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "clips_per_s", "mfu", "skipped", "bad_steps")
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step > 0 and self.path.exists():
+            # Steps after the checkpoint were lost with the crash and will be logged again.
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] < resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key in self.TB_KEYS:
+                if record.get(key) is not None:
+                    self.tb.add_scalar(f"train/{key}", record[key], record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class SpikeDetector:
+    """Flags a loss far above the mean of the recent good steps (logged, not acted on)."""
+
+    def __init__(self, factor: float, window: int):
+        self.factor = factor
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def check(self, loss: float) -> bool:
+        full = len(self.recent) == self.recent.maxlen
+        spike = full and loss > self.factor * (sum(self.recent) / len(self.recent))
+        self.recent.append(loss)
+        return spike
