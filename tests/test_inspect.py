@@ -11,8 +11,8 @@ from PIL import Image
 
 from helpers import FUZZ_PRE, build_fuzz_shard, good_meta, good_video
 from videollama.cli import main
-from videollama.data.clip import load_clip
-from videollama.data.shards import write_shards
+from videollama.data.video import load_clip
+from videollama.data.writer import write_shards
 
 pytestmark = pytest.mark.usefixtures("no_hang")  # fail instead of hanging the suite (conftest.py)
 

@@ -18,18 +18,10 @@ from badvideos import BAD_VIDEOS
 from helpers import FUZZ_PRE, add_member, build_fuzz_shard, good_meta, good_video
 from videollama.config import PreprocessConfig
 from videollama.data import errors
-from videollama.data.shards import (
-    IGNORE_INDEX,
-    Sample,
-    Skip,
-    SkipBudgetExceeded,
-    VideoTextLoader,
-    expand_sources,
-    group_members,
-    iter_samples,
-    parse_size,
-    write_shards,
-)
+from videollama.data.loader import SkipBudgetExceeded, VideoTextLoader, iter_samples
+from videollama.data.sources import expand_sources, group_members
+from videollama.data.stages import IGNORE_INDEX, Sample, Skip
+from videollama.data.writer import parse_size, write_shards
 
 PRE = PreprocessConfig(num_frames=4, fps=8.0, size=16)
 
@@ -257,7 +249,7 @@ def test_batches_shapes_padding_and_labels(dataset, tokenizer):
     # Each row is encode_example's output, right-padded: pad ids, and -100 labels on the pads.
     import random
 
-    from videollama.data.shards import sample_seed
+    from videollama.data.stages import sample_seed
 
     for row, key in enumerate(b["keys"]):
         i = int(key[4:])

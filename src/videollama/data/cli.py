@@ -7,7 +7,7 @@ import importlib
 
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("videollama.data.shapes", "generate the Shapes corpus (train shards + eval split)"),
-    "shards": ("videollama.data.shards", "write WebDataset shards from a folder of videos or a JSONL manifest"),
+    "shards": ("videollama.data.ingest", "write WebDataset shards from a folder of videos or a JSONL manifest"),
     "inspect": ("videollama.data.inspect", "print samples, timestamps and skipped counts; contact sheet"),
 }
 

@@ -1,7 +1,7 @@
 """``videollama data inspect PATH...``: look at what the loader will see.
 
 Reads shards (``.tar``, folders of them, globs, brace patterns), evaluation-set ``.jsonl`` files
-or loose video files through the same reader stages as training (``videollama.data.shards``),
+or loose video files through the same reader stages as training (``videollama.data.stages``),
 decodes each sample with the preprocessing spec, and prints its key, caption, QA and sampled
 timestamps. ``--json`` prints only ``{"samples": N, "skipped": {reason: count}}``;
 ``--sheet OUT.png`` saves a contact sheet of the first sample's frames.
@@ -38,7 +38,8 @@ def inspect(
 
     ``echo`` (e.g. ``print``) receives a human-readable description of each sample and skip.
     """
-    from videollama.data.shards import Skip, iter_samples
+    from videollama.data.loader import iter_samples
+    from videollama.data.stages import Skip
 
     good, skipped = 0, {}
     stream = iter_samples(paths, preprocess=preprocess, video_root=video_root, num_workers=num_workers)
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     # Skips are reported in the output itself; keep stderr for real warnings only.
-    logging.getLogger("videollama.data.shards").setLevel(logging.ERROR)
+    logging.getLogger("videollama.data.loader").setLevel(logging.ERROR)
     preprocess = PreprocessConfig(num_frames=args.num_frames, fps=args.fps, size=args.size)
     try:
         result = inspect(

@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import random
-import tarfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -189,13 +188,6 @@ def _draw(frame: np.ndarray, spec: ClipSpec, t: float) -> None:
         c0, c1 = max(0, int(np.floor(x)) - 1), min(WIDTH, int(np.ceil(x + obj.size)) + 1)
         mask = _shape_mask(obj.shape, x, y, obj.size, np.arange(r0, r1), np.arange(c0, c1))
         frame[r0:r1, c0:c1][mask] = COLORS[obj.color]
-
-
-def render_frame(spec: ClipSpec, t: float) -> np.ndarray:
-    """One RGB frame at time ``t`` seconds: uint8 ``[240, 320, 3]``."""
-    frame = np.full((HEIGHT, WIDTH, 3), spec.background, dtype=np.uint8)
-    _draw(frame, spec, t)
-    return frame
 
 
 def iter_frames(spec: ClipSpec):
@@ -374,31 +366,13 @@ def synthesize(
     }
 
 
-def _add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed mtime, owner and mode: the shards are byte-for-byte reproducible from the seed.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _write_splits(out: Path, train_jobs, eval_jobs, pool, shard_size: int) -> tuple[int, int]:
-    # Plain tarfile rather than webdataset's ShardWriter: the same WebDataset layout
-    # (KEY.json + KEY.mp4, consecutive), without importing torch into the generator.
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    num_shards = 0
-    tar = None
-    try:
-        for i, (key, mp4, meta) in enumerate(_render_all(pool, train_jobs, "train")):
-            if i % shard_size == 0:
-                if tar is not None:
-                    tar.close()
-                tar = tarfile.open(out / "train" / f"shapes-{num_shards:06d}.tar", "w", format=tarfile.USTAR_FORMAT)
-                num_shards += 1
-            _add_to_tar(tar, f"{key}.json", json.dumps(meta).encode())
-            _add_to_tar(tar, f"{key}.mp4", mp4)
-    finally:
-        if tar is not None:
-            tar.close()
+    # The project's one shard writer (torch-free, so the generator never imports torch).
+    from videollama.data.writer import write_shards
+
+    train_samples = _render_all(pool, train_jobs, "train")
+    shards = write_shards(train_samples, out / "train", prefix="shapes", max_bytes=2**62, max_count=shard_size)
+    num_shards = len(shards)
 
     videos = out / "eval" / "videos"
     videos.mkdir(parents=True, exist_ok=True)

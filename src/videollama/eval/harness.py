@@ -1,6 +1,7 @@
 """The evaluation harness: ``videollama eval`` and :func:`evaluate`.
 
-Reads an evaluation set (DESIGN.md section 4: a JSONL file plus a video root), decodes each
+Reads an evaluation set (DESIGN.md section 4: a JSONL file plus a video root; the rules are
+``videollama.data.evalset``'s, the training loader's too), decodes each
 video with the model's own preprocessing spec, generates answers or captions greedily in
 left-padded batches, and writes
 
@@ -23,86 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from videollama.data.evalset import TASKS, EvalItem, read_eval_set
+
 log = logging.getLogger(__name__)
 
-TASKS = ("videoqa", "caption")
 # Shapes answers are at most a few words, captions up to three clauses; both leave room for BPE.
 DEFAULT_MAX_NEW_TOKENS = {"videoqa": 16, "caption": 48}
-
-
-# ---- the evaluation set ---------------------------------------------------------------------
-@dataclass
-class EvalItem:
-    """One line of an evaluation set. ``index`` is its position among the file's items."""
-
-    index: int
-    video: str
-    question: str | None = None
-    answer: str | None = None
-    kind: str | None = None
-    options: list[str] | None = None
-    captions: list[str] | None = None
-
-
-def _require_str(obj: dict, key: str, where: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
-    return value
-
-
-def read_eval_set(path: str | Path, task: str, *, limit: int | None = None) -> list[EvalItem]:
-    """Parse and validate a VideoQA or captioning JSONL file (DESIGN.md section 4).
-
-    Every problem is reported as ``FILE:LINE: what is wrong`` before any model work starts.
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: evaluation set not found")
-    items: list[EvalItem] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            item = EvalItem(index=len(items), video=_require_str(obj, "video", where))
-            if task == "videoqa":
-                item.question = _require_str(obj, "question", where)
-                item.answer = _require_str(obj, "answer", where)
-                kind = obj.get("kind", "unspecified")
-                if not isinstance(kind, str):
-                    raise ValueError(f"{where}: 'kind' must be a string, got {kind!r}")
-                item.kind = kind
-                options = obj.get("options")
-                if options is not None:
-                    if not (isinstance(options, list) and len(options) >= 2
-                            and all(isinstance(o, str) and o.strip() for o in options)):
-                        raise ValueError(f"{where}: 'options' must be a list of at least two non-empty strings")
-                    from videollama.eval.metrics import choose_option
-
-                    if choose_option(item.answer, options) is None:
-                        raise ValueError(f"{where}: answer {item.answer!r} is not one of the options {options}")
-                    item.options = options
-            else:
-                captions = obj.get("captions")
-                if not (isinstance(captions, list) and captions
-                        and all(isinstance(c, str) for c in captions)):
-                    raise ValueError(f"{where}: 'captions' must be a non-empty list of strings")
-                item.captions = captions
-            items.append(item)
-    if not items:
-        raise ValueError(f"{path}: no evaluation items")
-    return items
 
 
 # ---- video loading --------------------------------------------------------------------------

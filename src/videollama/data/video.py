@@ -1,4 +1,4 @@
-"""Load one clip from a video: seek, decode, sample frames at a fixed rate, resize, crop, normalise.
+"""Load one clip from a video (``load_clip``): seek, decode, sample frames at a fixed rate, resize, crop, normalise.
 
 ``load_clip`` is the one place where a video file becomes the model's input, used alike by
 training, evaluation and serving (through the preprocessing spec stored with every model).
@@ -38,14 +38,11 @@ stream that ends well before its declared duration inside the window (a truncate
 
 from __future__ import annotations
 
-import io
 import math
-import os
 import random
 import time
 from collections.abc import Callable
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np
@@ -53,22 +50,16 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from videollama.config import IMAGENET_MEAN, IMAGENET_STD
-from videollama.data.errors import (
-    ABSURD_DURATION,
-    ABSURD_RESOLUTION,
-    DECODE_ERROR,
-    EMPTY_FILE,
-    INVALID_CONTAINER,
-    NO_VIDEO_STREAM,
-    TIMEOUT,
-    ZERO_FRAMES,
-    BadSample,
+from videollama.data.container import (
+    MAX_DURATION_S,
+    Source,
+    check_resolution,
+    nominal_rate,
+    open_and_time,
 )
+from videollama.data.errors import ABSURD_DURATION, DECODE_ERROR, TIMEOUT, ZERO_FRAMES, BadSample
+from videollama.data.frames import resize_crop_frame
 
-# Limits on what a declared video may be before we spend any work on it.
-MAX_SIDE = 8192
-MAX_PIXELS = 40_000_000
-MAX_DURATION_S = 24 * 3600.0
 # Work bounds for one clip. A 4 s window of a 60 FPS video with a 10 s keyframe interval needs
 # about 840 frames; 3000 leaves room for long GOPs while still capping a pathological file.
 DEFAULT_MAX_DECODED_FRAMES = 3000
@@ -78,8 +69,6 @@ DEFAULT_TIME_BUDGET_S = 60.0
 _TIME_EPS = 1e-6
 # A stream that ends this long before its declared duration is treated as truncated.
 _TRUNCATION_SLACK_S = 0.5
-
-Source = str | os.PathLike | bytes | bytearray | memoryview
 
 
 def load_clip(
@@ -134,7 +123,7 @@ def load_clip(
         name = f"<{len(source)} bytes>" if isinstance(source, bytes | bytearray | memoryview) else str(source)
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
 
-    container, stream, origin, duration, timeless = _open_and_time(source, name, threads, max_decoded_frames)
+    container, stream, origin, duration, timeless = open_and_time(source, name, threads, max_decoded_frames)
     try:
         if duration > MAX_DURATION_S:
             raise BadSample(ABSURD_DURATION, name, f"declared duration {duration:.0f} s exceeds {MAX_DURATION_S:.0f} s")
@@ -186,142 +175,6 @@ def load_clip(
     return frames, timestamps
 
 
-def _open_and_time(source: Source, name: str, threads: int, max_packets: int):
-    """Open the video and find its time origin and duration.
-
-    Returns ``(container, stream, origin, duration, timeless)``: ``origin`` is the pts of the
-    first frame in presentation order, ``duration`` the seconds from it to the end of the last
-    frame, and ``timeless`` says that the frames carry no timestamps at all (raw elementary
-    streams), so that they are timed by frame count at the stream's nominal rate.
-    """
-    container = _open(source, name)
-    try:
-        stream = _video_stream(container, name, threads)
-        if stream.start_time is not None:
-            origin = stream.start_time
-            return container, stream, origin, _duration(container, stream, origin, name, max_packets), False
-        # No declared start: decode the first frame to find its pts, then rewind by reopening,
-        # which works for every input (raw streams cannot seek).
-        origin = _first_pts(container, stream, name)
-        container.close()
-        container = _open(source, name)
-        stream = _video_stream(container, name, threads)
-        if origin is not None:
-            return container, stream, origin, _duration(container, stream, origin, name, max_packets), False
-        if stream.duration:
-            return container, stream, 0, float(stream.duration * stream.time_base), True
-        duration = _count_packets(container, stream, name, max_packets) / _nominal_rate(stream)
-        container.close()
-        container = _open(source, name)
-        return container, _video_stream(container, name, threads), 0, float(duration), True
-    except BaseException:
-        container.close()
-        raise
-
-
-def _open(source: Source, name: str) -> av.container.InputContainer:
-    """Open a container, mapping empty and unreadable input to ``BadSample``."""
-    if isinstance(source, bytes | bytearray | memoryview):
-        if len(source) == 0:
-            raise BadSample(EMPTY_FILE, name, "zero bytes")
-        target = io.BytesIO(bytes(source))
-    else:
-        path = Path(source)
-        if path.stat().st_size == 0:  # raises FileNotFoundError, naming the path, when missing
-            raise BadSample(EMPTY_FILE, name, "zero bytes")
-        target = str(path)
-    try:
-        return av.open(target, mode="r")
-    except av.error.FFmpegError as error:
-        raise BadSample(INVALID_CONTAINER, name, f"FFmpeg cannot open it: {error}") from error
-
-
-def _video_stream(container: av.container.InputContainer, name: str, threads: int) -> av.video.stream.VideoStream:
-    """The first video stream, after checking its declared frame size, set up to decode."""
-    if not container.streams.video:
-        kinds = ", ".join(s.type for s in container.streams) or "none"
-        raise BadSample(NO_VIDEO_STREAM, name, f"no video stream (streams: {kinds})")
-    stream = container.streams.video[0]
-    _check_resolution(stream.codec_context.width, stream.codec_context.height, name, "declared")
-    stream.thread_type = "AUTO"
-    stream.codec_context.thread_count = threads
-    return stream
-
-
-def _nominal_rate(stream) -> Fraction:
-    return Fraction(stream.average_rate or stream.guessed_rate or 25)
-
-
-def _check_resolution(width: int, height: int, name: str, what: str) -> None:
-    if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
-        raise BadSample(ABSURD_RESOLUTION, name, f"{what} frame size {width}x{height} exceeds "
-                                                 f"{MAX_SIDE} per side or {MAX_PIXELS} pixels")
-
-
-def _first_pts(container, stream, name: str) -> int | None:
-    """The first frame's pts (None: it has none), for streams that declare no start time."""
-    try:
-        for frame in container.decode(stream):
-            return frame.pts
-    except av.error.FFmpegError as error:
-        raise BadSample(ZERO_FRAMES, name, f"no frame decodes: {error}") from error
-    raise BadSample(ZERO_FRAMES, name, "no frame decodes")
-
-
-def _count_packets(container, stream, name: str, max_packets: int) -> int:
-    """Video packets of a freshly opened container (frames, for a stream without timestamps)."""
-    count = 0
-    try:
-        for packet in container.demux(stream):
-            count += 1 if packet.size else 0
-            if count > max_packets:
-                raise BadSample(TIMEOUT, name, f"more than {max_packets} packets while counting frames")
-    except av.error.FFmpegError as error:
-        raise BadSample(INVALID_CONTAINER, name, f"cannot read packets: {error}") from error
-    return count
-
-
-def _duration(container, stream, origin: int, name: str, max_packets: int) -> float:
-    """Seconds from the first frame to the end of the last one.
-
-    The stream's own duration when declared (mp4, MPEG-TS); otherwise (e.g. Matroska, whose
-    container duration is not relative to the first frame) the end of the last packet, found
-    by seeking to the last keyframe and reading the packets after it without decoding them.
-    """
-    tb = stream.time_base
-    if stream.duration:
-        return float(stream.duration * tb)
-    end = None
-    try:
-        container.seek(2**62, stream=stream, backward=True)
-        end = _last_packet_end(container, stream, name, max_packets)
-    except av.error.FFmpegError:
-        end = None
-    if end is None:  # seeking failed or found nothing: read every packet from the start
-        try:
-            container.seek(origin, stream=stream, backward=True)
-            end = _last_packet_end(container, stream, name, max_packets)
-        except av.error.FFmpegError as error:
-            raise BadSample(INVALID_CONTAINER, name, f"cannot read packets: {error}") from error
-    try:
-        container.seek(origin, stream=stream, backward=True)
-    except av.error.FFmpegError as error:
-        raise BadSample(INVALID_CONTAINER, name, f"cannot seek back to the start: {error}") from error
-    if end is None:
-        raise BadSample(ZERO_FRAMES, name, "the video stream has no packets")
-    return float((end - origin) * tb)
-
-
-def _last_packet_end(container, stream, name: str, max_packets: int) -> int | None:
-    end = None
-    for count, packet in enumerate(container.demux(stream)):
-        if count > max_packets:
-            raise BadSample(TIMEOUT, name, f"more than {max_packets} packets while measuring the duration")
-        if packet.pts is not None:
-            end = max(end or packet.pts, packet.pts + (packet.duration or 0))
-    return end
-
-
 def _uniform(generator: torch.Generator | random.Random | None) -> float:
     """One draw in [0, 1) from whichever generator the caller uses."""
     if isinstance(generator, random.Random):
@@ -340,7 +193,7 @@ class _WindowDecoder:
         self.max_frames, self.deadline = max_frames, deadline
         self.time_base = stream.time_base
         # In time-base units; only to date a frame that has no pts.
-        self.frame_step = max(1, round(1 / (_nominal_rate(stream) * self.time_base)))
+        self.frame_step = max(1, round(1 / (nominal_rate(stream) * self.time_base)))
         # Sample time t shows the last frame with (pts - origin) * time_base <= t: as an
         # integer bound per sample, so that the per-frame test is one integer comparison.
         self.last_pts = [self.origin + math.floor(Fraction(t + _TIME_EPS) / self.time_base) for t in times]
@@ -390,7 +243,7 @@ class _WindowDecoder:
                 for frame in self.stream.decode(packet):
                     self.decoded += 1
                     self._check_work()
-                    _check_resolution(frame.width, frame.height, self.name, "decoded")
+                    check_resolution(frame.width, frame.height, self.name, "decoded")
                     if frame.pts is not None:
                         pts = frame.pts
                     else:  # no timestamp: one nominal frame interval after the previous frame
@@ -433,65 +286,3 @@ class _WindowDecoder:
             raise BadSample(TIMEOUT, self.name, "wall-clock budget for one clip exceeded")
 
 
-def resize_crop_frame(
-    frame: av.VideoFrame,
-    size: int,
-    *,
-    crop_fraction: tuple[float, float] = (0.5, 0.5),
-    reformatter: VideoReformatter | None = None,
-) -> np.ndarray:
-    """One decoded frame -> uint8 RGB ``(size, size, 3)``: square crop, resize, rotate.
-
-    The crop is the largest square of the coded frame (its side is the short side), placed
-    along the long side by ``crop_fraction`` (x, y) in [0, 1] (0.5 centres it); swscale
-    then scales it to ``size x size`` (bilinear, antialiased when shrinking) and converts
-    YUV to RGB in the same pass; finally the display matrix's rotation is applied. This is
-    "short side to ``size``, then crop", with the crop done first so that swscale scales only
-    the pixels kept: for 4:2:0 video (nearly all video) the square is copied out of the
-    decoded planes (offsets and side rounded to even, to keep chroma aligned). Other pixel
-    formats take the plain route: scale the whole frame, then crop.
-    """
-    reformatter = reformatter or VideoReformatter()
-    width, height = frame.width, frame.height
-    quarter_turns = round((frame.rotation or 0) / 90) % 4
-    # The crop position is drawn in display coordinates; on a frame shown turned by 90 or
-    # 270 degrees the display's x runs along the coded frame's y.
-    fraction_x, fraction_y = crop_fraction if quarter_turns % 2 == 0 else crop_fraction[::-1]
-    if frame.format.name in ("yuv420p", "yuvj420p") and min(width, height) >= 2:
-        side = min(width, height) // 2 * 2
-        left = round(fraction_x * (width - side)) // 2 * 2
-        top = round(fraction_y * (height - side)) // 2 * 2
-        square = _crop_yuv420(frame, left, top, side)
-        rgb = reformatter.reformat(square, width=size, height=size, format="rgb24",
-                                   interpolation="BILINEAR", threads=1).to_ndarray()
-    else:
-        short = min(width, height)
-        # Round the long side; the short side maps exactly to ``size``.
-        new_width = size if width == short else max(size, round(width * size / short))
-        new_height = size if height == short else max(size, round(height * size / short))
-        # threads=1: swscale's own slice threads only add overhead when every core runs a loader.
-        rgb = reformatter.reformat(frame, width=new_width, height=new_height, format="rgb24",
-                                   interpolation="BILINEAR", threads=1).to_ndarray()
-        top = round(fraction_y * (new_height - size))
-        left = round(fraction_x * (new_width - size))
-        rgb = rgb[top:top + size, left:left + size]
-    if quarter_turns:
-        rgb = np.rot90(rgb, k=quarter_turns)  # counter-clockwise, as the display matrix says
-    return np.ascontiguousarray(rgb)
-
-
-def _crop_yuv420(frame: av.VideoFrame, left: int, top: int, side: int) -> av.VideoFrame:
-    """A ``side x side`` 4:2:0 frame copied from ``frame`` at (left, top), all even.
-
-    The copy goes into a frame that FFmpeg allocates, so its rows are aligned the way
-    swscale's SIMD paths want (a numpy-built frame with odd strides scales slower).
-    """
-    square = av.VideoFrame(side, side, frame.format.name)
-    square.colorspace, square.color_range = frame.colorspace, frame.color_range
-    chroma = (left // 2, top // 2, (side + 1) // 2)
-    for plane_index, (x, y, extent) in enumerate([(left, top, side), chroma, chroma]):
-        source, target = frame.planes[plane_index], square.planes[plane_index]
-        source_rows = np.frombuffer(source, np.uint8).reshape(source.height, source.line_size)
-        target_rows = np.frombuffer(target, np.uint8).reshape(target.height, target.line_size)
-        target_rows[:extent, :extent] = source_rows[y:y + extent, x:x + extent]
-    return square

@@ -1,0 +1,144 @@
+"""Evaluation sets: a JSONL file plus a video root (DESIGN.md section 4), read by one set of rules.
+
+    VideoQA line:    {"video": "rel/path.mp4", "question": "...", "answer": "...", "kind": "static"}
+                     (optional "options": [...] for multiple choice; the answer must be one of them)
+    captioning line: {"video": "rel/path.mp4", "captions": ["...", "..."]}
+
+Both readers use :func:`parse_eval_line`: the evaluation harness through :func:`read_eval_set`
+(every problem is an error naming ``FILE:LINE`` before any model work starts) and the training
+loader through :func:`iter_eval_lines` (a bad line is a counted skip). Other keys of a line are
+kept as metadata. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TASKS = ("videoqa", "caption")
+_ITEM_KEYS = ("video", "question", "answer", "kind", "options", "captions")
+
+
+@dataclass
+class EvalItem:
+    """One line of an evaluation set. ``index`` is its position among the file's items."""
+
+    index: int
+    video: str
+    question: str | None = None
+    answer: str | None = None
+    kind: str | None = None
+    options: list[str] | None = None
+    captions: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # the line's other keys
+
+    @property
+    def task(self) -> str:
+        return "videoqa" if self.question is not None else "caption"
+
+    def training_meta(self) -> dict[str, Any]:
+        """The sample metadata the training loader makes of this line (the shard JSON's shape)."""
+        extra = {"video": self.video, **self.extra}
+        if self.options is not None:
+            extra["options"] = self.options
+        if self.question is not None:
+            qa = {"question": self.question, "answer": self.answer, "kind": self.kind}
+            return {**extra, "caption": "", "qa": [qa]}
+        return {**extra, "caption": self.captions[0], "captions": self.captions}
+
+
+def _require_str(obj: dict, key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def parse_eval_line(obj: Any, where: str, *, task: str | None = None, index: int = 0) -> EvalItem:
+    """Validate one parsed line. ``task`` None: VideoQA if it has a question, else captioning.
+
+    Raises ValueError starting with ``where`` (``FILE:LINE``) and saying what is wrong.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if task is None:
+        task = "videoqa" if "question" in obj else "caption"
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    item = EvalItem(index=index, video=_require_str(obj, "video", where),
+                    extra={k: v for k, v in obj.items() if k not in _ITEM_KEYS})
+    if task == "videoqa":
+        item.question = _require_str(obj, "question", where)
+        item.answer = _require_str(obj, "answer", where)
+        kind = obj.get("kind", "unspecified")
+        if not isinstance(kind, str):
+            raise ValueError(f"{where}: 'kind' must be a string, got {kind!r}")
+        item.kind = kind
+        options = obj.get("options")
+        if options is not None:
+            if not (isinstance(options, list) and len(options) >= 2
+                    and all(isinstance(o, str) and o.strip() for o in options)):
+                raise ValueError(f"{where}: 'options' must be a list of at least two non-empty strings")
+            from videollama.eval.metrics import choose_option
+
+            if choose_option(item.answer, options) is None:
+                raise ValueError(f"{where}: answer {item.answer!r} is not one of the options {options}")
+            item.options = options
+    else:
+        captions = obj.get("captions")
+        if not (isinstance(captions, list) and captions and all(isinstance(c, str) for c in captions)):
+            raise ValueError(f"{where}: 'captions' must be a non-empty list of strings")
+        item.captions = captions
+    return item
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed JSON or the ValueError)`` for every non-blank line."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})")
+
+
+def iter_eval_lines(path: str | Path, *, task: str | None = None) -> Iterator[tuple[int, EvalItem | ValueError]]:
+    """Every line of an evaluation set as ``(line number, EvalItem)``, or ``(line number, the
+    ValueError that says what is wrong with it)``: a bad line never stops the iteration."""
+    path = Path(path)
+    index = 0
+    for lineno, obj in _json_lines(path):
+        if isinstance(obj, ValueError):
+            yield lineno, obj
+            continue
+        try:
+            item = parse_eval_line(obj, f"{path}:{lineno}", task=task, index=index)
+        except ValueError as e:
+            yield lineno, e
+            continue
+        index += 1
+        yield lineno, item
+
+
+def read_eval_set(path: str | Path, task: str, *, limit: int | None = None) -> list[EvalItem]:
+    """Parse and validate a VideoQA or captioning JSONL file; the first bad line is an error."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: evaluation set not found")
+    items: list[EvalItem] = []
+    for _, item in iter_eval_lines(path, task=task):
+        if limit is not None and len(items) >= limit:
+            break
+        if isinstance(item, ValueError):
+            raise item
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no evaluation items")
+    return items
