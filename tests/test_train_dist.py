@@ -207,7 +207,10 @@ def test_a_late_rank_is_named(recipe: Path, tmp_path: Path):
     assert [r["step"] for r in records(run)] == [0, 1]
 
 
-def test_sigterm_writes_a_checkpoint_and_rerun_continues(recipe: Path, tmp_path: Path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_writes_a_checkpoint_and_rerun_continues(recipe: Path, tmp_path: Path, sig):
+    """Preemption (SIGTERM) and Ctrl-C (SIGINT) lose nothing: the step finishes, a checkpoint is
+    written, the process exits cleanly, and the same command continues from it."""
     run = tmp_path / "term"
     proc = subprocess.Popen(train_cmd(recipe, run, "max_steps=200"), env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -215,9 +218,10 @@ def test_sigterm_writes_a_checkpoint_and_rerun_continues(recipe: Path, tmp_path:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
     latest = (run / "checkpoints" / "latest").read_text().strip()
     steps_done = len(records(run))
     assert latest == f"step-{steps_done:08d}", (latest, steps_done)

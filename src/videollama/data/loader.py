@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ class _EpochStream(IterableDataset):
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decoding is per-sample; intra-op threads would only oversubscribe
+    # Ctrl-C reaches the whole process group: the main process checkpoints and stops the workers;
+    # a worker that died of it first would end the epoch with an error instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def epoch_items(

@@ -48,7 +48,7 @@ def materialize(model: torch.nn.Module, device: torch.device, seed: int) -> None
 def check_same_model(run_dir: Path, model_cfg: VideoLlamaConfig) -> None:
     """A run directory with checkpoints resumes only the model it was started with."""
     saved = run_dir / "model_config.json"
-    if ckpt.latest_checkpoint(run_dir) is None or not saved.exists():
+    if not ckpt.intact_checkpoints(run_dir) or not saved.exists():
         return
     before = VideoLlamaConfig.load(saved).to_dict()
     now = model_cfg.to_dict()

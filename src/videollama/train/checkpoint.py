@@ -3,10 +3,10 @@
 Layout of a run directory::
 
     RUN_DIR/checkpoints/step-00001000/   one torch.distributed.checkpoint (DCP) folder:
-        .metadata, __0_0.distcp, ...     model + optimizer, each rank writing its own shards
-        rank-00000.pt ...                per rank: data-loader position and RNG states
-        meta.json                        step, LR-scheduler state, world size (rank 0)
-    RUN_DIR/checkpoints/latest           the name of the newest complete checkpoint
+        .metadata, __0_0.distcp, ...     model + optimizer tensors, each rank writing its own shards
+        rank-00000.json ...              per rank: data-loader position and RNG states
+        meta.json                        step, LR-scheduler state, optimizer hyper-parameters, world size
+    RUN_DIR/checkpoints/latest           the name of the newest complete checkpoint (a step-N folder)
 
 Atomicity: everything is written into ``.tmp-step-N`` and only then renamed to
 ``step-N``; ``latest`` is rewritten by writing a temporary file and ``os.replace``-ing it.
@@ -14,8 +14,11 @@ A crash at any moment therefore leaves ``latest`` naming a complete checkpoint (
 one), and the half-written ``.tmp-*`` folder is removed by the next save. The run directory
 must be on a file system every rank can see (as DCP itself requires across nodes).
 
-Per-rank extra state is saved with ``torch.save`` and read back with ``weights_only=True``
-(tensors, numbers, strings and containers only: no pickled code).
+No code from files: the DCP folders hold tensors only and are read through
+:class:`videollama.train.safe_dcp.SafeReader` (DCP's own reader unpickles its metadata and
+every non-tensor item); everything else (per-rank state, optimizer hyper-parameters, the
+schedule) is JSON. ``latest`` must name a step folder directly inside ``checkpoints/``. A resume
+whose newest checkpoint is unreadable falls back to the newest intact one, and says so.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -36,6 +40,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+
+from videollama.train import safe_dcp
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -55,7 +61,17 @@ def _barrier() -> None:
 
 
 def _write_rank_state(folder: Path, rank: int, state: dict) -> None:
-    torch.save(state, folder / f"rank-{rank:05d}.pt")
+    (folder / f"rank-{rank:05d}.json").write_text(json.dumps(state) + "\n")
+
+
+def _tensor_only(optim_sd: dict) -> tuple[dict, list]:
+    """Split an optimizer state dict into its tensors (for DCP) and its param_groups (for JSON)."""
+    for fqn, entry in optim_sd["state"].items():
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"optimizer state {fqn}.{key} is a {type(value).__name__}, not a tensor; "
+                                "checkpoints hold tensors only")
+    return {"state": optim_sd["state"]}, optim_sd["param_groups"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -80,12 +96,14 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model, optimizer, schedul
     _barrier()
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    optim_tensors, param_groups = _tensor_only(optim_sd)
+    dcp.save({"model": model_sd, "optim": optim_tensors}, checkpoint_id=str(tmp))
     _write_rank_state(tmp, rank, rank_state)
     _barrier()  # every rank's files are in tmp before it becomes visible
 
     if rank == 0:
-        meta = {"step": step, "world_size": world_size, "scheduler": scheduler.state_dict()}
+        meta = {"step": step, "world_size": world_size, "scheduler": scheduler.state_dict(),
+                "optimizer_param_groups": param_groups}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again after a resume: replace it
@@ -113,16 +131,33 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_STEP_NAME = re.compile(r"step-\d{8}")
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The folder ``latest`` names, or None for a fresh run."""
+    """The folder ``latest`` names, or None for a fresh run.
+
+    It must name a step folder directly inside ``checkpoints/`` (``step-00001000``): an edited
+    pointer cannot send a run to a checkpoint elsewhere."""
     root = Path(run_dir) / CHECKPOINTS
     pointer = root / LATEST
     if not pointer.exists():
         return None
-    path = root / pointer.read_text().strip()
-    if not (path / "meta.json").exists():
+    name = pointer.read_text(errors="replace")[:64].strip()
+    if not _STEP_NAME.fullmatch(name):
+        raise ValueError(f"{pointer} must name a step folder of this run (like step-00001000), not {name!r}")
+    path = root / name
+    if path.is_symlink() or not (path / "meta.json").is_file():
         raise ValueError(f"{pointer} names {path}, which is not a complete checkpoint (no meta.json)")
     return path
+
+
+def intact_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete step folders of a run, newest first (what a resume falls back to)."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if _STEP_NAME.fullmatch(p.name) and not p.is_symlink()
+             and (p / "meta.json").is_file()]
+    return sorted(found, reverse=True)
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
@@ -145,17 +180,35 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> tuple[d
     by fewer ranks than this rank's index (a resume on a different world size).
     """
     path = Path(path)
+    meta = _read_json(path / "meta.json")
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    meta = json.loads((path / "meta.json").read_text())
+    optim_tensors, _ = _tensor_only(optim_sd)
+    state = {"model": model_sd, "optim": optim_tensors}
+    safe_dcp.load(state, path)
+    groups = meta.get("optimizer_param_groups")
+    if not isinstance(groups, list):
+        raise ValueError(f"{path / 'meta.json'}: no optimizer_param_groups (written by an older version?)")
+    for group in groups:  # JSON made the betas a list; AdamW keeps a tuple
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict={"state": state["optim"]["state"], "param_groups": groups})
     scheduler.load_state_dict(meta["scheduler"])
-    rank_file = path / f"rank-{_rank():05d}.pt"
+    rank_file = path / f"rank-{_rank():05d}.json"
     rank_state = None
     if meta["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1) and rank_file.exists():
-        rank_state = torch.load(rank_file, weights_only=True)
+        rank_state = _read_json(rank_file)
     return meta, rank_state
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
 
 
 # ---- export --------------------------------------------------------------------------------------
@@ -176,7 +229,7 @@ def export(run_dir: str | Path, out: str | Path, *, step: int | None = None) -> 
     model_cfg = VideoLlamaConfig.load(run_dir / "model_config.json")
     model = VideoLlama(model_cfg)
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    safe_dcp.load(state, path, no_dist=True)
     set_model_state_dict(model, state["model"])
     tokenizer = run_dir / "tokenizer.json"
     model.save_pretrained(out, tokenizer=tokenizer if tokenizer.exists() else None)

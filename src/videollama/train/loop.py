@@ -14,7 +14,7 @@ One optimizer step:
      all-reduced flag), skip the update everywhere and count it; stop after
      ``guards.max_bad_steps`` in a row;
   4. step the LR schedule, append a line to RUN_DIR/metrics.jsonl (rank 0), checkpoint
-     every ``checkpoint.every`` steps and on SIGTERM.
+     every ``checkpoint.every`` steps and on SIGTERM or SIGINT (then stop).
 A restart with the same command resumes from RUN_DIR/checkpoints/latest by itself.
 """
 
@@ -136,21 +136,39 @@ def setup_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
 
 def resume(run: Run) -> None:
     """Continue from RUN_DIR/checkpoints/latest, if there is one: weights, optimizer, schedule,
-    and (same world size) this rank's data position and RNG state."""
-    latest = ckpt.latest_checkpoint(run.run_dir)
-    if latest is None:
+    and (same world size) this rank's data position and RNG state. An unreadable checkpoint
+    (damaged, tampered) is passed over for the newest intact one before it, and the run says so."""
+    try:
+        latest = ckpt.latest_checkpoint(run.run_dir)
+    except ValueError as e:  # a bad `latest` pointer: the step folders themselves may be fine
+        print(f"rank {run.env.rank}: {e}; looking for the newest intact checkpoint", file=sys.stderr)
+        latest = None
+    candidates = ckpt.intact_checkpoints(run.run_dir)
+    if latest is not None:
+        candidates = [latest] + [c for c in candidates if c != latest]
+    elif not candidates:
         return
-    meta, rank_state = ckpt.load_checkpoint(latest, model=run.model, optimizer=run.optimizer,
-                                            scheduler=run.scheduler)
+    for path in candidates:
+        try:
+            meta, rank_state = ckpt.load_checkpoint(path, model=run.model, optimizer=run.optimizer,
+                                                    scheduler=run.scheduler)
+        except Exception as e:  # noqa: BLE001 - any damage: try the one before it
+            print(f"rank {run.env.rank}: cannot resume from {path}: {e}; trying an older checkpoint",
+                  file=sys.stderr)
+            continue
+        break
+    else:
+        raise TrainingStopped(f"{run.run_dir}: no checkpoint could be read (tried {[p.name for p in candidates]}); "
+                              "move the checkpoints/ folder away to start over")
     run.step = run.start_step = meta["step"]
     if rank_state is None:
-        print(f"rank {run.env.rank}: {latest} has no state for this rank (written by {meta['world_size']} ranks); "
+        print(f"rank {run.env.rank}: {path} has no state for this rank (written by {meta['world_size']} ranks); "
               "the data loader starts over", file=sys.stderr)
     else:
         run.loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
     if run.env.rank == 0:
-        print(f"resumed from {latest} at step {run.start_step}", file=sys.stderr)
+        print(f"resumed from {path} at step {run.start_step}", file=sys.stderr)
 
 
 # ---- one optimizer step --------------------------------------------------------------------------
@@ -193,7 +211,7 @@ def train_step(run: Run, data_iter) -> dict:
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     local_bad = not (math.isfinite(float(loss_sum)) and math.isfinite(grad_norm))
     totals = all_reduce_sum([float(loss_sum), input_tokens, clips, float(local_bad),
-                             float(run.preempted["flag"]), _skipped(run.loader)], env)
+                             float(bool(run.preempted["flag"])), _skipped(run.loader)], env)
     loss = totals[0] / label_tokens
     bad = totals[3] > 0  # some rank saw a non-finite value: every rank skips
     lr = run.scheduler.get_last_lr()[0]
@@ -250,7 +268,9 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
     run = setup_run(cfg, run_dir, env)
     log = MetricsLog(run_dir, enabled=env.rank == 0, tensorboard=cfg.log.tensorboard, resume_step=run.start_step)
     spikes = SpikeDetector(cfg.guards.spike_factor, cfg.guards.spike_window)
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: run.preempted.update(flag=True))
+    # SIGTERM (preemption) and SIGINT (Ctrl-C) both finish the step, checkpoint and stop.
+    handlers = {sig: signal.signal(sig, lambda signum, _: run.preempted.update(flag=signal.Signals(signum).name))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     progress = _progress(cfg, env.rank, run.start_step)
     data_iter = iter(run.loader)
     try:
@@ -266,10 +286,12 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
             checkpoint_if_due(run, stop=stop)
             if stop:
                 if env.rank == 0:
-                    print(f"SIGTERM: checkpoint written at step {run.step}; stopping", file=sys.stderr)
+                    why = run.preempted["flag"] or "a signal on another rank"
+                    print(f"{why}: checkpoint written at step {run.step}; stopping", file=sys.stderr)
                 break
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         log.close()
         if progress is not None:
             progress.close()
