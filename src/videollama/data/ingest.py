@@ -128,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
     elif source.is_file():
         samples = manifest_samples(source, counts)
     else:
-        print(f"error: {source}: no such folder or manifest")
-        return 2
+        raise FileNotFoundError(f"{source}: no such folder or manifest")
     paths = write_shards(
         samples, args.out, prefix=args.prefix, max_bytes=parse_size(args.shard_size), max_count=args.max_count
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 from videollama.config import PreprocessConfig
@@ -102,14 +101,10 @@ def run(args: argparse.Namespace) -> int:
     # Skips are reported in the output itself; keep stderr for real warnings only.
     logging.getLogger("videollama.data.loader").setLevel(logging.ERROR)
     preprocess = PreprocessConfig(num_frames=args.num_frames, fps=args.fps, size=args.size)
-    try:
-        result = inspect(
-            args.paths, preprocess=preprocess, limit=args.limit, video_root=args.video_root,
-            num_workers=args.workers, sheet=args.sheet, echo=None if args.json else print,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = inspect(
+        args.paths, preprocess=preprocess, limit=args.limit, video_root=args.video_root,
+        num_workers=args.workers, sheet=args.sheet, echo=None if args.json else print,
+    )
     if args.json:
         print(json.dumps(result))
     else:

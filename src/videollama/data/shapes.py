@@ -403,9 +403,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     for name in ("train", "eval"):
         if getattr(args, name) < 0:
-            raise SystemExit(f"--{name} must be >= 0, got {getattr(args, name)}")
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.shard_size < 1:
-        raise SystemExit(f"--shard-size must be >= 1, got {args.shard_size}")
+        raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
     stats = synthesize(
         args.out, train=args.train, eval=args.eval, seed=args.seed, workers=args.workers, shard_size=args.shard_size
     )

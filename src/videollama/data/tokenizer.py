@@ -278,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.tokenizer_verb != "train":
-        raise SystemExit(f"unknown tokenizer verb {args.tokenizer_verb!r}")
+        raise ValueError(f"unknown tokenizer verb {args.tokenizer_verb!r}")
     count = 0
 
     def counted(texts: Iterator[str]) -> Iterator[str]:
@@ -287,12 +287,10 @@ def run(args: argparse.Namespace) -> int:
             count += 1
             yield text
 
-    try:
-        tok = train_tokenizer(counted(iter_training_texts(args.data)), args.vocab_size, min_frequency=args.min_frequency)
-    except (OSError, ValueError) as e:  # bad input: one clear line naming the file, not a traceback
-        raise SystemExit(f"videollama tokenizer train: {e}") from e
+    # Bad input (OSError, ValueError naming the file) becomes one line from the command line.
+    tok = train_tokenizer(counted(iter_training_texts(args.data)), args.vocab_size, min_frequency=args.min_frequency)
     if count == 0:
-        raise SystemExit(f"no training text found in {' '.join(args.data)}")
+        raise ValueError(f"no training text found in {' '.join(args.data)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))

@@ -194,7 +194,7 @@ class TrainConfig:
         for item in overrides or []:
             apply_override(d, item)
         try:
-            return cls.from_dict(d, where=str(path))
+            return cls.from_dict(d, where="")
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from e
 
