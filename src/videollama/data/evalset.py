@@ -12,11 +12,12 @@ kept as metadata. Imports no torch.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from videollama.data.safe_io import MAX_TEXT_CHARS, iter_lines, parse_json
 
 TASKS = ("videoqa", "caption")
 _ITEM_KEYS = ("video", "question", "answer", "kind", "options", "captions")
@@ -53,8 +54,19 @@ class EvalItem:
 def _require_str(obj: dict, key: str, where: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+        raise ValueError(f"{where}: {key!r} must be a non-empty string, got {_short(value)}")
+    _check_length(value, key, where)
     return value
+
+
+def _check_length(text: str, key: str, where: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:  # before any tokenizing: a 100 MB question costs nothing
+        raise ValueError(f"{where}: {key!r} is {len(text)} characters, over the {MAX_TEXT_CHARS}-character cap")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def parse_eval_line(obj: Any, where: str, *, task: str | None = None, index: int = 0) -> EvalItem:
@@ -82,6 +94,7 @@ def parse_eval_line(obj: Any, where: str, *, task: str | None = None, index: int
             if not (isinstance(options, list) and len(options) >= 2
                     and all(isinstance(o, str) and o.strip() for o in options)):
                 raise ValueError(f"{where}: 'options' must be a list of at least two non-empty strings")
+            _check_length(" | ".join(options), "options", where)
             from videollama.eval.metrics import choose_option
 
             if choose_option(item.answer, options) is None:
@@ -91,20 +104,23 @@ def parse_eval_line(obj: Any, where: str, *, task: str | None = None, index: int
         captions = obj.get("captions")
         if not (isinstance(captions, list) and captions and all(isinstance(c, str) for c in captions)):
             raise ValueError(f"{where}: 'captions' must be a non-empty list of strings")
+        for caption in captions:
+            _check_length(caption, "captions", where)
         item.captions = captions
     return item
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed JSON or the ValueError)`` for every non-blank line."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})")
+    """``(line number, parsed JSON or the ValueError)`` for every non-blank line, each line
+    bounded in bytes and JSON depth (safe_io): a hostile file costs a counted bad line."""
+    for lineno, text in iter_lines(path):
+        if isinstance(text, ValueError):
+            yield lineno, text
+            continue
+        try:
+            yield lineno, parse_json(text, f"{path}:{lineno}")
+        except ValueError as e:
+            yield lineno, e
 
 
 def iter_eval_lines(path: str | Path, *, task: str | None = None) -> Iterator[tuple[int, EvalItem | ValueError]]:
@@ -130,7 +146,7 @@ def read_eval_set(path: str | Path, task: str, *, limit: int | None = None) -> l
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: evaluation set not found")
     items: list[EvalItem] = []
     for _, item in iter_eval_lines(path, task=task):

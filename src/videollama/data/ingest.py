@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
+import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from videollama.data import errors
 from videollama.data.errors import BadSample
-from videollama.data.sources import VIDEO_EXTS
+from videollama.data.safe_io import iter_lines, parse_json, read_bounded, resolve_inside
+from videollama.data.sources import VIDEO_EXTS, read_sidecar
 from videollama.data.writer import parse_size, write_shards
 
 log = logging.getLogger(__name__)
+
+# A video larger than this is not put into a shard (shards hold whole videos in memory to write).
+MAX_VIDEO_BYTES = 4 * 2**30
 
 
 def probe_video(data: bytes, source: str) -> None:
@@ -46,49 +51,56 @@ def _sanitise_key(rel: str) -> str:
 
 
 def folder_samples(folder: Path, counts: dict[str, int]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
-    """Videos under ``folder`` (recursively, sorted); caption from a sidecar ``.json``/``.txt``."""
+    """Videos under ``folder`` (recursively, sorted); caption from a sidecar ``.json``/``.txt``.
+
+    Links are not followed out of the folder: a video or sidecar whose real path leaves it is skipped."""
     used: set[str] = set()
-    videos = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
+    videos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTS and not p.is_dir())
     for path in videos:
-        rel = path.relative_to(folder).with_suffix("").as_posix()
-        meta: dict[str, Any] = {"caption": ""}
-        sidecar_json, sidecar_txt = path.with_suffix(".json"), path.with_suffix(".txt")
+        rel = path.relative_to(folder).as_posix()
         try:
-            if sidecar_json.exists():
-                loaded = json.loads(sidecar_json.read_text())
-                if not isinstance(loaded, dict):
-                    raise ValueError("not a JSON object")
-                meta.update(loaded)
-            elif sidecar_txt.exists():
-                meta["caption"] = sidecar_txt.read_text().strip()
-        except (ValueError, UnicodeDecodeError) as e:
-            _report_skip(counts, BadSample(errors.INVALID_JSON, str(sidecar_json), str(e)))
+            resolve_inside(folder, rel)
+            resolve_inside(folder, str(Path(rel).with_suffix(".json")))
+            meta = read_sidecar(path)
+        except BadSample as e:
+            _report_skip(counts, e)
             continue
-        meta.setdefault("source", path.relative_to(folder).as_posix())
-        key = _sanitise_key(rel)
+        except ValueError as e:
+            _report_skip(counts, BadSample(errors.INVALID_JSON, str(path.with_suffix(".json")), str(e)))
+            continue
+        meta.setdefault("source", rel)
+        key = _sanitise_key(str(Path(rel).with_suffix("")))
         while key in used:  # a/b.mp4 and a_b.mp4 would otherwise collide
             key += "_"
         used.add(key)
         yield from _validated(key, path, meta, counts)
 
 
-def manifest_samples(manifest: Path, counts: dict[str, int]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
-    """JSONL lines ``{"video": path, "caption": ..., "qa": [...], ...}``; paths relative to the file."""
+def manifest_samples(manifest: Path, counts: dict[str, int], *, allow_outside_root: bool = False
+                     ) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """JSONL lines ``{"video": path, "caption": ..., "qa": [...], ...}``; paths relative to the
+    file and inside its folder (unless ``allow_outside_root``); each line bounded (safe_io)."""
     root = manifest.parent
-    for lineno, line in enumerate(manifest.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, line in iter_lines(manifest):
         where = f"{manifest}:{lineno}"
         try:
-            row = json.loads(line)
+            if isinstance(line, ValueError):
+                raise line
+            row = parse_json(line, where)
             if not isinstance(row, dict) or not isinstance(row.get("video"), str):
-                raise ValueError('each line must be a JSON object with a "video" path')
+                raise ValueError(f'{where}: each line must be a JSON object with a "video" path')
         except ValueError as e:
             _report_skip(counts, BadSample(errors.INVALID_JSON, where, str(e)))
             continue
-        video = root / row.pop("video")
+        rel = row.pop("video")
+        try:
+            video = resolve_inside(root, rel, allow_outside=allow_outside_root)
+        except BadSample as e:
+            _report_skip(counts, BadSample(e.reason, where, str(e)))
+            continue
         meta = {"caption": "", **row}
-        meta.setdefault("source", video.relative_to(root).as_posix() if video.is_relative_to(root) else str(video))
+        meta.setdefault("source", video.relative_to(root.resolve()).as_posix()
+                        if video.is_relative_to(root.resolve()) else str(video))
         key = f"{lineno:08d}_{_sanitise_key(video.stem)}"
         yield from _validated(key, video, meta, counts)
 
@@ -97,7 +109,7 @@ def _validated(key: str, path: Path, meta: dict[str, Any], counts: dict[str, int
     try:
         if not path.exists():
             raise BadSample(errors.MISSING_VIDEO, str(path), "the video file does not exist")
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_VIDEO_BYTES, "video")
         probe_video(data, str(path))
     except BadSample as e:
         _report_skip(counts, e)
@@ -117,23 +129,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", default="1GB", help="maximum shard size (default 1GB)")
     parser.add_argument("--max-count", type=int, default=None, help="maximum samples per shard")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix (default shard)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the dataset already in --out (whole: written beside it, then swapped)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="let manifest video paths leave the manifest's folder (absolute, '..', links out)")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    source = Path(args.input)
+    source, out = Path(args.input), Path(args.out)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such folder or manifest")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ValueError(f"{out} is not empty: it may hold another dataset, and new shards would mix with "
+                         "its old ones; give an empty folder, or --overwrite to replace it whole")
+    if out.resolve() == source.resolve() or source.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"--out {out} holds the input {source}; write the shards somewhere else")
     counts: dict[str, int] = {}
     if source.is_dir():
         samples = folder_samples(source, counts)
-    elif source.is_file():
-        samples = manifest_samples(source, counts)
     else:
-        raise FileNotFoundError(f"{source}: no such folder or manifest")
-    paths = write_shards(
-        samples, args.out, prefix=args.prefix, max_bytes=parse_size(args.shard_size), max_count=args.max_count
-    )
+        samples = manifest_samples(source, counts, allow_outside_root=args.allow_outside_root)
+    # Written beside --out and swapped in only when complete: an interrupted run, or one that
+    # replaces an older dataset, never leaves a folder that mixes two.
+    staging = out.with_name(f".{out.name}.writing-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        paths = write_shards(samples, staging, prefix=args.prefix, max_bytes=parse_size(args.shard_size),
+                             max_count=args.max_count)
+        if out.exists():
+            retired = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, retired)
+            os.replace(staging, out)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     written = counts.pop("written", 0)
-    print(f"wrote {written} samples into {len(paths)} shards under {args.out}")
+    print(f"wrote {written} samples into {len(paths)} shards under {out}")
     if counts:
         print("skipped: " + ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items())))
     return 0

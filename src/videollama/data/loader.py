@@ -172,6 +172,7 @@ class VideoTextLoader:
         worker_timeout_s: float = 600.0,
         cache_dir: str | None = None,
         texts_per_clip: int = 1,
+        allow_outside_root: bool = False,
     ):
         from videollama.data.tokenizer import PAD_ID, TASKS, load_tokenizer
 
@@ -188,6 +189,7 @@ class VideoTextLoader:
             units=self.units, preprocess=preprocess, seed=seed, rank=rank, world_size=world_size, train=train,
             shuffle_buffer=shuffle_buffer, video_root=video_root, tokenizer=tokenizer, task=task,
             max_len=max_len, cache_dir=None if cache_dir is None else str(cache_dir), texts_per_clip=texts_per_clip,
+            allow_outside_root=allow_outside_root,
         )
         self.batch_size, self.num_workers, self.epochs = batch_size, num_workers, epochs
         self.pad_id, self.drop_last, self.worker_timeout_s = pad_id, drop_last, worker_timeout_s

@@ -9,7 +9,6 @@ Imports no torch.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -20,6 +19,13 @@ from typing import Any
 from videollama.data import errors
 from videollama.data.errors import BadSample
 from videollama.data.evalset import iter_eval_lines
+from videollama.data.safe_io import (
+    MAX_JSON_BYTES,
+    check_regular_file,
+    parse_json,
+    read_bounded,
+    resolve_inside,
+)
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 
@@ -95,8 +101,11 @@ def read_tar_members(path: str) -> Iterator[tuple[str, int, int] | _TarDamage]:
     cut short, a truncated or invalid header, or a missing end-of-archive block.
     """
     try:
-        file_size = os.path.getsize(path)
+        file_size = check_regular_file(path, "shard").st_size  # a FIFO would block the open forever
         f = open(path, "rb")  # closed by the `with f` below
+    except BadSample as e:
+        yield _TarDamage(str(e), None)
+        return
     except OSError as e:  # deleted or unreadable since the shard list was made
         yield _TarDamage(f"cannot open the shard ({e})", None)
         return
@@ -178,44 +187,72 @@ def group_members(path: str) -> Iterator[SampleRef]:
 VIDEO_MEMBER_EXTS = tuple(ext.lstrip(".") for ext in VIDEO_EXTS)
 
 
-def read_jsonl(path: str, video_root: str | None) -> Iterator[SampleRef]:
+def read_jsonl(path: str, video_root: str | None, *, allow_outside_root: bool = False) -> Iterator[SampleRef]:
     """Evaluation-set lines as samples (rules: videollama.data.evalset); videos relative to the
-    file or ``video_root``. A bad line is a known-bad ref (INVALID_JSON), counted by the loader."""
+    file or ``video_root``, and inside it (safe_io.resolve_inside) unless ``allow_outside_root``.
+    A bad line is a known-bad ref (INVALID_JSON, OUTSIDE_ROOT, ...), counted by the loader."""
     root = video_root or os.path.dirname(path)
     name = os.path.basename(path)
-    for lineno, item in iter_eval_lines(path):
+    try:
+        lines = list(iter_eval_lines(path))
+    except BadSample as e:  # the JSONL itself is a FIFO, a device, ...
+        yield SampleRef(key=name, source=path, error=(e.reason, str(e)))
+        return
+    for lineno, item in lines:
         key = f"{name}:{lineno}"
         if isinstance(item, ValueError):
             yield SampleRef(key=key, source=path, error=(errors.INVALID_JSON, str(item)))
             continue
-        yield SampleRef(key=key, source=path, video_path=os.path.join(root, item.video), meta=item.training_meta())
+        try:
+            video = resolve_inside(root, item.video, allow_outside=allow_outside_root)
+        except BadSample as e:
+            yield SampleRef(key=key, source=path, error=(e.reason, f"{path}:{lineno}: {e}"))
+            continue
+        yield SampleRef(key=key, source=path, video_path=str(video), meta=item.training_meta())
+
+
+def read_sidecar(video: str | os.PathLike) -> dict[str, Any]:
+    """A video's metadata from ``NAME.json`` (an object) or ``NAME.txt`` (the caption) beside it.
+
+    Bounded in size and JSON depth; raises ValueError or BadSample naming the sidecar."""
+    stem = os.path.splitext(video)[0]
+    meta: dict[str, Any] = {"caption": ""}
+    if os.path.lexists(stem + ".json"):
+        loaded = parse_json(read_bounded(stem + ".json", MAX_JSON_BYTES, "sidecar"), stem + ".json")
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{stem}.json: the sidecar .json is not an object")
+        meta.update(loaded)
+    elif os.path.lexists(stem + ".txt"):
+        text = read_bounded(stem + ".txt", MAX_JSON_BYTES, "sidecar")
+        try:
+            meta["caption"] = text.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{stem}.txt: not valid UTF-8 ({e.reason} at offset {e.start})") from None
+    return meta
 
 
 def read_video_file(path: str) -> Iterator[SampleRef]:
     """Stage 5 for loose video files (``data inspect``): meta from a sidecar .json/.txt if any."""
-    meta: dict[str, Any] = {"caption": ""}
-    stem = os.path.splitext(path)[0]
+    key = os.path.basename(os.path.splitext(path)[0])
     try:
-        if os.path.exists(stem + ".json"):
-            loaded = json.loads(Path(stem + ".json").read_text())
-            if not isinstance(loaded, dict):
-                raise ValueError("the sidecar .json is not an object")
-            meta.update(loaded)
-        elif os.path.exists(stem + ".txt"):
-            meta["caption"] = Path(stem + ".txt").read_text().strip()
-    except (ValueError, UnicodeDecodeError) as e:
-        yield SampleRef(key=os.path.basename(stem), source=path, error=(errors.INVALID_JSON, str(e)))
+        meta = read_sidecar(path)
+    except BadSample as e:
+        yield SampleRef(key=key, source=path, error=(e.reason, str(e)))
         return
-    yield SampleRef(key=os.path.basename(stem), source=path, video_path=path, meta=meta)
+    except ValueError as e:
+        yield SampleRef(key=key, source=path, error=(errors.INVALID_JSON, str(e)))
+        return
+    yield SampleRef(key=key, source=path, video_path=path, meta=meta)
 
 
-def index_units(units: list[Unit], *, video_root: str | None = None) -> Iterator[SampleRef]:
+def index_units(units: list[Unit], *, video_root: str | None = None,
+                allow_outside_root: bool = False) -> Iterator[SampleRef]:
     """Stages 4-5 over a list of units, in order."""
     for unit in units:
         if unit.kind == "tar":
             yield from group_members(unit.path)
         elif unit.kind == "jsonl":
-            yield from read_jsonl(unit.path, video_root)
+            yield from read_jsonl(unit.path, video_root, allow_outside_root=allow_outside_root)
         else:
             yield from read_video_file(unit.path)
 
@@ -231,8 +268,8 @@ def _read_member(f, where: tuple[int, int]) -> bytes:
 
 def _parse_meta(data: bytes, source: str) -> dict[str, Any]:
     try:
-        meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        meta = parse_json(data, "the member")
+    except ValueError as e:
         raise BadSample(errors.INVALID_JSON, source, f"not valid JSON: {e}") from e
     if not isinstance(meta, dict):
         raise BadSample(errors.INVALID_JSON, source, "the JSON is not an object")
@@ -248,7 +285,11 @@ def read_sample(ref: SampleRef) -> tuple[dict[str, Any], str | bytes]:
     if ref.video_path is not None:  # JSONL line or loose video
         if not os.path.exists(ref.video_path):
             raise BadSample(errors.MISSING_VIDEO, ref.video_path, "the video file does not exist")
+        check_regular_file(ref.video_path, "video")
         return ref.meta or {}, ref.video_path
+    if ref.members["json"][1] > MAX_JSON_BYTES:
+        raise BadSample(errors.INVALID_JSON, f"{ref.source}:{ref.key}.json",
+                        f"{ref.members['json'][1]} bytes, over the {MAX_JSON_BYTES}-byte cap")
     try:
         with open(ref.source, "rb") as f:
             meta_bytes = _read_member(f, ref.members["json"])

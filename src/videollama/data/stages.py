@@ -85,6 +85,7 @@ class ReaderPlan:
     max_len: int = 0
     cache_dir: str | None = None
     texts_per_clip: int = 1
+    allow_outside_root: bool = False  # JSONL video paths may leave their root (an explicit choice)
 
 
 def reader_stream(plan: ReaderPlan, epoch: int, start: int, *, worker_id: int = 0,
@@ -95,7 +96,8 @@ def reader_stream(plan: ReaderPlan, epoch: int, start: int, *, worker_id: int = 
     p = plan
     units = order_units(p.units, seed=p.seed, epoch=epoch, shuffle=p.train)                 # 2
     units, stride, offset = split_by_node(units, rank=p.rank, world_size=p.world_size)      # 3
-    refs: Iterable[SampleRef] = index_units(units, video_root=p.video_root)                 # 4-5
+    refs: Iterable[SampleRef] = index_units(units, video_root=p.video_root,                 # 4-5
+                                            allow_outside_root=p.allow_outside_root)
     if stride > 1:  # fewer units than ranks: every rank reads all, keeps every stride-th sample
         refs = (ref for i, ref in enumerate(refs) if i % stride == offset)
     if p.train and p.shuffle_buffer > 1:                                                    # 6

@@ -50,6 +50,7 @@ class DataSection:
     num_workers: int = 0
     skip_budget: float = 0.01
     max_len: int | None = None  # default: the decoder's max_seq_len
+    allow_outside_root: bool = False  # JSONL video paths may leave the JSONL's folder (off: refused)
     cache_dir: str | None = None  # decode each video once, keep uint8 frames here (data.clip_cache.cached_clip)
     synthetic_seq_len: int = 32  # kind: synthetic only
 

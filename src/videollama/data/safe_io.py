@@ -1,0 +1,136 @@
+"""Reading files a user hands us, with bounds: regular files only, lines and JSON of bounded size
+and depth, valid UTF-8, and paths that stay inside their root.
+
+Every function raises an error that names the file (and the line) and says what is wrong; the
+readers turn it into a counted skip (the loader, ``data shards``, ``eval``) or a one-line error.
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from videollama.data import errors
+from videollama.data.errors import BadSample
+
+# A JSONL line (one eval item or manifest row) and a JSON sidecar / shard member: far above any
+# real one (a Shapes line is 150 bytes), far below what could hurt.
+MAX_LINE_BYTES = 1 << 20
+MAX_JSON_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32
+# Characters of a question, answer or caption: checked before tokenizing (a token is at least a
+# byte, and a 2,048-token context holds far fewer characters than this).
+MAX_TEXT_CHARS = 16_384
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "file") -> os.stat_result:
+    """``os.stat`` of ``path`` (following links), refusing anything but a regular file.
+
+    A FIFO would block the open forever and a device (``/dev/zero``) never ends: both are refused
+    before they are opened. Raises FileNotFoundError for a missing path, BadSample(NOT_A_FILE)
+    otherwise (a symlink loop included).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # ELOOP (symlink loop), EACCES, ENAMETOOLONG, ...
+        raise BadSample(errors.NOT_A_FILE, str(path), f"cannot stat the {what}: {e.strerror or e}") from e
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise BadSample(errors.NOT_A_FILE, str(path), f"the {what} is {kind}, not a regular file")
+    return st
+
+
+def read_bounded(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (BadSample(TOO_LARGE) above it)."""
+    st = check_regular_file(path, what)
+    if st.st_size > limit:
+        raise BadSample(errors.TOO_LARGE, str(path), f"the {what} is {st.st_size} bytes, over the {limit}-byte cap")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew since the stat
+        raise BadSample(errors.TOO_LARGE, str(path), f"the {what} is over the {limit}-byte cap")
+    return data
+
+
+def iter_lines(path: str | os.PathLike, *, max_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str | ValueError]]:
+    """``(line number, text)`` for each non-blank line of a regular text file, or ``(line number,
+    ValueError)`` for a line over ``max_bytes`` or not valid UTF-8 (the reading goes on).
+
+    Memory stays within ``max_bytes`` whatever the file holds: an over-long line is read past
+    in chunks, never held."""
+    check_regular_file(path, "JSONL file")
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(max_bytes + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > max_bytes and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # skip the rest of this line
+                    raw = f.readline(max_bytes + 1)
+                yield lineno, ValueError(f"{path}:{lineno}: line longer than {max_bytes} bytes")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} "
+                                         f"at column {e.start + 1})")
+                continue
+            if text.strip():
+                yield lineno, text
+
+
+def parse_json(text: str | bytes, where: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` with the errors a hostile file can cause turned into one ValueError naming ``where``."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not valid UTF-8 (byte {text[e.start]:#04x} at offset {e.start})") from None
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if _depth(value) > max_depth:
+        raise ValueError(f"{where}: JSON nested deeper than {max_depth} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def resolve_inside(root: str | os.PathLike, relative: str, *, allow_outside: bool = False) -> Path:
+    """``root / relative`` with symbolic links resolved, refused unless it stays inside ``root``.
+
+    An absolute path, ``..`` or a link that points out is BadSample(OUTSIDE_ROOT), with a message
+    that does not say whether the target exists. ``allow_outside`` turns the check off (an
+    explicit user choice, e.g. ``eval --allow-outside-root``).
+    """
+    base = Path(root).resolve()
+    try:
+        resolved = (base / relative).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, on some Pythons
+        raise BadSample(errors.NOT_A_FILE, relative, f"cannot resolve the path: {e}") from e
+    if not allow_outside and not resolved.is_relative_to(base):
+        raise BadSample(errors.OUTSIDE_ROOT, relative, f"the path leaves its root folder {root}; refused "
+                                                       "(absolute path, '..' or a link out)")
+    return resolved
