@@ -1,12 +1,15 @@
 """Weight import: parity with Hugging Face Llama and CLIP on tiny random checkpoints.
 
 The one Hugging Face parity suite: Llama with GQA (untied) and MHA (tied), unpadded and left-padded;
+Llama-3 RoPE (theta 500,000; rope_type llama3 and linear) as transformers 5 writes it
+(``rope_parameters``) and as transformers 4 did (``rope_theta`` + ``rope_scaling``);
 CLIPVisionModel and CLIPModel, one image and a multi-frame video with the gates closed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -19,11 +22,12 @@ from videollama.model.videollama import VideoLlama
 LLAMA_VOCAB = 320
 
 
-def _tiny_llama(path, *, tie=False, kv_heads=2):
+def _tiny_llama(path, *, tie=False, kv_heads=2, rope_parameters=None):
     cfg = transformers.LlamaConfig(
         vocab_size=LLAMA_VOCAB, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie,
+        rms_norm_eps=1e-5, tie_word_embeddings=tie,
+        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -114,3 +118,111 @@ def test_cli_convert_writes_a_model_directory(tmp_path, capsys):
     ids = torch.randint(0, LLAMA_VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+# ---- Llama-3 RoPE ------------------------------------------------------------------------------
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def _logits_max_diff(ours, hf, length, seed=0):
+    ids = torch.randint(0, LLAMA_VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return (ours(ids).logits - hf(ids).logits).abs().max().item()
+
+
+def test_llama3_theta_gqa_untied_parity(tmp_path):
+    """Llama-3: GQA (4 heads, 2 kv), untied head, theta 500,000 in transformers 5's rope_parameters."""
+    hf = _tiny_llama(tmp_path / "llama", kv_heads=2,
+                     rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    saved = json.loads((tmp_path / "llama" / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_theta"] == 500000.0 and "rope_theta" not in saved  # the new form only
+    ours = convert(llama=tmp_path / "llama", preset="tiny", vocab_size=LLAMA_VOCAB, log=lambda *_: None).eval()
+    assert ours.config.decoder.rope_theta == 500000.0 and ours.config.decoder.rope_type == "default"
+    assert not ours.config.decoder.tie_word_embeddings and ours.config.decoder.kv_heads == 2
+    assert _logits_max_diff(ours, hf, 40) <= 1e-4
+    # The test can see the bug: at the theta the old import used, the logits are far off.
+    wrong = convert(llama=tmp_path / "llama", preset="tiny", vocab_size=LLAMA_VOCAB,
+                    overrides={"decoder.rope_theta": 10000.0}, log=lambda *_: None).eval()
+    assert _logits_max_diff(wrong, hf, 40) > 1e-3  # measured: 8e-3, 80x the tolerance
+
+
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, {"rope_type": "linear", "rope_theta": 500000.0, "factor": 4.0}],
+                         ids=["llama3", "linear"])
+def test_scaled_rope_parity(tmp_path, rope):
+    """rope_type llama3 (Llama-3.1+) and linear; 48 positions, past original_max_position_embeddings (32)."""
+    hf = _tiny_llama(tmp_path / "llama", rope_parameters=dict(rope))
+    ours = convert(llama=tmp_path / "llama", preset="tiny", vocab_size=LLAMA_VOCAB, log=lambda *_: None).eval()
+    d = ours.config.decoder
+    assert (d.rope_type, d.rope_theta, d.rope_factor) == (rope["rope_type"], 500000.0, rope["factor"])
+    if rope["rope_type"] == "llama3":
+        assert (d.rope_low_freq_factor, d.rope_high_freq_factor) == (1.0, 4.0)
+        assert d.rope_original_max_position_embeddings == 32
+    assert _logits_max_diff(ours, hf, 48) <= 1e-4
+    # Without the rescaling (plain RoPE at the same theta) the logits differ: the scaling matters here.
+    plain = convert(llama=tmp_path / "llama", preset="tiny", vocab_size=LLAMA_VOCAB,
+                    overrides={"decoder.rope_type": "default"}, log=lambda *_: None).eval()
+    assert _logits_max_diff(plain, hf, 48) > 1e-3  # measured: 1e-2 (llama3), 2e-2 (linear)
+
+
+def test_transformers4_rope_form_parity(tmp_path):
+    """A config.json in transformers 4's form: top-level rope_theta, rope_scaling with the old "type" key."""
+    hf = _tiny_llama(tmp_path / "llama", rope_parameters=dict(LLAMA3_ROPE))
+    path = tmp_path / "llama" / "config.json"
+    saved = json.loads(path.read_text())
+    rope = saved.pop("rope_parameters")
+    saved["rope_theta"] = rope.pop("rope_theta")
+    saved["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
+    path.write_text(json.dumps(saved))
+    ours = convert(llama=tmp_path / "llama", preset="tiny", vocab_size=LLAMA_VOCAB, log=lambda *_: None).eval()
+    assert (ours.config.decoder.rope_type, ours.config.decoder.rope_theta) == ("llama3", 500000.0)
+    assert _logits_max_diff(ours, hf, 48) <= 1e-4
+
+
+def test_rope_forms():
+    from videollama.convert import rope_overrides
+
+    def read(hf):
+        o = rope_overrides({"max_position_embeddings": 64, **hf})
+        return o["decoder.rope_type"], o["decoder.rope_theta"]
+
+    assert read({}) == ("default", 10000.0)
+    assert read({"rope_theta": 500000.0, "rope_scaling": None}) == ("default", 500000.0)     # transformers 4
+    assert read({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}) == ("default", 500000.0)
+    assert read({"rope_theta": 1.0, "rope_parameters": {"rope_type": "default", "rope_theta": 2.0}}) == ("default", 2.0)
+    o = rope_overrides({"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2}})
+    assert (o["decoder.rope_type"], o["decoder.rope_factor"]) == ("linear", 2.0)
+    # llama3 without original_max_position_embeddings falls back to max_position_embeddings, as in transformers.
+    o = rope_overrides({"max_position_embeddings": 64, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 5.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}})
+    assert o["decoder.rope_original_max_position_embeddings"] == 64
+    with pytest.raises(ValueError, match="needs \\['low_freq_factor', 'high_freq_factor'\\]"):
+        rope_overrides({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        rope_overrides({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}})
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32},
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+], ids=["yarn", "dynamic"])
+def test_unsupported_rope_type_is_refused(tmp_path, rope):
+    _tiny_llama(tmp_path / "llama", rope_parameters=dict(rope))
+    config = tmp_path / "llama" / "config.json"
+    assert json.loads(config.read_text())["rope_parameters"]["rope_type"] == rope["rope_type"]
+    with pytest.raises(ValueError, match=re.escape(f"{config}: rope_type '{rope['rope_type']}' is not supported")):
+        convert(llama=tmp_path / "llama", preset="tiny", vocab_size=LLAMA_VOCAB, log=lambda *_: None)
+
+
+def test_old_model_config_without_rope_fields_loads_unchanged(tmp_path):
+    """A config.json written before the rope_* fields existed still loads, with plain RoPE."""
+    from videollama.config import VideoLlamaConfig
+
+    cfg = VideoLlamaConfig.from_name("tiny")
+    d = cfg.to_dict()
+    for key in [k for k in d["decoder"] if k.startswith("rope_") and k != "rope_theta"]:
+        del d["decoder"][key]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    loaded = VideoLlamaConfig.load(tmp_path)
+    assert loaded == cfg and loaded.decoder.rope_type == "default"
