@@ -4,6 +4,7 @@ The one Hugging Face parity suite: Llama with GQA (untied) and MHA (tied), unpad
 Llama-3 RoPE (theta 500,000; rope_type llama3 and linear) as transformers 5 writes it
 (``rope_parameters``) and as transformers 4 did (``rope_theta`` + ``rope_scaling``);
 CLIPVisionModel and CLIPModel, one image and a multi-frame video with the gates closed.
+Then the vocabulary and tokenizer rules of ``videollama convert``.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def test_clip_vision_parity(tmp_path, full_clip):
 def test_vocab_mismatch_reinitialises_embeddings(tmp_path):
     hf = _tiny_llama(tmp_path / "llama")
     messages = []
-    ours = convert(llama=tmp_path / "llama", preset="tiny", log=messages.append)   # tiny vocab 1024 != 320
+    ours = convert(llama=tmp_path / "llama", preset="tiny", vocab_size=1024, log=messages.append)   # != 320
     assert any("RE-INITIALISED" in m for m in messages)
     assert ours.decoder.embed_tokens.weight.shape[0] == ours.config.decoder.vocab_size != LLAMA_VOCAB
     # The blocks are still the imported ones.
@@ -226,3 +227,110 @@ def test_old_model_config_without_rope_fields_loads_unchanged(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     loaded = VideoLlamaConfig.load(tmp_path)
     assert loaded == cfg and loaded.decoder.rope_type == "default"
+
+
+# ---- vocabulary and tokenizer ------------------------------------------------------------------
+
+
+def _our_tokenizer(path, vocab_size=300):
+    """A byte-level BPE with VideoLlama's special tokens (ids 0..6), saved as path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from videollama.data.tokenizer import SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["a red square moves left.", "a blue circle stays still."] * 20, trainer=trainer)
+    tok.save(str(path))
+    return tok
+
+
+def _llama_style_tokenizer(path):
+    """A tokenizer.json as Llama checkpoints ship one: no VideoLlama special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=LLAMA_VOCAB, special_tokens=["<unk>", "<|begin_of_text|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, the llama says hello."] * 20, trainer=trainer)
+    tok.save(str(path))
+    return tok
+
+
+def test_tokenizer_sets_the_vocabulary(tmp_path, capsys):
+    _tiny_llama(tmp_path / "llama")
+    tok = _our_tokenizer(tmp_path / "tokenizer.json")
+    n = tok.get_vocab_size()
+    assert n < LLAMA_VOCAB < 1024  # smaller than the checkpoint's and the tiny preset's
+    out = tmp_path / "model"
+    rc = cli_main(["convert", "--llama", str(tmp_path / "llama"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                   "--preset", "tiny", "--out", str(out)])
+    assert rc == 0
+    assert "RE-INITIALISED" in capsys.readouterr().out
+    model = VideoLlama.from_pretrained(out)
+    assert model.config.decoder.vocab_size == n == model.lm_head.weight.shape[0]
+    assert (model.config.decoder.bos_token_id, model.config.decoder.eos_token_id) == (1, 2)
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+    # An explicit, larger --vocab-size wins; vision-only conversions follow the same rule.
+    from tokenizers import Tokenizer
+
+    saved = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert convert(llama=tmp_path / "llama", preset="tiny", vocab_size=n + 5, tokenizer=saved,
+                   log=lambda *_: None).config.decoder.vocab_size == n + 5
+    _tiny_clip_vision(tmp_path / "clip")
+    assert convert(vision=tmp_path / "clip", preset="tiny", tokenizer=saved,
+                   log=lambda *_: None).config.decoder.vocab_size == n
+
+
+def test_vocab_size_below_the_tokenizer_is_an_error(tmp_path):
+    _tiny_llama(tmp_path / "llama")
+    tok = _our_tokenizer(tmp_path / "tokenizer.json")
+    out = tmp_path / "model"
+    n = tok.get_vocab_size()
+    with pytest.raises(ValueError, match=f"--vocab-size {n - 1} is smaller than the tokenizer's {n} tokens"):
+        cli_main(["convert", "--llama", str(tmp_path / "llama"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                  "--vocab-size", str(n - 1), "--preset", "tiny", "--out", str(out)])
+    assert not out.exists()  # nothing written
+
+
+def test_llama_alone_keeps_the_checkpoint_vocabulary_and_tokenizer(tmp_path, capsys):
+    hf = _tiny_llama(tmp_path / "llama")
+    _llama_style_tokenizer(tmp_path / "llama" / "tokenizer.json")
+    out = tmp_path / "model"
+    rc = cli_main(["convert", "--llama", str(tmp_path / "llama"), "--preset", "tiny", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "RE-INITIALISED" not in printed
+    assert "lacks VideoLlama's special tokens" in printed  # copied as is, with a warning
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "llama" / "tokenizer.json").read_bytes()
+    model = VideoLlama.from_pretrained(out).eval()
+    assert model.config.decoder.vocab_size == LLAMA_VOCAB  # not the tiny preset's 1024
+    assert torch.equal(model.decoder.embed_tokens.weight, hf.model.embed_tokens.weight)
+    assert _logits_max_diff(model, hf, 9) <= 1e-4
+    # generate refuses the Llama tokenizer (no <video>, <|answer|>, ...) before reading any weights.
+    (out / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=re.escape(f"{out / 'tokenizer.json'}: special token")):
+        cli_main(["generate", "--model", str(out), "--prompt", "hello"])
+
+
+def test_directory_without_tokenizer_warns_and_generate_eval_refuse_it(tmp_path, capsys):
+    _tiny_llama(tmp_path / "llama")
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")  # an earlier conversion's leftover must not survive
+    rc = cli_main(["convert", "--llama", str(tmp_path / "llama"), "--preset", "tiny", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"{out} has no tokenizer.json" in printed
+    assert not (out / "tokenizer.json").exists()
+    # The error names the directory and comes before the weights are read (they are garbage now).
+    (out / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"generate: model directory {out} has no tokenizer.json")):
+        cli_main(["generate", "--model", str(out), "--prompt", "hello"])
+    with pytest.raises(FileNotFoundError, match=re.escape(f"eval: model directory {out} has no tokenizer.json")):
+        cli_main(["eval", "--model", str(out), "--task", "videoqa", "--data", str(tmp_path / "x.jsonl"),
+                  "--out", str(tmp_path / "eval"), "--device", "cpu"])
