@@ -99,6 +99,15 @@ class DecoderConfig:
     max_seq_len: int = 2048
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE scaling, as Hugging Face's rope_parameters: "default" (none), "linear" (positions divided
+    # by rope_factor) or "llama3" (Llama-3.1 and later: long wavelengths divided by rope_factor, short
+    # ones kept, smooth in between; the band edges are rope_original_max_position_embeddings divided
+    # by rope_low_freq_factor and rope_high_freq_factor). The other fields are unused by "default".
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     cross_attn_every: int = 4
     cross_attn_heads: int | None = None

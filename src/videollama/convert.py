@@ -11,7 +11,8 @@ Everything the checkpoints do not have (temporal aggregation, resampler, gated c
 keeps its fresh initialisation; the gates start at zero, so the converted model computes exactly
 what the imported image ViT and text-only Llama compute.
 
-Usage: videollama convert [--llama HF_DIR] [--vision HF_CLIP_DIR] [--preset NAME] --out DIR
+Usage: videollama convert [--llama HF_DIR] [--vision HF_CLIP_DIR] [--preset NAME] [--tokenizer T]
+                          [--vocab-size N] --out DIR
 """
 
 from __future__ import annotations
@@ -76,20 +77,70 @@ def read_safetensors_dir(hf_dir: Path) -> dict[str, Any]:
     return tensors
 
 
-def llama_overrides(hf: dict[str, Any]) -> dict[str, Any]:
-    """Decoder config overrides from a Hugging Face LlamaConfig dict."""
+# RoPE variants the decoder implements (videollama.model.layers.rotary_inv_freq).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
+
+
+def rope_overrides(hf: dict[str, Any], where: str = "--llama") -> dict[str, Any]:
+    """Decoder RoPE overrides from a Hugging Face config dict, in every form transformers writes.
+
+    transformers 4: top-level ``rope_theta`` and ``rope_scaling`` (``{"rope_type" or "type", ...}``
+    or null). transformers >= 5: ``rope_parameters`` (``{"rope_theta", "rope_type", ...}``).
+    The precedence is transformers' own (``PreTrainedConfig.convert_rope_params_to_dict``): a
+    non-empty ``rope_scaling`` replaces ``rope_parameters``, and a ``rope_theta`` inside the dict
+    wins over the top-level one (default 10000). Types other than default, linear and llama3
+    (dynamic, yarn, longrope, ...) are refused: importing them as plain RoPE is silently wrong.
+    """
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{where}: rope settings {rope!r} are not a mapping")
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"{where}: per-layer-type RoPE parameters {sorted(rope)} are not supported")
+    theta = rope.get("rope_theta")
+    if theta is None:
+        theta = hf.get("rope_theta")
+    theta = 10000.0 if theta is None else float(theta)
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (VideoLlama implements "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}); as plain RoPE it would be silently wrong")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor {partial} is not supported (RoPE on the whole head only)")
+    out: dict[str, Any] = {"decoder.rope_theta": theta, "decoder.rope_type": rope_type}
+    needed = {"default": (), "linear": ("factor",), "llama3": _LLAMA3_KEYS}[rope_type]
+    missing = [k for k in needed if rope.get(k) is None]
+    if missing:
+        raise ValueError(f"{where}: rope_type {rope_type!r} needs {missing} in its rope parameters ({rope})")
+    if rope_type in ("linear", "llama3"):
+        out["decoder.rope_factor"] = float(rope["factor"])
+    if rope_type == "llama3":
+        low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        if not high > low:
+            raise ValueError(f"{where}: llama3 RoPE high_freq_factor {high} must exceed low_freq_factor {low}")
+        # As transformers' standardize_rope_params: a top-level value first (Phi-3 style), then the
+        # rope dict's, then max_position_embeddings.
+        original = (hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                    or hf["max_position_embeddings"])
+        out["decoder.rope_low_freq_factor"] = low
+        out["decoder.rope_high_freq_factor"] = high
+        out["decoder.rope_original_max_position_embeddings"] = int(original)
+    return out
+
+
+def llama_overrides(hf: dict[str, Any], where: str = "--llama") -> dict[str, Any]:
+    """Decoder config overrides from a Hugging Face LlamaConfig dict (``where`` prefixes errors)."""
     if hf.get("model_type") not in ("llama", None):
-        raise ValueError(f"--llama: model_type {hf.get('model_type')!r} is not 'llama'")
-    if hf.get("rope_scaling"):
-        raise ValueError(f"--llama: rope_scaling {hf['rope_scaling']} is not supported (plain RoPE only)")
+        raise ValueError(f"{where}: model_type {hf.get('model_type')!r} is not 'llama'")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("--llama: attention_bias/mlp_bias checkpoints are not supported")
+        raise ValueError(f"{where}: attention_bias/mlp_bias checkpoints are not supported")
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     if head_dim * heads != hf["hidden_size"]:
-        raise ValueError(f"--llama: head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}")
+        raise ValueError(f"{where}: head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"--llama: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU/silu only)")
+        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU/silu only)")
     return {
         "decoder.hidden_size": hf["hidden_size"],
         "decoder.intermediate_size": hf["intermediate_size"],
@@ -97,7 +148,7 @@ def llama_overrides(hf: dict[str, Any]) -> dict[str, Any]:
         "decoder.num_heads": heads,
         "decoder.num_kv_heads": hf.get("num_key_value_heads") or heads,
         "decoder.rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
-        "decoder.rope_theta": float(hf.get("rope_theta", 10000.0)),
+        **rope_overrides(hf, where),
         "decoder.tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
     }
 
@@ -132,25 +183,45 @@ def clip_overrides(hf: dict[str, Any], hf_dir: Path) -> dict[str, Any]:
 # ---- the conversion ---------------------------------------------------------------------------
 
 
+def target_vocab(*, vocab_size: int | None, tokenizer_size: int | None, checkpoint_vocab: int | None,
+                 preset_vocab: int) -> int:
+    """The converted model's vocabulary: ``vocab_size`` if given (never below the tokenizer's size),
+    else the tokenizer's size, else the Llama checkpoint's (its embeddings kept), else the preset's."""
+    if vocab_size is not None and tokenizer_size is not None and vocab_size < tokenizer_size:
+        raise ValueError(f"convert: --vocab-size {vocab_size} is smaller than the tokenizer's {tokenizer_size} "
+                         "tokens: the ids above it would have no embedding")
+    for size in (vocab_size, tokenizer_size, checkpoint_vocab):
+        if size is not None:
+            return size
+    return preset_vocab
+
+
 def convert(*, llama: str | Path | None = None, vision: str | Path | None = None, preset: str = "videollama-13b",
-            vocab_size: int | None = None, overrides: dict[str, Any] | None = None, seed: int = 0,
+            vocab_size: int | None = None, tokenizer=None, overrides: dict[str, Any] | None = None, seed: int = 0,
             log=print):
     """Build a VideoLlama with imported weights. Returns the model (fp32, CPU).
 
-    vocab_size: the target vocabulary (default: the preset's). When it differs from the Llama
-    checkpoint's, the embeddings and the output head keep their fresh initialisation.
+    The vocabulary (:func:`target_vocab`): ``vocab_size`` if given, else the size of ``tokenizer``
+    (a ``tokenizers.Tokenizer`` with VideoLlama's special tokens; it only sizes the model and sets
+    its special ids here, ``save_pretrained(tokenizer=...)`` writes it), else the Llama checkpoint's,
+    else the preset's. When it differs from the Llama checkpoint's, the embeddings and the output
+    head keep their fresh initialisation.
     """
     import torch
 
     from videollama.model.videollama import VideoLlama
 
+    preset_decoder = VideoLlamaConfig.from_name(preset).decoder
+    tokenizer_size = tokenizer.get_vocab_size(with_added_tokens=True) if tokenizer is not None else None
+    # A --vocab-size below the tokenizer's fails here, before any checkpoint is read.
+    target_vocab(vocab_size=vocab_size, tokenizer_size=tokenizer_size, checkpoint_vocab=None, preset_vocab=0)
     cfg_over: dict[str, Any] = {}
     imported: dict[str, torch.Tensor] = {}
     if llama is not None:
         llama = Path(llama)
         hf = read_hf_config(llama)
         tensors = read_safetensors_dir(llama)          # first: refuses pickles before anything else
-        cfg_over.update(_checked(llama_overrides, hf, llama))
+        cfg_over.update(_checked(llama_overrides, hf, llama, f"--llama {llama / 'config.json'}"))
         for k, v in tensors.items():
             new = rename(k, LLAMA_RENAMES)
             if new is None:
@@ -159,20 +230,31 @@ def convert(*, llama: str | Path | None = None, vision: str | Path | None = None
         if "lm_head.weight" not in imported and not hf.get("tie_word_embeddings", False):
             raise ValueError(f"{llama}: lm_head.weight missing and tie_word_embeddings is false")
         ckpt_vocab = hf["vocab_size"]
-        target_vocab = vocab_size if vocab_size is not None else VideoLlamaConfig.from_name(preset).decoder.vocab_size
-        if target_vocab != ckpt_vocab:
+        target = target_vocab(vocab_size=vocab_size, tokenizer_size=tokenizer_size, checkpoint_vocab=ckpt_vocab,
+                              preset_vocab=preset_decoder.vocab_size)
+        if target != ckpt_vocab:
             for k in _VOCAB_TENSORS:
                 imported.pop(k, None)
-            log(f"convert: target vocabulary {target_vocab} != checkpoint vocabulary {ckpt_vocab}: "
+            log(f"convert: target vocabulary {target} != checkpoint vocabulary {ckpt_vocab}: "
                 "embeddings and output head are RE-INITIALISED (train them with the new tokenizer).")
+        elif tokenizer is not None:
+            log(f"convert: warning: the model has the checkpoint's vocabulary ({ckpt_vocab}), so its embeddings "
+                "are kept: they mean something only with the tokenizer the checkpoint was trained with.")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if isinstance(hf.get(name), int) and target_vocab == ckpt_vocab:
+            if isinstance(hf.get(name), int) and target == ckpt_vocab:
                 cfg_over[f"decoder.{name}"] = hf[name]
-        cfg_over["decoder.vocab_size"] = target_vocab
-        cfg_over["decoder.max_seq_len"] = min(hf.get("max_position_embeddings", 2048),
-                                              VideoLlamaConfig.from_name(preset).decoder.max_seq_len)
-    elif vocab_size is not None:
-        cfg_over["decoder.vocab_size"] = vocab_size
+        cfg_over["decoder.vocab_size"] = target
+        cfg_over["decoder.max_seq_len"] = min(hf.get("max_position_embeddings", 2048), preset_decoder.max_seq_len)
+    else:
+        cfg_over["decoder.vocab_size"] = target_vocab(vocab_size=vocab_size, tokenizer_size=tokenizer_size,
+                                                      checkpoint_vocab=None, preset_vocab=preset_decoder.vocab_size)
+    if tokenizer is not None:
+        # The tokenizer's own special ids (ours: checked by load_tokenizer), not the checkpoint's.
+        from videollama.data.tokenizer import BOS, EOS, PAD
+
+        for name, token in (("bos_token_id", BOS), ("eos_token_id", EOS), ("pad_token_id", PAD)):
+            if tokenizer.token_to_id(token) is not None:
+                cfg_over[f"decoder.{name}"] = tokenizer.token_to_id(token)
     if vision is not None:
         vision = Path(vision)
         hf_v = read_hf_config(vision)
@@ -242,9 +324,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="videollama-13b",
                         help="preset for everything not imported (default: videollama-13b)")
     parser.add_argument("--vocab-size", type=int, default=None,
-                        help="target vocabulary (default: the preset's); a different size from the Llama "
-                             "checkpoint's re-initialises embeddings and head")
-    parser.add_argument("--tokenizer", help="tokenizer.json (or a folder holding it) to copy into the model directory")
+                        help="target vocabulary (default: the --tokenizer's size, else the Llama checkpoint's, "
+                             "else the preset's); a size other than the Llama checkpoint's re-initialises "
+                             "embeddings and head; never below the tokenizer's size")
+    parser.add_argument("--tokenizer", help="tokenizer.json (or a folder holding it) to copy into the model "
+                                            "directory; it sets the vocabulary unless --vocab-size is given")
     parser.add_argument("--seed", type=int, default=0, help="seed for the freshly initialised parts")
     parser.add_argument("--out", required=True, help="output model directory")
 
@@ -253,14 +337,66 @@ def run(args: argparse.Namespace) -> int:
     if not args.llama and not args.vision:
         print("convert: nothing to import: give --llama and/or --vision")
         return 2
-    model = convert(llama=args.llama, vision=args.vision, preset=args.preset, vocab_size=args.vocab_size,
-                    seed=args.seed)
-    out = Path(args.out)
+    from videollama.model.videollama import TOKENIZER_NAME
+
     tokenizer = None
     if args.tokenizer:
         from videollama.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)  # checked before anything is written
+    model = convert(llama=args.llama, vision=args.vision, preset=args.preset, vocab_size=args.vocab_size,
+                    tokenizer=tokenizer, seed=args.seed)
+    out = Path(args.out)
+    # Without --tokenizer, a Llama checkpoint's own tokenizer goes with its embeddings when they are kept.
+    ckpt_tokenizer = None
+    if tokenizer is None and args.llama:
+        candidate = Path(args.llama) / TOKENIZER_NAME
+        kept = model.config.decoder.vocab_size == read_hf_config(Path(args.llama))["vocab_size"]
+        if candidate.is_file() and kept:
+            ckpt_tokenizer = candidate
+    stale = out / TOKENIZER_NAME
+    if tokenizer is None and ckpt_tokenizer is None and stale.is_file():
+        stale.unlink()  # an earlier conversion's tokenizer would silently pair with this model's vocabulary
+        print(f"convert: removed {stale} left by an earlier conversion")
     model.save_pretrained(out, tokenizer=tokenizer)
+    if ckpt_tokenizer is not None:
+        _copy_checkpoint_tokenizer(ckpt_tokenizer, out / TOKENIZER_NAME, model.config.decoder.vocab_size)
+    elif tokenizer is None:
+        print(f"convert: warning: {out} has no {TOKENIZER_NAME}: `videollama generate` and `videollama eval` "
+              "cannot use it until one is added (convert again with --tokenizer, or copy one in).")
     print(f"convert: wrote {out}")
     return 0
+
+
+def _copy_checkpoint_tokenizer(source: Path, dest: Path, vocab_size: int) -> None:
+    """Copy a Llama checkpoint's tokenizer.json byte for byte, saying what it can and cannot do.
+
+    It is copied as is (not rewritten) so that it stays the checkpoint's exact tokenizer; a
+    tokenizer without VideoLlama's special tokens (every Llama one) is still copied, with a warning:
+    ``generate`` and ``eval`` refuse it, since their prompts are built from those tokens.
+    """
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from videollama.data.tokenizer import load_tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(source)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the Rust side raises a bare Exception with a serde message
+        if dest.is_file() and dest.resolve() != source.resolve():
+            dest.unlink()  # an earlier conversion's
+        print(f"convert: warning: {source} is not a valid tokenizer.json ({e}); not copied: "
+              f"{dest.parent} has no {dest.name}, `videollama generate` and `videollama eval` cannot use it")
+        return
+    if source.resolve() != dest.resolve():
+        shutil.copyfile(source, dest)
+    print(f"convert: copied the checkpoint's {source} to {dest}")
+    if size > vocab_size:
+        print(f"convert: warning: {dest} has {size} tokens, more than the model's vocabulary {vocab_size}")
+    try:
+        load_tokenizer(dest)
+    except ValueError as e:
+        print(f"convert: warning: {dest} lacks VideoLlama's special tokens ({e}); `videollama generate` and "
+              "`videollama eval` need them and will refuse it (train with `videollama tokenizer train` or "
+              "convert with --tokenizer to use them).")

@@ -287,8 +287,12 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = VideoLlama.from_pretrained(args.model, device=device)
+    # The tokenizer first: a directory without a usable one fails before any weights are read.
+    if not (Path(args.model) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"eval: model directory {args.model} has no tokenizer.json (convert with "
+                                "--tokenizer, or copy the tokenizer the model was trained with into it)")
     tokenizer = load_tokenizer(args.model)
+    model = VideoLlama.from_pretrained(args.model, device=device)
     metrics = evaluate(
         model, tokenizer, args.task, args.data, args.video_root, args.out,
         batch_size=args.batch_size, frames=args.frames, limit=args.limit,

@@ -164,7 +164,11 @@ class Decoder(nn.Module):
         kv_caches / start: generation's caches and where these tokens go in them.
         """
         x = self.embed_tokens(input_ids)  # [B, T, D]
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        c = self.config
+        cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype, rope_type=c.rope_type,
+                                  factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
+                                  high_freq_factor=c.rope_high_freq_factor,
+                                  original_max_position_embeddings=c.rope_original_max_position_embeddings)
         mask = attention_mask_for(key_mask, input_ids.shape[1], start)
         every = self.config.cross_attn_every
         for i, layer in enumerate(self.layers):

@@ -137,8 +137,12 @@ def run(args: argparse.Namespace) -> int:
     # Lazy: the data package (PyAV, tokenizers) is only needed when this command runs.
     from videollama.data.tokenizer import caption_prompt, encode_prompt, load_tokenizer, videoqa_prompt
 
-    model = VideoLlama.from_pretrained(args.model, device=args.device).eval()
+    # The tokenizer first: a directory without a usable one fails before any weights are read.
+    if not (Path(args.model) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"generate: model directory {args.model} has no tokenizer.json (convert with "
+                                "--tokenizer, or copy the tokenizer the model was trained with into it)")
     tokenizer = load_tokenizer(args.model)
+    model = VideoLlama.from_pretrained(args.model, device=args.device).eval()
     prompt = {"raw": lambda: args.prompt, "videoqa": lambda: videoqa_prompt(args.prompt),
               "caption": caption_prompt}[args.template]()
     input_ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=args.device)
