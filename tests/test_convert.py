@@ -293,7 +293,7 @@ def test_vocab_size_below_the_tokenizer_is_an_error(tmp_path):
     n = tok.get_vocab_size()
     with pytest.raises(ValueError, match=f"--vocab-size {n - 1} is smaller than the tokenizer's {n} tokens"):
         cli_main(["convert", "--llama", str(tmp_path / "llama"), "--tokenizer", str(tmp_path / "tokenizer.json"),
-                  "--vocab-size", str(n - 1), "--preset", "tiny", "--out", str(out)])
+                  "--vocab-size", str(n - 1), "--preset", "tiny", "--out", str(out), "--debug"])
     assert not out.exists()  # nothing written
 
 
@@ -314,7 +314,7 @@ def test_llama_alone_keeps_the_checkpoint_vocabulary_and_tokenizer(tmp_path, cap
     # generate refuses the Llama tokenizer (no <video>, <|answer|>, ...) before reading any weights.
     (out / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match=re.escape(f"{out / 'tokenizer.json'}: special token")):
-        cli_main(["generate", "--model", str(out), "--prompt", "hello"])
+        cli_main(["generate", "--model", str(out), "--prompt", "hello", "--debug"])
 
 
 def test_directory_without_tokenizer_warns_and_generate_eval_refuse_it(tmp_path, capsys):
@@ -330,7 +330,7 @@ def test_directory_without_tokenizer_warns_and_generate_eval_refuse_it(tmp_path,
     # The error names the directory and comes before the weights are read (they are garbage now).
     (out / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(FileNotFoundError, match=re.escape(f"generate: model directory {out} has no tokenizer.json")):
-        cli_main(["generate", "--model", str(out), "--prompt", "hello"])
+        cli_main(["generate", "--model", str(out), "--prompt", "hello", "--debug"])
     with pytest.raises(FileNotFoundError, match=re.escape(f"eval: model directory {out} has no tokenizer.json")):
         cli_main(["eval", "--model", str(out), "--task", "videoqa", "--data", str(tmp_path / "x.jsonl"),
-                  "--out", str(tmp_path / "eval"), "--device", "cpu"])
+                  "--out", str(tmp_path / "eval"), "--device", "cpu", "--debug"])
