@@ -17,6 +17,7 @@ import torch
 
 from videollama.config import VideoLlamaConfig
 from videollama.data import load_clip
+from videollama.data.evalset import read_eval_set
 from videollama.data.tokenizer import (
     caption_prompt,
     encode_prompt,
@@ -25,7 +26,7 @@ from videollama.data.tokenizer import (
     videoqa_prompt,
 )
 from videollama.eval import harness
-from videollama.eval.harness import evaluate, read_eval_set
+from videollama.eval.harness import evaluate
 from videollama.eval.metrics import is_correct
 from videollama.model.generate import generate
 from videollama.model.videollama import VideoLlama
@@ -257,3 +258,97 @@ def test_bad_evaluation_sets(tmp_path):
     path.write_text('{"video": "a.mp4", "question": "q?", "answer": "red"}\n' * 5)
     items = read_eval_set(path, "videoqa", limit=3)
     assert len(items) == 3 and items[2].kind == "unspecified"
+
+
+# ---- hostile and careless input -------------------------------------------------------------
+def test_bad_items_are_counted_and_the_rest_is_evaluated(setup, tmp_path):
+    """Every kind of bad line or item is a counted skip by reason; the good items are evaluated."""
+    root, model_dir = setup
+    model, tokenizer = VideoLlama.from_pretrained(model_dir, return_tokenizer=True)
+    outside = tmp_path / "outside.mp4"
+    (root / "videos" / "link_out.mp4").unlink(missing_ok=True)
+    (root / "videos" / "link_out.mp4").symlink_to(outside)
+    good = {"video": "videos/red_right.mp4", "question": "which way does the red square move?",
+            "answer": "right", "kind": "temporal"}
+    lines = [
+        json.dumps(good),
+        b'{"video": "videos/red_right.mp4", "question": "caf\xe9?", "answer": "x"}',  # Latin-1: not UTF-8
+        json.dumps({**good, "question": "q" * 100}) + " " * (2 << 20),  # a line over the 1 MiB cap
+        "[" * 100_000 + "]" * 100_000,  # nested far too deep
+        json.dumps({**good, "video": "../../../../etc/passwd"}),
+        json.dumps({**good, "video": "/etc/passwd"}),
+        json.dumps({**good, "video": "videos/link_out.mp4"}),
+        json.dumps({**good, "question": "what " * 400}),  # 2,000 characters: more tokens than the context
+        json.dumps({**good, "question": "q" * 20_000}),  # over the character cap: never tokenized
+        json.dumps(good),
+    ]
+    data = root / "hostile.jsonl"
+    data.write_bytes(b"\n".join(ln if isinstance(ln, bytes) else ln.encode() for ln in lines) + b"\n")
+    metrics = evaluate(model, tokenizer, "videoqa", data, None, tmp_path / "out", batch_size=3,
+                       max_new_tokens=3, progress=False)
+    assert metrics["skipped_by_reason"] == {"invalid_line": 4, "outside_root": 3, "prompt_too_long": 1}
+    assert metrics["n"] == 6 and metrics["evaluated"] == 2 and metrics["skipped"] == 8
+    assert [b["line"] for b in metrics["bad_lines"]] == [2, 3, 4, 9]
+    assert "not valid UTF-8" in metrics["bad_lines"][0]["error"] and "hostile.jsonl:2" in metrics["bad_lines"][0]["error"]
+    assert "longer than" in metrics["bad_lines"][1]["error"]
+    assert "over the 16384-character cap" in metrics["bad_lines"][3]["error"]
+    preds = _read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert len(preds) == 6 and [p.get("skip_reason") for p in preds] == [
+        None, "outside_root", "outside_root", "outside_root", "prompt_too_long", None]
+    # The two good copies get the same (real) prediction; no message says whether /etc/passwd exists.
+    assert preds[0]["prediction"] == preds[5]["prediction"] and preds[0]["timestamps"]
+    messages = [p["error"] for p in preds[1:4]]
+    assert all("leaves its root folder" in m and "exist" not in m for m in messages)
+
+
+def test_eval_exits_non_zero_when_nothing_could_be_evaluated(setup, tmp_path, capsys):
+    from videollama.cli import main
+
+    root, model_dir = setup
+    data = tmp_path / "missing.jsonl"
+    data.write_text(json.dumps({"video": "nope.mp4", "question": "q?", "answer": "a"}) + "\n")
+    assert main(["eval", "--model", str(model_dir), "--task", "videoqa", "--data", str(data),
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "nothing in" in capsys.readouterr().err
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["skipped_by_reason"] == {"missing_video": 1}
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--out", "FILE"], "is a file"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--data", "no/such.jsonl"], "no/such.jsonl: evaluation set not found"),
+])
+def test_eval_checks_its_arguments_before_loading_the_model(setup, tmp_path, monkeypatch, capsys, argv, says):
+    from videollama.cli import main
+
+    root, model_dir = setup
+    (tmp_path / "FILE").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(VideoLlama, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    base = {"--model": str(model_dir), "--task": "videoqa", "--data": str(root / "videoqa_cli.jsonl"), "--out": "o"}
+    (root / "videoqa_cli.jsonl").write_text(json.dumps(_videoqa_items()[0]) + "\n")
+    base.update(dict(zip(argv[::2], argv[1::2])))
+    assert main(["eval", *[x for kv in base.items() for x in kv]]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_an_interrupted_eval_keeps_the_predictions_made(setup, tmp_path, monkeypatch):
+    root, model_dir = setup
+    model, tokenizer = VideoLlama.from_pretrained(model_dir, return_tokenizer=True)
+    data = root / "interrupted.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in _videoqa_items()))
+    calls = []
+    real = harness._generate_batch
+
+    def stop_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "_generate_batch", stop_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, tokenizer, "videoqa", data, None, tmp_path, batch_size=2, max_new_tokens=3, progress=False)
+    kept = _read_jsonl(tmp_path / "predictions.jsonl")
+    assert len(kept) == 2 and all(set(p) >= {"line_index", "prediction", "answer"} for p in kept)

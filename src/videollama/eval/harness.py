@@ -20,11 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from videollama.data.evalset import TASKS, EvalItem, read_eval_set
+from videollama.data import errors
+from videollama.data.errors import BadSample
+from videollama.data.evalset import TASKS, EvalItem, iter_eval_lines
+from videollama.data.safe_io import resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ class LoadedVideo:
     frames: Any = None
     timestamps: list[float] | None = None
     error: str | None = None
+    reason: str | None = None  # a videollama.data.errors code, with error
 
 
 def load_video(path: Path, preprocess: Any, *, single_frame: bool) -> LoadedVideo:
@@ -58,7 +64,9 @@ def load_video(path: Path, preprocess: Any, *, single_frame: bool) -> LoadedVide
             mean=preprocess.mean, std=preprocess.std, start=None, train=False,
         )
     except Exception as e:  # noqa: BLE001 - a broken file of any kind must not end a long evaluation
-        return LoadedVideo(error=f"{type(e).__name__}: {e}")
+        reason = (e.reason if isinstance(e, BadSample) else errors.MISSING_VIDEO
+                  if isinstance(e, FileNotFoundError) else errors.DECODE_ERROR)
+        return LoadedVideo(error=f"{type(e).__name__}: {e}", reason=reason)
     timestamps = [round(float(t), 4) for t in timestamps]
     if single_frame:
         centre = frames.shape[0] // 2
@@ -142,6 +150,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     meteor: bool | None = None,
     progress: bool = True,
+    allow_outside_root: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on a VideoQA or captioning set; write predictions and metrics.
 
@@ -155,12 +164,16 @@ def evaluate(
         frames: None for the full clip, 1 for the centre frame only (repeated).
         limit: evaluate only the first ``limit`` items.
         meteor: caption METEOR (a Java process); default: when Java is installed.
+        allow_outside_root: let ``video`` paths leave ``video_root`` (refused by default).
+    A line that is not a valid item, a video that does not load or lies outside the root, a
+    question that does not fit the context: each is counted in ``skipped_by_reason`` and the
+    evaluation goes on; an item of a skipped video or question is scored as wrong.
     Returns:
         the metrics dict written to ``metrics.json``.
     """
     from tqdm import tqdm
 
-    from videollama.eval.metrics import caption_scores, is_correct, java_available, videoqa_accuracy
+    from videollama.eval.metrics import caption_scores, java_available, videoqa_accuracy
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -173,8 +186,10 @@ def evaluate(
         raise RuntimeError("caption metrics need Java (pycocoevalcap's PTB tokenizer); install a JRE")
     data_path = Path(data_path)
     video_root = Path(video_root) if video_root is not None else data_path.parent
-    items = read_eval_set(data_path, task, limit=limit)
+    items, bad_lines = read_items(data_path, task, limit=limit)
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
 
     # Questions about the same video become neighbours, so that a video is decoded once even
@@ -184,79 +199,130 @@ def evaluate(
         first_seen.setdefault(item.video, item.index)
     order = sorted(items, key=lambda it: (first_seen[it.video], it.index))
 
-    predictions: dict[int, str] = {}
+    records: dict[int, dict] = {}
+    skipped: dict[int, tuple[str, str]] = {}  # item index -> (reason, message)
     loaded: dict[str, LoadedVideo] = {}  # only the videos of the current batch (grouping makes that enough)
-    skipped_videos: dict[str, str] = {}
-    timestamps: dict[str, list[float]] = {}
+    # Written as they are made (in the order of work), so an interruption keeps what was done;
+    # rewritten in the file's order at the end.
+    partial = (out_dir / "predictions.jsonl").open("w", encoding="utf-8")
     bar = tqdm(total=len(order), desc=f"eval {task}", unit="item", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        loaded = {v: loaded[v] for v in {it.video for it in batch} if v in loaded}
-        for item in batch:
-            if item.video not in loaded:
-                loaded[item.video] = load_video(video_root / item.video, preprocess, single_frame=single_frame)
-                timestamps[item.video] = loaded[item.video].timestamps
-                if loaded[item.video].error is not None:
-                    skipped_videos[item.video] = loaded[item.video].error
-                    log.warning("skipping %s (scored as wrong): %s", video_root / item.video,
-                                loaded[item.video].error)
-        ready = []
-        for it in batch:
-            if loaded[it.video].error is None:
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            loaded = {v: loaded[v] for v in {it.video for it in batch} if v in loaded}
+            for item in batch:
+                if item.video not in loaded:
+                    loaded[item.video] = _load_item_video(video_root, item.video, preprocess, single_frame,
+                                                          allow_outside_root)
+                video = loaded[item.video]
+                if video.error is not None:
+                    skipped[item.index] = (video.reason, video.error)
+            ready, prompts = [], []
+            for it in batch:
+                if it.index in skipped:
+                    continue
+                ids = _prompt_ids(tokenizer, it, task)
+                if len(ids) >= model.config.decoder.max_seq_len:  # not even one new token would fit
+                    skipped[it.index] = (errors.PROMPT_TOO_LONG, f"prompt of {len(ids)} tokens leaves no room in "
+                                                                 f"max_seq_len={model.config.decoder.max_seq_len}")
+                    continue
                 ready.append(it)
-            else:
-                predictions[it.index] = ""  # no answer: scored as wrong
-        if ready:
-            distinct = list(dict.fromkeys(it.video for it in ready))
-            prompts = [_prompt_ids(tokenizer, it, task) for it in ready]
-            texts = _generate_batch(model, tokenizer, prompts, [loaded[v].frames for v in distinct],
-                                    [distinct.index(it.video) for it in ready], max_new_tokens=max_new_tokens)
-            for it, text in zip(ready, texts):
-                predictions[it.index] = text
-        bar.update(len(batch))
-    bar.close()
+                prompts.append(ids)
+            texts: dict[int, str] = {}
+            if ready:
+                distinct = list(dict.fromkeys(it.video for it in ready))
+                generated = _generate_batch(model, tokenizer, prompts, [loaded[v].frames for v in distinct],
+                                            [distinct.index(it.video) for it in ready], max_new_tokens=max_new_tokens)
+                texts = {it.index: text for it, text in zip(ready, generated)}
+            for it in batch:
+                if it.index in skipped:
+                    log.warning("skipping %s (scored as wrong): %s", it.video, skipped[it.index][1])
+                rec = _record(it, task, texts.get(it.index, ""), loaded[it.video].timestamps, skipped.get(it.index))
+                records[it.index] = rec
+                partial.write(json.dumps({"line_index": it.index, **rec}) + "\n")
+            partial.flush()
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        partial.close()
 
     # ---- score and write ----------------------------------------------------------------
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    preds = [predictions[it.index] for it in items]
-    n_skipped = sum(it.video in skipped_videos for it in items)
+    preds = [records[it.index]["prediction"] for it in items]
+    by_reason: dict[str, int] = {}
+    for reason, _ in [*skipped.values(), *((errors.INVALID_LINE, m) for _, m in bad_lines)]:
+        by_reason[reason] = by_reason.get(reason, 0) + 1
     metrics: dict[str, Any] = {
         "task": task,
         "data": str(data_path),
         "model": getattr(model.config, "name", None),
-        "n": len(items),
-        "skipped": n_skipped,
-        "skipped_videos": skipped_videos,
+        "n": len(items),  # items read; a skipped one is scored as wrong
+        "evaluated": len(items) - len(skipped),
+        "skipped": len(skipped) + len(bad_lines),  # items and lines that could not be evaluated
+        "skipped_by_reason": dict(sorted(by_reason.items())),
+        "skipped_videos": {items[i].video: m for i, (r, m) in sorted(skipped.items()) if r != errors.PROMPT_TOO_LONG},
+        "bad_lines": [{"line": n, "error": m} for n, m in bad_lines[:100]],
         "frames": 1 if single_frame else preprocess.num_frames,
         "num_frames": preprocess.num_frames,
         "fps": preprocess.fps,
         "max_new_tokens": max_new_tokens,
     }
-    records = []
-    if task == "videoqa":
+    if items and task == "videoqa":
         metrics.update(videoqa_accuracy(preds, [it.answer for it in items], [it.kind for it in items],
                                         options=[it.options for it in items]))
-        for it, pred in zip(items, preds):
-            skipped = it.video in skipped_videos
-            rec = {"video": it.video, "question": it.question, "prediction": pred, "answer": it.answer,
-                   "kind": it.kind, "correct": (not skipped) and is_correct(pred, it.answer, it.options)}
-            if it.options is not None:
-                rec["options"] = it.options
-            records.append((rec, it))
-    else:
+    elif items:
         # A skipped video's caption is empty: it matches nothing, as a wrong caption would.
         metrics.update(caption_scores(preds, [it.captions for it in items], meteor=meteor))
-        records = [({"video": it.video, "references": it.captions, "prediction": pred}, it)
-                   for it, pred in zip(items, preds)]
-    with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for rec, it in records:
-            rec["timestamps"] = timestamps.get(it.video)  # None: the video failed to load
-            if it.video in skipped_videos:
-                rec["error"] = skipped_videos[it.video]
-            f.write(json.dumps(rec) + "\n")
+    tmp = out_dir / "predictions.jsonl.tmp"
+    with tmp.open("w", encoding="utf-8") as f:
+        for it in items:
+            f.write(json.dumps(records[it.index]) + "\n")
+    os.replace(tmp, out_dir / "predictions.jsonl")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def read_items(path: Path, task: str, *, limit: int | None = None) -> tuple[list[EvalItem], list[tuple[int, str]]]:
+    """The set's items, and ``(line, message)`` for each line that is not one (counted, never fatal)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: evaluation set not found")
+    items, bad = [], []
+    for lineno, item in iter_eval_lines(path, task=task):
+        if limit is not None and len(items) >= limit:
+            break
+        if isinstance(item, ValueError):
+            log.warning("skipping %s", item)
+            bad.append((lineno, str(item)))
+        else:
+            items.append(item)
+    return items, bad
+
+
+def _load_item_video(root: Path, video: str, preprocess: Any, single_frame: bool, allow_outside_root: bool
+                     ) -> LoadedVideo:
+    try:
+        path = resolve_inside(root, video, allow_outside=allow_outside_root)
+    except BadSample as e:
+        return LoadedVideo(error=str(e), reason=e.reason)
+    return load_video(path, preprocess, single_frame=single_frame)
+
+
+def _record(it: EvalItem, task: str, prediction: str, timestamps: list[float] | None,
+            skip: tuple[str, str] | None) -> dict:
+    from videollama.eval.metrics import is_correct
+
+    if task == "videoqa":
+        rec = {"video": it.video, "question": it.question, "prediction": prediction, "answer": it.answer,
+               "kind": it.kind, "correct": skip is None and is_correct(prediction, it.answer, it.options)}
+        if it.options is not None:
+            rec["options"] = it.options
+    else:
+        rec = {"video": it.video, "references": it.captions, "prediction": prediction}
+    rec["timestamps"] = timestamps  # None: the video failed to load
+    if skip is not None:
+        rec["error"], rec["skip_reason"] = skip[1], skip[0]
+    return rec
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -276,6 +342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{DEFAULT_MAX_NEW_TOKENS['caption']} (caption)")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves a Java start)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="let the JSONL's video paths leave --video-root (absolute, '..', links out)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -286,6 +354,22 @@ def run(args: argparse.Namespace) -> int:
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Everything that can be checked before the model is loaded, is.
+    for name in ("batch_size", "max_new_tokens", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.frames is not None and args.frames < 1:
+        raise ValueError(f"--frames must be 1 (centre frame only) or the model's frame count, got {args.frames}")
+    if not args.data.exists():
+        raise FileNotFoundError(f"{args.data}: evaluation set not found")
+    if args.video_root is not None and not args.video_root.is_dir():
+        raise FileNotFoundError(f"--video-root {args.video_root}: no such folder")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder for predictions.jsonl and metrics.json")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not os.access(args.out, os.W_OK):
+        raise PermissionError(f"--out {args.out}: the folder is not writable")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # The tokenizer first: a directory without a usable one fails before any weights are read.
     if not (Path(args.model) / "tokenizer.json").is_file():
@@ -297,8 +381,13 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, args.task, args.data, args.video_root, args.out,
         batch_size=args.batch_size, frames=args.frames, limit=args.limit,
         max_new_tokens=args.max_new_tokens, meteor=False if args.no_meteor else None,
+        allow_outside_root=args.allow_outside_root,
     )
-    summary = {k: v for k, v in metrics.items() if k not in ("skipped_videos", "data")}
+    summary = {k: v for k, v in metrics.items() if k not in ("skipped_videos", "bad_lines", "data")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out / 'predictions.jsonl'} and {args.out / 'metrics.json'}")
+    if metrics["evaluated"] == 0:
+        print(f"videollama: error: nothing in {args.data} could be evaluated (skipped: "
+              f"{metrics['skipped_by_reason']})", file=sys.stderr)
+        return 1
     return 0
