@@ -17,6 +17,19 @@ from typing import Any
 
 from videollama.dataclass_io import build, set_dotted
 
+
+def _positive(section: str, cfg: Any, *names: str, zero_ok: bool = False) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < (0 if zero_ok else 1e-12):
+            raise ValueError(f"{section}.{name} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def _divides(section: str, a: str, av: int, b: str, bv: int) -> None:
+    if av % bv:
+        raise ValueError(f"{section}.{a} ({av}) is not divisible by {section}.{b} ({bv})")
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -33,6 +46,11 @@ class PreprocessConfig:
     size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        _positive("preprocess", self, "num_frames", "fps", "size")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"preprocess.mean and .std need 3 values each (std > 0), got {self.mean}, {self.std}")
 
 
 @dataclass
@@ -61,6 +79,15 @@ class VisionConfig:
     # image ViT exact; a model trained from scratch learns faster with them open (tanh(1) = 0.76).
     gate_init: float = 0.0
 
+    def __post_init__(self) -> None:
+        _positive("vision", self, "image_size", "patch_size", "num_channels", "hidden_size", "num_layers",
+                  "num_heads", "intermediate_size", "max_frames", "layer_norm_eps")
+        _positive("vision", self, "temporal_every", zero_ok=True)
+        _divides("vision", "image_size", self.image_size, "patch_size", self.patch_size)
+        _divides("vision", "hidden_size", self.hidden_size, "num_heads", self.num_heads)
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"vision.hidden_act must be quick_gelu or gelu, got {self.hidden_act!r}")
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
@@ -80,6 +107,10 @@ class ResamplerConfig:
     num_heads: int = 16
     head_dim: int = 64
     ff_mult: int = 4
+
+    def __post_init__(self) -> None:
+        _positive("resampler", self, "num_latents", "depth", zero_ok=True)
+        _positive("resampler", self, "num_heads", "head_dim", "ff_mult")
 
 
 @dataclass
@@ -118,6 +149,24 @@ class DecoderConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("decoder", self, "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                  "max_seq_len", "rms_norm_eps", "rope_theta", "cross_attn_ff_mult")
+        _positive("decoder", self, "cross_attn_every", zero_ok=True)
+        _divides("decoder", "hidden_size", self.hidden_size, "num_heads", self.num_heads)
+        if self.num_kv_heads is not None:
+            _positive("decoder", self, "num_kv_heads")
+            _divides("decoder", "num_heads", self.num_heads, "num_kv_heads", self.num_kv_heads)
+        if self.cross_attn_heads is not None:
+            _positive("decoder", self, "cross_attn_heads")
+            _divides("decoder", "hidden_size", self.hidden_size, "cross_attn_heads", self.cross_attn_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"decoder head_dim (hidden_size / num_heads = {self.head_dim}) must be even for rotary")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(f"decoder.{name} {value} is outside the vocabulary [0, {self.vocab_size})")
 
     @property
     def head_dim(self) -> int:

@@ -335,8 +335,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not args.llama and not args.vision:
-        print("convert: nothing to import: give --llama and/or --vision")
-        return 2
+        raise ValueError("convert: nothing to import: give --llama and/or --vision")
+    out = Path(args.out)
+    # Writing the model directory over (or inside) an input would overwrite its config.json and
+    # delete its weight shards before they were read.
+    for flag, source in (("--llama", args.llama), ("--vision", args.vision)):
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        folder = source if source.is_dir() else source.parent
+        if out.resolve() == folder or out.resolve().is_relative_to(folder):
+            raise ValueError(f"--out {out} is, or is inside, the {flag} input {folder}: writing there would "
+                             "destroy it; give another folder")
     from videollama.model.videollama import TOKENIZER_NAME
 
     tokenizer = None
@@ -346,7 +356,6 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer)  # checked before anything is written
     model = convert(llama=args.llama, vision=args.vision, preset=args.preset, vocab_size=args.vocab_size,
                     tokenizer=tokenizer, seed=args.seed)
-    out = Path(args.out)
     # Without --tokenizer, a Llama checkpoint's own tokenizer goes with its embeddings when they are kept.
     ckpt_tokenizer = None
     if tokenizer is None and args.llama:

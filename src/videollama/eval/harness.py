@@ -355,6 +355,9 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Everything that can be checked before the model is loaded, is.
+    if not (Path(args.model) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"eval: model directory {args.model} has no tokenizer.json (convert with "
+                                "--tokenizer, or copy the tokenizer the model was trained with into it)")
     for name in ("batch_size", "max_new_tokens", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -371,10 +374,6 @@ def run(args: argparse.Namespace) -> int:
     if not os.access(args.out, os.W_OK):
         raise PermissionError(f"--out {args.out}: the folder is not writable")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # The tokenizer first: a directory without a usable one fails before any weights are read.
-    if not (Path(args.model) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"eval: model directory {args.model} has no tokenizer.json (convert with "
-                                "--tokenizer, or copy the tokenizer the model was trained with into it)")
     tokenizer = load_tokenizer(args.model)
     model = VideoLlama.from_pretrained(args.model, device=device)
     metrics = evaluate(

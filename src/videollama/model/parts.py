@@ -17,7 +17,8 @@ counts parameters by part; FSDP shards each block; convert renames by the prefix
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 
 PARTS = ("vision", "temporal", "resampler", "decoder", "cross_attn", "embeddings")
 VISION_SIDE = ("vision", "temporal", "resampler")
@@ -78,3 +79,36 @@ def blocks(model, block_type: str) -> Iterator[tuple[object | None, int, object]
         return
     for i, block in enumerate(container):
         yield container, i, block
+
+
+# Containers of numbered blocks, as they appear in parameter names.
+_NUMBERED = re.compile(r"^(decoder\.layers|decoder\.cross_attn_layers|vision\.encoder\.layers|vision\.temporal"
+                       r"|resampler\.layers)\.(\d+)\.")
+
+
+def block_counts(config) -> dict[str, int]:
+    """How many numbered blocks each container of a model built from ``config`` holds."""
+    v, r, d = config.vision, config.resampler, config.decoder
+    return {
+        "decoder.layers": d.num_layers,
+        "decoder.cross_attn_layers": len(range(0, d.num_layers, d.cross_attn_every)) if d.cross_attn_every else 0,
+        "vision.encoder.layers": v.num_layers,
+        "vision.temporal": v.num_layers // v.temporal_every if v.temporal_every else 0,
+        "resampler.layers": r.depth if r.num_latents else 0,
+    }
+
+
+def check_layout(config, names: Iterable[str], where: str) -> None:
+    """Raise unless the tensor ``names`` of a checkpoint have the block counts ``config`` says.
+
+    Cheap, and done before the model is built: a config.json claiming 20,000 layers must fail at
+    once, not after building them."""
+    found = dict.fromkeys(block_counts(config), 0)
+    for name in names:
+        m = _NUMBERED.match(name)
+        if m:
+            found[m.group(1)] = max(found[m.group(1)], int(m.group(2)) + 1)
+    for container, want in block_counts(config).items():
+        if found[container] != want:
+            raise ValueError(f"{where}: the weights hold {found[container]} blocks {container}.N but the config "
+                             f"says {want}; config.json and the weights do not belong together")

@@ -22,6 +22,7 @@ from torch import nn
 
 from videollama.config import VideoLlamaConfig
 from videollama.model.decoder import Decoder, KVCache
+from videollama.model.parts import check_layout
 from videollama.model.resampler import PerceiverResampler
 from videollama.model.vision import VisionEncoder
 
@@ -282,8 +283,9 @@ class VideoLlama(nn.Module):
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; not a VideoLlama model directory")
-        config = VideoLlamaConfig.load(directory / CONFIG_NAME)
+        config = VideoLlamaConfig.load(directory / CONFIG_NAME)  # validated: sizes, divisibility
         files = weight_files(directory)
+        check_layout(config, [n for names in files.values() for n in names], str(directory))
 
         # Built on the meta device: no memory, no random init; the tensors are assigned below.
         with torch.device("meta"):

@@ -226,7 +226,12 @@ def export(run_dir: str | Path, out: str | Path, *, step: int | None = None) -> 
     run_dir, out = Path(run_dir), Path(out)
     path = find_checkpoint(run_dir, step)
     model_cfg = VideoLlamaConfig.load(run_dir / "model_config.json")
-    model = VideoLlama(model_cfg)
+    with torch.device("meta"):  # no memory until the checkpoint is known to fit the config
+        model = VideoLlama(model_cfg)
+    safe_dcp.check_shapes(path, {f"model.{k}": tuple(t.shape) for k, t in model.state_dict().items()},
+                          needed_by=str(run_dir / "model_config.json"))
+    model.to_empty(device="cpu")
+    model.tie_weights()
     state = {"model": get_model_state_dict(model)}
     safe_dcp.load(state, path, no_dist=True)
     set_model_state_dict(model, state["model"])

@@ -126,3 +126,21 @@ def _flat_keys(state: dict, prefix: str = "") -> list[str]:
         name = f"{prefix}{k}"
         keys += _flat_keys(v, name + ".") if isinstance(v, dict) else [name]
     return keys
+
+
+def check_shapes(path: str | Path, expected: dict[str, tuple[int, ...]], *, needed_by: str) -> None:
+    """Raise unless every ``expected`` key is a tensor of that shape in the checkpoint (before any
+    memory is allocated for it): a bytes item is UnsafeCheckpoint, a missing or misshapen one a
+    ValueError naming the tensor and ``needed_by`` (the config that asks for it)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    stored = read_metadata(path).state_dict_metadata
+    for key, shape in expected.items():
+        md = stored.get(key)
+        if isinstance(md, BytesStorageMetadata):
+            raise UnsafeCheckpoint(f"{path}: {key!r} is stored as pickled bytes; this reader loads tensors only "
+                                   "(a tampered or foreign checkpoint)")
+        found = tuple(md.size) if md is not None else None
+        if found != tuple(shape):
+            raise ValueError(f"{path}: tensor {key!r} is {found or 'missing'} in the checkpoint, "
+                             f"{needed_by} needs {tuple(shape)}")
