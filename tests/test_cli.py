@@ -3,6 +3,7 @@ the traceback, `key=value` overrides may stand anywhere, `--version` answers."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,22 @@ def test_version():
     out = subprocess.run([sys.executable, "-m", "videollama.cli", "--version"], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == f"videollama {__version__}"
+
+
+def test_generate_refuses_bad_input_in_one_line_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    from videollama import VideoLlama, VideoLlamaConfig
+    from videollama.data.tokenizer import train_tokenizer
+
+    model_dir = tmp_path / "m"
+    VideoLlama(VideoLlamaConfig.from_name("tiny")).save_pretrained(
+        model_dir, tokenizer=train_tokenizer(["a red square"] * 4, vocab_size=300))
+    monkeypatch.setattr(VideoLlama, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    os.mkfifo(tmp_path / "fifo.mp4")  # opening it would block forever
+    for argv, says in [
+        (["--prompt", "q" * 100_000_000], "over the 16384-character cap"),  # 100 MB: never tokenized
+        (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens >= 1"),
+        (["--prompt", "hi", "--video", str(tmp_path / "missing.mp4")], "missing.mp4"),
+        (["--prompt", "hi", "--video", str(tmp_path / "fifo.mp4")], "is a FIFO, not a regular file"),
+    ]:
+        assert main(["generate", "--model", str(model_dir), *argv]) == 2
+        assert says in one_line_error(capsys)

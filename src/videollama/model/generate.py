@@ -141,18 +141,32 @@ def run(args: argparse.Namespace) -> int:
     if not (Path(args.model) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"generate: model directory {args.model} has no tokenizer.json (convert with "
                                 "--tokenizer, or copy the tokenizer the model was trained with into it)")
+    # Checked before the model is loaded: the prompt's length (in characters, before tokenizing:
+    # a 100 MB prompt costs nothing) and the numbers.
+    from videollama.data.safe_io import MAX_TEXT_CHARS, check_regular_file
+
+    if len(args.prompt) > MAX_TEXT_CHARS:
+        raise ValueError(f"--prompt is {len(args.prompt)} characters, over the {MAX_TEXT_CHARS}-character cap")
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    if args.video is not None:
+        check_regular_file(args.video, "video")  # FileNotFoundError / not_a_file, before any weights
     tokenizer = load_tokenizer(args.model)
     model = VideoLlama.from_pretrained(args.model, device=args.device).eval()
     prompt = {"raw": lambda: args.prompt, "videoqa": lambda: videoqa_prompt(args.prompt),
               "caption": caption_prompt}[args.template]()
-    input_ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=args.device)
+    ids = encode_prompt(tokenizer, prompt)
+    if len(ids) + args.max_new_tokens > model.config.decoder.max_seq_len:
+        raise ValueError(f"the prompt is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} that is over "
+                         f"the model's max_seq_len {model.config.decoder.max_seq_len}")
+    input_ids = torch.tensor([ids], device=args.device)
     video = None
     if args.video is not None:
         from videollama.data import load_clip
 
         pre = model.config.preprocess
         frames, _ = load_clip(args.video, num_frames=pre.num_frames, fps=pre.fps, size=pre.size,
-                              mean=pre.mean, std=pre.std)
+                              mean=pre.mean, std=pre.std)  # a bad video: BadSample, one line
         video = torch.as_tensor(frames, dtype=torch.float32, device=args.device)[None]  # [1, F, 3, S, S]
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     new = generate(model, input_ids, video, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
