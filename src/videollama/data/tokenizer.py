@@ -20,7 +20,6 @@ marks where the text starts to be about it):
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -223,39 +222,46 @@ def _texts_from_record(record: dict) -> Iterator[str]:
 def iter_training_texts(paths: Iterable[str | Path]) -> Iterator[str]:
     """Texts from ``.tar`` shards (``KEY.json``), ``.jsonl`` files and plain text files (one per line).
 
-    A folder is read recursively (files with those suffixes, plus ``.txt``).
+    A folder is read recursively (files with those suffixes, plus ``.txt``). Only regular files
+    are read, lines and JSON members are bounded in size and depth (videollama.data.safe_io).
     """
+    from videollama.data.safe_io import MAX_JSON_BYTES, check_regular_file, iter_lines
+
     for path in map(Path, paths):
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix in (".tar", ".jsonl", ".txt") and p.is_file())
             yield from iter_training_texts(files)
-        elif not path.is_file():
+        elif not path.exists():
             raise FileNotFoundError(f"{path}: no such file or folder")
         elif path.suffix == ".tar":
+            check_regular_file(path, "shard")
             try:
                 with tarfile.open(path) as tar:
                     for member in tar:
                         if member.isfile() and member.name.endswith(".json"):
+                            if member.size > MAX_JSON_BYTES:
+                                raise ValueError(f"{path}:{member.name}: {member.size} bytes, over the "
+                                                 f"{MAX_JSON_BYTES}-byte cap")
                             data = tar.extractfile(member).read()
                             yield from _texts_from_record(_parse_json(data, f"{path}:{member.name}"))
             except tarfile.TarError as e:
                 raise ValueError(f"{path}: unreadable tar shard ({e})") from e
-        elif path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        yield from _texts_from_record(_parse_json(line, f"{path}:{n}"))
         else:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield line.rstrip("\n")
+            for n, line in iter_lines(path):
+                if isinstance(line, ValueError):
+                    raise line
+                if path.suffix == ".jsonl":
+                    yield from _texts_from_record(_parse_json(line, f"{path}:{n}"))
+                else:
+                    yield line.rstrip("\n")
 
 
 def _parse_json(data: str | bytes, where: str) -> dict:
+    from videollama.data.safe_io import parse_json
+
     try:
-        record = json.loads(data)
-    except json.JSONDecodeError as e:
+        record = parse_json(data, "the record")
+    except ValueError as e:
         raise ValueError(f"{where}: invalid JSON ({e})") from e
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
