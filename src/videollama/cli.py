@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from videollama import __version__
-from videollama.data.errors import BadSample
+from videollama.data.errors import BadSample, SkipBudgetExceeded
 
 # name -> (module, one-line help). Groups with their own sub-subcommands (data, tokenizer)
 # are handled by their module's add_arguments.
@@ -46,7 +46,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 # What a user can cause and fix (a bad path, value or file): one line, exit 2. Anything else is
 # a bug of ours and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, BadSample)
+USER_ERRORS = (ValueError, OSError, BadSample, SkipBudgetExceeded)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,6 +161,12 @@ class DecoderConfig:
         if self.cross_attn_heads is not None:
             _positive("decoder", self, "cross_attn_heads")
             _divides("decoder", "hidden_size", self.hidden_size, "cross_attn_heads", self.cross_attn_heads)
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"decoder.rope_type must be default, linear or llama3, got {self.rope_type!r}")
+        _positive("decoder", self, "rope_factor", "rope_original_max_position_embeddings")
+        if self.rope_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+            raise ValueError(f"decoder.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
+                             f"rope_low_freq_factor ({self.rope_low_freq_factor}) > 0")
         if self.head_dim % 2:
             raise ValueError(f"decoder head_dim (hidden_size / num_heads = {self.head_dim}) must be even for rotary")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -53,27 +53,31 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; expected a Hugging Face checkpoint directory")
-    return json.loads(path.read_text())
+    from videollama.data.safe_io import MAX_JSON_BYTES, parse_json, read_bounded
+
+    config = parse_json(read_bounded(path, MAX_JSON_BYTES, "config"), str(path))
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return config
 
 
 def read_safetensors_dir(hf_dir: Path) -> dict[str, Any]:
     """All tensors of a (possibly sharded) safetensors checkpoint. Pickled checkpoints are refused."""
     from safetensors.torch import load_file
 
-    index = hf_dir / "model.safetensors.index.json"
-    single = hf_dir / "model.safetensors"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif single.is_file():
-        files = [single.name]
-    else:
+    from videollama.model.videollama import weight_files
+
+    if not (hf_dir / "model.safetensors.index.json").is_file() and not (hf_dir / "model.safetensors").exists():
         if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
             raise ValueError(f"{hf_dir}: only pickled weights (*.bin/*.pt) found; VideoLlama reads safetensors "
                              "only (never unpickles). Re-save the model with save_pretrained(safe_serialization=True).")
         raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
     tensors: dict[str, Any] = {}
-    for name in files:
-        tensors.update(load_file(str(hf_dir / name)))
+    for path in weight_files(hf_dir):  # the one index reader: files inside the folder, headers checked
+        try:
+            tensors.update(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError and others
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     return tensors
 
 
@@ -229,7 +233,9 @@ def convert(*, llama: str | Path | None = None, vision: str | Path | None = None
             imported[new] = v
         if "lm_head.weight" not in imported and not hf.get("tie_word_embeddings", False):
             raise ValueError(f"{llama}: lm_head.weight missing and tie_word_embeddings is false")
-        ckpt_vocab = hf["vocab_size"]
+        ckpt_vocab = hf.get("vocab_size")
+        if isinstance(ckpt_vocab, bool) or not isinstance(ckpt_vocab, int) or ckpt_vocab < 1:
+            raise ValueError(f"{llama / 'config.json'}: vocab_size must be a positive integer, got {ckpt_vocab!r}")
         target = target_vocab(vocab_size=vocab_size, tokenizer_size=tokenizer_size, checkpoint_vocab=ckpt_vocab,
                               preset_vocab=preset_decoder.vocab_size)
         if target != ckpt_vocab:
@@ -285,6 +291,8 @@ def _checked(fn, hf: dict, path: Path, *args):
         return fn(hf, *args)
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'}: missing required key {e}") from None
+    except (TypeError, ZeroDivisionError, AttributeError) as e:  # a value of the wrong type, or 0
+        raise ValueError(f"{path / 'config.json'}: a value is invalid ({type(e).__name__}: {e})") from None
 
 
 def load_imported(model, imported: dict, parts: list[str]) -> None:
@@ -295,7 +303,7 @@ def load_imported(model, imported: dict, parts: list[str]) -> None:
     own = model.state_dict()
     for k, v in imported.items():
         if k not in own:
-            raise KeyError(f"convert: checkpoint tensor {k!r} has no counterpart in VideoLlama")
+            raise ValueError(f"convert: checkpoint tensor {k!r} has no counterpart in VideoLlama")
         if tuple(own[k].shape) != tuple(v.shape):
             raise ValueError(f"convert: tensor {k!r}: checkpoint shape {tuple(v.shape)} != model shape "
                              f"{tuple(own[k].shape)}")
@@ -306,7 +314,7 @@ def load_imported(model, imported: dict, parts: list[str]) -> None:
     # Vocabulary tensors may be deliberately left out (re-initialised); tied heads share storage.
     missing = sorted(k for k in expected - set(imported) if k not in _VOCAB_TENSORS)
     if missing:
-        raise KeyError(f"convert: checkpoint lacks tensors the model needs: {missing[:8]}"
+        raise ValueError(f"convert: checkpoint lacks tensors the model needs: {missing[:8]}"
                        f"{' ...' if len(missing) > 8 else ''}")
     with torch.no_grad():
         params = dict(model.named_parameters(remove_duplicate=False))

@@ -27,6 +27,10 @@ INVALID_LINE = "invalid_line"          # a JSONL line that is not a usable item 
 PROMPT_TOO_LONG = "prompt_too_long"    # a question that does not fit the context
 
 
+class SkipBudgetExceeded(RuntimeError):
+    """Too large a fraction of the data is unusable: something upstream is broken."""
+
+
 class BadSample(Exception):
     """A sample that must be skipped. ``reason`` is one of the codes above."""
 

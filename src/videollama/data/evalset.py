@@ -4,10 +4,10 @@
                      (optional "options": [...] for multiple choice; the answer must be one of them)
     captioning line: {"video": "rel/path.mp4", "captions": ["...", "..."]}
 
-Both readers use :func:`parse_eval_line`: the evaluation harness through :func:`read_eval_set`
-(every problem is an error naming ``FILE:LINE`` before any model work starts) and the training
-loader through :func:`iter_eval_lines` (a bad line is a counted skip). Other keys of a line are
-kept as metadata. Imports no torch.
+Both readers use :func:`parse_eval_line`, and for both a bad line is a counted skip whose
+message names ``FILE:LINE``: the evaluation harness through :func:`read_eval_set`, the training
+loader through :func:`iter_eval_lines`. Lines are read with safe_io's bounds (bytes, depth,
+UTF-8, text lengths). Other keys of a line are kept as metadata. Imports no torch.
 """
 
 from __future__ import annotations
@@ -141,20 +141,22 @@ def iter_eval_lines(path: str | Path, *, task: str | None = None) -> Iterator[tu
         yield lineno, item
 
 
-def read_eval_set(path: str | Path, task: str, *, limit: int | None = None) -> list[EvalItem]:
-    """Parse and validate a VideoQA or captioning JSONL file; the first bad line is an error."""
+def read_eval_set(path: str | Path, task: str, *, limit: int | None = None
+                  ) -> tuple[list[EvalItem], list[tuple[int, str]]]:
+    """The items of a VideoQA or captioning JSONL file, and ``(line, message)`` for each line that
+    is not one (each message starts with ``FILE:LINE``): counted by the caller, never fatal."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: evaluation set not found")
     items: list[EvalItem] = []
-    for _, item in iter_eval_lines(path, task=task):
+    bad: list[tuple[int, str]] = []
+    for lineno, item in iter_eval_lines(path, task=task):
         if limit is not None and len(items) >= limit:
             break
         if isinstance(item, ValueError):
-            raise item
-        items.append(item)
-    if not items:
-        raise ValueError(f"{path}: no evaluation items")
-    return items
+            bad.append((lineno, str(item)))
+        else:
+            items.append(item)
+    return items, bad

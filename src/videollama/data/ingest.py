@@ -19,13 +19,10 @@ from typing import Any
 from videollama.data import errors
 from videollama.data.errors import BadSample
 from videollama.data.safe_io import iter_lines, parse_json, read_bounded, resolve_inside
-from videollama.data.sources import VIDEO_EXTS, read_sidecar
+from videollama.data.sources import MAX_VIDEO_BYTES, VIDEO_EXTS, read_sidecar
 from videollama.data.writer import parse_size, write_shards
 
 log = logging.getLogger(__name__)
-
-# A video larger than this is not put into a shard (shards hold whole videos in memory to write).
-MAX_VIDEO_BYTES = 4 * 2**30
 
 
 def probe_video(data: bytes, source: str) -> None:
@@ -60,8 +57,7 @@ def folder_samples(folder: Path, counts: dict[str, int]) -> Iterator[tuple[str, 
         rel = path.relative_to(folder).as_posix()
         try:
             resolve_inside(folder, rel)
-            resolve_inside(folder, str(Path(rel).with_suffix(".json")))
-            meta = read_sidecar(path)
+            meta = read_sidecar(path, root=folder)
         except BadSample as e:
             _report_skip(counts, e)
             continue
@@ -140,9 +136,14 @@ def run(args: argparse.Namespace) -> int:
     source, out = Path(args.input), Path(args.out)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such folder or manifest")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise ValueError(f"{out} is not empty: it may hold another dataset, and new shards would mix with "
-                         "its old ones; give an empty folder, or --overwrite to replace it whole")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not args.overwrite:
+            raise ValueError(f"{out} is not empty: it may hold another dataset, and new shards would mix with "
+                             "its old ones; give an empty folder, or --overwrite to replace it whole")
+        others = [p.name for p in out.iterdir() if not (p.is_file() and p.suffix == ".tar")] if out.is_dir() else [out.name]
+        if others:  # --overwrite replaces a dataset, never a folder that holds anything else
+            raise ValueError(f"--overwrite: {out} holds more than .tar shards ({', '.join(sorted(others)[:5])}); "
+                             "refusing to replace it")
     if out.resolve() == source.resolve() or source.resolve().is_relative_to(out.resolve()):
         raise ValueError(f"--out {out} holds the input {source}; write the shards somewhere else")
     counts: dict[str, int] = {}

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from videollama.config import PreprocessConfig
+from videollama.data.errors import SkipBudgetExceeded
 from videollama.data.sources import expand_sources
 from videollama.data.stages import ReaderPlan, Sample, Skip, collate, reader_stream
 
@@ -87,10 +88,6 @@ def epoch_items(
             expected += 1
     if pending:
         raise RuntimeError(f"internal error: sample indices {sorted(pending)[:5]} arrived out of sequence")
-
-
-class SkipBudgetExceeded(RuntimeError):
-    """Too large a fraction of the data is unusable: something upstream is broken."""
 
 
 class _Accounting:

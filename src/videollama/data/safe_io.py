@@ -17,15 +17,15 @@ from typing import Any
 
 from videollama.data import errors
 from videollama.data.errors import BadSample
+from videollama.data.tokenizer import MAX_TEXT_CHARS as MAX_TEXT_CHARS  # re-exported: the text cap
 
 # A JSONL line (one eval item or manifest row) and a JSON sidecar / shard member: far above any
 # real one (a Shapes line is 150 bytes), far below what could hurt.
 MAX_LINE_BYTES = 1 << 20
 MAX_JSON_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
-# Characters of a question, answer or caption: checked before tokenizing (a token is at least a
-# byte, and a 2,048-token context holds far fewer characters than this).
-MAX_TEXT_CHARS = 16_384
+# MAX_TEXT_CHARS (16,384): characters of a question, answer, caption or prompt, checked before
+# tokenizing (a 2,048-token context holds far fewer characters than this).
 
 
 def check_regular_file(path: str | os.PathLike, what: str = "file") -> os.stat_result:

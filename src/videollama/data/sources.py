@@ -28,6 +28,8 @@ from videollama.data.safe_io import (
 )
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+# A video larger than this is not read into memory (a shard member or a file for `data shards`).
+MAX_VIDEO_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ def _unit_kind(path: str) -> str:
 class _TarDamage:
     message: str
     cut_member: str | None  # the member whose data runs past the end of the file, if any
+    reason: str = errors.TRUNCATED_TAR
 
 
 def read_tar_members(path: str) -> Iterator[tuple[str, int, int] | _TarDamage]:
@@ -104,7 +107,7 @@ def read_tar_members(path: str) -> Iterator[tuple[str, int, int] | _TarDamage]:
         file_size = check_regular_file(path, "shard").st_size  # a FIFO would block the open forever
         f = open(path, "rb")  # closed by the `with f` below
     except BadSample as e:
-        yield _TarDamage(str(e), None)
+        yield _TarDamage(str(e), None, e.reason)
         return
     except OSError as e:  # deleted or unreadable since the shard list was made
         yield _TarDamage(f"cannot open the shard ({e})", None)
@@ -170,7 +173,7 @@ def group_members(path: str) -> Iterator[SampleRef]:
             if current is not None and not incomplete:
                 yield finish(current)
             key = cut_key or (current.key if incomplete else f"<tail of {os.path.basename(path)}>")
-            yield SampleRef(key=key, source=path, error=(errors.TRUNCATED_TAR, item.message))
+            yield SampleRef(key=key, source=path, error=(item.reason, item.message))
             return
         name, offset, size = item
         key, ext = _split_name(name)
@@ -211,12 +214,17 @@ def read_jsonl(path: str, video_root: str | None, *, allow_outside_root: bool = 
         yield SampleRef(key=key, source=path, video_path=str(video), meta=item.training_meta())
 
 
-def read_sidecar(video: str | os.PathLike) -> dict[str, Any]:
+def read_sidecar(video: str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, Any]:
     """A video's metadata from ``NAME.json`` (an object) or ``NAME.txt`` (the caption) beside it.
 
-    Bounded in size and JSON depth; raises ValueError or BadSample naming the sidecar."""
+    Bounded in size and JSON depth; with ``root``, the sidecar read must resolve inside it
+    (BadSample(OUTSIDE_ROOT) for a link out). Raises ValueError or BadSample naming the sidecar."""
     stem = os.path.splitext(video)[0]
     meta: dict[str, Any] = {"caption": ""}
+    for ext in (".json", ".txt"):
+        if root is not None and os.path.lexists(stem + ext):
+            resolve_inside(root, os.path.relpath(os.path.abspath(stem + ext), os.path.abspath(root)))
+            break
     if os.path.lexists(stem + ".json"):
         loaded = parse_json(read_bounded(stem + ".json", MAX_JSON_BYTES, "sidecar"), stem + ".json")
         if not isinstance(loaded, dict):
@@ -287,13 +295,16 @@ def read_sample(ref: SampleRef) -> tuple[dict[str, Any], str | bytes]:
             raise BadSample(errors.MISSING_VIDEO, ref.video_path, "the video file does not exist")
         check_regular_file(ref.video_path, "video")
         return ref.meta or {}, ref.video_path
+    ext = next(e for e in VIDEO_MEMBER_EXTS if e in ref.members)
+    if ref.members[ext][1] > MAX_VIDEO_BYTES:
+        raise BadSample(errors.TOO_LARGE, f"{ref.source}:{ref.key}.{ext}",
+                        f"{ref.members[ext][1]} bytes, over the {MAX_VIDEO_BYTES}-byte cap")
     if ref.members["json"][1] > MAX_JSON_BYTES:
         raise BadSample(errors.INVALID_JSON, f"{ref.source}:{ref.key}.json",
                         f"{ref.members['json'][1]} bytes, over the {MAX_JSON_BYTES}-byte cap")
     try:
         with open(ref.source, "rb") as f:
             meta_bytes = _read_member(f, ref.members["json"])
-            ext = next(e for e in VIDEO_MEMBER_EXTS if e in ref.members)
             video = _read_member(f, ref.members[ext])
     except OSError as e:  # the shard vanished or shrank after it was indexed
         raise BadSample(errors.TRUNCATED_TAR, ref.source, f"cannot read {ref.key}: {e}") from e

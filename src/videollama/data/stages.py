@@ -216,14 +216,14 @@ def tokenize_sample(
         meta = {**meta, "caption": rng.choice(meta["captions"])}  # evaluation-set lines hold several
     try:
         texts = make_examples(meta, task, rng, texts_per_clip)
-    except (KeyError, ValueError, TypeError, IndexError) as e:
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
         # The JSON parsed but lacks what the task needs (e.g. no "qa" for videoqa).
         return Skip(item.index, item.key, item.source, errors.INVALID_JSON, f"{item.key}: unusable for {task}: {e}")
     item.input_ids, item.labels = [], []
     for prompt, target in texts:
         try:
             input_ids, labels = encode_example(tokenizer, prompt, target, max_len)
-        except ValueError as e:  # encode_example never cuts the target; such a sample cannot train
+        except (ValueError, TypeError) as e:  # encode_example never cuts the target; such a sample cannot train
             return Skip(item.index, item.key, item.source, TARGET_TOO_LONG, f"{item.key}: {e}")
         item.input_ids.append(list(input_ids))
         item.labels.append(list(labels))

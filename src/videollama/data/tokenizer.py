@@ -33,6 +33,9 @@ PAD, BOS, EOS, VIDEO = "<pad>", "<s>", "</s>", "<video>"
 CAPTION, QUESTION, ANSWER = "<|caption|>", "<|question|>", "<|answer|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, VIDEO, CAPTION, QUESTION, ANSWER)  # ids 0..6, in this order
 PAD_ID, BOS_ID, EOS_ID, VIDEO_ID = 0, 1, 2, 3
+# The most texts of one clip trained on in one step (texts_per_clip 0: "all of them").
+MAX_TEXTS_PER_CLIP = 64
+MAX_TEXT_CHARS = 16_384  # as videollama.data.safe_io.MAX_TEXT_CHARS (this module imports nothing of ours)
 IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch cross_entropy's default)
 
 
@@ -142,10 +145,22 @@ TASKS = ("caption", "videoqa", "caption+videoqa")
 
 def _qa_examples(meta: dict, task: str) -> list[tuple[str, str]]:
     """``(prompt, answer)`` for every QA item of a sample's JSON; raises if it has none."""
+    where = meta.get("key", "sample")
     qa = meta.get("qa")
-    if not qa:
-        raise ValueError(f"{meta.get('key', 'sample')}: task {task!r} needs a non-empty 'qa' list in the sample's JSON")
+    if not qa or not isinstance(qa, list):
+        raise ValueError(f"{where}: task {task!r} needs a non-empty 'qa' list in the sample's JSON")
+    for q in qa:
+        ok = (isinstance(q, dict) and _text(q.get("question")) and _text(q.get("answer"))
+              and (q.get("options") is None or (isinstance(q["options"], list) and all(map(_text, q["options"])))))
+        if not ok:
+            raise ValueError(f"{where}: each 'qa' item needs string 'question' and 'answer' (and a list of string "
+                             f"'options', if any) of at most {MAX_TEXT_CHARS} characters")
     return [(videoqa_prompt(q["question"], q.get("options")), q["answer"]) for q in qa]
+
+
+def _text(value) -> bool:
+    """A string a tokenizer may be given: capped in characters, so a huge one costs nothing."""
+    return isinstance(value, str) and len(value) <= MAX_TEXT_CHARS
 
 
 def make_example(meta: dict, task: str, rng: random.Random) -> tuple[str, str]:
@@ -156,8 +171,8 @@ def make_example(meta: dict, task: str, rng: random.Random) -> tuple[str, str]:
     """
     where = meta.get("key", "sample")
     if task == "caption":
-        if not isinstance(meta.get("caption"), str):
-            raise ValueError(f"{where}: no 'caption' string in the sample's JSON")
+        if not _text(meta.get("caption")):
+            raise ValueError(f"{where}: no 'caption' string (of at most {MAX_TEXT_CHARS} characters) in the sample's JSON")
         return caption_prompt(), meta["caption"]
     if task == "videoqa":
         return rng.choice(_qa_examples(meta, task))
@@ -184,13 +199,13 @@ def make_examples(meta: dict, task: str, rng: random.Random, texts_per_clip: int
     texts: list[tuple[str, str]] = []
     if task in ("caption", "caption+videoqa"):
         captions = meta.get("captions") if isinstance(meta.get("captions"), list) else [meta.get("caption")]
-        if not captions or not all(isinstance(c, str) for c in captions):
-            raise ValueError(f"{where}: no 'caption' string in the sample's JSON")
+        if not captions or not all(map(_text, captions)):
+            raise ValueError(f"{where}: no 'caption' string (of at most {MAX_TEXT_CHARS} characters) in the sample's JSON")
         texts += [(caption_prompt(), c) for c in captions]
     if task in ("videoqa", "caption+videoqa"):
         texts += _qa_examples(meta, task)
     if texts_per_clip == 0 or texts_per_clip >= len(texts):
-        return texts
+        return texts[:MAX_TEXTS_PER_CLIP]  # a sample with 50,000 questions must not make a 50,000-row batch
     return rng.sample(texts, texts_per_clip)
 
 
@@ -212,11 +227,19 @@ def _texts_from_record(record: dict) -> Iterator[str]:
     for key in ("caption", "text", "question", "answer"):
         if isinstance(record.get(key), str):
             yield record[key]
-    yield from record.get("captions") or []
-    for item in record.get("qa") or []:
-        yield item["question"]
-        yield item["answer"]
-        yield from item.get("options") or []
+    captions = record.get("captions") or []
+    qa = record.get("qa") or []
+    if not isinstance(captions, list) or not isinstance(qa, list):
+        raise ValueError("'captions' and 'qa' must be lists")
+    yield from (c for c in captions if isinstance(c, str))
+    for item in qa:
+        if not isinstance(item, dict):
+            raise ValueError("each 'qa' item must be an object")
+        for key in ("question", "answer"):
+            if isinstance(item.get(key), str):
+                yield item[key]
+        options = item.get("options") or []
+        yield from (o for o in options if isinstance(o, str)) if isinstance(options, list) else ()
 
 
 def iter_training_texts(paths: Iterable[str | Path]) -> Iterator[str]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from videollama.data import errors
 from videollama.data.errors import BadSample
-from videollama.data.evalset import TASKS, EvalItem, iter_eval_lines
+from videollama.data.evalset import TASKS, EvalItem, read_eval_set
 from videollama.data.safe_io import resolve_inside
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from videollama.eval.metrics import caption_scores, java_available, videoqa_accuracy
+    from videollama.eval.metrics import caption_scores, require_java, videoqa_accuracy
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -181,15 +181,17 @@ def evaluate(
     if frames not in (None, 1, preprocess.num_frames):
         raise ValueError(f"frames must be 1 (centre frame only) or {preprocess.num_frames} (the full clip)")
     single_frame = frames == 1
-    if task == "caption" and not java_available():
-        # Fail before hours of generation, not after: the PTB tokenizer of the metrics is Java.
-        raise RuntimeError("caption metrics need Java (pycocoevalcap's PTB tokenizer); install a JRE")
+    if task == "caption":
+        require_java()  # before hours of generation, not after: the metrics' PTB tokenizer is Java
     data_path = Path(data_path)
     video_root = Path(video_root) if video_root is not None else data_path.parent
-    items, bad_lines = read_items(data_path, task, limit=limit)
+    items, bad_lines = read_eval_set(data_path, task, limit=limit)
+    for _, message in bad_lines:
+        log.warning("skipping %s", message)
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").unlink(missing_ok=True)  # an earlier run's, which would read as this one's
     model.eval()
 
     # Questions about the same video become neighbours, so that a video is decoded once even
@@ -281,24 +283,6 @@ def evaluate(
     return metrics
 
 
-def read_items(path: Path, task: str, *, limit: int | None = None) -> tuple[list[EvalItem], list[tuple[int, str]]]:
-    """The set's items, and ``(line, message)`` for each line that is not one (counted, never fatal)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: evaluation set not found")
-    items, bad = [], []
-    for lineno, item in iter_eval_lines(path, task=task):
-        if limit is not None and len(items) >= limit:
-            break
-        if isinstance(item, ValueError):
-            log.warning("skipping %s", item)
-            bad.append((lineno, str(item)))
-        else:
-            items.append(item)
-    return items, bad
-
-
 def _load_item_video(root: Path, video: str, preprocess: Any, single_frame: bool, allow_outside_root: bool
                      ) -> LoadedVideo:
     try:
@@ -362,8 +346,15 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.frames is not None and args.frames < 1:
-        raise ValueError(f"--frames must be 1 (centre frame only) or the model's frame count, got {args.frames}")
+    from videollama.config import VideoLlamaConfig
+
+    num_frames = VideoLlamaConfig.load(args.model).preprocess.num_frames  # config.json only: cheap
+    if args.frames not in (None, 1, num_frames):
+        raise ValueError(f"--frames must be 1 (centre frame only) or {num_frames} (the full clip), got {args.frames}")
+    if args.task == "caption":  # the metrics' PTB tokenizer is Java, METEOR or not
+        from videollama.eval.metrics import require_java
+
+        require_java()
     if not args.data.exists():
         raise FileNotFoundError(f"{args.data}: evaluation set not found")
     if args.video_root is not None and not args.video_root.is_dir():

@@ -101,6 +101,15 @@ def videoqa_accuracy(
     }
 
 
+class JavaMissing(FileNotFoundError):
+    """Caption metrics need a Java runtime (pycocoevalcap's PTB tokenizer is a Java program)."""
+
+
+def require_java() -> None:
+    if not java_available():
+        raise JavaMissing("caption metrics need Java (pycocoevalcap's PTB tokenizer); install a JRE")
+
+
 def java_available() -> bool:
     """pycocoevalcap's PTB tokenizer and METEOR are Java programs."""
     return shutil.which("java") is not None
@@ -154,8 +163,7 @@ def caption_scores(
     for i, refs in enumerate(references):
         if isinstance(refs, str) or not refs:
             raise ValueError(f"caption_scores: item {i} needs a non-empty list of reference captions")
-    if not java_available():
-        raise RuntimeError("caption metrics need Java (pycocoevalcap's PTB tokenizer); install a JRE")
+    require_java()
     if meteor is None:
         meteor = True
 

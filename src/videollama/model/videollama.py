@@ -278,7 +278,6 @@ class VideoLlama(nn.Module):
 
         Returns the model, or ``(model, tokenizer)`` with ``return_tokenizer=True`` (the
         directory's tokenizer.json, an error if it has none)."""
-        from safetensors import safe_open
 
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
@@ -297,7 +296,7 @@ class VideoLlama(nn.Module):
         state: dict[str, torch.Tensor] = {}
         where: dict[str, Path] = {}
         for file, names in files.items():
-            with safe_open(str(file), framework="pt", device="cpu") as f:
+            with _open_safetensors(file) as f:
                 stored = set(f.keys())
                 missing_in_file = set(names) - stored
                 if missing_in_file:
@@ -345,27 +344,42 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
 
 
 def weight_files(directory: Path) -> dict[Path, list[str]]:
-    """The safetensors files of a model directory and the tensor names each one holds."""
-    from safetensors import safe_open
+    """The safetensors files of a model (or Hugging Face checkpoint) directory and the tensor
+    names each one holds. An index may name only plain files inside the directory."""
+    from videollama.data.safe_io import MAX_JSON_BYTES, check_regular_file, parse_json, read_bounded
 
     index = directory / WEIGHTS_INDEX_NAME
     single = directory / WEIGHTS_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index ({e})") from e
+        weight_map = parse_json(read_bounded(index, 64 * MAX_JSON_BYTES, "index"), str(index))
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: not a safetensors index (no weight_map of tensor name -> file name)")
         files: dict[Path, list[str]] = {}
         for name, file in weight_map.items():
+            if Path(file).name != file or file in (".", ".."):
+                raise ValueError(f"{index}: tensor {name!r} points to {file!r}, not a file of {directory}")
             path = directory / file
-            if not path.is_file():
+            if not path.exists():
                 raise FileNotFoundError(f"{index}: tensor {name!r} points to missing file {path}")
+            check_regular_file(path, "weights file")
             files.setdefault(path, []).append(name)
         return files
-    if single.is_file():
-        with safe_open(str(single), framework="pt", device="cpu") as f:
-            return {single: list(f.keys())}
+    if single.exists():
+        check_regular_file(single, "weights file")
+        return {single: safetensors_names(single)}
     raise FileNotFoundError(f"{directory}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}")
+
+
+def safetensors_names(path: Path) -> list[str]:
+    """The tensor names of a safetensors file (its header only); a damaged file is a ValueError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError and others
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
@@ -373,3 +387,12 @@ def positions_from_mask(attention_mask: torch.Tensor | None, input_ids: torch.Te
     if attention_mask is None:
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError and others
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e

@@ -166,7 +166,7 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
             raise ValueError(f"{run_dir}: no checkpoint ({Path(run_dir) / CHECKPOINTS / LATEST} is missing)")
         return path
     path = Path(run_dir) / CHECKPOINTS / step_name(step)
-    if not (path / "meta.json").exists():
+    if path.is_symlink() or not (path / "meta.json").is_file():
         have = sorted(p.name for p in (Path(run_dir) / CHECKPOINTS).glob("step-*"))
         raise ValueError(f"{run_dir}: no complete checkpoint for step {step} (have {have})")
     return path

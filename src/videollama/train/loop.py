@@ -152,11 +152,17 @@ def resume(run: Run) -> None:
         try:
             meta, rank_state = ckpt.load_checkpoint(path, model=run.model, optimizer=run.optimizer,
                                                     scheduler=run.scheduler)
+            if rank_state is not None:
+                run.loader.load_state_dict(rank_state["loader"])
+                set_rng_state(rank_state["rng"])
+            failed = 0.0
         except Exception as e:  # noqa: BLE001 - any damage: try the one before it
             print(f"rank {run.env.rank}: cannot resume from {path}: {e}; trying an older checkpoint",
                   file=sys.stderr)
-            continue
-        break
+            failed = 1.0
+        # Every rank takes the same checkpoint: one rank's damaged state file moves them all on.
+        if all_reduce_sum([failed], run.env)[0] == 0:
+            break
     else:
         raise TrainingStopped(f"{run.run_dir}: no checkpoint could be read (tried {[p.name for p in candidates]}); "
                               "move the checkpoints/ folder away to start over")
@@ -164,9 +170,6 @@ def resume(run: Run) -> None:
     if rank_state is None:
         print(f"rank {run.env.rank}: {path} has no state for this rank (written by {meta['world_size']} ranks); "
               "the data loader starts over", file=sys.stderr)
-    else:
-        run.loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])
     if run.env.rank == 0:
         print(f"resumed from {path} at step {run.start_step}", file=sys.stderr)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import deque
 from pathlib import Path
 
@@ -19,10 +20,12 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step > 0 and self.path.exists():
-            # Steps after the checkpoint were lost with the crash and will be logged again.
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] < resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            # Steps after the checkpoint were lost with the crash and will be logged again; so was a
+            # line the crash cut short. Rewritten through a temporary file: a second crash keeps one.
+            kept = [ln for ln in self.path.read_text(errors="replace").splitlines() if _step(ln) < resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -41,6 +44,15 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _step(line: str) -> float:
+    """The step of a metrics line; infinity for a line that is not one (cut short by a crash)."""
+    try:
+        record = json.loads(line)
+        return float(record["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class SpikeDetector:

@@ -42,6 +42,10 @@ _ALLOWED = {
 }
 
 
+# A 13B model's metadata is a few MB; a file far larger is not metadata.
+MAX_METADATA_BYTES = 1 << 30
+
+
 class UnsafeCheckpoint(ValueError):
     """A checkpoint file asks for something a safe reader must not do."""
 
@@ -64,8 +68,10 @@ class MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(path: str | Path) -> Metadata:
     """The ``.metadata`` of a DCP folder, unpickled safely and checked."""
+    from videollama.data.safe_io import read_bounded
+
     path = Path(path) / ".metadata"
-    data = path.read_bytes()
+    data = read_bounded(path, MAX_METADATA_BYTES, "checkpoint metadata")  # a regular file, of a sane size
     try:
         metadata = MetadataUnpickler(io.BytesIO(data), source=str(path)).load()
     except UnsafeCheckpoint:
