@@ -1,15 +1,22 @@
 """Opening a video: the container, its first video stream, its time origin and duration, and
-the checks of declared sizes that come before any decoding work.
+the checks that come before FFmpeg does any work on it.
 
 Times are seconds from the video stream's first frame (its ``start_time``), whatever the
 container's own start time. A stream with no timestamps at all (raw H.264) is timed by frame
 count at its nominal rate.
+
+Hostile input. FFmpeg runs with bounded probing (``PROBE_OPTIONS``), with ``max_pixels`` so
+that no decoder allocates a frame above ``MAX_PIXELS`` whatever the container says, and with the
+clip's remaining wall-clock budget as its open and read timeout. Every loop of ours that reads packets
+or decodes frames (the first-pts search, packet counting, duration measuring here, the window
+decoder in video.py) checks one ``WorkBound``: the frame/packet cap per pass, and the deadline.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -29,58 +36,109 @@ from videollama.data.errors import (
 MAX_SIDE = 8192
 MAX_PIXELS = 40_000_000
 MAX_DURATION_S = 24 * 3600.0
+# How much FFmpeg may read and decode to find the streams' parameters inside av.open (its
+# defaults: 5 MB, 5 s of stream time, 2500 packets). For mp4 the header is read whatever these
+# say; they bound the raw and packetised formats (H.264, MPEG-TS), where probing decodes packets
+# until the parameters are known: a stream whose frames never decode is probed to these limits.
+PROBE_OPTIONS = {"probesize": str(2 << 20), "analyzeduration": "2000000", "max_probe_packets": "200"}
 
 Source = str | os.PathLike | bytes | bytearray | memoryview
 
 
-def open_and_time(source: Source, name: str, threads: int, max_packets: int):
-    """Open the video and find its time origin and duration.
+class WorkBound:
+    """The work one clip may cost: ``max_items`` packets (and as many frames) per pass over the
+    stream, and a wall-clock ``deadline`` (``time.monotonic()``; ``None``: none) for all passes."""
+
+    def __init__(self, name: str, max_items: int, deadline: float | None):
+        self.name, self.max_items, self.deadline = name, max_items, deadline
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def check(self, count: int, doing: str) -> None:
+        """Raise ``BadSample(TIMEOUT)`` once ``count`` passes the cap or the deadline has passed."""
+        if count > self.max_items:
+            raise BadSample(TIMEOUT, self.name, f"more than {self.max_items} packets or frames while {doing}")
+        self.check_deadline(doing)
+
+    def check_deadline(self, doing: str) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise BadSample(TIMEOUT, self.name, f"wall-clock budget for one clip exceeded while {doing}")
+
+
+def open_and_time(source: Source, name: str, threads: int, max_packets: int, deadline: float | None = None):
+    """Check the source, open the video and find its time origin and duration.
 
     Returns ``(container, stream, origin, duration, timeless)``: ``origin`` is the pts of the
     first frame in presentation order, ``duration`` the seconds from it to the end of the last
     frame, and ``timeless`` says that the frames carry no timestamps at all (raw elementary
-    streams), so that they are timed by frame count at the stream's nominal rate.
+    streams), so that they are timed by frame count at the stream's nominal rate. Each pass
+    over the stream reads at most ``max_packets`` packets, and all stop at ``deadline``.
     """
-    container = _open(source, name)
+    bound = WorkBound(name, max_packets, deadline)
+    bound.check_deadline("opening")
+    target = checked_source(source, name)
+    container = _open(target, bound)
     try:
         stream = _video_stream(container, name, threads)
         if stream.start_time is not None:
             origin = stream.start_time
-            return container, stream, origin, _duration(container, stream, origin, name, max_packets), False
+            return container, stream, origin, _duration(container, stream, origin, bound), False
         # No declared start: decode the first frame to find its pts, then rewind by reopening,
         # which works for every input (raw streams cannot seek).
-        origin = _first_pts(container, stream, name)
+        origin = _first_pts(container, stream, bound)
         container.close()
-        container = _open(source, name)
+        container = _open(target, bound)
         stream = _video_stream(container, name, threads)
         if origin is not None:
-            return container, stream, origin, _duration(container, stream, origin, name, max_packets), False
+            return container, stream, origin, _duration(container, stream, origin, bound), False
         if stream.duration:
             return container, stream, 0, float(stream.duration * stream.time_base), True
-        duration = _count_packets(container, stream, name, max_packets) / nominal_rate(stream)
+        duration = _count_packets(container, stream, bound) / nominal_rate(stream)
         container.close()
-        container = _open(source, name)
+        container = _open(target, bound)
         return container, _video_stream(container, name, threads), 0, float(duration), True
     except BaseException:
         container.close()
         raise
 
 
-def _open(source: Source, name: str) -> av.container.InputContainer:
-    """Open a container, mapping empty and unreadable input to ``BadSample``."""
+# ---- the source: a regular file or bytes ------------------------------------------------------
+
+def checked_source(source: Source, name: str) -> str | bytes:
+    """What ``av.open`` may be given for ``source``: a path string, or bytes.
+
+    Raises ``FileNotFoundError`` for a path that does not exist, and ``BadSample(EMPTY_FILE)``
+    for empty input.
+    """
     if isinstance(source, bytes | bytearray | memoryview):
-        if len(source) == 0:
+        data = bytes(source)
+        if not data:
             raise BadSample(EMPTY_FILE, name, "zero bytes")
-        target = io.BytesIO(bytes(source))
-    else:
-        path = Path(source)
-        if path.stat().st_size == 0:  # raises FileNotFoundError, naming the path, when missing
-            raise BadSample(EMPTY_FILE, name, "zero bytes")
-        target = str(path)
+        return data
+    path = Path(source)
+    if path.stat().st_size == 0:  # raises FileNotFoundError, naming the path, when missing
+        raise BadSample(EMPTY_FILE, name, "zero bytes")
+    return str(path)
+
+
+# ---- FFmpeg ---------------------------------------------------------------------------------------
+
+def _open(target: str | bytes, bound: WorkBound) -> av.container.InputContainer:
+    """Open a checked source with bounded probing, mapping FFmpeg's failures to ``BadSample``."""
+    remaining = bound.remaining()
+    if remaining is not None and remaining <= 0:
+        bound.check_deadline("opening")
+    # The open timeout applies to opening and to probing separately: half the budget to each.
+    timeout = None if remaining is None else (remaining / 2, remaining)
     try:
-        return av.open(target, mode="r")
+        return av.open(io.BytesIO(target) if isinstance(target, bytes) else target, mode="r",
+                       options={**PROBE_OPTIONS, "max_pixels": str(MAX_PIXELS)}, timeout=timeout)
+    except av.error.ExitError as error:  # only our timeout interrupts FFmpeg
+        raise BadSample(TIMEOUT, bound.name, "wall-clock budget for one clip exceeded while FFmpeg "
+                                             "opened and probed it") from error
     except av.error.FFmpegError as error:
-        raise BadSample(INVALID_CONTAINER, name, f"FFmpeg cannot open it: {error}") from error
+        raise BadSample(INVALID_CONTAINER, bound.name, f"FFmpeg cannot open it: {error}") from error
 
 
 def _video_stream(container: av.container.InputContainer, name: str, threads: int) -> av.video.stream.VideoStream:
@@ -92,6 +150,9 @@ def _video_stream(container: av.container.InputContainer, name: str, threads: in
     check_resolution(stream.codec_context.width, stream.codec_context.height, name, "declared")
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = threads
+    # The decoder refuses (instead of allocating) any frame above MAX_PIXELS, even one that a
+    # parameter set in mid-stream declares.
+    stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(MAX_PIXELS)}
     return stream
 
 
@@ -105,30 +166,35 @@ def check_resolution(width: int, height: int, name: str, what: str) -> None:
                                                  f"{MAX_SIDE} per side or {MAX_PIXELS} pixels")
 
 
-def _first_pts(container, stream, name: str) -> int | None:
+def _first_pts(container, stream, bound: WorkBound) -> int | None:
     """The first frame's pts (None: it has none), for streams that declare no start time."""
+    packets = 0
     try:
-        for frame in container.decode(stream):
-            return frame.pts
+        for packet in container.demux(stream):
+            packets += 1
+            bound.check(packets, "looking for the first frame")
+            for frame in stream.decode(packet):
+                return frame.pts
     except av.error.FFmpegError as error:
-        raise BadSample(ZERO_FRAMES, name, f"no frame decodes: {error}") from error
-    raise BadSample(ZERO_FRAMES, name, "no frame decodes")
+        bound.check_deadline("looking for the first frame")
+        raise BadSample(ZERO_FRAMES, bound.name, f"no frame decodes: {error}") from error
+    raise BadSample(ZERO_FRAMES, bound.name, "no frame decodes")
 
 
-def _count_packets(container, stream, name: str, max_packets: int) -> int:
+def _count_packets(container, stream, bound: WorkBound) -> int:
     """Video packets of a freshly opened container (frames, for a stream without timestamps)."""
     count = 0
     try:
         for packet in container.demux(stream):
             count += 1 if packet.size else 0
-            if count > max_packets:
-                raise BadSample(TIMEOUT, name, f"more than {max_packets} packets while counting frames")
+            bound.check(count, "counting frames")
     except av.error.FFmpegError as error:
-        raise BadSample(INVALID_CONTAINER, name, f"cannot read packets: {error}") from error
+        bound.check_deadline("counting frames")
+        raise BadSample(INVALID_CONTAINER, bound.name, f"cannot read packets: {error}") from error
     return count
 
 
-def _duration(container, stream, origin: int, name: str, max_packets: int) -> float:
+def _duration(container, stream, origin: int, bound: WorkBound) -> float:
     """Seconds from the first frame to the end of the last one.
 
     The stream's own duration when declared (mp4, MPEG-TS); otherwise (e.g. Matroska, whose
@@ -141,29 +207,30 @@ def _duration(container, stream, origin: int, name: str, max_packets: int) -> fl
     end = None
     try:
         container.seek(2**62, stream=stream, backward=True)
-        end = _last_packet_end(container, stream, name, max_packets)
+        end = _last_packet_end(container, stream, bound)
     except av.error.FFmpegError:
+        bound.check_deadline("measuring the duration")
         end = None
     if end is None:  # seeking failed or found nothing: read every packet from the start
         try:
             container.seek(origin, stream=stream, backward=True)
-            end = _last_packet_end(container, stream, name, max_packets)
+            end = _last_packet_end(container, stream, bound)
         except av.error.FFmpegError as error:
-            raise BadSample(INVALID_CONTAINER, name, f"cannot read packets: {error}") from error
+            bound.check_deadline("measuring the duration")
+            raise BadSample(INVALID_CONTAINER, bound.name, f"cannot read packets: {error}") from error
     try:
         container.seek(origin, stream=stream, backward=True)
     except av.error.FFmpegError as error:
-        raise BadSample(INVALID_CONTAINER, name, f"cannot seek back to the start: {error}") from error
+        raise BadSample(INVALID_CONTAINER, bound.name, f"cannot seek back to the start: {error}") from error
     if end is None:
-        raise BadSample(ZERO_FRAMES, name, "the video stream has no packets")
+        raise BadSample(ZERO_FRAMES, bound.name, "the video stream has no packets")
     return float((end - origin) * tb)
 
 
-def _last_packet_end(container, stream, name: str, max_packets: int) -> int | None:
+def _last_packet_end(container, stream, bound: WorkBound) -> int | None:
     end = None
-    for count, packet in enumerate(container.demux(stream)):
-        if count > max_packets:
-            raise BadSample(TIMEOUT, name, f"more than {max_packets} packets while measuring the duration")
+    for count, packet in enumerate(container.demux(stream), start=1):
+        bound.check(count, "measuring the duration")
         if packet.pts is not None:
             end = max(end or packet.pts, packet.pts + (packet.duration or 0))
     return end
