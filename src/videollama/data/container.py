@@ -5,17 +5,21 @@ Times are seconds from the video stream's first frame (its ``start_time``), what
 container's own start time. A stream with no timestamps at all (raw H.264) is timed by frame
 count at its nominal rate.
 
-Hostile input. FFmpeg runs with bounded probing (``PROBE_OPTIONS``), with ``max_pixels`` so
-that no decoder allocates a frame above ``MAX_PIXELS`` whatever the container says, and with the
-clip's remaining wall-clock budget as its open and read timeout. Every loop of ours that reads packets
+Hostile input. A path must name a regular file (``os.stat`` first: opening a FIFO blocks
+forever, a device never ends, a directory or a symlink loop is no video). FFmpeg runs with
+bounded probing (``PROBE_OPTIONS``), with ``max_pixels`` so that no decoder allocates a frame
+above ``MAX_PIXELS`` whatever the container says, and with the clip's remaining wall-clock
+budget as its open and read timeout. Every loop of ours that reads packets
 or decodes frames (the first-pts search, packet counting, duration measuring here, the window
 decoder in video.py) checks one ``WorkBound``: the frame/packet cap per pass, and the deadline.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -27,6 +31,7 @@ from videollama.data.errors import (
     EMPTY_FILE,
     INVALID_CONTAINER,
     NO_VIDEO_STREAM,
+    NOT_A_FILE,
     TIMEOUT,
     ZERO_FRAMES,
     BadSample,
@@ -108,18 +113,44 @@ def open_and_time(source: Source, name: str, threads: int, max_packets: int, dea
 def checked_source(source: Source, name: str) -> str | bytes:
     """What ``av.open`` may be given for ``source``: a path string, or bytes.
 
-    Raises ``FileNotFoundError`` for a path that does not exist, and ``BadSample(EMPTY_FILE)``
-    for empty input.
+    Raises ``FileNotFoundError`` for a path that does not exist, and ``BadSample`` for empty
+    input (EMPTY_FILE) and a path that is not a regular file (NOT_A_FILE).
     """
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
         if not data:
             raise BadSample(EMPTY_FILE, name, "zero bytes")
         return data
-    path = Path(source)
-    if path.stat().st_size == 0:  # raises FileNotFoundError, naming the path, when missing
+    path = str(Path(source))
+    regular_file_stat(path, name)
+    return path
+
+
+def regular_file_stat(path: str, name: str) -> os.stat_result:
+    """``os.stat`` of a path that must be a non-empty regular file (following symlinks).
+
+    Only ``stat``: it has no side effect on a device and does not block on a FIFO, as opening
+    them would. A missing path (or a dangling symlink) raises ``FileNotFoundError``.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise BadSample(NOT_A_FILE, name, "symlink loop (too many levels of symbolic links)") from error
+        raise
+    if not stat.S_ISREG(info.st_mode):
+        raise BadSample(NOT_A_FILE, name, f"not a regular file but a {_file_kind(info.st_mode)}")
+    if info.st_size == 0:
         raise BadSample(EMPTY_FILE, name, "zero bytes")
-    return str(path)
+    return info
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
+    return next((kind for test, kind in kinds if test(mode)), f"file of mode {stat.filemode(mode)}")
 
 
 # ---- FFmpeg ---------------------------------------------------------------------------------------

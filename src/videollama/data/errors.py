@@ -15,6 +15,7 @@ DECODE_ERROR = "decode_error"          # fails part-way through decoding
 ABSURD_RESOLUTION = "absurd_resolution"
 ABSURD_DURATION = "absurd_duration"
 TIMEOUT = "timeout"                    # decoding exceeded its time/work bound
+NOT_A_FILE = "not_a_file"              # a path to a directory, FIFO, device, socket, or a symlink loop
 MISSING_JSON = "missing_json"
 INVALID_JSON = "invalid_json"
 MISSING_VIDEO = "missing_video"

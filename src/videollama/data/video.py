@@ -28,7 +28,8 @@ filter with the scale factor, so it is antialiased like ``torch`` interpolate wi
 that only kept pixels are scaled (see ``resize_crop_frame``). Rotation metadata (the display
 matrix) is applied last, in multiples of 90 degrees; flips in the matrix are ignored.
 
-Work is bounded: declared sizes and durations are checked before decoding; the decoder
+Work is bounded: the source must be a regular file or bytes, and declared sizes and
+durations are checked before decoding (container.py); the decoder
 starts at the keyframe before the window and stops at the first frame past it; and every pass
 over the stream (finding the first frame's time, counting frames, measuring the duration, the
 window itself) is held to the cap on decoded frames/packets and to the clip's wall-clock budget,
@@ -118,7 +119,8 @@ def load_clip(
         ``[num_frames]`` seconds from the first frame of the video stream.
 
     Raises:
-        BadSample: the video cannot be used; ``reason`` says why.
+        BadSample: the video cannot be used; ``reason`` says why (NOT_A_FILE for a path to a
+            directory, FIFO, device or socket, or a symlink loop).
         FileNotFoundError: ``source`` is a path that does not exist.
     """
     if num_frames < 1 or fps <= 0 or size < 1:
