@@ -293,3 +293,65 @@ def skip_frame_flood(width: int = 8192, height: int = 4880, frames: int = 4000) 
     one costs a full-size decode (4000 at 8192x4880: 48 KB)."""
     slice_ = h264_skip_slice(width // 16 * (height // 16))
     return h264_sps(width, height) + h264_pps() + slice_ * frames
+
+
+def huge_sps_stream(width: int = 16000, height: int = 16000, frames: int = 5) -> bytes:
+    """A raw H.264 stream whose SPS declares ``width`` x ``height``, with a few skip frames."""
+    return h264_sps(width, height) + h264_pps() + h264_skip_slice(width // 16 * (height // 16)) * frames
+
+
+def find_box(data: bytes, path: Sequence[bytes]) -> tuple[int, int]:
+    """``(offset, size)`` of the first box along ``path`` (e.g. moov, trak, ..., stsz) of an mp4."""
+    start, end, found = 0, len(data), None
+    for kind in path:
+        offset = start
+        while offset + 8 <= end:
+            size, found_kind = struct.unpack(">I4s", data[offset:offset + 8])
+            if found_kind == kind:
+                break
+            offset += size
+        else:
+            raise ValueError(f"no {kind!r} box")
+        found = (offset, size)
+        start, end = offset + 8, offset + size
+    return found
+
+
+def patch_u32(data: bytes, path: Sequence[bytes], field_offset: int, value: int) -> bytes:
+    """``data`` with the 32-bit field at ``field_offset`` of a box's payload set to ``value``."""
+    offset, _ = find_box(data, path)
+    out = bytearray(data)
+    out[offset + 8 + field_offset:offset + 12 + field_offset] = struct.pack(">I", value)
+    return bytes(out)
+
+
+STBL = (b"moov", b"trak", b"mdia", b"minf", b"stbl")
+
+
+def mp4_claiming_frames(count: int = 60_000_000) -> bytes:
+    """A 10-frame mp4 (2.9 KB) whose sample tables claim ``count`` frames: stsz says ``count``
+    samples of one constant size, stsc puts ``count`` samples in its one chunk, stts has
+    ``count`` of them. FFmpeg's mp4 demuxer indexes every one inside av.open (4 GB for 60M)."""
+    data = encode_video(num_frames=10)
+    data = patch_u32(data, STBL + (b"stsz",), 4, 785)  # constant sample size: no table needed
+    data = patch_u32(data, STBL + (b"stsz",), 8, count)
+    data = patch_u32(data, STBL + (b"stsc",), 12, count)  # samples_per_chunk of entry 1
+    return patch_u32(data, STBL + (b"stts",), 8, count)  # sample_count of entry 1
+
+
+def mp4_with_overlong_table() -> bytes:
+    """A 10-frame mp4 whose stco claims 50 million chunk offsets in a 20-byte box (FFmpeg
+    allocates for the claim, then reads offsets from whatever follows)."""
+    return patch_u32(encode_video(num_frames=10), STBL + (b"stco",), 4, 50_000_000)
+
+
+def fragmented_mp4_claiming_frames(count: int = 60_000_000) -> bytes:
+    """A fragmented mp4 whose first 'trun' claims ``count`` samples with no per-sample fields
+    (so the claim needs no bytes): FFmpeg allocates and fills an index entry for each."""
+    data = encode_video(num_frames=10, movflags="frag_keyframe+empty_moov+default_base_moof")
+    offset, _ = find_box(data, (b"moof", b"traf", b"trun"))
+    out = bytearray(data)
+    out[offset + 9:offset + 12] = (1).to_bytes(3, "big")  # flags: data offset only
+    out[offset + 12:offset + 16] = struct.pack(">I", count)
+    return bytes(out)
+

@@ -5,11 +5,25 @@ Times are seconds from the video stream's first frame (its ``start_time``), what
 container's own start time. A stream with no timestamps at all (raw H.264) is timed by frame
 count at its nominal rate.
 
-Hostile input. A path must name a regular file (``os.stat`` first: opening a FIFO blocks
-forever, a device never ends, a directory or a symlink loop is no video). FFmpeg runs with
-bounded probing (``PROBE_OPTIONS``), with ``max_pixels`` so that no decoder allocates a frame
-above ``MAX_PIXELS`` whatever the container says, and with the clip's remaining wall-clock
-budget as its open and read timeout. Every loop of ours that reads packets
+Hostile input. FFmpeg trusts what a file declares, and acts on it inside ``av.open``, before
+any check of ours could run: the mp4 demuxer allocates an index entry for every sample that a
+sample table claims, and a decoder allocates frames of whatever size a parameter set declares
+(``av.open`` decodes a few frames to learn the pixel format). So, before FFmpeg sees a source:
+
+* a path must name a regular file (``os.stat`` first: opening a FIFO blocks forever, a device
+  never ends, a directory or a symlink loop is no video);
+* an ISO BMFF file (mp4, mov, m4v, 3gp, fragmented mp4) has its box tree walked, box headers
+  and entry counts only (``untrusted.iso_bmff_summary``): a table that claims more entries than
+  the rest of the file could hold, or sample tables that claim more samples in all than
+  ``MAX_SAMPLES`` or than the file has bytes, are refused; the H.264 parameter sets in ``avcC``
+  are checked as below;
+* a raw H.264 (Annex B) stream has its sequence parameter sets parsed
+  (``untrusted.parse_h264_sps``) and is refused when one declares a frame above ``MAX_SIDE`` per
+  side or ``MAX_PIXELS``.
+
+FFmpeg then runs with bounded probing (``PROBE_OPTIONS``), with ``max_pixels`` so that no
+decoder allocates a frame above ``MAX_PIXELS`` whatever the container says, and with the clip's
+remaining wall-clock budget as its open and read timeout. Every loop of ours that reads packets
 or decodes frames (the first-pts search, packet counting, duration measuring here, the window
 decoder in video.py) checks one ``WorkBound``: the frame/packet cap per pass, and the deadline.
 """
@@ -18,9 +32,12 @@ from __future__ import annotations
 
 import errno
 import io
+import mmap
 import os
 import stat
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -28,6 +45,7 @@ import av
 
 from videollama.data.errors import (
     ABSURD_RESOLUTION,
+    ABSURD_SAMPLE_COUNT,
     EMPTY_FILE,
     INVALID_CONTAINER,
     NO_VIDEO_STREAM,
@@ -36,11 +54,24 @@ from videollama.data.errors import (
     ZERO_FRAMES,
     BadSample,
 )
+from videollama.data.untrusted import (
+    annexb_sps_nals,
+    iso_bmff_summary,
+    looks_like_annexb_h264,
+    parse_h264_sps,
+)
 
 # Limits on what a declared video may be before we spend any work on it.
 MAX_SIDE = 8192
 MAX_PIXELS = 40_000_000
 MAX_DURATION_S = 24 * 3600.0
+# Samples that the sample tables of one file may claim, all tracks together: a day
+# (MAX_DURATION_S) of 120 FPS video. FFmpeg's mp4 demuxer keeps about 70 bytes per claimed sample
+# (index entry, expanded composition offsets, sizes), so this caps its index near 0.7 GB however
+# the tables lie; and a file must also have at least one byte per sample it claims, so a small
+# file claims little. Real clips are far below both (1 h of 30 FPS video with 48 kHz AAC audio
+# has 108k + 169k samples).
+MAX_SAMPLES = int(MAX_DURATION_S * 120)
 # How much FFmpeg may read and decode to find the streams' parameters inside av.open (its
 # defaults: 5 MB, 5 s of stream time, 2500 packets). For mp4 the header is read whatever these
 # say; they bound the raw and packetised formats (H.264, MPEG-TS), where probing decodes packets
@@ -82,7 +113,7 @@ def open_and_time(source: Source, name: str, threads: int, max_packets: int, dea
     """
     bound = WorkBound(name, max_packets, deadline)
     bound.check_deadline("opening")
-    target = checked_source(source, name)
+    target = checked_source(source, name, bound)
     container = _open(target, bound)
     try:
         stream = _video_stream(container, name, threads)
@@ -108,21 +139,26 @@ def open_and_time(source: Source, name: str, threads: int, max_packets: int, dea
         raise
 
 
-# ---- the source: a regular file or bytes ------------------------------------------------------
+# ---- the source: a regular file or bytes, checked before FFmpeg reads it -------------------------
 
-def checked_source(source: Source, name: str) -> str | bytes:
-    """What ``av.open`` may be given for ``source``: a path string, or bytes.
+def checked_source(source: Source, name: str, bound: WorkBound | None = None) -> str | bytes:
+    """What ``av.open`` may be given for ``source`` (a path string, or bytes), once it has passed
+    the checks of declared sizes (``check_declared``).
 
     Raises ``FileNotFoundError`` for a path that does not exist, and ``BadSample`` for empty
-    input (EMPTY_FILE) and a path that is not a regular file (NOT_A_FILE).
+    input (EMPTY_FILE), a path that is not a regular file (NOT_A_FILE), and declarations that
+    ``check_declared`` refuses.
     """
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
         if not data:
             raise BadSample(EMPTY_FILE, name, "zero bytes")
+        check_declared(data, name, bound)
         return data
     path = str(Path(source))
-    regular_file_stat(path, name)
+    info = regular_file_stat(path, name)
+    with _mapped(path, info, name) as view:
+        check_declared(view, name, bound)
     return path
 
 
@@ -151,6 +187,69 @@ def _file_kind(mode: int) -> str:
     kinds = [(stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO (named pipe)"),
              (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
     return next((kind for test, kind in kinds if test(mode)), f"file of mode {stat.filemode(mode)}")
+
+
+@contextmanager
+def _mapped(path: str, info: os.stat_result, name: str) -> Iterator[mmap.mmap]:
+    """The file's bytes, memory-mapped (only the pages the checks touch are read).
+
+    Opened non-blocking, and checked again after opening to be the regular file that was
+    stat'ed, so that a path swapped for a FIFO in between cannot block us.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+            raise BadSample(NOT_A_FILE, name, "the path changed while it was being opened")
+        if now.st_size == 0:
+            raise BadSample(EMPTY_FILE, name, "zero bytes")
+        view = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    try:
+        yield view
+    finally:
+        view.close()
+
+
+def check_declared(data, name: str, bound: WorkBound | None = None) -> None:
+    """Refuse a file whose declarations would make FFmpeg allocate or work without bound.
+
+    ``data`` is the whole file (bytes, or a memory map). ISO BMFF files: entry counts of the
+    sample tables, and the H.264 parameter sets in ``avcC``; raw H.264 streams: every distinct
+    sequence parameter set. Other formats pass unchecked here (FFmpeg's ``max_pixels`` and the
+    work bound still apply to them).
+    """
+    def progress() -> None:
+        if bound is not None:
+            bound.check_deadline("reading what the file declares")
+
+    summary = iso_bmff_summary(data, progress=progress)
+    if summary is not None:
+        if summary.overclaims:
+            raise BadSample(INVALID_CONTAINER, name, summary.overclaims[0])
+        claimed = summary.index_entries
+        if claimed > MAX_SAMPLES:
+            raise BadSample(ABSURD_SAMPLE_COUNT, name, f"sample tables claim {claimed} samples, more than "
+                                                       f"{MAX_SAMPLES} (a day of video at 120 FPS)")
+        if claimed > len(data):
+            raise BadSample(ABSURD_SAMPLE_COUNT, name, f"sample tables claim {claimed} samples, more than the "
+                                                       f"file's {len(data)} bytes can hold")
+        sps_nals = summary.sps
+    elif looks_like_annexb_h264(data):
+        limit = None if bound is None else bound.max_items  # each distinct SPS costs a parse
+        sps_nals = annexb_sps_nals(data, limit=limit, progress=progress)
+        if limit is not None and len(sps_nals) > limit:
+            raise BadSample(TIMEOUT, name, f"more than {limit} distinct H.264 sequence parameter sets")
+    else:
+        return
+    for nal in sps_nals:
+        try:
+            sps = parse_h264_sps(nal)
+        except ValueError:
+            continue  # a malformed SPS: FFmpeg ignores it too
+        check_resolution(sps.coded_width, sps.coded_height, name, "declared (H.264 SPS)")
 
 
 # ---- FFmpeg ---------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ filter with the scale factor, so it is antialiased like ``torch`` interpolate wi
 that only kept pixels are scaled (see ``resize_crop_frame``). Rotation metadata (the display
 matrix) is applied last, in multiples of 90 degrees; flips in the matrix are ignored.
 
-Work is bounded: the source must be a regular file or bytes, and declared sizes and
-durations are checked before decoding (container.py); the decoder
+Work is bounded: the source must be a regular file or bytes, and declared sizes, sample
+counts and durations are checked before FFmpeg allocates for them (container.py); the decoder
 starts at the keyframe before the window and stops at the first frame past it; and every pass
 over the stream (finding the first frame's time, counting frames, measuring the duration, the
 window itself) is held to the cap on decoded frames/packets and to the clip's wall-clock budget,
