@@ -28,6 +28,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
 import videollama
 from badvideos import (
@@ -50,6 +51,7 @@ from videollama.data.errors import BadSample
 from videollama.data.untrusted import (
     annexb_sps_nals,
     iso_bmff_summary,
+    load_clip_isolated,
     looks_like_annexb_h264,
     parse_h264_sps,
 )
@@ -419,3 +421,36 @@ def test_overlong_table_stays_refused_from_bytes_and_path(tmp_path):
     offset, _ = find_box(data, STBL + (b"stco",))
     repaired = data[:offset + 12] + struct.pack(">I", 1) + data[offset + 16:]
     assert load_clip(repaired, size=16, num_frames=2)[0].shape == (2, 3, 16, 16)
+
+
+# ---- load_clip_isolated: a child process with a memory limit and a timeout -------------------------
+
+def test_isolated_load_gives_load_clips_result():
+    data = encode_video(num_frames=50)
+    frames, timestamps = load_clip_isolated(data, size=32)
+    expected_frames, expected_timestamps = load_clip(data, size=32)
+    assert torch.equal(frames, expected_frames) and torch.equal(timestamps, expected_timestamps)
+    with pytest.raises(BadSample) as raised:
+        load_clip_isolated(mp4_claiming_frames(), name="shard-3/x.mp4")
+    assert raised.value.reason == errors.ABSURD_SAMPLE_COUNT and raised.value.source == "shard-3/x.mp4"
+    assert "60000000 samples" in str(raised.value)
+    with pytest.raises(FileNotFoundError):
+        load_clip_isolated("/nonexistent/clip.mp4")
+
+
+def test_isolated_load_enforces_its_memory_limit():
+    # 64 frames of 2048x2048 RGB need 805 MB of uint8 before the float conversion: not in 256 MB.
+    with pytest.raises(BadSample) as raised:
+        load_clip_isolated(encode_video(num_frames=10), num_frames=64, size=2048, memory_bytes=256 << 20)
+    assert raised.value.reason == errors.OUT_OF_MEMORY
+
+
+def test_isolated_load_is_killed_at_its_timeout(tmp_path):
+    path = tmp_path / "flood.h264"
+    path.write_bytes(skip_frame_flood())
+    load_clip_isolated(encode_video(num_frames=5), size=16)  # the fork server is up: time the kill alone
+    start = time.monotonic()
+    with pytest.raises(BadSample) as raised:
+        load_clip_isolated(path, time_budget_s=None, max_decoded_frames=10**6, timeout_s=1.0)
+    assert raised.value.reason == errors.TIMEOUT and "killed after 1 s" in str(raised.value)
+    assert time.monotonic() - start < 1.0 + 3.0

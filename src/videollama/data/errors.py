@@ -17,6 +17,7 @@ ABSURD_DURATION = "absurd_duration"
 TIMEOUT = "timeout"                    # decoding exceeded its time/work bound
 NOT_A_FILE = "not_a_file"              # a path to a directory, FIFO, device, socket, or a symlink loop
 ABSURD_SAMPLE_COUNT = "absurd_sample_count"  # sample tables claim more samples than the cap or the file's bytes
+OUT_OF_MEMORY = "out_of_memory"        # an isolated decode ran past its memory limit (untrusted.py)
 MISSING_JSON = "missing_json"
 INVALID_JSON = "invalid_json"
 MISSING_VIDEO = "missing_video"

@@ -1,4 +1,4 @@
-"""What an untrusted video file declares, read without trusting it.
+"""What an untrusted video file declares, read without trusting it; and decoding in a sandbox.
 
 FFmpeg acts on what a file declares before any check of ours could run: its mp4 demuxer
 allocates an index entry for every sample a sample table claims, and its H.264 decoder
@@ -11,7 +11,9 @@ reason) is ``container.check_declared``'s.
 * ``iso_bmff_summary``: the box tree of an mp4/mov (fragments and QuickTime's compressed movie
   header included), box headers and the entry counts of the sample tables only;
 * ``looks_like_annexb_h264``, ``annexb_sps_nals``, ``parse_h264_sps``: the frame size of every
-  sequence parameter set of a raw H.264 stream (and of those in an mp4's ``avcC``).
+  sequence parameter set of a raw H.264 stream (and of those in an mp4's ``avcC``);
+* ``load_clip_isolated``: ``load_clip`` in a child process with a memory limit and a wall-clock
+  timeout, for what no pre-check covers (serving untrusted uploads).
 """
 
 from __future__ import annotations
@@ -453,3 +455,111 @@ def _skip_scaling_list(bits: _Bits, size: int) -> None:
             next_scale = (last + bits.se() + 256) % 256
         last = next_scale or last
 
+
+# ---- decoding in a sandbox ----------------------------------------------------------------------
+
+DEFAULT_ISOLATED_MEMORY_BYTES = 2 << 30
+DEFAULT_ISOLATED_TIMEOUT_S = 120.0
+_context = None
+
+
+def load_clip_isolated(source, *, memory_bytes: int = DEFAULT_ISOLATED_MEMORY_BYTES,
+                       timeout_s: float = DEFAULT_ISOLATED_TIMEOUT_S, **load_clip_kwargs):
+    """``load_clip(source, **load_clip_kwargs)`` in a child process, for input nothing vouches for.
+
+    The child may map ``memory_bytes`` of address space beyond what it starts with
+    (``RLIMIT_AS``; Linux enforces it) and is killed after ``timeout_s`` seconds of wall-clock
+    time, whatever FFmpeg is doing. Children are forked from a server process that has imported
+    the loader once (multiprocessing's ``forkserver``), so each clip costs a fork, not an
+    interpreter start; the first call starts the server.
+
+    Returns what ``load_clip`` returns. Raises what it raises (``BadSample``,
+    ``FileNotFoundError``, ``ValueError``), and ``BadSample`` with reason OUT_OF_MEMORY when the
+    child ran out of its memory, TIMEOUT when it was killed at ``timeout_s``, DECODE_ERROR when
+    it died otherwise (a crash in FFmpeg).
+    """
+    import torch
+
+    from videollama.data.errors import DECODE_ERROR, OUT_OF_MEMORY, TIMEOUT, BadSample
+
+    name = load_clip_kwargs.get("name")
+    if name is None:
+        name = f"<{len(source)} bytes>" if isinstance(source, bytes | bytearray | memoryview) else str(source)
+        load_clip_kwargs["name"] = name
+    if isinstance(source, bytearray | memoryview):
+        source = bytes(source)
+    receive, send = _mp_context().Pipe(duplex=False)
+    child = _mp_context().Process(target=_isolated_child, args=(send, source, memory_bytes, load_clip_kwargs),
+                                  daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(timeout_s):
+            raise BadSample(TIMEOUT, name, f"isolated decode killed after {timeout_s:g} s")
+        try:
+            kind, payload = receive.recv()
+        except EOFError:  # the child died without a word
+            child.join(5)
+            code = child.exitcode
+            raise BadSample(DECODE_ERROR, name, f"isolated decode died (exit code {code})") from None
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receive.close()
+    if kind == "clip":
+        frames, timestamps = payload
+        return torch.from_numpy(frames), torch.from_numpy(timestamps)
+    if kind == "bad":
+        reason, bad_source, message = payload
+        error = BadSample(reason, bad_source, "")
+        error.args = (message,)
+        raise error
+    if kind == "oom":
+        raise BadSample(OUT_OF_MEMORY, name, f"isolated decode ran out of its {memory_bytes} bytes: {payload}")
+    raise payload  # an exception load_clip raises itself (FileNotFoundError, ValueError)
+
+
+def _mp_context():
+    global _context
+    if _context is None:
+        import multiprocessing
+
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(["videollama.data.video"])
+    return _context
+
+
+def _isolated_child(send, source, memory_bytes: int, load_clip_kwargs: dict) -> None:
+    import resource
+
+    from videollama.data.errors import BadSample
+    from videollama.data.video import load_clip
+
+    try:
+        with open("/proc/self/statm") as statm:  # the address space already mapped, in pages
+            mapped = int(statm.read().split()[0]) * resource.getpagesize()
+    except OSError:
+        mapped = 0
+    limit = mapped + memory_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        frames, timestamps = load_clip(source, **load_clip_kwargs)
+        message = ("clip", (frames.numpy(), timestamps.numpy()))
+    except BadSample as error:
+        if isinstance(error.__cause__, MemoryError):  # FFmpeg could not allocate (ENOMEM)
+            message = ("oom", str(error))
+        else:
+            message = ("bad", (error.reason, error.source, str(error)))
+    except MemoryError as error:
+        message = ("oom", f"{type(error).__name__}: {error}")
+    except Exception as error:  # handed to the parent, which raises it
+        if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):  # torch's CPU allocator
+            message = ("oom", str(error))
+        else:
+            message = ("error", error)
+    try:
+        send.send(message)
+    except MemoryError:
+        send.send(("oom", "sending the result"))
+    send.close()
