@@ -4,7 +4,7 @@ The inputs are the ones tests/test_hostile_video.py builds (tests/badvideos.py):
 that declare enormous work (a raw H.264 stream of 4000 skip frames at 8192x4880 with no
 keyframe; an mp4 whose sample tables claim 60 million frames; a fragmented mp4 whose 'trun'
 claims as many; an mp4 whose 'stco' claims 50 million chunks; a raw H.264 SPS declaring
-16000x16000), and paths that are no regular files (FIFO, /dev/zero, a directory, a symlink loop).
+16000x16000; one allowing 16 reference frames of 240 MB each), and paths that are no regular files (FIFO, /dev/zero, a directory, a symlink loop).
 
 Each input is loaded by ``load_clip`` with its default arguments (and the flood once more with
 ``time_budget_s=2``) in a child process under a 6 GiB address-space limit and a 300 s timeout,
@@ -63,6 +63,8 @@ def inputs(tmp: Path) -> list[tuple[str, Path, dict]]:
         ("fragmented mp4: a trun claims 60M samples", "fragment.mp4", badvideos.fragmented_mp4_claiming_frames),
         ("mp4: stco claims 50M chunk offsets", "stco.mp4", badvideos.mp4_with_overlong_table),
         ("raw H.264: SPS declares 16000x16000", "huge.h264", badvideos.huge_sps_stream),
+        ("raw H.264: SPS 8192x4880 4:4:4 10-bit, 16 reference frames, 300 reference skip frames", "refs.h264",
+         badvideos.reference_flood),
     ]
     found = []
     for description, filename, make in files:

@@ -226,13 +226,13 @@ def nal_unit(ref_idc: int, kind: int, rbsp: bytes) -> bytes:
 
 def h264_sps(width: int, height: int, *, profile_idc: int = 66, chroma_format_idc: int = 1,
              bit_depth: int = 8, scaling_lists: dict[int, Sequence[int]] | None = None, poc_type: int = 2,
-             poc_cycle: Sequence[int] = (), frame_mbs_only: bool = True,
+             poc_cycle: Sequence[int] = (), ref_frames: int = 1, frame_mbs_only: bool = True,
              crop: tuple[int, int, int, int] = (0, 0, 0, 0)) -> bytes:
     """An SPS (H.264 7.3.2.1.1) for coded frames of ``width`` x ``height`` (multiples of 16, of 32
     for interlaced), written field by field: High-profile fields (``profile_idc`` 100 and up) with
     ``scaling_lists`` (list index -> the delta_scale values written), picture order count
     ``poc_type`` 0 (4-bit lsb), 1 (``poc_cycle`` offsets; always-zero deltas) or 2, frame_num in 4
-    bits, one reference frame, frame cropping ``crop`` (left, right, top, bottom, in crop units),
+    bits, ``ref_frames`` reference frames, frame cropping ``crop`` (left, right, top, bottom, in crop units),
     no VUI. Slices that go with it: ``h264_skip_slice`` with the same ``poc_type`` and
     ``frame_mbs_only``."""
     bits = BitWriter().u(8, profile_idc).u(8, 0).u(8, 51).ue(0)  # constraints, level, sps_id
@@ -255,7 +255,7 @@ def h264_sps(width: int, height: int, *, profile_idc: int = 66, chroma_format_id
         for offset in poc_cycle:
             bits.se(offset)
     rows = height // 16 if frame_mbs_only else height // 32
-    bits.ue(1).u(1, 0).ue(width // 16 - 1).ue(rows - 1).u(1, int(frame_mbs_only))  # 1 ref frame, no gaps
+    bits.ue(ref_frames).u(1, 0).ue(width // 16 - 1).ue(rows - 1).u(1, int(frame_mbs_only))  # no gaps
     if not frame_mbs_only:
         bits.u(1, 0)  # mb_adaptive_frame_field_flag
     bits.u(1, 1).u(1, int(any(crop)))  # direct_8x8_inference, frame_cropping
@@ -273,18 +273,21 @@ def h264_pps() -> bytes:
     return nal_unit(3, 8, bits.rbsp())
 
 
-def h264_skip_slice(macroblocks: int, *, poc_type: int = 2, frame_mbs_only: bool = True) -> bytes:
-    """A non-reference P slice (of the SPS/PPS above) that skips every macroblock of the frame:
-    a few bytes that make the decoder produce a whole frame."""
-    bits = BitWriter().ue(0).ue(5).ue(0).u(4, 1)  # first_mb, slice_type P (all), pps_id, frame_num
+def h264_skip_slice(macroblocks: int, *, poc_type: int = 2, frame_mbs_only: bool = True,
+                    reference: bool = False, frame_num: int = 1) -> bytes:
+    """A P slice (of the SPS/PPS above) that skips every macroblock of the frame: a few bytes
+    that make the decoder produce a whole frame (and keep it, for a ``reference`` slice)."""
+    bits = BitWriter().ue(0).ue(5).ue(0).u(4, frame_num % 16)  # first_mb, slice_type P (all), pps_id
     if not frame_mbs_only:
         bits.u(1, 0)  # field_pic_flag: a frame
     if poc_type == 0:
         bits.u(4, 2)  # pic_order_cnt_lsb
     bits.u(1, 0).u(1, 0)  # no num_ref_idx override, no ref_pic_list_modification
+    if reference:
+        bits.u(1, 0)  # dec_ref_pic_marking: sliding window
     bits.se(0).ue(1)  # slice_qp_delta, deblocking disabled
     bits.ue(macroblocks)  # mb_skip_run: the whole picture
-    return nal_unit(0, 1, bits.rbsp())
+    return nal_unit(2 if reference else 0, 1, bits.rbsp())
 
 
 def skip_frame_flood(width: int = 8192, height: int = 4880, frames: int = 4000) -> bytes:
@@ -293,6 +296,16 @@ def skip_frame_flood(width: int = 8192, height: int = 4880, frames: int = 4000) 
     one costs a full-size decode (4000 at 8192x4880: 48 KB)."""
     slice_ = h264_skip_slice(width // 16 * (height // 16))
     return h264_sps(width, height) + h264_pps() + slice_ * frames
+
+
+def reference_flood(width: int = 8192, height: int = 4880, frames: int = 300) -> bytes:
+    """A raw H.264 stream whose SPS (High 4:4:4, 10 bits, 8192x4880: inside the size limits)
+    allows 16 reference frames of 240 MB each, then ``frames`` skip-everything reference P
+    frames: the decoder keeps every one it may (3.6 KB; 4.5 GB of frames in FFmpeg)."""
+    sps = h264_sps(width, height, profile_idc=244, chroma_format_idc=3, bit_depth=10, ref_frames=16)
+    macroblocks = width // 16 * (height // 16)
+    return sps + h264_pps() + b"".join(h264_skip_slice(macroblocks, reference=True, frame_num=i + 1)
+                                       for i in range(frames))
 
 
 def huge_sps_stream(width: int = 16000, height: int = 16000, frames: int = 5) -> bytes:

@@ -43,6 +43,7 @@ from badvideos import (
     mp4_claiming_frames,
     mp4_with_overlong_table,
     pattern_frame,
+    reference_flood,
     skip_frame_flood,
 )
 from videollama.data import container, errors
@@ -97,6 +98,7 @@ def ffmpeg_size(data: bytes) -> tuple[int, int]:
     (66, 50, "yuv420p10le", None),         # High 10, cropped
     (62, 44, "yuv420p", "interlaced=1"),   # frame_mbs_only 0: coded 64x64
     (64, 48, "yuv420p", "bframes=0"),      # picture order count type 2
+    (64, 48, "yuv420p", "ref=16"),         # 16 reference frames
 ])
 def test_sps_parser_gives_ffmpegs_size_for_x264_streams(width, height, pix_fmt, params):
     data = x264_stream(width, height, pix_fmt, params)
@@ -107,6 +109,15 @@ def test_sps_parser_gives_ffmpegs_size_for_x264_streams(width, height, pix_fmt, 
     assert sps.coded_width == -(-width // 16) * 16
     assert sps.coded_height == -(-height // (16 if sps.frame_mbs_only else 32)) * (16 if sps.frame_mbs_only else 32)
     assert sps.frame_mbs_only == (params != "interlaced=1")
+    assert sps.chroma_format_idc == {"420": 1, "422": 2, "444": 3}[pix_fmt[3:6]]
+    assert sps.bit_depth_luma == sps.bit_depth_chroma == (10 if pix_fmt.endswith("10le") else 8)
+    if params == "ref=16":
+        assert sps.max_num_ref_frames == 16
+    if (sps.coded_width, sps.coded_height) == (width, height):  # uncropped: a decoded frame's planes
+        with av.open(io.BytesIO(data)) as opened:
+            frame = next(opened.decode(video=0))
+            samples = sum(plane.width * plane.height for plane in frame.planes)
+        assert sps.frame_bytes == samples * (2 if sps.bit_depth_luma > 8 else 1)
 
 
 @pytest.mark.parametrize("sps_fields", [
@@ -118,7 +129,7 @@ def test_sps_parser_gives_ffmpegs_size_for_x264_streams(width, height, pix_fmt, 
          crop=(5, 0, 0, 7)),
     dict(width=48, height=32, profile_idc=122, chroma_format_idc=2, bit_depth=10, poc_type=1,
          poc_cycle=[2, -1, 300], crop=(1, 1, 1, 1)),
-    dict(width=48, height=32, profile_idc=100, chroma_format_idc=0, poc_type=0, crop=(3, 2, 1, 0)),
+    dict(width=48, height=32, profile_idc=100, chroma_format_idc=0, poc_type=0, ref_frames=7, crop=(3, 2, 1, 0)),
     dict(width=64, height=48, poc_type=1, poc_cycle=[1 << 19, 1 << 19, 3]),  # 40 zero bits in a row
     dict(width=8192, height=4880),         # the skip-frame flood's SPS
 ])
@@ -134,6 +145,7 @@ def test_sps_parser_gives_ffmpegs_size_for_hand_written_sps(sps_fields):
     assert (sps.coded_width, sps.coded_height) == (sps_fields["width"], sps_fields["height"])
     assert sps.scaling_matrix == ("scaling_lists" in sps_fields)
     assert sps.pic_order_cnt_type == sps_fields.get("poc_type", 2)
+    assert sps.max_num_ref_frames == sps_fields.get("ref_frames", 1)
     if max(sps_fields.get("poc_cycle", [0])) > 65536:
         assert b"\x00\x00\x03" in sps_nal  # the case really exercises emulation prevention
 
@@ -306,9 +318,10 @@ def load_in_child(path: Path, **kwargs) -> dict:
     (fragmented_mp4_claiming_frames, errors.ABSURD_SAMPLE_COUNT, "60000000 samples"),
     (mp4_with_overlong_table, errors.INVALID_CONTAINER, "'stco' claims 50000000 entries"),
     (huge_sps_stream, errors.ABSURD_RESOLUTION, "16000x16000"),
+    (reference_flood, errors.ABSURD_RESOLUTION, "16 reference frames of 239861760 bytes"),
 ])
 def test_declared_work_is_refused_before_ffmpeg_allocates(make, reason, fragment, tmp_path):
-    # Before these checks: 4.3 GB, 2.3 GB, (accepted), 1.8 GB of peak RSS inside av.open.
+    # Before these checks: 4.3 GB, 2.3 GB, (accepted), 1.8 GB, 4.5 GB of peak RSS.
     data = make()
     assert len(data) < 8000
     path = tmp_path / "hostile.bin"
@@ -317,6 +330,17 @@ def test_declared_work_is_refused_before_ffmpeg_allocates(make, reason, fragment
     assert result["reason"] == reason and fragment in result["message"], result
     assert result["peak_mb"] - result["before_mb"] < 100, result  # nothing near the claim
     assert result["peak_mb"] < 1024, result
+
+
+def test_reference_frame_memory_cap_lets_8k_through():
+    # 8192x4320 4:2:0 8-bit with H.264's most reference frames (16): 17 x 53 MB, under 1 GiB.
+    sps = h264_sps(8192, 4320, profile_idc=100, ref_frames=16)
+    check_declared(sps + h264_pps() + h264_skip_slice(512 * 270), "8k")
+    assert parse_h264_sps(sps[4:]).reference_bytes == 17 * 8192 * 4320 * 3 // 2
+    with pytest.raises(BadSample) as raised:  # the same in 4:4:4 10-bit: 17 x 212 MB
+        check_declared(h264_sps(8192, 4320, profile_idc=244, chroma_format_idc=3, bit_depth=10, ref_frames=16)
+                       + h264_pps() + h264_skip_slice(512 * 270), "8k444")
+    assert raised.value.reason == errors.ABSURD_RESOLUTION
 
 
 def test_pure_checks_see_the_claims():

@@ -19,7 +19,7 @@ sample table claims, and a decoder allocates frames of whatever size a parameter
   are checked as below;
 * a raw H.264 (Annex B) stream has its sequence parameter sets parsed
   (``untrusted.parse_h264_sps``) and is refused when one declares a frame above ``MAX_SIDE`` per
-  side or ``MAX_PIXELS``.
+  side or ``MAX_PIXELS``, or reference frames that need more than ``MAX_REFERENCE_BYTES``.
 
 FFmpeg then runs with bounded probing (``PROBE_OPTIONS``), with ``max_pixels`` so that no
 decoder allocates a frame above ``MAX_PIXELS`` whatever the container says, and with the clip's
@@ -72,6 +72,10 @@ MAX_DURATION_S = 24 * 3600.0
 # file claims little. Real clips are far below both (1 h of 30 FPS video with 48 kHz AAC audio
 # has 108k + 169k samples).
 MAX_SAMPLES = int(MAX_DURATION_S * 120)
+# What the reference frames an H.264 SPS allows may take in all, frame size, chroma format and
+# bit depth included: 8K (8192x4320) 4:2:0 8-bit video with the most reference frames H.264
+# has (16) needs 0.84 GiB; a 4:4:4 10-bit SPS at MAX_PIXELS with 16 of them would need 3.8 GiB.
+MAX_REFERENCE_BYTES = 1 << 30
 # How much FFmpeg may read and decode to find the streams' parameters inside av.open (its
 # defaults: 5 MB, 5 s of stream time, 2500 packets). For mp4 the header is read whatever these
 # say; they bound the raw and packetised formats (H.264, MPEG-TS), where probing decodes packets
@@ -250,6 +254,10 @@ def check_declared(data, name: str, bound: WorkBound | None = None) -> None:
         except ValueError:
             continue  # a malformed SPS: FFmpeg ignores it too
         check_resolution(sps.coded_width, sps.coded_height, name, "declared (H.264 SPS)")
+        if sps.reference_bytes > MAX_REFERENCE_BYTES:
+            raise BadSample(ABSURD_RESOLUTION, name, f"H.264 SPS declares {sps.max_num_ref_frames} reference frames "
+                                                     f"of {sps.frame_bytes} bytes, more than {MAX_REFERENCE_BYTES} "
+                                                     f"bytes with the frame being decoded")
 
 
 # ---- FFmpeg ---------------------------------------------------------------------------------------

@@ -350,6 +350,8 @@ class H264Sps:
     profile_idc: int
     chroma_format_idc: int
     bit_depth_luma: int
+    bit_depth_chroma: int
+    max_num_ref_frames: int
     scaling_matrix: bool
     pic_order_cnt_type: int
     frame_mbs_only: bool
@@ -357,6 +359,19 @@ class H264Sps:
     coded_height: int
     width: int
     height: int
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of one decoded frame: luma plus chroma planes, 2 bytes a sample above 8 bits."""
+        chroma = {0: 0.0, 1: 0.5, 2: 1.0, 3: 2.0}[self.chroma_format_idc]
+        per_sample = 1 if max(self.bit_depth_luma, self.bit_depth_chroma) <= 8 else 2
+        return int(self.coded_width * self.coded_height * (1 + chroma) * per_sample)
+
+    @property
+    def reference_bytes(self) -> int:
+        """What the decoder holds at least: every reference frame the SPS allows, and the frame
+        being decoded (FFmpeg keeps a few more, for output delay and threads)."""
+        return (self.max_num_ref_frames + 1) * self.frame_bytes
 
 
 class _Bits:
@@ -395,7 +410,7 @@ def parse_h264_sps(nal: bytes) -> H264Sps:
     bits.u(16)  # constraint_set flags, reserved_zero_2bits, level_idc
     if bits.ue() > 31:
         raise ValueError("seq_parameter_set_id above 31")
-    chroma_format_idc, separate_colour_planes, bit_depth, scaling_matrix = 1, False, 8, False
+    chroma_format_idc, separate_colour_planes, bit_depth, chroma_depth, scaling_matrix = 1, False, 8, 8, False
     if profile_idc in _HIGH_PROFILES:
         chroma_format_idc = bits.ue()
         if chroma_format_idc > 3:
@@ -403,7 +418,7 @@ def parse_h264_sps(nal: bytes) -> H264Sps:
         if chroma_format_idc == 3:
             separate_colour_planes = bool(bits.u(1))
         bit_depth = 8 + bits.ue()
-        bits.ue()  # bit_depth_chroma_minus8
+        chroma_depth = 8 + bits.ue()
         bits.u(1)  # qpprime_y_zero_transform_bypass_flag
         scaling_matrix = bool(bits.u(1))
         if scaling_matrix:
@@ -425,7 +440,7 @@ def parse_h264_sps(nal: bytes) -> H264Sps:
             bits.se()
     elif poc_type > 2:
         raise ValueError(f"pic_order_cnt_type {poc_type}")
-    bits.ue()  # max_num_ref_frames
+    max_num_ref_frames = bits.ue()
     bits.u(1)  # gaps_in_frame_num_value_allowed_flag
     width_mbs = bits.ue() + 1
     height_map_units = bits.ue() + 1
@@ -444,8 +459,8 @@ def parse_h264_sps(nal: bytes) -> H264Sps:
         if unit_x * (left + right) < coded_width and unit_y * (top + bottom) < coded_height:
             width -= unit_x * (left + right)
             height -= unit_y * (top + bottom)  # else FFmpeg ignores the cropping, and so do we
-    return H264Sps(profile_idc, chroma_format_idc, bit_depth, scaling_matrix, poc_type, frame_mbs_only,
-                   coded_width, coded_height, width, height)
+    return H264Sps(profile_idc, chroma_format_idc, bit_depth, chroma_depth, max_num_ref_frames, scaling_matrix,
+                   poc_type, frame_mbs_only, coded_width, coded_height, width, height)
 
 
 def _skip_scaling_list(bits: _Bits, size: int) -> None:
