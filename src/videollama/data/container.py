@@ -1,15 +1,43 @@
 """Opening a video: the container, its first video stream, its time origin and duration, and
-the checks of declared sizes that come before any decoding work.
+the checks that come before FFmpeg does any work on it.
 
 Times are seconds from the video stream's first frame (its ``start_time``), whatever the
 container's own start time. A stream with no timestamps at all (raw H.264) is timed by frame
 count at its nominal rate.
+
+Hostile input. FFmpeg trusts what a file declares, and acts on it inside ``av.open``, before
+any check of ours could run: the mp4 demuxer allocates an index entry for every sample that a
+sample table claims, and a decoder allocates frames of whatever size a parameter set declares
+(``av.open`` decodes a few frames to learn the pixel format). So, before FFmpeg sees a source:
+
+* a path must name a regular file (``os.stat`` first: opening a FIFO blocks forever, a device
+  never ends, a directory or a symlink loop is no video);
+* an ISO BMFF file (mp4, mov, m4v, 3gp, fragmented mp4) has its box tree walked, box headers
+  and entry counts only (``untrusted.iso_bmff_summary``): a table that claims more entries than
+  the rest of the file could hold, or sample tables that claim more samples in all than
+  ``MAX_SAMPLES`` or than the file has bytes, are refused; the H.264 parameter sets in ``avcC``
+  are checked as below;
+* a raw H.264 (Annex B) stream has its sequence parameter sets parsed
+  (``untrusted.parse_h264_sps``) and is refused when one declares a frame above ``MAX_SIDE`` per
+  side or ``MAX_PIXELS``, or reference frames that need more than ``MAX_REFERENCE_BYTES``.
+
+FFmpeg then runs with bounded probing (``PROBE_OPTIONS``), with ``max_pixels`` so that no
+decoder allocates a frame above ``MAX_PIXELS`` whatever the container says, and with the clip's
+remaining wall-clock budget as its open and read timeout. Every loop of ours that reads packets
+or decodes frames (the first-pts search, packet counting, duration measuring here, the window
+decoder in video.py) checks one ``WorkBound``: the frame/packet cap per pass, and the deadline.
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import mmap
 import os
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,70 +45,238 @@ import av
 
 from videollama.data.errors import (
     ABSURD_RESOLUTION,
+    ABSURD_SAMPLE_COUNT,
     EMPTY_FILE,
     INVALID_CONTAINER,
     NO_VIDEO_STREAM,
+    NOT_A_FILE,
     TIMEOUT,
     ZERO_FRAMES,
     BadSample,
+)
+from videollama.data.untrusted import (
+    annexb_sps_nals,
+    iso_bmff_summary,
+    looks_like_annexb_h264,
+    parse_h264_sps,
 )
 
 # Limits on what a declared video may be before we spend any work on it.
 MAX_SIDE = 8192
 MAX_PIXELS = 40_000_000
 MAX_DURATION_S = 24 * 3600.0
+# Samples that the sample tables of one file may claim, all tracks together: a day
+# (MAX_DURATION_S) of 120 FPS video. FFmpeg's mp4 demuxer keeps about 70 bytes per claimed sample
+# (index entry, expanded composition offsets, sizes), so this caps its index near 0.7 GB however
+# the tables lie; and a file must also have at least one byte per sample it claims, so a small
+# file claims little. Real clips are far below both (1 h of 30 FPS video with 48 kHz AAC audio
+# has 108k + 169k samples).
+MAX_SAMPLES = int(MAX_DURATION_S * 120)
+# What the reference frames an H.264 SPS allows may take in all, frame size, chroma format and
+# bit depth included: 8K (8192x4320) 4:2:0 8-bit video with the most reference frames H.264
+# has (16) needs 0.84 GiB; a 4:4:4 10-bit SPS at MAX_PIXELS with 16 of them would need 3.8 GiB.
+MAX_REFERENCE_BYTES = 1 << 30
+# How much FFmpeg may read and decode to find the streams' parameters inside av.open (its
+# defaults: 5 MB, 5 s of stream time, 2500 packets). For mp4 the header is read whatever these
+# say; they bound the raw and packetised formats (H.264, MPEG-TS), where probing decodes packets
+# until the parameters are known: a stream whose frames never decode is probed to these limits.
+PROBE_OPTIONS = {"probesize": str(2 << 20), "analyzeduration": "2000000", "max_probe_packets": "200"}
 
 Source = str | os.PathLike | bytes | bytearray | memoryview
 
 
-def open_and_time(source: Source, name: str, threads: int, max_packets: int):
-    """Open the video and find its time origin and duration.
+class WorkBound:
+    """The work one clip may cost: ``max_items`` packets (and as many frames) per pass over the
+    stream, and a wall-clock ``deadline`` (``time.monotonic()``; ``None``: none) for all passes."""
+
+    def __init__(self, name: str, max_items: int, deadline: float | None):
+        self.name, self.max_items, self.deadline = name, max_items, deadline
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def check(self, count: int, doing: str) -> None:
+        """Raise ``BadSample(TIMEOUT)`` once ``count`` passes the cap or the deadline has passed."""
+        if count > self.max_items:
+            raise BadSample(TIMEOUT, self.name, f"more than {self.max_items} packets or frames while {doing}")
+        self.check_deadline(doing)
+
+    def check_deadline(self, doing: str) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise BadSample(TIMEOUT, self.name, f"wall-clock budget for one clip exceeded while {doing}")
+
+
+def open_and_time(source: Source, name: str, threads: int, max_packets: int, deadline: float | None = None):
+    """Check the source, open the video and find its time origin and duration.
 
     Returns ``(container, stream, origin, duration, timeless)``: ``origin`` is the pts of the
     first frame in presentation order, ``duration`` the seconds from it to the end of the last
     frame, and ``timeless`` says that the frames carry no timestamps at all (raw elementary
-    streams), so that they are timed by frame count at the stream's nominal rate.
+    streams), so that they are timed by frame count at the stream's nominal rate. Each pass
+    over the stream reads at most ``max_packets`` packets, and all stop at ``deadline``.
     """
-    container = _open(source, name)
+    bound = WorkBound(name, max_packets, deadline)
+    bound.check_deadline("opening")
+    target = checked_source(source, name, bound)
+    container = _open(target, bound)
     try:
         stream = _video_stream(container, name, threads)
         if stream.start_time is not None:
             origin = stream.start_time
-            return container, stream, origin, _duration(container, stream, origin, name, max_packets), False
+            return container, stream, origin, _duration(container, stream, origin, bound), False
         # No declared start: decode the first frame to find its pts, then rewind by reopening,
         # which works for every input (raw streams cannot seek).
-        origin = _first_pts(container, stream, name)
+        origin = _first_pts(container, stream, bound)
         container.close()
-        container = _open(source, name)
+        container = _open(target, bound)
         stream = _video_stream(container, name, threads)
         if origin is not None:
-            return container, stream, origin, _duration(container, stream, origin, name, max_packets), False
+            return container, stream, origin, _duration(container, stream, origin, bound), False
         if stream.duration:
             return container, stream, 0, float(stream.duration * stream.time_base), True
-        duration = _count_packets(container, stream, name, max_packets) / nominal_rate(stream)
+        duration = _count_packets(container, stream, bound) / nominal_rate(stream)
         container.close()
-        container = _open(source, name)
+        container = _open(target, bound)
         return container, _video_stream(container, name, threads), 0, float(duration), True
     except BaseException:
         container.close()
         raise
 
 
-def _open(source: Source, name: str) -> av.container.InputContainer:
-    """Open a container, mapping empty and unreadable input to ``BadSample``."""
+# ---- the source: a regular file or bytes, checked before FFmpeg reads it -------------------------
+
+def checked_source(source: Source, name: str, bound: WorkBound | None = None) -> str | bytes:
+    """What ``av.open`` may be given for ``source`` (a path string, or bytes), once it has passed
+    the checks of declared sizes (``check_declared``).
+
+    Raises ``FileNotFoundError`` for a path that does not exist, and ``BadSample`` for empty
+    input (EMPTY_FILE), a path that is not a regular file (NOT_A_FILE), and declarations that
+    ``check_declared`` refuses.
+    """
     if isinstance(source, bytes | bytearray | memoryview):
-        if len(source) == 0:
+        data = bytes(source)
+        if not data:
             raise BadSample(EMPTY_FILE, name, "zero bytes")
-        target = io.BytesIO(bytes(source))
-    else:
-        path = Path(source)
-        if path.stat().st_size == 0:  # raises FileNotFoundError, naming the path, when missing
-            raise BadSample(EMPTY_FILE, name, "zero bytes")
-        target = str(path)
+        check_declared(data, name, bound)
+        return data
+    path = str(Path(source))
+    info = regular_file_stat(path, name)
+    with _mapped(path, info, name) as view:
+        check_declared(view, name, bound)
+    return path
+
+
+def regular_file_stat(path: str, name: str) -> os.stat_result:
+    """``os.stat`` of a path that must be a non-empty regular file (following symlinks).
+
+    Only ``stat``: it has no side effect on a device and does not block on a FIFO, as opening
+    them would. A missing path (or a dangling symlink) raises ``FileNotFoundError``.
+    """
     try:
-        return av.open(target, mode="r")
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise BadSample(NOT_A_FILE, name, "symlink loop (too many levels of symbolic links)") from error
+        raise
+    if not stat.S_ISREG(info.st_mode):
+        raise BadSample(NOT_A_FILE, name, f"not a regular file but a {_file_kind(info.st_mode)}")
+    if info.st_size == 0:
+        raise BadSample(EMPTY_FILE, name, "zero bytes")
+    return info
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
+    return next((kind for test, kind in kinds if test(mode)), f"file of mode {stat.filemode(mode)}")
+
+
+@contextmanager
+def _mapped(path: str, info: os.stat_result, name: str) -> Iterator[mmap.mmap]:
+    """The file's bytes, memory-mapped (only the pages the checks touch are read).
+
+    Opened non-blocking, and checked again after opening to be the regular file that was
+    stat'ed, so that a path swapped for a FIFO in between cannot block us.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+            raise BadSample(NOT_A_FILE, name, "the path changed while it was being opened")
+        if now.st_size == 0:
+            raise BadSample(EMPTY_FILE, name, "zero bytes")
+        view = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    try:
+        yield view
+    finally:
+        view.close()
+
+
+def check_declared(data, name: str, bound: WorkBound | None = None) -> None:
+    """Refuse a file whose declarations would make FFmpeg allocate or work without bound.
+
+    ``data`` is the whole file (bytes, or a memory map). ISO BMFF files: entry counts of the
+    sample tables, and the H.264 parameter sets in ``avcC``; raw H.264 streams: every distinct
+    sequence parameter set. Other formats pass unchecked here (FFmpeg's ``max_pixels`` and the
+    work bound still apply to them).
+    """
+    def progress() -> None:
+        if bound is not None:
+            bound.check_deadline("reading what the file declares")
+
+    summary = iso_bmff_summary(data, progress=progress)
+    if summary is not None:
+        if summary.overclaims:
+            raise BadSample(INVALID_CONTAINER, name, summary.overclaims[0])
+        claimed = summary.index_entries
+        if claimed > MAX_SAMPLES:
+            raise BadSample(ABSURD_SAMPLE_COUNT, name, f"sample tables claim {claimed} samples, more than "
+                                                       f"{MAX_SAMPLES} (a day of video at 120 FPS)")
+        if claimed > len(data):
+            raise BadSample(ABSURD_SAMPLE_COUNT, name, f"sample tables claim {claimed} samples, more than the "
+                                                       f"file's {len(data)} bytes can hold")
+        sps_nals = summary.sps
+    elif looks_like_annexb_h264(data):
+        limit = None if bound is None else bound.max_items  # each distinct SPS costs a parse
+        sps_nals = annexb_sps_nals(data, limit=limit, progress=progress)
+        if limit is not None and len(sps_nals) > limit:
+            raise BadSample(TIMEOUT, name, f"more than {limit} distinct H.264 sequence parameter sets")
+    else:
+        return
+    for nal in sps_nals:
+        try:
+            sps = parse_h264_sps(nal)
+        except ValueError:
+            continue  # a malformed SPS: FFmpeg ignores it too
+        check_resolution(sps.coded_width, sps.coded_height, name, "declared (H.264 SPS)")
+        if sps.reference_bytes > MAX_REFERENCE_BYTES:
+            raise BadSample(ABSURD_RESOLUTION, name, f"H.264 SPS declares {sps.max_num_ref_frames} reference frames "
+                                                     f"of {sps.frame_bytes} bytes, more than {MAX_REFERENCE_BYTES} "
+                                                     f"bytes with the frame being decoded")
+
+
+# ---- FFmpeg ---------------------------------------------------------------------------------------
+
+def _open(target: str | bytes, bound: WorkBound) -> av.container.InputContainer:
+    """Open a checked source with bounded probing, mapping FFmpeg's failures to ``BadSample``."""
+    remaining = bound.remaining()
+    if remaining is not None and remaining <= 0:
+        bound.check_deadline("opening")
+    # The open timeout applies to opening and to probing separately: half the budget to each.
+    timeout = None if remaining is None else (remaining / 2, remaining)
+    try:
+        return av.open(io.BytesIO(target) if isinstance(target, bytes) else target, mode="r",
+                       options={**PROBE_OPTIONS, "max_pixels": str(MAX_PIXELS)}, timeout=timeout)
+    except av.error.ExitError as error:  # only our timeout interrupts FFmpeg
+        raise BadSample(TIMEOUT, bound.name, "wall-clock budget for one clip exceeded while FFmpeg "
+                                             "opened and probed it") from error
     except av.error.FFmpegError as error:
-        raise BadSample(INVALID_CONTAINER, name, f"FFmpeg cannot open it: {error}") from error
+        raise BadSample(INVALID_CONTAINER, bound.name, f"FFmpeg cannot open it: {error}") from error
 
 
 def _video_stream(container: av.container.InputContainer, name: str, threads: int) -> av.video.stream.VideoStream:
@@ -92,6 +288,9 @@ def _video_stream(container: av.container.InputContainer, name: str, threads: in
     check_resolution(stream.codec_context.width, stream.codec_context.height, name, "declared")
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = threads
+    # The decoder refuses (instead of allocating) any frame above MAX_PIXELS, even one that a
+    # parameter set in mid-stream declares.
+    stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(MAX_PIXELS)}
     return stream
 
 
@@ -105,30 +304,35 @@ def check_resolution(width: int, height: int, name: str, what: str) -> None:
                                                  f"{MAX_SIDE} per side or {MAX_PIXELS} pixels")
 
 
-def _first_pts(container, stream, name: str) -> int | None:
+def _first_pts(container, stream, bound: WorkBound) -> int | None:
     """The first frame's pts (None: it has none), for streams that declare no start time."""
+    packets = 0
     try:
-        for frame in container.decode(stream):
-            return frame.pts
+        for packet in container.demux(stream):
+            packets += 1
+            bound.check(packets, "looking for the first frame")
+            for frame in stream.decode(packet):
+                return frame.pts
     except av.error.FFmpegError as error:
-        raise BadSample(ZERO_FRAMES, name, f"no frame decodes: {error}") from error
-    raise BadSample(ZERO_FRAMES, name, "no frame decodes")
+        bound.check_deadline("looking for the first frame")
+        raise BadSample(ZERO_FRAMES, bound.name, f"no frame decodes: {error}") from error
+    raise BadSample(ZERO_FRAMES, bound.name, "no frame decodes")
 
 
-def _count_packets(container, stream, name: str, max_packets: int) -> int:
+def _count_packets(container, stream, bound: WorkBound) -> int:
     """Video packets of a freshly opened container (frames, for a stream without timestamps)."""
     count = 0
     try:
         for packet in container.demux(stream):
             count += 1 if packet.size else 0
-            if count > max_packets:
-                raise BadSample(TIMEOUT, name, f"more than {max_packets} packets while counting frames")
+            bound.check(count, "counting frames")
     except av.error.FFmpegError as error:
-        raise BadSample(INVALID_CONTAINER, name, f"cannot read packets: {error}") from error
+        bound.check_deadline("counting frames")
+        raise BadSample(INVALID_CONTAINER, bound.name, f"cannot read packets: {error}") from error
     return count
 
 
-def _duration(container, stream, origin: int, name: str, max_packets: int) -> float:
+def _duration(container, stream, origin: int, bound: WorkBound) -> float:
     """Seconds from the first frame to the end of the last one.
 
     The stream's own duration when declared (mp4, MPEG-TS); otherwise (e.g. Matroska, whose
@@ -141,29 +345,30 @@ def _duration(container, stream, origin: int, name: str, max_packets: int) -> fl
     end = None
     try:
         container.seek(2**62, stream=stream, backward=True)
-        end = _last_packet_end(container, stream, name, max_packets)
+        end = _last_packet_end(container, stream, bound)
     except av.error.FFmpegError:
+        bound.check_deadline("measuring the duration")
         end = None
     if end is None:  # seeking failed or found nothing: read every packet from the start
         try:
             container.seek(origin, stream=stream, backward=True)
-            end = _last_packet_end(container, stream, name, max_packets)
+            end = _last_packet_end(container, stream, bound)
         except av.error.FFmpegError as error:
-            raise BadSample(INVALID_CONTAINER, name, f"cannot read packets: {error}") from error
+            bound.check_deadline("measuring the duration")
+            raise BadSample(INVALID_CONTAINER, bound.name, f"cannot read packets: {error}") from error
     try:
         container.seek(origin, stream=stream, backward=True)
     except av.error.FFmpegError as error:
-        raise BadSample(INVALID_CONTAINER, name, f"cannot seek back to the start: {error}") from error
+        raise BadSample(INVALID_CONTAINER, bound.name, f"cannot seek back to the start: {error}") from error
     if end is None:
-        raise BadSample(ZERO_FRAMES, name, "the video stream has no packets")
+        raise BadSample(ZERO_FRAMES, bound.name, "the video stream has no packets")
     return float((end - origin) * tb)
 
 
-def _last_packet_end(container, stream, name: str, max_packets: int) -> int | None:
+def _last_packet_end(container, stream, bound: WorkBound) -> int | None:
     end = None
-    for count, packet in enumerate(container.demux(stream)):
-        if count > max_packets:
-            raise BadSample(TIMEOUT, name, f"more than {max_packets} packets while measuring the duration")
+    for count, packet in enumerate(container.demux(stream), start=1):
+        bound.check(count, "measuring the duration")
         if packet.pts is not None:
             end = max(end or packet.pts, packet.pts + (packet.duration or 0))
     return end

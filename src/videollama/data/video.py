@@ -28,9 +28,12 @@ filter with the scale factor, so it is antialiased like ``torch`` interpolate wi
 that only kept pixels are scaled (see ``resize_crop_frame``). Rotation metadata (the display
 matrix) is applied last, in multiples of 90 degrees; flips in the matrix are ignored.
 
-Work is bounded: declared sizes and durations are checked before decoding, the decoder starts
-at the keyframe before the window and stops at the first frame past it, and a cap on decoded
-frames/packets and a wall-clock budget turn a pathological file into ``BadSample(TIMEOUT)``.
+Work is bounded: the source must be a regular file or bytes, and declared sizes, sample
+counts and durations are checked before FFmpeg allocates for them (container.py); the decoder
+starts at the keyframe before the window and stops at the first frame past it; and every pass
+over the stream (finding the first frame's time, counting frames, measuring the duration, the
+window itself) is held to the cap on decoded frames/packets and to the clip's wall-clock budget,
+which turn a pathological file into ``BadSample(TIMEOUT)``.
 Every unusable input raises ``BadSample`` with one of the reason codes of ``errors.py``: an
 FFmpeg error before any frame decodes is ZERO_FRAMES, after one is DECODE_ERROR, and so is a
 stream that ends well before its declared duration inside the window (a truncated file).
@@ -53,11 +56,12 @@ from videollama.config import IMAGENET_MEAN, IMAGENET_STD
 from videollama.data.container import (
     MAX_DURATION_S,
     Source,
+    WorkBound,
     check_resolution,
     nominal_rate,
     open_and_time,
 )
-from videollama.data.errors import ABSURD_DURATION, DECODE_ERROR, TIMEOUT, ZERO_FRAMES, BadSample
+from videollama.data.errors import ABSURD_DURATION, DECODE_ERROR, ZERO_FRAMES, BadSample
 from videollama.data.frames import resize_crop_frame
 
 # Work bounds for one clip. A 4 s window of a 60 FPS video with a 10 s keyframe interval needs
@@ -104,15 +108,19 @@ def load_clip(
         name: how errors name the source (defaults to the path, or ``<N bytes>``).
         threads: decoder threads (FFmpeg frame/slice threading, ``thread_type="AUTO"``);
             1 is the most work-efficient when data-loader workers already use every core.
-        max_decoded_frames: cap on packets read and frames decoded for this clip.
-        time_budget_s: wall-clock cap for this clip (``None``: no wall-clock cap).
+        max_decoded_frames: cap on packets read and frames decoded by each pass over the
+            stream for this clip: the window's, and for a stream that declares no start time or
+            duration, the passes that find them.
+        time_budget_s: wall-clock cap for this clip, opening and probing included (``None``: no
+            wall-clock cap).
 
     Returns:
         ``(frames, timestamps)``: float32 ``[num_frames, 3, size, size]`` and float64
         ``[num_frames]`` seconds from the first frame of the video stream.
 
     Raises:
-        BadSample: the video cannot be used; ``reason`` says why.
+        BadSample: the video cannot be used; ``reason`` says why (NOT_A_FILE for a path to a
+            directory, FIFO, device or socket, or a symlink loop).
         FileNotFoundError: ``source`` is a path that does not exist.
     """
     if num_frames < 1 or fps <= 0 or size < 1:
@@ -123,7 +131,8 @@ def load_clip(
         name = f"<{len(source)} bytes>" if isinstance(source, bytes | bytearray | memoryview) else str(source)
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
 
-    container, stream, origin, duration, timeless = open_and_time(source, name, threads, max_decoded_frames)
+    container, stream, origin, duration, timeless = open_and_time(source, name, threads, max_decoded_frames,
+                                                                  deadline)
     try:
         if duration > MAX_DURATION_S:
             raise BadSample(ABSURD_DURATION, name, f"declared duration {duration:.0f} s exceeds {MAX_DURATION_S:.0f} s")
@@ -190,7 +199,7 @@ class _WindowDecoder:
         self.container, self.stream, self.origin = container, stream, origin
         self.convert, self.can_seek = convert, can_seek
         self.name = name
-        self.max_frames, self.deadline = max_frames, deadline
+        self.bound = WorkBound(name, max_frames, deadline)
         self.time_base = stream.time_base
         # In time-base units; only to date a frame that has no pts.
         self.frame_step = max(1, round(1 / (nominal_rate(stream) * self.time_base)))
@@ -261,6 +270,7 @@ class _WindowDecoder:
                         return chosen, np.full(n, np.inf)
                     previous, previous_pts, previous_rgb = frame, pts, None
         except av.error.FFmpegError as error:
+            self.bound.check_deadline("decoding the window")  # FFmpeg interrupted at the deadline
             if self.decoded == 0:
                 raise BadSample(ZERO_FRAMES, self.name, f"no frame decodes: {error}") from error
             raise BadSample(DECODE_ERROR, self.name, f"decoding failed after {self.decoded} frames: "
@@ -280,9 +290,6 @@ class _WindowDecoder:
         return chosen, latest
 
     def _check_work(self) -> None:
-        if self.decoded > self.max_frames or self.packets > self.max_frames:
-            raise BadSample(TIMEOUT, self.name, f"more than {self.max_frames} frames or packets for one clip")
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise BadSample(TIMEOUT, self.name, "wall-clock budget for one clip exceeded")
+        self.bound.check(max(self.decoded, self.packets), "decoding the window")
 
 
