@@ -131,7 +131,8 @@ def main() -> int:
 
     video_kinds = {name: builder for name, (builder, _) in badvideos.BAD_VIDEOS.items()}
     video_kinds.update({name: getattr(badvideos, name) for name in
-                        ("skip_frame_flood", "huge_sps_stream", "mp4_claiming_frames", "mp4_with_overlong_table",
+                        ("skip_frame_flood", "reference_flood", "huge_sps_stream", "mp4_claiming_frames",
+                         "mp4_with_overlong_table",
                          "fragmented_mp4_claiming_frames") if hasattr(badvideos, name)})
     for name, build in video_kinds.items():
         data = build()

@@ -49,13 +49,9 @@ from badvideos import (
 from videollama.data import container, errors
 from videollama.data.container import MAX_SAMPLES, check_declared
 from videollama.data.errors import BadSample
-from videollama.data.untrusted import (
-    annexb_sps_nals,
-    iso_bmff_summary,
-    load_clip_isolated,
-    looks_like_annexb_h264,
-    parse_h264_sps,
-)
+from videollama.data.h264_sps import annexb_sps_nals, looks_like_annexb_h264, parse_h264_sps
+from videollama.data.mp4_boxes import iso_bmff_summary
+from videollama.data.untrusted import load_clip_isolated
 from videollama.data.video import DEFAULT_MAX_DECODED_FRAMES, load_clip
 
 pytestmark = pytest.mark.usefixtures("no_hang")  # a FIFO opened for reading would block forever

@@ -13,6 +13,7 @@ import sys
 
 from videollama import __version__
 from videollama.data.errors import BadSample, SkipBudgetExceeded
+from videollama.eval.metrics import JavaMissing
 
 # name -> (module, one-line help). Groups with their own sub-subcommands (data, tokenizer)
 # are handled by their module's add_arguments.
@@ -46,7 +47,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 # What a user can cause and fix (a bad path, value or file): one line, exit 2. Anything else is
 # a bug of ours and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, BadSample, SkipBudgetExceeded)
+USER_ERRORS = (ValueError, OSError, BadSample, SkipBudgetExceeded, JavaMissing)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,6 @@ and draw every later window from them (``data.cache_dir`` in a recipe)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 from pathlib import Path
@@ -38,7 +37,6 @@ def cached_clip(
     continuum, and there is no random crop. Returns ``(frames [F, 3, S, S] float32 normalised,
     timestamps [F] float64)``; raises ``BadSample`` as ``load_clip`` does.
     """
-    import av
     import numpy as np
 
     from videollama.data.video import load_clip
@@ -54,9 +52,11 @@ def cached_clip(
             pixels, grid_times = stored["pixels"], stored["timestamps"]
             sub, eval_start = int(stored["substeps"]), int(stored["eval_start"])
     except (OSError, ValueError, KeyError):  # not cached yet (or a damaged entry: decode again)
+        from videollama.data.container import open_video
+
         try:
-            with av.open(io.BytesIO(video_source) if isinstance(video_source, bytes) else video_source) as c:
-                stream = c.streams.video[0]
+            c, stream = open_video(video_source, name)  # checked and bounded, as load_clip opens it
+            with c:
                 duration = (float(stream.duration * stream.time_base) if stream.duration is not None
                             else (c.duration or 0) / 1e6)
         except Exception:  # noqa: BLE001 - load_clip below names what is wrong with the file

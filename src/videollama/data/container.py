@@ -54,12 +54,8 @@ from videollama.data.errors import (
     ZERO_FRAMES,
     BadSample,
 )
-from videollama.data.untrusted import (
-    annexb_sps_nals,
-    iso_bmff_summary,
-    looks_like_annexb_h264,
-    parse_h264_sps,
-)
+from videollama.data.h264_sps import annexb_sps_nals, looks_like_annexb_h264, parse_h264_sps
+from videollama.data.mp4_boxes import iso_bmff_summary
 
 # Limits on what a declared video may be before we spend any work on it.
 MAX_SIDE = 8192
@@ -138,6 +134,19 @@ def open_and_time(source: Source, name: str, threads: int, max_packets: int, dea
         container.close()
         container = _open(target, bound)
         return container, _video_stream(container, name, threads), 0, float(duration), True
+    except BaseException:
+        container.close()
+        raise
+
+
+def open_video(source: Source, name: str, *, time_budget_s: float = 60.0, max_packets: int = 3000):
+    """``(container, first video stream)`` of a checked source (``checked_source``), opened with
+    bounded probing: for callers that read headers only (``data shards``' probe, the clip cache's
+    duration), so that they get the same protection as ``load_clip``. The caller closes it."""
+    bound = WorkBound(name, max_packets, time.monotonic() + time_budget_s)
+    container = _open(checked_source(source, name, bound), bound)
+    try:
+        return container, _video_stream(container, name, 1)
     except BaseException:
         container.close()
         raise

@@ -23,7 +23,6 @@ INVALID_JSON = "invalid_json"
 MISSING_VIDEO = "missing_video"
 TRUNCATED_TAR = "truncated_tar"
 TARGET_TOO_LONG = "target_too_long"    # the caption/answer does not fit the max sequence length
-NOT_A_FILE = "not_a_file"              # a FIFO, device, directory or symlink loop where a file should be
 OUTSIDE_ROOT = "outside_root"          # a path from a data file that leaves its root folder
 TOO_LARGE = "too_large"                # a file or line over its size cap
 INVALID_LINE = "invalid_line"          # a JSONL line that is not a usable item (bad JSON, UTF-8, fields)

@@ -7,7 +7,6 @@ file FFmpeg cannot open; every skipped input is counted by reason and logged wit
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import re
@@ -32,15 +31,17 @@ def probe_video(data: bytes, source: str) -> None:
     """
     if not data:
         raise BadSample(errors.EMPTY_FILE, source, "the file is empty")
-    import av
+    from videollama.data.container import open_video
 
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            has_video = bool(container.streams.video)
+        # The same declaration checks and bounded probing as load_clip: a hostile file must not
+        # make `data shards` allocate gigabytes either.
+        container, _ = open_video(data, source)
+        container.close()
+    except BadSample:
+        raise
     except Exception as e:  # FFmpeg reports damage through many exception types
         raise BadSample(errors.INVALID_CONTAINER, source, f"FFmpeg cannot open it: {e}") from e
-    if not has_video:
-        raise BadSample(errors.NO_VIDEO_STREAM, source, "the container has no video stream")
 
 
 def _sanitise_key(rel: str) -> str:

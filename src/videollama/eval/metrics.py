@@ -101,7 +101,7 @@ def videoqa_accuracy(
     }
 
 
-class JavaMissing(FileNotFoundError):
+class JavaMissing(RuntimeError):
     """Caption metrics need a Java runtime (pycocoevalcap's PTB tokenizer is a Java program)."""
 
 
