@@ -276,7 +276,7 @@ def test_bad_items_are_counted_and_the_rest_is_evaluated(setup, tmp_path):
     lines = [
         json.dumps(good),
         b'{"video": "videos/red_right.mp4", "question": "caf\xe9?", "answer": "x"}',  # Latin-1: not UTF-8
-        json.dumps({**good, "question": "q" * 100}) + " " * (2 << 20),  # a line over the 1 MiB cap
+        json.dumps({**good, "question": "q" * 100_000_000}),  # a 100 MB question: over the 1 MiB line cap
         "[" * 100_000 + "]" * 100_000,  # nested far too deep
         json.dumps({**good, "video": "../../../../etc/passwd"}),
         json.dumps({**good, "video": "/etc/passwd"}),
