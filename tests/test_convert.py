@@ -182,7 +182,7 @@ def test_transformers4_rope_form_parity(tmp_path):
 
 
 def test_rope_forms():
-    from videollama.convert import rope_overrides
+    from videollama.hf_config import rope_overrides
 
     def read(hf):
         o = rope_overrides({"max_position_embeddings": 64, **hf})
