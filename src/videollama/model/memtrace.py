@@ -69,10 +69,19 @@ def saved_tensor_bytes(model: torch.nn.Module, forward) -> dict[str, int]:
 
     where = ["root"]
     handles = []
+
+    def enter(kind: str):
+        def hook(module, args) -> None:   # a hook returning a value would replace the block's input
+            where.append(kind)
+        return hook
+
+    def leave(module, args, output) -> None:
+        where.pop()
+
     for kind in BLOCK_TYPES:
         for _, _, block in blocks(model, kind):
-            handles.append(block.register_forward_pre_hook(lambda m, a, kind=kind: where.append(kind)))
-            handles.append(block.register_forward_hook(lambda m, a, o: where.pop()))
+            handles.append(block.register_forward_pre_hook(enter(kind)))
+            handles.append(block.register_forward_hook(leave))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, tuple[str, int]] = {}
 

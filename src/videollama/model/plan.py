@@ -245,9 +245,11 @@ def _infer(config, s: Settings, table, act: int) -> Estimate:
     step = d.num_heads * d.head_dim * length * act * 2 * b if d.kv_heads != d.num_heads else 0
     moments.append(("decode step", {**held, "transient": step + b * d.vocab_size * F32}))
     at_peak, phase = _peak(moments, base)
-    totals = {**base, "visual_latents_and_cross_kv": visual, "visual_latents": latents * _any_cross(config),
+    totals = {**base, "gradients": 0, "optimizer_state": 0, "gathered_parameters": 0, "activations": 0,
+              "activations_without_checkpointing": 0, "activations_with_checkpointing": 0, "activations_by_kind": {},
+              "visual_latents_and_cross_kv": visual, "visual_latents": latents * _any_cross(config),
               "cross_attn_kv": _cross_kv(config, b, s.frames, act), "kv_cache": kv_cache,
-              "largest_transient": max(m["transient"] for _, m in moments)}
+              "largest_transient": max(m["transient"] for _, m in moments)}   # the same keys as training's
     return Estimate(sum(at_peak.values()), phase, at_peak, totals)
 
 

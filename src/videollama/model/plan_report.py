@@ -190,21 +190,21 @@ def render(p) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to plan (one of)")
-    what.add_argument("--model", type=Path, help="a model directory (its config.json only is read)")
-    what.add_argument("--preset", help="a preset name (see config.py)")
-    what.add_argument("--config", type=Path, help="a training recipe (its model, micro_batch, precision, "
+    what.add_argument("--model", type=Path, metavar="DIR", help="a model directory (its config.json only is read)")
+    what.add_argument("--preset", metavar="NAME", help="a preset name (see config.py)")
+    what.add_argument("--config", type=Path, metavar="RECIPE", help="a training recipe (its model, micro_batch, precision, "
                       "parallel.activation_checkpointing, freeze and data.max_len)")
-    parser.add_argument("--mode", default=None, help="train (default) or infer (generate)")
-    parser.add_argument("--gpus", type=int, help="devices; train: FSDP full sharding over them (default 1)")
-    parser.add_argument("--gpu-memory", type=float, dest="gpu_memory_gib", help="memory per device in GiB "
+    parser.add_argument("--mode", metavar="train|infer", help="train (default) or infer (generate)")
+    parser.add_argument("--gpus", type=int, metavar="N", help="devices; train: FSDP full sharding over them (default 1)")
+    parser.add_argument("--gpu-memory", type=float, dest="gpu_memory_gib", metavar="GIB", help="memory per device in GiB "
                         "(default 80; an '80 GB' A100 or H100 has 80 GiB); 90%% of it counts as usable")
-    parser.add_argument("--frames", type=int, help="frames per clip (default: the model's preprocess.num_frames)")
-    parser.add_argument("--size", type=int, help="frame size in pixels (default: the model's vision.image_size)")
-    parser.add_argument("--seq", type=int, dest="tokens", help="train: tokens per row (default data.max_len or "
+    parser.add_argument("--frames", type=int, metavar="F", help="frames per clip (default: the model's preprocess.num_frames)")
+    parser.add_argument("--size", type=int, metavar="S", help="frame size in pixels (default: the model's vision.image_size)")
+    parser.add_argument("--seq", type=int, dest="tokens", metavar="T", help="train: tokens per row (default data.max_len or "
                         "max_seq_len); infer: prompt tokens (default max_seq_len - new tokens)")
-    parser.add_argument("--new-tokens", type=int, help="infer: tokens generated (default 32)")
-    parser.add_argument("--micro-batch", type=int, help="train: clips per micro-batch; infer: prompts (default 1)")
-    parser.add_argument("--precision", help="bf16 (default; a GPU's) or fp32")
+    parser.add_argument("--new-tokens", type=int, metavar="N", help="infer: tokens generated (default 32)")
+    parser.add_argument("--micro-batch", type=int, metavar="B", help="train: clips per micro-batch; infer: prompts (default 1)")
+    parser.add_argument("--precision", metavar="bf16|fp32", help="bf16 (default; a GPU's) or fp32")
     parser.add_argument("--activation-checkpointing", nargs="?", const="all", dest="checkpointing",
                         metavar="KINDS", help="checkpoint every block (no value, or 'all'), the kinds given "
                         f"(comma-separated: {','.join(BLOCK_TYPES)}) or none")
