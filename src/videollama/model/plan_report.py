@@ -156,7 +156,7 @@ def render(p) -> str:
     lines.append(f"  at the peak ({e.phase}):")
     for key, label in LABELS.items():
         value = e.at_peak[key]
-        if not value and key not in ("parameters", "activations" if s.mode == "train" else "kv_cache"):
+        if not value and key not in ("parameters", "activations" if s.mode == "train" else "parameters"):
             continue
         extra = ""
         if key == "optimizer_state":
@@ -164,8 +164,6 @@ def render(p) -> str:
         elif key == "activations":
             extra = (f"saved for backward (without checkpointing {format_bytes(t['activations_without_checkpointing'])},"
                      f" with it on every block {format_bytes(t['activations_with_checkpointing'])})")
-        elif key == "kv_cache":
-            extra = f"{s.tokens + s.new_tokens} positions"
         lines.append(f"    {label:<32}{format_bytes(value):>11}   {extra}".rstrip())
     lines.append(f"    {'peak':<32}{format_bytes(e.peak):>11}")
     if s.mode == "train":
@@ -173,6 +171,9 @@ def render(p) -> str:
         lines.append(f"  activations by kind: {kinds}")
         lines.append(f"  whole step: gradients {format_bytes(t['gradients'])}, largest transient "
                      f"{format_bytes(t['largest_transient'])}")
+    if s.mode == "infer":
+        lines.append(f"  whole run: KV cache {format_bytes(t['kv_cache'])} ({s.tokens + s.new_tokens} positions), "
+                     f"largest transient {format_bytes(t['largest_transient'])}")
     lines.append(f"  visual latents {format_bytes(t['visual_latents'])}, cross-attention k/v "
                  f"{format_bytes(t['cross_attn_kv'])}" + (" (recomputed when checkpointed)" if s.mode == "train" else ""))
     verdict = "fits" if p.fits else "does NOT fit"
