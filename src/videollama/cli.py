@@ -19,6 +19,7 @@ from videollama.eval.metrics import JavaMissing
 # are handled by their module's add_arguments.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("videollama.model.info", "parameters, FLOPs and memory of a preset, built on the meta device"),
+    "plan": ("videollama.model.plan", "memory per device of a training step or of generation, and whether it fits"),
     "convert": ("videollama.convert", "import Hugging Face Llama / CLIP weights into a model directory"),
     "generate": ("videollama.model.generate", "generate text from a model directory, with or without a video"),
     "data": ("videollama.data.cli", "synthesise, shard and inspect video-text data"),
