@@ -16,12 +16,9 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; expected a Hugging Face checkpoint directory")
-    from videollama.data.safe_io import MAX_JSON_BYTES, parse_json, read_bounded
+    from videollama.data.safe_io import read_json_object
 
-    config = parse_json(read_bounded(path, MAX_JSON_BYTES, "config"), str(path))
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return config
+    return read_json_object(path, "config")
 
 
 
@@ -121,10 +118,10 @@ def clip_overrides(hf: dict[str, Any], hf_dir: Path) -> dict[str, Any]:
     # The imported ViT was trained with its own normalisation: keep it, or its features are off.
     pre = hf_dir / "preprocessor_config.json"
     if pre.is_file():
-        from videollama.data.safe_io import MAX_JSON_BYTES, parse_json, read_bounded
+        from videollama.data.safe_io import read_json_object
 
-        p = parse_json(read_bounded(pre, MAX_JSON_BYTES, "preprocessor config"), str(pre))
-        if isinstance(p, dict) and "image_mean" in p and "image_std" in p:
+        p = read_json_object(pre, "preprocessor config")
+        if "image_mean" in p and "image_std" in p:
             out["preprocess.mean"] = list(p["image_mean"])
             out["preprocess.std"] = list(p["image_std"])
     return out

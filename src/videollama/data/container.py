@@ -30,7 +30,6 @@ decoder in video.py) checks one ``WorkBound``: the frame/packet cap per pass, an
 
 from __future__ import annotations
 
-import errno
 import io
 import mmap
 import os
@@ -56,6 +55,7 @@ from videollama.data.errors import (
 )
 from videollama.data.h264_sps import annexb_sps_nals, looks_like_annexb_h264, parse_h264_sps
 from videollama.data.mp4_boxes import iso_bmff_summary
+from videollama.data.safe_io import check_regular_file
 
 # Limits on what a declared video may be before we spend any work on it.
 MAX_SIDE = 8192
@@ -181,25 +181,10 @@ def regular_file_stat(path: str, name: str) -> os.stat_result:
     Only ``stat``: it has no side effect on a device and does not block on a FIFO, as opening
     them would. A missing path (or a dangling symlink) raises ``FileNotFoundError``.
     """
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise BadSample(NOT_A_FILE, name, "symlink loop (too many levels of symbolic links)") from error
-        raise
-    if not stat.S_ISREG(info.st_mode):
-        raise BadSample(NOT_A_FILE, name, f"not a regular file but a {_file_kind(info.st_mode)}")
+    info = check_regular_file(path, "video", name=name)
     if info.st_size == 0:
         raise BadSample(EMPTY_FILE, name, "zero bytes")
     return info
-
-
-def _file_kind(mode: int) -> str:
-    kinds = [(stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO (named pipe)"),
-             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
-    return next((kind for test, kind in kinds if test(mode)), f"file of mode {stat.filemode(mode)}")
 
 
 @contextmanager

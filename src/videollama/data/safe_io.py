@@ -8,6 +8,7 @@ Imports no torch.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -28,25 +29,40 @@ MAX_JSON_DEPTH = 32
 # tokenizing (a 2,048-token context holds far fewer characters than this).
 
 
-def check_regular_file(path: str | os.PathLike, what: str = "file") -> os.stat_result:
+def check_regular_file(path: str | os.PathLike, what: str = "file", *, name: str | None = None) -> os.stat_result:
     """``os.stat`` of ``path`` (following links), refusing anything but a regular file.
 
-    A FIFO would block the open forever and a device (``/dev/zero``) never ends: both are refused
-    before they are opened. Raises FileNotFoundError for a missing path, BadSample(NOT_A_FILE)
-    otherwise (a symlink loop included).
+    Only ``stat``: a FIFO would block an open forever and a device (``/dev/zero``) never ends,
+    so both are refused before anything opens them. Raises FileNotFoundError for a missing path
+    (or a dangling link), BadSample(NOT_A_FILE) otherwise (a symlink loop included); errors name
+    ``name`` (default: the path).
     """
+    source = str(path) if name is None else name
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise
     except OSError as e:  # ELOOP (symlink loop), EACCES, ENAMETOOLONG, ...
-        raise BadSample(errors.NOT_A_FILE, str(path), f"cannot stat the {what}: {e.strerror or e}") from e
+        why = ("symlink loop (too many levels of symbolic links)" if e.errno == errno.ELOOP
+               else f"cannot stat the {what}: {e.strerror or e}")
+        raise BadSample(errors.NOT_A_FILE, source, why) from e
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
-        raise BadSample(errors.NOT_A_FILE, str(path), f"the {what} is {kind}, not a regular file")
+        raise BadSample(errors.NOT_A_FILE, source, f"the {what} is a {_file_kind(st.st_mode)}, not a regular file")
     return st
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
+    return next((kind for test, kind in kinds if test(mode)), f"file of mode {stat.filemode(mode)}")
+
+
+def read_json_object(path: str | os.PathLike, what: str = "JSON file", *, limit: int = MAX_JSON_BYTES) -> dict:
+    """A regular JSON file of at most ``limit`` bytes holding an object, parsed with parse_json's bounds."""
+    value = parse_json(read_bounded(path, limit, what), str(path))
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: the {what} is not a JSON object")
+    return value
 
 
 def read_bounded(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:

@@ -9,6 +9,7 @@ Imports no torch.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ from videollama.data.safe_io import (
     check_regular_file,
     parse_json,
     read_bounded,
+    read_json_object,
     resolve_inside,
 )
 
@@ -196,12 +198,13 @@ def read_jsonl(path: str, video_root: str | None, *, allow_outside_root: bool = 
     A bad line is a known-bad ref (INVALID_JSON, OUTSIDE_ROOT, ...), counted by the loader."""
     root = video_root or os.path.dirname(path)
     name = os.path.basename(path)
+    lines = iter_eval_lines(path)
     try:
-        lines = list(iter_eval_lines(path))
-    except BadSample as e:  # the JSONL itself is a FIFO, a device, ...
+        first = next(lines, None)  # the file is checked (a FIFO, a device, ...) when reading starts
+    except BadSample as e:
         yield SampleRef(key=name, source=path, error=(e.reason, str(e)))
         return
-    for lineno, item in lines:
+    for lineno, item in itertools.chain([first] if first is not None else [], lines):
         key = f"{name}:{lineno}"
         if isinstance(item, ValueError):
             yield SampleRef(key=key, source=path, error=(errors.INVALID_JSON, str(item)))
@@ -226,10 +229,7 @@ def read_sidecar(video: str | os.PathLike, root: str | os.PathLike | None = None
             resolve_inside(root, os.path.relpath(os.path.abspath(stem + ext), os.path.abspath(root)))
             break
     if os.path.lexists(stem + ".json"):
-        loaded = parse_json(read_bounded(stem + ".json", MAX_JSON_BYTES, "sidecar"), stem + ".json")
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{stem}.json: the sidecar .json is not an object")
-        meta.update(loaded)
+        meta.update(read_json_object(stem + ".json", "sidecar .json"))
     elif os.path.lexists(stem + ".txt"):
         text = read_bounded(stem + ".txt", MAX_JSON_BYTES, "sidecar")
         try:

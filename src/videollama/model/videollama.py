@@ -346,13 +346,12 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
 def weight_files(directory: Path) -> dict[Path, list[str]]:
     """The safetensors files of a model (or Hugging Face checkpoint) directory and the tensor
     names each one holds. An index may name only plain files inside the directory."""
-    from videollama.data.safe_io import MAX_JSON_BYTES, check_regular_file, parse_json, read_bounded
+    from videollama.data.safe_io import MAX_JSON_BYTES, check_regular_file, read_json_object
 
     index = directory / WEIGHTS_INDEX_NAME
     single = directory / WEIGHTS_NAME
     if index.is_file():
-        weight_map = parse_json(read_bounded(index, 64 * MAX_JSON_BYTES, "index"), str(index))
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        weight_map = read_json_object(index, "index", limit=64 * MAX_JSON_BYTES).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ValueError(f"{index}: not a safetensors index (no weight_map of tensor name -> file name)")
         files: dict[Path, list[str]] = {}
@@ -373,13 +372,8 @@ def weight_files(directory: Path) -> dict[Path, list[str]]:
 
 def safetensors_names(path: Path) -> list[str]:
     """The tensor names of a safetensors file (its header only); a damaged file is a ValueError."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return list(f.keys())
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError and others
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    with _open_safetensors(path) as f:
+        return list(f.keys())
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:

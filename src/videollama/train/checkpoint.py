@@ -201,13 +201,12 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> tuple[d
 
 
 def _read_json(path: Path) -> dict:
+    from videollama.data.safe_io import read_json_object
+
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return read_json_object(path, "checkpoint state", limit=64 << 20)
+    except OSError as e:
         raise ValueError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return value
 
 
 # ---- export --------------------------------------------------------------------------------------
