@@ -166,6 +166,14 @@ def test_recipe_rejects_bad_lora_sections(base: Path):
             small_cfg(lora={**LORA, **bad})
     with pytest.raises(ValueError, match="match no linear layer"):
         train(lora_cfg(base, lora={**LORA, "target_modules": ["qq_proj"]}), base.parent / "nothing")
+    from videollama.train.lora import target_modules
+    from videollama.train.recipe import LoraSection
+
+    with torch.device("meta"):
+        tied = VideoLlama(VideoLlamaConfig.from_name("tiny").with_overrides({"decoder.tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="ties lm_head"):
+        target_modules(tied, LoraSection(r=4, target_modules=["q_proj", "embed_tokens"], parts=["decoder", "embeddings"]))
+    assert len(target_modules(tied, LoraSection(r=4, target_modules=["q_proj"]))) == 2 * 2  # decoder + cross-attn q
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only message")
