@@ -318,3 +318,20 @@ def test_meta_init_under_fsdp_starts_the_adapters_at_zero(tmp_path: Path):
     first = [json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0])["loss"] for n in ("plain", "lora")]
     assert abs(first[0] - first[1]) < 1e-6, first
     assert lora["trainable_params"] < plain["trainable_params"] / 10
+
+
+def test_adapter_on_a_tied_embedding_is_refused(tmp_path: Path, capsys):
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    cfg = VideoLlamaConfig.from_name("tiny").with_overrides({**SMALL, "decoder.tie_word_embeddings": True})
+    VideoLlama(cfg).save_pretrained(tmp_path / "tied")
+    model = VideoLlama.from_pretrained(tmp_path / "tied")
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens"], init_lora_weights=False)
+    inject_adapter_in_model(config, model)
+    config.save_pretrained(str(tmp_path / "ad"))
+    save_file(get_peft_model_state_dict(model), str(tmp_path / "ad" / ADAPTER_WEIGHTS))
+    rc = main(["merge", "--model", str(tmp_path / "tied"), "--adapter", str(tmp_path / "ad"), "--out",
+               str(tmp_path / "m")])
+    assert rc == 2 and "ties together" in capsys.readouterr().err

@@ -66,14 +66,17 @@ def target_modules(model: nn.Module, section: LoraSection) -> list[str]:
             if hit:
                 names.append(name)
                 break
-    tied = getattr(getattr(getattr(model, "config", None), "decoder", None), "tie_word_embeddings", False)
-    if tied and any(isinstance(model.get_submodule(n), nn.Embedding) or n == "lm_head" for n in names):
+    if _tied(model) and any(isinstance(model.get_submodule(n), nn.Embedding) or n == "lm_head" for n in names):
         raise ValueError("lora: the model ties lm_head to the token embedding; an adapter on either would change "
                          "the other on merge. Leave embed_tokens and lm_head out of lora.target_modules")
     if not names:
         raise ValueError(f"lora.target_modules {section.target_modules} (parts {section.parts}) match no linear "
                          "layer of the model; see `videollama info` for module names")
     return names
+
+
+def _tied(model: nn.Module) -> bool:
+    return bool(getattr(getattr(getattr(model, "config", None), "decoder", None), "tie_word_embeddings", False))
 
 
 def lora_config(section: LoraSection, targets: list[str], base: str | None = None):
@@ -239,6 +242,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, merge: bool = Tru
     except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
         raise ValueError(f"{weights}: not a readable safetensors file ({e})") from e
     tuner = LoraModel(model, config, ADAPTER_NAME)
+    if _tied(model) and any(k.startswith(("decoder.embed_tokens.", "lm_head.")) for k in adapter_state(model)):
+        raise ValueError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: adapts embed_tokens or lm_head, which this model "
+                         "ties together; merging would change both")
     expected = {k: tuple(v.shape) for k, v in adapter_state(model).items()}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
