@@ -1,0 +1,302 @@
+"""The web chat UI (Gradio) and the ``videollama chat`` command.
+
+One page: upload a video (or pick an example), see the frames the model sees with their
+timestamps, ask questions and watch the answer stream in. The page talks to the serving
+engine (:mod:`videollama.serve.engine`) in-process, the same engine object that answers the
+OpenAI-compatible API: ``videollama chat`` mounts the page at ``/`` of the API's app, so one
+process, one model and one batch serve both. There is no second generation path here.
+
+Offline by construction: Gradio's analytics are switched off before it is imported, there is
+no share link, no server-side rendering (no Node), and the page's theme uses the fonts that
+Gradio ships, so the browser loads nothing but this server's own assets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import inspect
+import os
+import random
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+# Before Gradio is imported anywhere in this process: no telemetry, no version check.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+# An uploaded video larger than this is refused before it is read (Gradio enforces it at upload).
+MAX_VIDEO_BYTES = 64 * 2**20
+# Default generation settings shown on the page; temperature 0 is greedy.
+DEFAULT_MAX_TOKENS = 64
+MAX_MAX_TOKENS = 512
+# How many Shapes clips `videollama chat` offers as examples when given no --examples folder.
+NUM_SHAPES_EXAMPLES = 3
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
+
+CSS = """
+#frames img { image-rendering: pixelated; }
+"""
+
+
+def _gradio():
+    try:
+        import gradio as gr
+    except ImportError as e:  # an optional dependency: say how to get it
+        raise ModuleNotFoundError("the web UI needs gradio: pip install 'videollama[ui]'") from e
+    return gr
+
+
+def frame_caption(index: int, seconds: float) -> str:
+    """The caption under frame ``index`` (0-based) of the gallery, e.g. ``frame 1 · 0.25 s``."""
+    return f"frame {index + 1} · {seconds:.2f} s"
+
+
+def video_message(video: bytes, text: str) -> dict:
+    """A user message in the OpenAI chat format with the video as a data URL before the text."""
+    url = "data:video/mp4;base64," + base64.b64encode(video).decode("ascii")
+    return {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                        {"type": "text", "text": text}]}
+
+
+def engine_messages(history: Sequence[dict], video: bytes | None, question: str) -> list[dict]:
+    """The OpenAI-format messages for ``question`` after ``history`` (the chatbot's messages,
+    ``{"role", "content"}`` with string content): the video rides on the first user turn."""
+    turns = [(m["role"], _text_of(m["content"])) for m in history if m["role"] in ("user", "assistant")]
+    turns.append(("user", question))
+    messages: list[dict] = []
+    for i, (role, text) in enumerate(turns):
+        first_user = role == "user" and not any(r == "user" for r, _ in turns[:i])
+        if first_user and video is not None:
+            messages.append(video_message(video, text))
+        else:
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+def _text_of(content: Any) -> str:
+    """A chatbot message's text (Gradio may hand back a string or a list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return str(content)
+
+
+def read_video(path: str | Path) -> bytes:
+    """The bytes of an uploaded video, refusing one over :data:`MAX_VIDEO_BYTES`."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_VIDEO_BYTES:
+        raise ValueError(f"{path.name}: {size} bytes, over the {MAX_VIDEO_BYTES}-byte cap for a video")
+    return path.read_bytes()
+
+
+async def preview_frames(engine, video: bytes) -> tuple[list[tuple[Any, str]], list[float]]:
+    """The gallery items for a video, ``(uint8 [H, W, 3] frame, caption)`` per frame the model
+    sees, and the frames' times in seconds; from the engine's own preprocessing
+    (``engine.preview``), decoded off the event loop."""
+    if inspect.iscoroutinefunction(engine.preview):
+        frames, timestamps = await engine.preview(video)
+    else:
+        frames, timestamps = await asyncio.to_thread(engine.preview, video)
+    seconds = [float(t) for t in timestamps]
+    return [(frames[i], frame_caption(i, seconds[i])) for i in range(len(frames))], seconds
+
+
+def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "VideoLlama chat"):
+    """The Gradio Blocks page over ``engine`` (which must be started by the caller)."""
+    gr = _gradio()
+
+    async def on_video(path: str | None):
+        """A new video (upload, example or clear): show its frames, start a fresh chat."""
+        if not path:
+            return [], [], None, "Upload a video or pick an example."
+        try:
+            data = read_video(path)
+            items, seconds = await preview_frames(engine, data)
+        except (ValueError, OSError) as e:  # a bad video is the user's to fix: say so on the page
+            return [], [], None, f"Cannot use this video: {e}"
+        at = ", ".join(f"{t:.2f}" for t in seconds)
+        return items, [], path, f"The model sees {len(items)} frames, at {at} s."
+
+    async def respond(question: str, history: list[dict], path: str | None, max_tokens: float,
+                      temperature: float, seed: float) -> AsyncIterator[tuple[str, list[dict]]]:
+        question = (question or "").strip()
+        if not question:
+            yield "", history
+            return
+        video = read_video(path) if path else None
+        messages = engine_messages(history, video, question)
+        history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        yield "", history
+        options: dict[str, Any] = {"max_tokens": int(max_tokens), "temperature": float(temperature)}
+        if temperature > 0:
+            options["seed"] = int(seed)
+        answer = ""
+        try:
+            async for delta in engine.chat(messages, **options):
+                answer += delta
+                history[-1] = {"role": "assistant", "content": answer}
+                yield "", history
+        except (ValueError, OSError) as e:
+            history[-1] = {"role": "assistant", "content": f"{answer}\n[error: {e}]"}
+            yield "", history
+
+    with gr.Blocks(title=title, analytics_enabled=False) as page:
+        gr.Markdown(f"## {title}\nUpload a video or pick an example, then ask about it.")
+        path_state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                video = gr.Video(label="Video", sources=["upload"], format=None, elem_id="video")
+                if examples:
+                    gr.Examples([[str(p)] for p in examples], inputs=[video], label="Examples",
+                                elem_id="examples")
+                status = gr.Markdown("Upload a video or pick an example.", elem_id="status")
+                frames = gr.Gallery(label="Frames the model sees", columns=4, format="png",
+                                    object_fit="contain", allow_preview=True, height=280, elem_id="frames")
+            with gr.Column(scale=1):
+                chatbot = gr.Chatbot(label="Chat", render_markdown=False, elem_id="chatbot",
+                                     feedback_options=None, height=480)
+                question = gr.Textbox(label="Question", placeholder="What happens in the video?",
+                                      elem_id="question", lines=1, submit_btn=True)
+                with gr.Accordion("Generation", open=False):
+                    max_tokens = gr.Slider(1, MAX_MAX_TOKENS, value=DEFAULT_MAX_TOKENS, step=1,
+                                           label="max tokens")
+                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")
+                    seed = gr.Number(value=0, precision=0, label="seed (with temperature > 0)")
+                clear = gr.Button("Clear chat")
+        video.change(on_video, inputs=[video], outputs=[frames, chatbot, path_state, status])
+        question.submit(respond, inputs=[question, chatbot, path_state, max_tokens, temperature, seed],
+                        outputs=[question, chatbot])
+        clear.click(lambda: [], outputs=[chatbot])
+    return page
+
+
+def mount_ui(app, engine, *, examples: Sequence[str | Path] = ()):
+    """Mount the page at ``/`` of a FastAPI ``app`` (e.g. the API's), serving local assets only."""
+    gr = _gradio()
+    page = build_ui(engine, examples=examples)
+    theme = gr.themes.Default()  # fonts from Gradio's own static folder, not Google Fonts
+    allowed = sorted({str(Path(p).resolve().parent) for p in examples})
+    return gr.mount_gradio_app(app, page, path="/", ssr_mode=False, mcp_server=False, pwa=False,
+                               allowed_paths=allowed, max_file_size=MAX_VIDEO_BYTES, theme=theme, css=CSS,
+                               footer_links=[])
+
+
+def _api_app(engine):
+    """The OpenAI-compatible API's FastAPI app over ``engine`` (serve/app.py), or a bare app."""
+    from fastapi import FastAPI
+
+    try:
+        from videollama.serve.app import create_app
+    except ImportError:
+        return FastAPI()
+    return create_app(engine)
+
+
+@contextlib.contextmanager
+def serving(engine, *, host: str = "127.0.0.1", port: int = 0, examples: Sequence[str | Path] = (),
+            with_api: bool = True, start_timeout_s: float = 60.0) -> Iterator[str]:
+    """Serve the page (and the API beside it) on a background thread; yields the base URL.
+
+    ``port=0`` takes a free port. The server is stopped on exit, whatever happened inside."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    app = mount_ui(_api_app(engine) if with_api else FastAPI(), engine, examples=examples)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="videollama-ui", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"the web UI server did not start on {host}:{port}")
+            time.sleep(0.05)
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://{host}:{bound}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def shapes_examples(directory: Path, n: int = NUM_SHAPES_EXAMPLES, seed: int = 0) -> list[Path]:
+    """Write ``n`` Shapes clips (5 s, 320x240) into ``directory``; return their paths."""
+    from videollama.data import shapes
+
+    rng = random.Random(seed)
+    paths = []
+    for i in range(n):
+        spec = shapes.sample_clip_spec(rng)
+        path = directory / f"shapes-{i}.mp4"
+        path.write_bytes(shapes.encode_mp4(shapes.render_frames(spec)))
+        paths.append(path)
+    return paths
+
+
+def example_videos(folder: Path | None, scratch: Path) -> list[Path]:
+    """The videos of ``folder`` (sorted, at most 12), or fresh Shapes clips in ``scratch``."""
+    if folder is None:
+        return shapes_examples(scratch)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"--examples {folder}: not a directory")
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+    if not found:
+        raise ValueError(f"--examples {folder}: no video files ({', '.join(VIDEO_SUFFIXES)})")
+    return found[:12]
+
+
+# ---- the `videollama chat` command -----------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="model directory (config.json, "
+                        "model.safetensors, tokenizer.json, preprocessor.json)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (0 = any free port)")
+    parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory to apply to the model")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the decoder")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--examples", type=Path, metavar="DIR",
+                        help="a folder of example videos to offer (default: a few Shapes clips)")
+
+
+def load_engine(args: argparse.Namespace):
+    """The serving engine for ``args`` (the same constructor the API command uses)."""
+    from videollama.serve.engine import Engine
+
+    kwargs: dict[str, Any] = {"device": args.device}
+    if args.adapter is not None:
+        kwargs["adapter"] = args.adapter
+    if args.quantize is not None:
+        kwargs["quantize"] = args.quantize
+    return Engine.from_model_dir(args.model, **kwargs)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    _gradio()  # a missing optional dependency fails before any weights are read
+    engine = load_engine(args)
+    engine.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="videollama-chat-") as scratch:
+            examples = example_videos(args.examples, Path(scratch))
+            with serving(engine, host=args.host, port=args.port, examples=examples) as url:
+                print(f"videollama chat: serving {args.model} at {url} (API at {url}v1); Ctrl-C stops",
+                      flush=True)
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    print("videollama chat: stopping", flush=True)
+    finally:
+        engine.close()
+    return 0
