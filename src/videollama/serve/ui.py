@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import inspect
 import os
@@ -26,6 +25,8 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from videollama.serve.limits import APIError
 
 # Before Gradio is imported anywhere in this process: no telemetry, no version check.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -58,10 +59,10 @@ def frame_caption(index: int, seconds: float) -> str:
 
 
 def video_message(video: bytes, text: str) -> dict:
-    """A user message in the OpenAI chat format with the video as a data URL before the text."""
-    url = "data:video/mp4;base64," + base64.b64encode(video).decode("ascii")
-    return {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
-                                        {"type": "text", "text": text}]}
+    """A user message in the OpenAI chat format with the video before the text; the video rides
+    as the engine's in-process ``{"type": "video", "video": bytes}`` part (the API's clients send
+    the same bytes as a ``video_url``)."""
+    return {"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": text}]}
 
 
 def engine_messages(history: Sequence[dict], video: bytes | None, question: str) -> list[dict]:
@@ -122,7 +123,7 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
         try:
             data = read_video(path)
             items, seconds = await preview_frames(engine, data)
-        except (ValueError, OSError) as e:  # a bad video is the user's to fix: say so on the page
+        except (APIError, ValueError, OSError) as e:  # a bad video is the user's to fix: say so on the page
             return [], [], None, f"Cannot use this video: {e}"
         at = ", ".join(f"{t:.2f}" for t in seconds)
         return items, [], path, f"The model sees {len(items)} frames, at {at} s."
@@ -142,12 +143,13 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
             options["seed"] = int(seed)
         answer = ""
         try:
-            async for delta in engine.chat(messages, **options):
-                answer += delta
-                history[-1] = {"role": "assistant", "content": answer}
-                yield "", history
-        except (ValueError, OSError) as e:
-            history[-1] = {"role": "assistant", "content": f"{answer}\n[error: {e}]"}
+            async for event in engine.chat(messages, **options):
+                if isinstance(event, str):  # a text delta; the final ChatResult repeats the whole text
+                    answer += event
+                    history[-1] = {"role": "assistant", "content": answer}
+                    yield "", history
+        except (APIError, ValueError, OSError) as e:  # the request's fault (too long, bad video...): say so
+            history[-1] = {"role": "assistant", "content": f"{answer}\n[error: {e}]".lstrip()}
             yield "", history
 
     with gr.Blocks(title=title, analytics_enabled=False) as page:

@@ -1,0 +1,276 @@
+"""The web chat UI (serve/ui.py) in a real headless browser: Debian's Chromium, driven by Selenium.
+
+A tiny model is saved to disk and served by the real :class:`~videollama.serve.engine.Engine`,
+the page mounted on the API's app on 127.0.0.1. The browser loads the page, uploads a Shapes
+clip through the page's own file input, and the test checks:
+
+* the gallery shows the model's frames: as many as the model's ``preprocess.num_frames``, with
+  the engine's timestamps as captions, and pixel for pixel the frames ``load_clip`` decodes;
+* asking a question streams the answer into the chat (intermediate prefixes are seen in the
+  DOM), and the final text equals the engine's own greedy answer to the same video and question,
+  asked directly in the API's message format (a ``data:`` ``video_url``);
+* nothing but the server's own origin is requested by the browser, and the server process
+  opens no connection outside loopback (the page works on a machine without network).
+
+Without Chromium and chromedriver the test FAILS (it is never skipped): ``make test`` installs
+them as root with apt-get.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_hang")]
+
+NUM_FRAMES, FPS, SIZE = 4, 1.0, 64
+QUESTION = "what color is the square?"
+# What Chromium needs on a closed network (no background connections) and as root in CI.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1280,1600"]
+WAIT_S = 30.0
+
+
+def find_browser() -> tuple[str, str]:
+    """Paths of Chromium and its chromedriver ($VIDEOLLAMA_CHROMIUM / $VIDEOLLAMA_CHROMEDRIVER, or
+    the Debian packages' commands); a clear failure, not a skip, when they are missing."""
+    chromium = os.environ.get("VIDEOLLAMA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = os.environ.get("VIDEOLLAMA_CHROMEDRIVER") or shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("the web UI test needs Chromium and chromedriver (Debian: apt-get install -y chromium "
+                    "chromium-driver; `make test` does this when run as root), or set VIDEOLLAMA_CHROMIUM "
+                    f"and VIDEOLLAMA_CHROMEDRIVER; found chromium={chromium}, chromedriver={driver}")
+    return chromium, driver
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny model with open gates (so the video shapes the answer) and a Shapes tokenizer."""
+    from videollama.config import VideoLlamaConfig
+    from videollama.data import shapes
+    from videollama.data.tokenizer import train_tokenizer
+    from videollama.model import VideoLlama
+
+    rng = random.Random(0)
+    texts = []
+    for _ in range(40):
+        spec = shapes.sample_clip_spec(rng)
+        texts += [shapes.caption(spec)] + [f"{q['question']} {q['answer']}" for q in shapes.questions(spec)]
+    tok = train_tokenizer(texts, vocab_size=400)
+    torch.manual_seed(0)
+    cfg = VideoLlamaConfig.from_name("tiny").with_overrides({
+        "preprocess.num_frames": NUM_FRAMES, "preprocess.fps": FPS, "preprocess.size": SIZE,
+        "vision.max_frames": NUM_FRAMES, "decoder.vocab_size": tok.get_vocab_size()})
+    model = VideoLlama(cfg).eval()
+    with torch.no_grad():
+        for block in model.vision.temporal:
+            block.gate.fill_(0.5)
+        model.vision.frame_diff.gate.fill_(0.5)
+        for block in model.decoder.cross_attn_layers:
+            block.attn_gate.fill_(1.0)
+            block.ff_gate.fill_(1.0)
+        model.lm_head.weight.mul_(20.0)  # sharp logits: greedy choices are not near-ties
+    path = tmp_path_factory.mktemp("ui-model")
+    model.save_pretrained(path, tokenizer=tok)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    from videollama.serve.engine import Engine
+
+    engine = Engine.from_model_dir(model_dir).start()
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def video_file(tmp_path):
+    from videollama.data import shapes
+
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(shapes.encode_mp4(shapes.render_frames(shapes.sample_clip_spec(random.Random(7)))))
+    return path
+
+
+@pytest.fixture
+def outbound(monkeypatch):
+    """Every address this process connects to outside loopback (there must be none)."""
+    seen: list = []
+    connect = socket.socket.connect
+
+    def watched(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
+            seen.append(address)
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", watched)
+    return seen
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = find_browser()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    service = Service(driver_path, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.set_page_load_timeout(WAIT_S)
+        driver.set_script_timeout(WAIT_S)
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def server(engine, tmp_path, monkeypatch):
+    from videollama.serve.ui import serving
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # uploads and gallery files
+    with serving(engine, host="127.0.0.1", port=0) as url:
+        yield url
+
+
+def wait_for(predicate, what: str, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def engine_answer(engine, video: bytes, question: str) -> str:
+    """The engine's greedy answer, asked as an API client would (the video as a data: URL)."""
+    import asyncio
+
+    from videollama.serve.ui import DEFAULT_MAX_TOKENS
+
+    url = "data:video/mp4;base64," + base64.b64encode(video).decode("ascii")
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": question}]}]
+
+    async def ask() -> str:
+        return "".join([e async for e in engine.chat(messages, max_tokens=DEFAULT_MAX_TOKENS, temperature=0.0)
+                        if isinstance(e, str)])
+
+    return asyncio.run(ask())
+
+
+# Records every distinct text of the latest bot message, as the DOM changes.
+OBSERVE_ANSWER = """
+window.__answers = [];
+const root = document.querySelector('#chatbot');
+new MutationObserver(() => {
+  const bots = root.querySelectorAll('[data-testid="bot"] .message-content');
+  if (!bots.length) return;
+  const text = bots[bots.length - 1].textContent;
+  if (window.__answers[window.__answers.length - 1] !== text) window.__answers.push(text);
+}).observe(root, {subtree: true, childList: true, characterData: true});
+"""
+
+FETCH_IMAGES = """
+const done = arguments[arguments.length - 1];
+const imgs = [...document.querySelectorAll('#frames .thumbnail-item img')];
+Promise.all(imgs.map(async img => {
+  const blob = await (await fetch(img.src)).blob();
+  return await new Promise(r => { const f = new FileReader(); f.onload = () => r(f.result); f.readAsDataURL(blob); });
+})).then(done, e => done('error: ' + e));
+"""
+
+
+def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from videollama.data import load_clip
+
+    video = video_file.read_bytes()
+    pixels, timestamps = engine.preview(video)
+    expected_answer = engine_answer(engine, video, QUESTION)
+    assert expected_answer, "the tiny model's greedy answer is empty: nothing to compare"
+
+    # The page loads, with the upload input, the gallery and the chat.
+    browser.get(server)
+    wait_for(lambda: browser.title == "VideoLlama chat", "the page's title")
+    upload = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#video input[type=file]"), "the upload input")
+    upload[0].send_keys(str(video_file))
+
+    # The frames the model sees, with their timestamps.
+    def captions():
+        found = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#frames .caption-label")]
+        return found if len(found) == NUM_FRAMES else None
+
+    got = wait_for(captions, f"{NUM_FRAMES} captioned frames in the gallery")
+    assert got == [f"frame {i + 1} · {t:.2f} s" for i, t in enumerate(timestamps)]
+    assert len(timestamps) == NUM_FRAMES == engine.model.config.preprocess.num_frames
+    images = browser.execute_async_script(FETCH_IMAGES)
+    assert isinstance(images, list) and len(images) == NUM_FRAMES, images
+    reference, ref_times = load_clip(video, num_frames=NUM_FRAMES, fps=FPS, size=SIZE, normalize=False)
+    reference = (reference * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [F, S, S, 3]
+    np.testing.assert_allclose(timestamps, ref_times.numpy(), atol=1e-3)
+    for i, data_url in enumerate(images):
+        shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
+        assert np.array_equal(shown, reference[i]), f"gallery frame {i} differs from load_clip's frame"
+        assert np.array_equal(shown, pixels[i])
+
+    # Ask; the answer streams in and ends as the engine's own answer.
+    browser.execute_script(OBSERVE_ANSWER)
+    box = browser.find_element(By.CSS_SELECTOR, "#question textarea")
+    box.send_keys(QUESTION)
+    box.send_keys(Keys.ENTER)
+    user = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="user"] .message-content'),
+                    "the question in the chat")
+    assert user[-1].text == QUESTION
+
+    def settled():
+        answers = browser.execute_script("return window.__answers")
+        return answers if answers and answers[-1] == expected_answer else None
+
+    try:
+        answers = wait_for(settled, "the streamed answer")
+    except AssertionError:
+        raise AssertionError(f"the page's answer never became the engine's {expected_answer!r}; it showed "
+                             f"{browser.execute_script('return window.__answers')!r}") from None
+    time.sleep(0.5)  # nothing more arrives after the end
+    answers = browser.execute_script("return window.__answers")
+    assert answers[-1] == expected_answer
+    partial = [a for a in answers[:-1] if a]
+    assert partial, f"the answer arrived in one piece, not streamed: {answers!r}"
+    assert all(expected_answer.startswith(a) for a in partial), answers
+
+    # Only the server's own origin was asked for anything; the server reached nothing outside.
+    urls = set()
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.add(message["params"]["request"]["url"])
+        elif message["method"] == "Network.webSocketCreated":
+            urls.add(message["params"]["url"])
+    remote = sorted(u for u in urls if not u.startswith(server) and u.split(":", 1)[0] in ("http", "https", "ws", "wss"))
+    assert not remote, f"the page requested other origins: {remote}"
+    assert any(u.startswith(server + "gradio_api/upload") for u in urls)
+    assert not outbound, f"the server connected outside loopback: {outbound}"
