@@ -71,8 +71,8 @@ class LiveServer:
     def client(self, **kwargs):
         from openai import OpenAI
 
-        return OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0,
-                      timeout=kwargs.pop("timeout", 60), **kwargs)
+        return OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", self.api_key or "none"),
+                      max_retries=0, timeout=kwargs.pop("timeout", 60), **kwargs)
 
     def __enter__(self) -> LiveServer:
         self.engine.start()
