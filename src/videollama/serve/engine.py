@@ -347,7 +347,7 @@ class Engine:
                 entry = request.video if isinstance(request.video, VideoEntry) else self._encode(request)
                 media_kv, request.timestamps = entry.media_kv, entry.timestamps
             slot, token = self.decoder.add(request.prompt_ids, media_kv=media_kv, temperature=request.temperature,
-                                           top_p=request.top_p, seed=request.seed)
+                                           top_p=request.top_p, seed=request.seed, max_new_tokens=request.max_new)
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
             log.exception("admitting a request failed")
             self._finish(request, error=e if isinstance(e, APIError) else APIError(500, f"{type(e).__name__}: {e}"))
@@ -433,6 +433,6 @@ def _deadline_error(limits: ServeLimits) -> APIError:
 
 
 def _default_decoder(model, *, max_batch: int, max_len: int, compile: bool = False):
-    from videollama.serve._serial import SerialDecoder
+    from videollama.model.batch import BatchDecoder
 
-    return SerialDecoder(model, max_batch=max_batch, max_len=max_len, compile=compile)
+    return BatchDecoder(model, max_batch=max_batch, max_len=max_len, compile=compile)
