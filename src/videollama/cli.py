@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("videollama.train.checkpoint", "export a training checkpoint as a model directory"),
     "eval": ("videollama.eval.harness", "evaluate a model on VideoQA or captioning"),
     "plot": ("videollama.train.plot", "plot the loss and LR curves of a run"),
+    "serve": ("videollama.serve.cli", "serve a model directory over an OpenAI-compatible HTTP API"),
 }
 
 
