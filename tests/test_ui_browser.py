@@ -56,7 +56,8 @@ def find_browser() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny model with open gates (so the video shapes the answer) and a Shapes tokenizer."""
+    """A tiny model with open gates and sharpened attention (so that the video shapes the answer)
+    and a Shapes tokenizer."""
     from videollama.config import VideoLlamaConfig
     from videollama.data import shapes
     from videollama.data.tokenizer import train_tokenizer
@@ -68,7 +69,7 @@ def model_dir(tmp_path_factory):
         spec = shapes.sample_clip_spec(rng)
         texts += [shapes.caption(spec)] + [f"{q['question']} {q['answer']}" for q in shapes.questions(spec)]
     tok = train_tokenizer(texts, vocab_size=400)
-    torch.manual_seed(0)
+    torch.manual_seed(2)
     cfg = VideoLlamaConfig.from_name("tiny").with_overrides({
         "preprocess.num_frames": NUM_FRAMES, "preprocess.fps": FPS, "preprocess.size": SIZE,
         "vision.max_frames": NUM_FRAMES, "decoder.vocab_size": tok.get_vocab_size()})
@@ -81,6 +82,9 @@ def model_dir(tmp_path_factory):
             block.attn_gate.fill_(1.0)
             block.ff_gate.fill_(1.0)
         model.lm_head.weight.mul_(20.0)  # sharp logits: greedy choices are not near-ties
+        for layer in model.decoder.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
     path = tmp_path_factory.mktemp("ui-model")
     model.save_pretrained(path, tokenizer=tok)
     return path
@@ -97,12 +101,16 @@ def engine(model_dir):
         engine.close()
 
 
-@pytest.fixture
-def video_file(tmp_path):
+def shapes_clip(seed: int) -> bytes:
     from videollama.data import shapes
 
+    return shapes.encode_mp4(shapes.render_frames(shapes.sample_clip_spec(random.Random(seed))))
+
+
+@pytest.fixture
+def video_file(tmp_path):
     path = tmp_path / "clip.mp4"
-    path.write_bytes(shapes.encode_mp4(shapes.render_frames(shapes.sample_clip_spec(random.Random(7)))))
+    path.write_bytes(shapes_clip(7))
     return path
 
 
@@ -162,15 +170,20 @@ def wait_for(predicate, what: str, timeout: float = WAIT_S):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def api_messages(video: bytes, question: str) -> list[dict]:
+    """One user turn as an API client sends it: the video as a data: URL, then the question."""
+    url = "data:video/mp4;base64," + base64.b64encode(video).decode("ascii")
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]
+
+
 def engine_answer(engine, video: bytes, question: str) -> str:
-    """The engine's greedy answer, asked as an API client would (the video as a data: URL)."""
+    """The engine's greedy answer through its in-process API, in the API's message format."""
     import asyncio
 
     from videollama.serve.ui import DEFAULT_MAX_TOKENS
 
-    url = "data:video/mp4;base64," + base64.b64encode(video).decode("ascii")
-    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
-                                             {"type": "text", "text": question}]}]
+    messages = api_messages(video, question)
 
     async def ask() -> str:
         return "".join([e async for e in engine.chat(messages, max_tokens=DEFAULT_MAX_TOKENS, temperature=0.0)
@@ -212,6 +225,8 @@ def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     pixels, timestamps = engine.preview(video)
     expected_answer = engine_answer(engine, video, QUESTION)
     assert expected_answer, "the tiny model's greedy answer is empty: nothing to compare"
+    # The answer depends on the video: matching it below means the page sent this video.
+    assert engine_answer(engine, shapes_clip(8), QUESTION) != expected_answer
 
     # The page loads, with the upload input, the gallery and the chat.
     browser.get(server)
@@ -274,3 +289,13 @@ def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     assert not remote, f"the page requested other origins: {remote}"
     assert any(u.startswith(server + "gradio_api/upload") for u in urls)
     assert not outbound, f"the server connected outside loopback: {outbound}"
+
+    # The OpenAI-compatible API beside the page answers the same from the same engine.
+    import httpx
+
+    from videollama.serve.ui import DEFAULT_MAX_TOKENS
+
+    reply = httpx.post(server + "v1/chat/completions", timeout=WAIT_S, json={
+        "messages": api_messages(video, QUESTION), "max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == expected_answer

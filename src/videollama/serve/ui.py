@@ -194,13 +194,10 @@ def mount_ui(app, engine, *, examples: Sequence[str | Path] = ()):
 
 
 def _api_app(engine):
-    """The OpenAI-compatible API's FastAPI app over ``engine`` (serve/app.py), or a bare app."""
-    from fastapi import FastAPI
+    """The OpenAI-compatible API's FastAPI app (serve/app.py) over the same ``engine``."""
+    from videollama.serve.app import create_app
 
-    try:
-        from videollama.serve.app import create_app
-    except ImportError:
-        return FastAPI()
+    # No API key here: serve/app.py's key check covers every route, the page's included.
     return create_app(engine)
 
 
@@ -214,7 +211,8 @@ def serving(engine, *, host: str = "127.0.0.1", port: int = 0, examples: Sequenc
     from fastapi import FastAPI
 
     app = mount_ui(_api_app(engine) if with_api else FastAPI(), engine, examples=examples)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                            timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, name="videollama-ui", daemon=True)
     thread.start()
     try:
@@ -249,7 +247,7 @@ def example_videos(folder: Path | None, scratch: Path) -> list[Path]:
     if folder is None:
         return shapes_examples(scratch)
     if not folder.is_dir():
-        raise NotADirectoryError(f"--examples {folder}: not a directory")
+        raise NotADirectoryError(f"--examples {folder}: not a folder")
     found = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
     if not found:
         raise ValueError(f"--examples {folder}: no video files ({', '.join(VIDEO_SUFFIXES)})")
@@ -259,41 +257,55 @@ def example_videos(folder: Path | None, scratch: Path) -> list[Path]:
 # ---- the `videollama chat` command -----------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from videollama.serve.limits import add_limit_arguments
+
     parser.add_argument("--model", required=True, type=Path, help="model directory (config.json, "
                         "model.safetensors, tokenizer.json, preprocessor.json)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (0 = any free port)")
     parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory to apply to the model")
     parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the decoder")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--examples", type=Path, metavar="DIR",
                         help="a folder of example videos to offer (default: a few Shapes clips)")
+    parser.add_argument("--no-api", action="store_true",
+                        help="serve only the page, not the OpenAI-compatible API beside it at /v1")
+    add_limit_arguments(parser)
 
 
 def load_engine(args: argparse.Namespace):
-    """The serving engine for ``args`` (the same constructor the API command uses)."""
-    from videollama.serve.engine import Engine
+    """The serving engine for ``args``: the same class and loader ``videollama serve`` uses."""
+    import torch
 
-    kwargs: dict[str, Any] = {"device": args.device}
+    from videollama.serve.engine import Engine
+    from videollama.serve.limits import limits_from_args
+
+    kwargs: dict[str, Any] = {"limits": limits_from_args(args)}
     if args.adapter is not None:
         kwargs["adapter"] = args.adapter
     if args.quantize is not None:
         kwargs["quantize"] = args.quantize
-    return Engine.from_model_dir(args.model, **kwargs)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Engine.from_model_dir(args.model, device=device, **kwargs)
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        raise ValueError(f"--port must be 0 to 65535, got {args.port}")
+    if not (args.model / "config.json").is_file():
+        raise FileNotFoundError(f"chat: {args.model} is not a model directory (no config.json)")
+    if args.examples is not None and not args.examples.is_dir():
+        raise NotADirectoryError(f"--examples {args.examples}: not a folder")
     _gradio()  # a missing optional dependency fails before any weights are read
     engine = load_engine(args)
     engine.start()
     try:
         with tempfile.TemporaryDirectory(prefix="videollama-chat-") as scratch:
             examples = example_videos(args.examples, Path(scratch))
-            with serving(engine, host=args.host, port=args.port, examples=examples) as url:
-                print(f"videollama chat: serving {args.model} at {url} (API at {url}v1); Ctrl-C stops",
-                      flush=True)
+            with serving(engine, host=args.host, port=args.port, examples=examples,
+                         with_api=not args.no_api) as url:
+                api = "" if args.no_api else f" (API at {url}v1)"
+                print(f"videollama chat: serving {args.model} at {url}{api}; Ctrl-C stops", flush=True)
                 try:
                     while True:
                         time.sleep(3600)
