@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_hang")]
 
 NUM_FRAMES, FPS, SIZE = 4, 1.0, 64
 QUESTION = "what color is the square?"
+FOLLOW_UP = "which way does it move?"
 # What Chromium needs on a closed network (no background connections) and as root in CI.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -151,13 +152,23 @@ def browser(tmp_path):
         driver.quit()
 
 
+class Server(str):
+    """The page's base URL, with the example videos it offers."""
+
+    examples: list
+
+
 @pytest.fixture
 def server(engine, tmp_path, monkeypatch):
-    from videollama.serve.ui import serving
+    from videollama.serve.ui import serving, shapes_examples
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # uploads and gallery files
-    with serving(engine, host="127.0.0.1", port=0) as url:
-        yield url
+    (tmp_path / "examples").mkdir()
+    examples = shapes_examples(tmp_path / "examples", n=2, seed=3)
+    with serving(engine, host="127.0.0.1", port=0, examples=examples) as url:
+        server = Server(url)
+        server.examples = examples
+        yield server
 
 
 def wait_for(predicate, what: str, timeout: float = WAIT_S):
@@ -177,13 +188,11 @@ def api_messages(video: bytes, question: str) -> list[dict]:
                                          {"type": "text", "text": question}]}]
 
 
-def engine_answer(engine, video: bytes, question: str) -> str:
-    """The engine's greedy answer through its in-process API, in the API's message format."""
+def engine_answer(engine, messages: list[dict]) -> str:
+    """The engine's greedy answer through its in-process API (the UI's default max tokens)."""
     import asyncio
 
     from videollama.serve.ui import DEFAULT_MAX_TOKENS
-
-    messages = api_messages(video, question)
 
     async def ask() -> str:
         return "".join([e async for e in engine.chat(messages, max_tokens=DEFAULT_MAX_TOKENS, temperature=0.0)
@@ -214,68 +223,116 @@ Promise.all(imgs.map(async img => {
 """
 
 
-def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
+def gallery(browser) -> tuple[list[str], list[np.ndarray]]:
+    """The frames gallery's captions and images (the PNG files the page shows, decoded)."""
     from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    captions = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#frames .caption-label")]
+    urls = browser.execute_async_script(FETCH_IMAGES)
+    assert isinstance(urls, list), urls
+    return captions, [np.asarray(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB"))
+                      for u in urls]
+
+
+def wait_gallery(browser, timestamps) -> list[np.ndarray]:
+    """Wait until the gallery shows one frame per timestamp, captioned with it; its images."""
+    expected = [f"frame {i + 1} · {t:.2f} s" for i, t in enumerate(timestamps)]
+    from selenium.webdriver.common.by import By
+
+    def shown():
+        found = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#frames .caption-label")]
+        return found == expected
+
+    try:
+        wait_for(shown, f"the gallery to show {expected}")
+    except AssertionError:
+        raise AssertionError(f"the gallery shows {gallery(browser)[0]}, not {expected}") from None
+    captions, images = gallery(browser)
+    assert captions == expected and len(images) == len(expected)
+    return images
+
+
+def ask(browser, question: str, expected: str) -> list[str]:
+    """Ask in the page; wait for the last answer to become ``expected``; every text it showed."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
+    browser.execute_script("window.__answers = [];")
+    box = browser.find_element(By.CSS_SELECTOR, "#question textarea")
+    box.send_keys(question)
+    box.send_keys(Keys.ENTER)
+
+    def settled():
+        answers = browser.execute_script("return window.__answers")
+        return answers if answers and answers[-1] == expected else None
+
+    try:
+        wait_for(settled, "the streamed answer")
+    except AssertionError:
+        raise AssertionError(f"the page's answer never became the engine's {expected!r}; it showed "
+                             f"{browser.execute_script('return window.__answers')!r}") from None
+    time.sleep(0.5)  # nothing more arrives after the end
+    answers = browser.execute_script("return window.__answers")
+    assert answers[-1] == expected
+    user = browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="user"] .message-content')
+    assert user[-1].text == question
+    return answers
+
+
+def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
+    from selenium.webdriver.common.by import By
+
     from videollama.data import load_clip
+    from videollama.serve.ui import DEFAULT_MAX_TOKENS
 
     video = video_file.read_bytes()
     pixels, timestamps = engine.preview(video)
-    expected_answer = engine_answer(engine, video, QUESTION)
-    assert expected_answer, "the tiny model's greedy answer is empty: nothing to compare"
+    assert len(timestamps) == NUM_FRAMES == engine.model.config.preprocess.num_frames
+    # The reference frames: load_clip's own decode, as 0..255 bytes.
+    reference, ref_times = load_clip(video, num_frames=NUM_FRAMES, fps=FPS, size=SIZE, normalize=False)
+    reference = (reference * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [F, S, S, 3]
+    np.testing.assert_allclose(timestamps, ref_times.numpy(), atol=1e-3)
+    answer = engine_answer(engine, api_messages(video, QUESTION))
+    assert answer, "the tiny model's greedy answer is empty: nothing to compare"
     # The answer depends on the video: matching it below means the page sent this video.
-    assert engine_answer(engine, shapes_clip(8), QUESTION) != expected_answer
+    assert engine_answer(engine, api_messages(shapes_clip(8), QUESTION)) != answer
 
-    # The page loads, with the upload input, the gallery and the chat.
+    # The page loads; a video uploaded through its file input shows the frames the model sees.
     browser.get(server)
     wait_for(lambda: browser.title == "VideoLlama chat", "the page's title")
     upload = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#video input[type=file]"), "the upload input")
     upload[0].send_keys(str(video_file))
-
-    # The frames the model sees, with their timestamps.
-    def captions():
-        found = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#frames .caption-label")]
-        return found if len(found) == NUM_FRAMES else None
-
-    got = wait_for(captions, f"{NUM_FRAMES} captioned frames in the gallery")
-    assert got == [f"frame {i + 1} · {t:.2f} s" for i, t in enumerate(timestamps)]
-    assert len(timestamps) == NUM_FRAMES == engine.model.config.preprocess.num_frames
-    images = browser.execute_async_script(FETCH_IMAGES)
-    assert isinstance(images, list) and len(images) == NUM_FRAMES, images
-    reference, ref_times = load_clip(video, num_frames=NUM_FRAMES, fps=FPS, size=SIZE, normalize=False)
-    reference = (reference * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [F, S, S, 3]
-    np.testing.assert_allclose(timestamps, ref_times.numpy(), atol=1e-3)
-    for i, data_url in enumerate(images):
-        shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
+    images = wait_gallery(browser, timestamps)
+    for i, shown in enumerate(images):
         assert np.array_equal(shown, reference[i]), f"gallery frame {i} differs from load_clip's frame"
         assert np.array_equal(shown, pixels[i])
 
-    # Ask; the answer streams in and ends as the engine's own answer.
+    # A question: the answer streams in, through prefixes, and ends as the engine's own answer.
     browser.execute_script(OBSERVE_ANSWER)
-    box = browser.find_element(By.CSS_SELECTOR, "#question textarea")
-    box.send_keys(QUESTION)
-    box.send_keys(Keys.ENTER)
-    user = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="user"] .message-content'),
-                    "the question in the chat")
-    assert user[-1].text == QUESTION
-
-    def settled():
-        answers = browser.execute_script("return window.__answers")
-        return answers if answers and answers[-1] == expected_answer else None
-
-    try:
-        answers = wait_for(settled, "the streamed answer")
-    except AssertionError:
-        raise AssertionError(f"the page's answer never became the engine's {expected_answer!r}; it showed "
-                             f"{browser.execute_script('return window.__answers')!r}") from None
-    time.sleep(0.5)  # nothing more arrives after the end
-    answers = browser.execute_script("return window.__answers")
-    assert answers[-1] == expected_answer
+    answers = ask(browser, QUESTION, answer)
     partial = [a for a in answers[:-1] if a]
     assert partial, f"the answer arrived in one piece, not streamed: {answers!r}"
-    assert all(expected_answer.startswith(a) for a in partial), answers
+    assert all(answer.startswith(a) for a in partial), answers
+
+    # A second question continues the conversation, as the engine answers it.
+    history = api_messages(video, QUESTION) + [{"role": "assistant", "content": answer},
+                                              {"role": "user", "content": FOLLOW_UP}]
+    second = engine_answer(engine, history)
+    answers = ask(browser, FOLLOW_UP, second)
+    assert [a for a in answers if a != answer and second.startswith(a) and a != second], answers
+    bots = browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"] .message-content')
+    assert [b.get_attribute("textContent") for b in bots] == [answer, second]
+
+    # Picking an example shows that clip's frames and starts a fresh chat.
+    example = browser.find_elements(By.CSS_SELECTOR, "#examples button.gallery-item")
+    assert len(example) == len(server.examples)
+    example[1].click()
+    example_pixels, example_times = engine.preview(server.examples[1].read_bytes())
+    images = wait_gallery(browser, example_times)
+    assert all(np.array_equal(a, b) for a, b in zip(images, example_pixels, strict=True))
+    wait_for(lambda: not browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]'),
+             "the chat to clear")
 
     # Only the server's own origin was asked for anything; the server reached nothing outside.
     urls = set()
@@ -293,9 +350,7 @@ def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     # The OpenAI-compatible API beside the page answers the same from the same engine.
     import httpx
 
-    from videollama.serve.ui import DEFAULT_MAX_TOKENS
-
     reply = httpx.post(server + "v1/chat/completions", timeout=WAIT_S, json={
         "messages": api_messages(video, QUESTION), "max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0})
     assert reply.status_code == 200, reply.text
-    assert reply.json()["choices"][0]["message"]["content"] == expected_answer
+    assert reply.json()["choices"][0]["message"]["content"] == answer
