@@ -264,7 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (0 = any free port)")
     parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory to apply to the model")
-    parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the decoder")
+    parser.add_argument("--quantize", metavar="MODE", help="weight-only quantization of the decoder (passed to "
+                        "the engine, as `videollama serve` does)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--examples", type=Path, metavar="DIR",
                         help="a folder of example videos to offer (default: a few Shapes clips)")
