@@ -43,14 +43,13 @@ def test_frame_caption():
     assert ui.frame_caption(3, 3.4999) == "frame 4 · 3.50 s"
 
 
-def test_read_video_refuses_an_oversized_file(tmp_path, monkeypatch):
+def test_read_video_refuses_an_oversized_file(tmp_path):
     path = tmp_path / "big.mp4"
     path.write_bytes(b"x" * 101)
-    monkeypatch.setattr(ui, "MAX_VIDEO_BYTES", 100)
-    with pytest.raises(ValueError, match=r"big\.mp4: 101 bytes, over the 100-byte cap"):
-        ui.read_video(path)
+    with pytest.raises(ValueError, match=r"big\.mp4: 101 bytes, over the server's 100-byte cap .*--max-video-bytes"):
+        ui.read_video(path, 100)
     path.write_bytes(b"x" * 100)
-    assert ui.read_video(path) == b"x" * 100
+    assert ui.read_video(path, 100) == b"x" * 100
 
 
 def test_example_videos(tmp_path):

@@ -301,9 +301,19 @@ def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     # The page loads; a video uploaded through its file input shows the frames the model sees.
     browser.get(server)
     wait_for(lambda: browser.title == "VideoLlama chat", "the page's title")
+    # A file that is no video: the page says so, in the engine's words, and shows no frames.
+    broken = video_file.with_name("broken.mp4")
+    broken.write_bytes(b"this is not a video" * 100)
+    upload = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#video input[type=file]"), "the upload input")
+    status = browser.find_element(By.ID, "status")
+    upload[0].send_keys(str(broken))
+    wait_for(lambda: "Cannot use this video: the video could not be read" in status.text, "the bad video's error")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#frames .thumbnail-item")
+    browser.find_element(By.CSS_SELECTOR, '#video button[aria-label="Clear"]').click()
     upload = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#video input[type=file]"), "the upload input")
     upload[0].send_keys(str(video_file))
     images = wait_gallery(browser, timestamps)
+    assert status.text.startswith(f"The model sees {NUM_FRAMES} frames")
     for i, shown in enumerate(images):
         assert np.array_equal(shown, reference[i]), f"gallery frame {i} differs from load_clip's frame"
         assert np.array_equal(shown, pixels[i])

@@ -31,11 +31,9 @@ from videollama.serve.limits import APIError
 # Before Gradio is imported anywhere in this process: no telemetry, no version check.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-# An uploaded video larger than this is refused before it is read (Gradio enforces it at upload).
-MAX_VIDEO_BYTES = 64 * 2**20
-# Default generation settings shown on the page; temperature 0 is greedy.
+# Default generation settings shown on the page (temperature 0 is greedy); the engine's limits
+# (``--max-tokens``, ``--max-video-bytes``, ``--max-batch``) bound what the page offers.
 DEFAULT_MAX_TOKENS = 64
-MAX_MAX_TOKENS = 512
 # How many Shapes clips `videollama chat` offers as examples when given no --examples folder.
 NUM_SHAPES_EXAMPLES = 3
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
@@ -91,13 +89,18 @@ def _text_of(content: Any) -> str:
     return str(content)
 
 
-def read_video(path: str | Path) -> bytes:
-    """The bytes of an uploaded video, refusing one over :data:`MAX_VIDEO_BYTES`."""
+def read_video(path: str | Path, cap: int) -> bytes:
+    """The bytes of an uploaded video, refusing one over ``cap`` bytes before reading it."""
     path = Path(path)
     size = path.stat().st_size
-    if size > MAX_VIDEO_BYTES:
-        raise ValueError(f"{path.name}: {size} bytes, over the {MAX_VIDEO_BYTES}-byte cap for a video")
-    return path.read_bytes()
+    if size > cap:
+        raise ValueError(f"{path.name}: {size} bytes, over the server's {cap}-byte cap for a video "
+                         "(--max-video-bytes)")
+    with open(path, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:  # it grew meanwhile
+        raise ValueError(f"{path.name}: over the server's {cap}-byte cap for a video (--max-video-bytes)")
+    return data
 
 
 async def preview_frames(engine, video: bytes) -> tuple[list[tuple[Any, str]], list[float]]:
@@ -115,13 +118,14 @@ async def preview_frames(engine, video: bytes) -> tuple[list[tuple[Any, str]], l
 def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "VideoLlama chat"):
     """The Gradio Blocks page over ``engine`` (which must be started by the caller)."""
     gr = _gradio()
+    limits = engine.limits
 
     async def on_video(path: str | None):
         """A new video (upload, example or clear): show its frames, start a fresh chat."""
         if not path:
             return [], [], None, "Upload a video or pick an example."
         try:
-            data = read_video(path)
+            data = read_video(path, limits.max_video_bytes)
             items, seconds = await preview_frames(engine, data)
         except (APIError, ValueError, OSError) as e:  # a bad video is the user's to fix: say so on the page
             return [], [], None, f"Cannot use this video: {e}"
@@ -129,16 +133,17 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
         return items, [], path, f"The model sees {len(items)} frames, at {at} s."
 
     async def respond(question: str, history: list[dict], path: str | None, max_tokens: float,
-                      temperature: float, seed: float) -> AsyncIterator[tuple[str, list[dict]]]:
+                      temperature: float, top_p: float, seed: float) -> AsyncIterator[tuple[str, list[dict]]]:
         question = (question or "").strip()
         if not question:
             yield "", history
             return
-        video = read_video(path) if path else None
+        video = read_video(path, limits.max_video_bytes) if path else None
         messages = engine_messages(history, video, question)
         history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         yield "", history
-        options: dict[str, Any] = {"max_tokens": int(max_tokens), "temperature": float(temperature)}
+        options: dict[str, Any] = {"max_tokens": int(max_tokens), "temperature": float(temperature),
+                                   "top_p": float(top_p)}
         if temperature > 0:
             options["seed"] = int(seed)
         answer = ""
@@ -170,14 +175,19 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
                 question = gr.Textbox(label="Question", placeholder="What happens in the video?",
                                       elem_id="question", lines=1, submit_btn=True)
                 with gr.Accordion("Generation", open=False):
-                    max_tokens = gr.Slider(1, MAX_MAX_TOKENS, value=DEFAULT_MAX_TOKENS, step=1,
-                                           label="max tokens")
+                    max_tokens = gr.Slider(1, limits.max_tokens, value=min(DEFAULT_MAX_TOKENS, limits.max_tokens),
+                                           step=1, label="max tokens")
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top p (with temperature > 0)")
                     seed = gr.Number(value=0, precision=0, label="seed (with temperature > 0)")
                 clear = gr.Button("Clear chat")
-        video.change(on_video, inputs=[video], outputs=[frames, chatbot, path_state, status])
-        question.submit(respond, inputs=[question, chatbot, path_state, max_tokens, temperature, seed],
-                        outputs=[question, chatbot])
+        # Gradio runs one event of a kind at a time unless told: let as many chats run as the
+        # engine batches (more wait in Gradio's queue, showing their place), and as many
+        # previews as it has decode workers.
+        video.change(on_video, inputs=[video], outputs=[frames, chatbot, path_state, status],
+                     concurrency_limit=limits.decode_workers)
+        question.submit(respond, inputs=[question, chatbot, path_state, max_tokens, temperature, top_p, seed],
+                        outputs=[question, chatbot], concurrency_limit=limits.max_batch)
         clear.click(lambda: [], outputs=[chatbot])
     return page
 
@@ -189,7 +199,8 @@ def mount_ui(app, engine, *, examples: Sequence[str | Path] = ()):
     theme = gr.themes.Default()  # fonts from Gradio's own static folder, not Google Fonts
     allowed = sorted({str(Path(p).resolve().parent) for p in examples})
     return gr.mount_gradio_app(app, page, path="/", ssr_mode=False, mcp_server=False, pwa=False,
-                               allowed_paths=allowed, max_file_size=MAX_VIDEO_BYTES, theme=theme, css=CSS,
+                               allowed_paths=allowed, max_file_size=engine.limits.max_video_bytes, theme=theme,
+                               css=CSS,
                                footer_links=[])
 
 
