@@ -311,7 +311,9 @@ def _record(it: EvalItem, task: str, prediction: str, timestamps: list[float] | 
 
 # ---- command line ---------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="model directory (config, weights, tokenizer)")
+    from videollama.inference import add_model_arguments
+
+    add_model_arguments(parser)  # --model, --adapter, --quantize
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--data", required=True, type=Path, help="evaluation set (JSONL)")
     parser.add_argument("--video-root", type=Path, default=None,
@@ -333,8 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from videollama.data.tokenizer import load_tokenizer
-    from videollama.model.videollama import VideoLlama
+    from videollama.inference import load_for_inference
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -365,8 +366,7 @@ def run(args: argparse.Namespace) -> int:
     if not os.access(args.out, os.W_OK):
         raise PermissionError(f"--out {args.out}: the folder is not writable")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(args.model)
-    model = VideoLlama.from_pretrained(args.model, device=device)
+    model, tokenizer = load_for_inference(args.model, adapter=args.adapter, quantize=args.quantize, device=device)
     metrics = evaluate(
         model, tokenizer, args.task, args.data, args.video_root, args.out,
         batch_size=args.batch_size, frames=args.frames, limit=args.limit,

@@ -190,8 +190,9 @@ def generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.Tensor | N
 # ---- the `videollama generate` command -------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="model directory (config.json, "
-                        "model.safetensors, tokenizer.json, preprocessor.json)")
+    from videollama.inference import add_model_arguments
+
+    add_model_arguments(parser)  # --model, --adapter, --quantize
     parser.add_argument("--prompt", required=True, help="the prompt text, e.g. a question about the video")
     parser.add_argument("--template", choices=["raw", "videoqa", "caption"], default="raw",
                         help="raw: the prompt as given; videoqa: wrap it as a question (the fine-tuned "
@@ -206,7 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Lazy: the data package (PyAV, tokenizers) is only needed when this command runs.
-    from videollama.data.tokenizer import caption_prompt, encode_prompt, load_tokenizer, videoqa_prompt
+    from videollama.data.tokenizer import caption_prompt, encode_prompt, videoqa_prompt
 
     # The tokenizer first: a directory without a usable one fails before any weights are read.
     if not (Path(args.model) / "tokenizer.json").is_file():
@@ -222,8 +223,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
     if args.video is not None:
         check_regular_file(args.video, "video")  # FileNotFoundError / not_a_file, before any weights
-    tokenizer = load_tokenizer(args.model)
-    model = VideoLlama.from_pretrained(args.model, device=args.device).eval()
+    from videollama.inference import load_for_inference
+
+    model, tokenizer = load_for_inference(args.model, adapter=args.adapter, quantize=args.quantize,
+                                          device=args.device)
     prompt = {"raw": lambda: args.prompt, "videoqa": lambda: videoqa_prompt(args.prompt),
               "caption": caption_prompt}[args.template]()
     ids = encode_prompt(tokenizer, prompt)

@@ -15,8 +15,9 @@ from videollama.serve.limits import add_limit_arguments, limits_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="model directory (config.json, weights, "
-                        "tokenizer.json)")
+    from videollama.inference import add_model_arguments
+
+    add_model_arguments(parser)  # --model, --adapter, --quantize
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="required as 'Authorization: Bearer KEY' on every route "
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     if api_key is None:
         logging.getLogger(__name__).warning("no API key (--api-key or VIDEOLLAMA_API_KEY): any local client may call")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine = Engine.from_model_dir(args.model, device=device, limits=limits, compile=args.compile,
+    engine = Engine.from_model_dir(args.model, device=device, adapter=args.adapter, quantize=args.quantize,
+                                   limits=limits, compile=args.compile,
                                    allowed_local_path=args.allowed_local_media_path,
                                    allowed_domains=tuple(args.allowed_media_domains))
     if args.served_model_name:

@@ -105,12 +105,11 @@ class Engine:
 
     @classmethod
     def from_model_dir(cls, model_dir, *, device=None, adapter=None, quantize=None, **kwargs) -> Engine:
-        """Load ``model_dir`` (config.json, weights, tokenizer.json) and build an engine (not started)."""
-        from videollama.model.videollama import VideoLlama
+        """Load ``model_dir`` (config.json, weights, tokenizer.json; a LoRA ``adapter`` merged in,
+        ``quantize`` none/int8/int4) the way generate and eval do, and build an engine (not started)."""
+        from videollama.inference import load_for_inference
 
-        if adapter is not None or quantize is not None:
-            raise ValueError("serve: --adapter and --quantize need videollama.inference (not in this build)")
-        model, tokenizer = VideoLlama.from_pretrained(model_dir, device=device, return_tokenizer=True)
+        model, tokenizer = load_for_inference(model_dir, adapter=adapter, quantize=quantize, device=device)
         kwargs.setdefault("name", Path(model_dir).resolve().name)
         return cls(model, tokenizer, **kwargs)
 

@@ -71,6 +71,7 @@ def _data_url(url: str, limits: ServeLimits) -> bytes:
 
 
 def _file_url(url: str, limits: ServeLimits, root: Path | None) -> bytes:
+    from videollama.data.errors import BadSample
     from videollama.data.safe_io import check_regular_file
 
     if root is None:
@@ -86,7 +87,7 @@ def _file_url(url: str, limits: ServeLimits, root: Path | None) -> bytes:
         raise _bad(f"{path} is outside the allowed local media folder", code="outside_allowed_path")
     try:
         info = check_regular_file(real, "video")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, BadSample) as e:
         raise _bad(f"{path}: {e}") from None
     if info.st_size > limits.max_video_bytes:
         raise too_large(f"{path}", info.st_size, limits.max_video_bytes, "--max-video-bytes", "messages")

@@ -268,15 +268,12 @@ def example_videos(folder: Path | None, scratch: Path) -> list[Path]:
 # ---- the `videollama chat` command -----------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from videollama.inference import add_model_arguments
     from videollama.serve.limits import add_limit_arguments
 
-    parser.add_argument("--model", required=True, type=Path, help="model directory (config.json, "
-                        "model.safetensors, tokenizer.json, preprocessor.json)")
+    add_model_arguments(parser)  # --model, --adapter, --quantize: as serve, generate and eval
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (0 = any free port)")
-    parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory to apply to the model")
-    parser.add_argument("--quantize", metavar="MODE", help="weight-only quantization of the decoder (passed to "
-                        "the engine, as `videollama serve` does)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--examples", type=Path, metavar="DIR",
                         help="a folder of example videos to offer (default: a few Shapes clips)")
@@ -292,13 +289,9 @@ def load_engine(args: argparse.Namespace):
     from videollama.serve.engine import Engine
     from videollama.serve.limits import limits_from_args
 
-    kwargs: dict[str, Any] = {"limits": limits_from_args(args)}
-    if args.adapter is not None:
-        kwargs["adapter"] = args.adapter
-    if args.quantize is not None:
-        kwargs["quantize"] = args.quantize
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Engine.from_model_dir(args.model, device=device, **kwargs)
+    return Engine.from_model_dir(args.model, device=device, adapter=args.adapter, quantize=args.quantize,
+                                 limits=limits_from_args(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -212,12 +213,15 @@ def _read_json(path: Path) -> dict:
 # ---- export --------------------------------------------------------------------------------------
 
 
-def export(run_dir: str | Path, out: str | Path, *, step: int | None = None) -> Path:
+def export(run_dir: str | Path, out: str | Path, *, step: int | None = None, merged: bool = False) -> Path:
     """Turn a training checkpoint into a model directory, in one process on CPU.
 
     The DCP shards are read straight into a model built on CPU (no conversion to a
     torch.save file); then ``save_pretrained`` writes config.json and model.safetensors,
-    and the run's tokenizer.json is copied beside them.
+    and the run's tokenizer.json is copied beside them. A LoRA run (``lora.r > 0`` in its
+    train_config.json) gives its adapter in peft's format instead (``videollama.train.lora``:
+    adapter_config.json + adapter_model.safetensors, only the adapter tensors are read), or with
+    ``merged`` a plain model directory with the adapter folded into the weights.
     """
     from videollama.config import VideoLlamaConfig
     from videollama.model.videollama import VideoLlama
@@ -225,27 +229,61 @@ def export(run_dir: str | Path, out: str | Path, *, step: int | None = None) -> 
     run_dir, out = Path(run_dir), Path(out)
     path = find_checkpoint(run_dir, step)
     model_cfg = VideoLlamaConfig.load(run_dir / "model_config.json")
+    lora = _run_lora(run_dir)
     with torch.device("meta"):  # no memory until the checkpoint is known to fit the config
         model = VideoLlama(model_cfg)
-    safe_dcp.check_shapes(path, {f"model.{k}": tuple(t.shape) for k, t in model.state_dict().items()},
+    tuner = None
+    if lora is not None:
+        from videollama.train.lora import apply_lora, is_lora_param
+
+        if merged and lora.quantize != "none":
+            raise ValueError(f"{run_dir} is a QLoRA run (base weights in NF4): export its adapter and use "
+                             "`videollama merge --model BASE` with the full-precision base")
+        tuner = apply_lora(model, lora, quantize=False)
+    wanted = {k: tuple(t.shape) for k, t in model.state_dict().items()
+              if merged or lora is None or is_lora_param(k)}
+    safe_dcp.check_shapes(path, {f"model.{k}": v for k, v in wanted.items()},
                           needed_by=str(run_dir / "model_config.json"))
     model.to_empty(device="cpu")
     model.tie_weights()
-    state = {"model": get_model_state_dict(model)}
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in wanted}}
     safe_dcp.load(state, path, no_dist=True)
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     tokenizer = run_dir / "tokenizer.json"
+    if lora is not None and not merged:
+        from videollama.train.lora import save_adapter
+
+        base = _train_config(run_dir).model.init_from
+        return save_adapter(model, lora, out, base=base)
+    if tuner is not None:
+        model = tuner.merge_and_unload()
     model.save_pretrained(out, tokenizer=tokenizer if tokenizer.exists() else None)
     return out
+
+
+def _train_config(run_dir: Path):
+    from videollama.train.recipe import TrainConfig
+
+    return TrainConfig.load(run_dir / "train_config.json")
+
+
+def _run_lora(run_dir: Path):
+    """The run's LoraSection, or None for a run without LoRA (or one older than train_config.json)."""
+    if not (run_dir / "train_config.json").is_file():
+        return None
+    lora = _train_config(run_dir).lora
+    return lora if lora.r > 0 else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a training run directory (with checkpoints/)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    parser.add_argument("--out", required=True, help="model directory to write")
+    parser.add_argument("--out", required=True, help="model directory to write (a LoRA run: its adapter)")
+    parser.add_argument("--merged", action="store_true",
+                        help="a LoRA run: write a plain model directory with the adapter merged in")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export(args.run_dir, args.out, step=args.step)  # a ValueError is one line from the command line
+    out = export(args.run_dir, args.out, step=args.step, merged=args.merged)  # a ValueError is one line from the command line
     print(f"wrote {out}")
     return 0

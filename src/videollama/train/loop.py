@@ -97,8 +97,22 @@ def setup_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
     meta = cfg.parallel.meta_init
     if meta is None:
         meta = env.device.type == "cuda" and not cfg.model.init_from
+    qlora = cfg.lora.r > 0 and cfg.lora.quantize == "nf4"
+    if qlora:  # NF4 weights compute in bf16 themselves; FSDP cannot shard them
+        from videollama.train.lora import require_qlora
+
+        require_qlora()
+        if world > 1 or cfg.parallel.fsdp or not cfg.model.init_from:
+            raise ValueError("lora.quantize nf4 (QLoRA) runs in one process without FSDP, from model.init_from")
+        meta, bf16 = False, False
     model, model_cfg = build_model(cfg, meta=meta)
-    frozen = freeze(model, cfg.freeze)
+    if cfg.lora.r:
+        from videollama.train.lora import apply_lora, frozen_count
+
+        apply_lora(model, cfg.lora, base=cfg.model.init_from, seed=cfg.seed)  # before fully_shard
+        frozen = frozen_count(model)
+    else:
+        frozen = freeze(model, cfg.freeze)
     n_params = sum(p.numel() for p in model.parameters())
     tokenizer_path = resolve_tokenizer(cfg)
     check_same_model(run_dir, model_cfg)  # before anything in run_dir is overwritten
@@ -120,6 +134,10 @@ def setup_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
                 compile=cfg.parallel.compile, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward)
     if meta:
         materialize(model, env.device, cfg.seed)
+        if cfg.lora.r:
+            from videollama.train.lora import reset_lora
+
+            reset_lora(model)  # init_weights drew the adapters as plain linear layers
     # After fully_shard: it replaces every parameter by a sharded DTensor parameter.
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, peak_lr=cfg.optimizer.lr, warmup_steps=cfg.schedule.warmup_steps,
@@ -299,7 +317,8 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
         if progress is not None:
             progress.close()
     summary = {"steps": run.step, "start_step": run.start_step, "loss": run.last_loss, "bad_steps": run.bad_total,
-               "params": run.n_params, "frozen_params": run.frozen_params, "accumulation": run.accumulation,
+               "params": run.n_params, "frozen_params": run.frozen_params,
+               "trainable_params": sum(p.numel() for p in run.trainable), "accumulation": run.accumulation,
                "world_size": env.world_size,
                "mesh": dict(zip(run.mesh.mesh_dim_names, run.mesh.shape)) if run.mesh is not None else None,
                "preempted": bool(run.preempted["flag"])}

@@ -88,6 +88,30 @@ class ParallelSection:
     fsdp: bool | None = None
 
 
+# Every projection of the Llama blocks and the cross-attention blocks (Hugging Face's names).
+LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_QUANTIZE = ("none", "nf4")
+
+
+@dataclass
+class LoraSection:
+    """LoRA through peft (``videollama.train.lora``): every base weight frozen, a low-rank update
+    ``W + (alpha / r) B A`` trained on the chosen linear layers. ``r: 0`` turns it off.
+
+    ``target_modules``: a bare name (``q_proj``) picks every linear layer of that name in the
+    ``parts`` listed; a name with a dot or a wildcard is a pattern over the full module name
+    (``decoder.cross_attn_layers.*.attn.q_proj``, ``vision.encoder.layers.*``), fnmatch-style.
+    ``quantize: nf4`` is QLoRA: the frozen base weights in 4-bit NF4 through bitsandbytes
+    (a CUDA GPU, one process)."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
+    parts: list[str] = field(default_factory=lambda: ["decoder", "cross_attn"])  # model.parts.PARTS
+    quantize: str = "none"  # none | nf4 (QLoRA)
+
+
 @dataclass
 class CheckpointSection:
     every: int = 0  # steps between checkpoints; 0: only at the end and on SIGTERM
@@ -134,6 +158,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     freeze: list[str] = field(default_factory=list)  # parts (videollama.model.parts.PARTS)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    lora: LoraSection = field(default_factory=LoraSection)  # r 0: off (full fine-tuning)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     guards: GuardSection = field(default_factory=GuardSection)
     log: LogSection = field(default_factory=LogSection)
@@ -155,6 +180,7 @@ class TrainConfig:
             raise ValueError("model: set preset or init_from")
         check_names(self.freeze, PARTS, "freeze", "parts")
         check_names(self.parallel.activation_checkpointing, BLOCK_TYPES, "parallel.activation_checkpointing")
+        self._validate_lora()
         if self.data.kind not in ("webdataset", "synthetic"):
             raise ValueError(f"data.kind must be webdataset or synthetic, not {self.data.kind!r}")
         if self.data.kind == "webdataset" and not self.data.sources:
@@ -169,6 +195,19 @@ class TrainConfig:
             raise ValueError("micro_batch and global_batch must be >= 1, max_steps >= 0")
         if self.schedule.warmup_steps < 0 or self.checkpoint.keep < 1:
             raise ValueError("schedule.warmup_steps must be >= 0 and checkpoint.keep >= 1")
+
+    def _validate_lora(self) -> None:
+        lora = self.lora
+        if lora.r < 0 or lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0:
+            raise ValueError(f"lora: need r >= 0 (0: off), alpha > 0 and 0 <= dropout < 1, "
+                             f"not r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}")
+        check_names(lora.parts, PARTS, "lora.parts", "parts")
+        if lora.quantize not in LORA_QUANTIZE:
+            raise ValueError(f"lora.quantize must be one of {', '.join(LORA_QUANTIZE)}, not {lora.quantize!r}")
+        if lora.r and not lora.target_modules:
+            raise ValueError("lora.target_modules is empty: name the linear layers to adapt (e.g. [q_proj, v_proj])")
+        if lora.quantize != "none" and not lora.r:
+            raise ValueError(f"lora.quantize {lora.quantize} (QLoRA) needs lora.r > 0")
 
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
