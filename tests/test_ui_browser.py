@@ -235,22 +235,24 @@ def gallery(browser) -> tuple[list[str], list[np.ndarray]]:
                       for u in urls]
 
 
-def wait_gallery(browser, timestamps) -> list[np.ndarray]:
-    """Wait until the gallery shows one frame per timestamp, captioned with it; its images."""
+def wait_gallery(browser, timestamps, pixels) -> None:
+    """Wait until the gallery shows ``pixels`` (uint8 [F, S, S, 3]) exactly, one image per
+    timestamp, each captioned with its time (Shapes clips share their times, so the pixels are
+    what tells one clip's gallery from another's)."""
     expected = [f"frame {i + 1} · {t:.2f} s" for i, t in enumerate(timestamps)]
-    from selenium.webdriver.common.by import By
+    last: list = [None, 0]
 
     def shown():
-        found = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#frames .caption-label")]
-        return found == expected
+        captions, images = gallery(browser)
+        last[:] = [captions, len(images)]
+        return (captions == expected and len(images) == len(pixels)
+                and all(np.array_equal(a, b) for a, b in zip(images, pixels)))
 
     try:
-        wait_for(shown, f"the gallery to show {expected}")
+        wait_for(shown, "the gallery to show the model's frames")
     except AssertionError:
-        raise AssertionError(f"the gallery shows {gallery(browser)[0]}, not {expected}") from None
-    captions, images = gallery(browser)
-    assert captions == expected and len(images) == len(expected)
-    return images
+        raise AssertionError(f"the gallery shows {last[0]} ({last[1]} images), not {expected} with the "
+                             "engine's pixels") from None
 
 
 def ask(browser, question: str, expected: str) -> list[str]:
@@ -312,11 +314,9 @@ def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     browser.find_element(By.CSS_SELECTOR, '#video button[aria-label="Clear"]').click()
     upload = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#video input[type=file]"), "the upload input")
     upload[0].send_keys(str(video_file))
-    images = wait_gallery(browser, timestamps)
+    assert np.array_equal(pixels, reference), "the engine's preview differs from load_clip's frames"
+    wait_gallery(browser, timestamps, pixels)
     assert status.text.startswith(f"The model sees {NUM_FRAMES} frames")
-    for i, shown in enumerate(images):
-        assert np.array_equal(shown, reference[i]), f"gallery frame {i} differs from load_clip's frame"
-        assert np.array_equal(shown, pixels[i])
 
     # A question: the answer streams in, through prefixes, and ends as the engine's own answer.
     browser.execute_script(OBSERVE_ANSWER)
@@ -329,6 +329,7 @@ def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     history = api_messages(video, QUESTION) + [{"role": "assistant", "content": answer},
                                               {"role": "user", "content": FOLLOW_UP}]
     second = engine_answer(engine, history)
+    assert second and second != answer, "the follow-up's answer must differ to tell the turns apart"
     answers = ask(browser, FOLLOW_UP, second)
     assert [a for a in answers if a != answer and second.startswith(a) and a != second], answers
     bots = browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"] .message-content')
@@ -339,8 +340,8 @@ def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     assert len(example) == len(server.examples)
     example[1].click()
     example_pixels, example_times = engine.preview(server.examples[1].read_bytes())
-    images = wait_gallery(browser, example_times)
-    assert all(np.array_equal(a, b) for a, b in zip(images, example_pixels, strict=True))
+    assert not np.array_equal(example_pixels, pixels)
+    wait_gallery(browser, example_times, example_pixels)
     wait_for(lambda: not browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]'),
              "the chat to clear")
 
