@@ -335,15 +335,34 @@ def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     bots = browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"] .message-content')
     assert [b.get_attribute("textContent") for b in bots] == [answer, second]
 
-    # Picking an example shows that clip's frames and starts a fresh chat.
+    # Picking an example starts a fresh chat about it; a question asked at once, before its
+    # frames are shown, is answered about that example; then its frames show.
     example = browser.find_elements(By.CSS_SELECTOR, "#examples button.gallery-item")
     assert len(example) == len(server.examples)
-    example[1].click()
-    example_pixels, example_times = engine.preview(server.examples[1].read_bytes())
+    clip = server.examples[1].read_bytes()
+    example_pixels, example_times = engine.preview(clip)
     assert not np.array_equal(example_pixels, pixels)
+    example_answer = engine_answer(engine, api_messages(clip, QUESTION))
+    assert example_answer != answer
+    # Hold every decode slot of the engine: the preview waits, while the chat needs none (the
+    # example's encoding is in the engine's video cache since engine_answer above).
+    slots = engine._decode_slots
+    held = 0
+    try:
+        while slots.acquire(blocking=False):
+            held += 1
+        assert held == engine.limits.decode_workers
+        example[1].click()
+        wait_for(lambda: not browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]'),
+                 "the chat to clear")
+        ask(browser, QUESTION, example_answer)
+        assert not browser.find_elements(By.CSS_SELECTOR, "#frames .thumbnail-item"), "the preview was not held"
+    finally:
+        for _ in range(held):
+            slots.release()
     wait_gallery(browser, example_times, example_pixels)
-    wait_for(lambda: not browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]'),
-             "the chat to clear")
+    bots = browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"] .message-content')
+    assert [b.get_attribute("textContent") for b in bots] == [example_answer]
 
     # Only the server's own origin was asked for anything; the server reached nothing outside.
     urls = set()

@@ -120,17 +120,21 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
     gr = _gradio()
     limits = engine.limits
 
-    async def on_video(path: str | None):
-        """A new video (upload, example or clear): show its frames, start a fresh chat."""
+    def on_new_video(path: str | None):
+        """A new video (upload, example or clear): a fresh chat at once, the frames to come."""
+        return [], [], ("Reading the frames the model sees..." if path else "Upload a video or pick an example.")
+
+    async def on_preview(path: str | None):
+        """The frames the model sees of the video now shown, with their times."""
         if not path:
-            return [], [], None, "Upload a video or pick an example."
+            return [], "Upload a video or pick an example."
         try:
             data = read_video(path, limits.max_video_bytes)
             items, seconds = await preview_frames(engine, data)
         except (APIError, ValueError, OSError) as e:  # a bad video is the user's to fix: say so on the page
-            return [], [], None, f"Cannot use this video: {e}"
+            return [], f"Cannot use this video: {e}"
         at = ", ".join(f"{t:.2f}" for t in seconds)
-        return items, [], path, f"The model sees {len(items)} frames, at {at} s."
+        return items, f"The model sees {len(items)} frames, at {at} s."
 
     async def respond(question: str, history: list[dict], path: str | None, max_tokens: float,
                       temperature: float, top_p: float, seed: float) -> AsyncIterator[tuple[str, list[dict]]]:
@@ -159,7 +163,6 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
 
     with gr.Blocks(title=title, analytics_enabled=False) as page:
         gr.Markdown(f"## {title}\nUpload a video or pick an example, then ask about it.")
-        path_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
                 video = gr.Video(label="Video", sources=["upload"], format=None, elem_id="video")
@@ -184,9 +187,11 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
         # Gradio runs one event of a kind at a time unless told: let as many chats run as the
         # engine batches (more wait in Gradio's queue, showing their place), and as many
         # previews as it has decode workers.
-        video.change(on_video, inputs=[video], outputs=[frames, chatbot, path_state, status],
-                     concurrency_limit=limits.decode_workers)
-        question.submit(respond, inputs=[question, chatbot, path_state, max_tokens, temperature, top_p, seed],
+        # A question asked before the preview is done still goes with the video shown: the chat
+        # reads the video component itself, and the engine decodes (and caches) it on its own.
+        video.change(on_new_video, inputs=[video], outputs=[frames, chatbot, status], queue=False).then(
+            on_preview, inputs=[video], outputs=[frames, status], concurrency_limit=limits.decode_workers)
+        question.submit(respond, inputs=[question, chatbot, video, max_tokens, temperature, top_p, seed],
                         outputs=[question, chatbot], concurrency_limit=limits.max_batch)
         clear.click(lambda: [], outputs=[chatbot])
     return page
