@@ -52,17 +52,23 @@ def test_read_video_refuses_an_oversized_file(tmp_path):
     assert ui.read_video(path, 100) == b"x" * 100
 
 
-def test_example_videos(tmp_path):
-    folder = tmp_path / "videos"
+def test_example_videos_are_copied_into_the_served_folder(tmp_path):
+    folder, scratch = tmp_path / "videos", tmp_path / "scratch"
+    scratch.mkdir()
     with pytest.raises(NotADirectoryError, match="not a folder"):
-        ui.example_videos(folder, tmp_path)
+        ui.example_videos(folder, scratch, 100)
     folder.mkdir()
     (folder / "notes.txt").write_text("not a video")
     with pytest.raises(ValueError, match="no video files"):
-        ui.example_videos(folder, tmp_path)
-    for name in ("b.mp4", "a.MOV"):
-        (folder / name).write_bytes(b"")
-    assert [p.name for p in ui.example_videos(folder, tmp_path)] == ["a.MOV", "b.mp4"]
+        ui.example_videos(folder, scratch, 100)
+    (folder / "b.mp4").write_bytes(b"B")
+    (folder / "a.MOV").write_bytes(b"A")
+    got = ui.example_videos(folder, scratch, 100)
+    assert got == [scratch / "a.MOV", scratch / "b.mp4"] and got[0].read_bytes() == b"A"
+    assert not (scratch / "notes.txt").exists()
+    (folder / "c.mp4").write_bytes(b"C" * 101)
+    with pytest.raises(ValueError, match=r"c\.mp4: 101 bytes, over the server's 100-byte cap"):
+        ui.example_videos(folder, scratch, 100)
 
 
 def test_shapes_examples_decode(tmp_path):

@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import os
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -46,8 +47,9 @@ CSS = """
 def _gradio():
     try:
         import gradio as gr
-    except ImportError as e:  # an optional dependency: say how to get it
-        raise ModuleNotFoundError("the web UI needs gradio: pip install 'videollama[ui]'") from e
+    except ImportError as e:  # an optional dependency: one line saying how to get it (an OSError
+        # is what the CLI prints as `videollama: error: ...`)
+        raise OSError(f"the web UI needs gradio ({e}): pip install 'videollama[ui]'") from e
     return gr
 
 
@@ -161,7 +163,9 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
             history[-1] = {"role": "assistant", "content": f"{answer}\n[error: {e}]".lstrip()}
             yield "", history
 
-    with gr.Blocks(title=title, analytics_enabled=False) as page:
+    # Uploads and gallery images live in Gradio's cache folder: files older than 2 h are
+    # removed every hour, so a long-running server does not fill its disk.
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 7200)) as page:
         gr.Markdown(f"## {title}\nUpload a video or pick an example, then ask about it.")
         with gr.Row():
             with gr.Column(scale=1):
@@ -203,10 +207,11 @@ def mount_ui(app, engine, *, examples: Sequence[str | Path] = ()):
     page = build_ui(engine, examples=examples)
     theme = gr.themes.Default()  # fonts from Gradio's own static folder, not Google Fonts
     allowed = sorted({str(Path(p).resolve().parent) for p in examples})
+    # allowed_paths: the examples' folder only (a scratch copy, see example_videos), so that
+    # nothing else of the machine is served.
     return gr.mount_gradio_app(app, page, path="/", ssr_mode=False, mcp_server=False, pwa=False,
-                               allowed_paths=allowed, max_file_size=engine.limits.max_video_bytes, theme=theme,
-                               css=CSS,
-                               footer_links=[])
+                               allowed_paths=allowed, max_file_size=engine.limits.max_video_bytes,
+                               theme=theme, css=CSS, footer_links=[])
 
 
 def _api_app(engine):
@@ -235,7 +240,7 @@ def serving(engine, *, host: str = "127.0.0.1", port: int = 0, examples: Sequenc
         deadline = time.monotonic() + start_timeout_s
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
-                raise OSError(f"the web UI server did not start on {host}:{port}")
+                raise OSError(f"the web UI server did not start on {host}:{port} (is the port in use?)")
             time.sleep(0.05)
         bound = server.servers[0].sockets[0].getsockname()[1]
         yield f"http://{host}:{bound}/"
@@ -258,8 +263,9 @@ def shapes_examples(directory: Path, n: int = NUM_SHAPES_EXAMPLES, seed: int = 0
     return paths
 
 
-def example_videos(folder: Path | None, scratch: Path) -> list[Path]:
-    """The videos of ``folder`` (sorted, at most 12), or fresh Shapes clips in ``scratch``."""
+def example_videos(folder: Path | None, scratch: Path, cap: int) -> list[Path]:
+    """The example videos, in ``scratch`` (the only folder the page may serve them from): copies
+    of ``folder``'s videos (sorted, at most 12, each at most ``cap`` bytes), or fresh Shapes clips."""
     if folder is None:
         return shapes_examples(scratch)
     if not folder.is_dir():
@@ -267,7 +273,12 @@ def example_videos(folder: Path | None, scratch: Path) -> list[Path]:
     found = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
     if not found:
         raise ValueError(f"--examples {folder}: no video files ({', '.join(VIDEO_SUFFIXES)})")
-    return found[:12]
+    copies = []
+    for path in found[:12]:
+        copy = scratch / path.name
+        copy.write_bytes(read_video(path, cap))
+        copies.append(copy)
+    return copies
 
 
 # ---- the `videollama chat` command -----------------------------------------------------
@@ -307,11 +318,14 @@ def run(args: argparse.Namespace) -> int:
     if args.examples is not None and not args.examples.is_dir():
         raise NotADirectoryError(f"--examples {args.examples}: not a folder")
     _gradio()  # a missing optional dependency fails before any weights are read
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"videollama chat: warning: listening on {args.host}: the page and the API ask for no key, "
+              "anyone who can reach this address can use the model", file=sys.stderr)
     engine = load_engine(args)
     engine.start()
     try:
         with tempfile.TemporaryDirectory(prefix="videollama-chat-") as scratch:
-            examples = example_videos(args.examples, Path(scratch))
+            examples = example_videos(args.examples, Path(scratch), engine.limits.max_video_bytes)
             with serving(engine, host=args.host, port=args.port, examples=examples,
                          with_api=not args.no_api) as url:
                 api = "" if args.no_api else f" (API at {url}v1)"
