@@ -140,6 +140,24 @@ def test_streaming_equals_non_streamed(env, server):
     assert lines[-1] == "data: [DONE]"
 
 
+def test_stop_strings_and_seeds(env, server):
+    client = server.client()
+    messages = [video_message(env["red"], "how many objects are there?")]
+    whole = client.chat.completions.create(model="model", messages=messages, max_tokens=MAX, temperature=0)
+    text = whole.choices[0].message.content
+    assert len(text) >= 4, text  # the (fixed) random model says enough for a stop string inside it
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = client.chat.completions.create(model="model", messages=messages, max_tokens=MAX, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == text[: text.index(stop)].rstrip()
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="model", messages=messages, max_tokens=MAX, temperature=0,
+                                              stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut.choices[0].message.content
+    sampled = [client.chat.completions.create(model="model", messages=messages, max_tokens=MAX, temperature=1.0,
+                                              top_p=0.9, seed=seed).choices[0].message.content for seed in (5, 5, 6)]
+    assert sampled[0] == sampled[1]  # a seeded request draws the same tokens
+
+
 def test_multi_turn_encodes_the_video_once(env, server):
     client = server.client()
     video = env["blue"]  # not sent by any other test: its first request is a cache miss
