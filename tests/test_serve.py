@@ -241,7 +241,7 @@ def test_errors(env, server):
 @pytest.fixture(scope="module")
 def strict(env):
     limits = ServeLimits(max_batch=1, max_queue=1, request_timeout_s=1.0, max_video_duration_s=3.0,
-                         max_video_pixels=10_000, retry_after_s=7)
+                         max_video_pixels=10_000, retry_after_s=7, max_model_len=16)
     engine = Engine.from_model_dir(env["model_dir"], limits=limits)
     with LiveServer(engine) as live:
         yield live
@@ -258,6 +258,17 @@ def test_video_limits_name_the_limit(env, strict):
     with pytest.raises(openai.BadRequestError) as e:
         _video_request(client, data_url(big))
     assert e.value.body["code"] == "video_too_large" and "--max-video-pixels" in e.value.message
+
+
+def test_max_model_len(strict):
+    client = strict.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="model", messages=[{"role": "user", "content": "red " * 20}])
+    assert e.value.body["code"] == "context_length_exceeded" and "--max-model-len" in e.value.message
+    r = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}], max_tokens=32)
+    assert r.usage.total_tokens <= 16
+    if r.choices[0].finish_reason == "length":  # else the model ended its answer before the cache did
+        assert r.usage.total_tokens == 16
 
 
 def test_queue_full_and_deadline(strict):
