@@ -271,6 +271,22 @@ def test_max_model_len(strict):
         assert r.usage.total_tokens == 16
 
 
+def test_a_client_that_goes_away_frees_its_place(strict):
+    engine = strict.engine
+    engine.pause()  # the request waits in the queue; only its client's leaving can free it
+    try:
+        sent = time.monotonic()
+        with httpx.stream("POST", strict.url + "/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}) as r:
+            first = next(r.iter_lines())
+            assert first.startswith("data: ") and engine.in_system == 1
+        while engine.in_system and time.monotonic() < sent + 5:
+            time.sleep(0.005)
+        assert engine.in_system == 0 and time.monotonic() - sent < 1.0  # freed before its 1 s deadline
+    finally:
+        engine.resume()
+
+
 def test_queue_full_and_deadline(strict):
     engine, client = strict.engine, strict.client()
     text = [{"role": "user", "content": "hi"}]
