@@ -6,6 +6,7 @@ prompt ids and on frames decoded by ``load_clip`` (what eval does), timestamps f
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -321,3 +322,32 @@ def test_queue_full_and_deadline(strict):
     r = client.chat.completions.create(model="model", messages=text, max_tokens=2)  # serving again
     assert r.choices[0].finish_reason in ("stop", "length")
     assert engine.in_system == 0
+
+
+def test_deadline_during_generation(env):
+    """A deadline that passes while tokens are being generated: 504, or an error event that ends
+    the stream after the text so far."""
+    from videollama.model.batch import BatchDecoder
+
+    class SlowDecoder(BatchDecoder):  # the real decoder, 0.2 s a step
+        def step(self):
+            time.sleep(0.2)
+            return super().step()
+
+    limits = ServeLimits(request_timeout_s=0.7)
+    engine = Engine.from_model_dir(env["model_dir"], limits=limits, decoder_factory=SlowDecoder)
+    with LiveServer(engine) as live:
+        client = live.client()
+        text = [{"role": "user", "content": "what color is it?"}]
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="model", messages=text, max_tokens=32)
+        assert e.value.status_code == 504 and "--request-timeout-s" in e.value.message
+        with httpx.stream("POST", live.url + "/v1/chat/completions",
+                          json={"messages": text, "max_tokens": 32, "stream": True}) as r:
+            events = [li.removeprefix("data: ") for li in r.iter_lines() if li]
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        error = json.loads(events[-2])
+        assert error["error"]["code"] == "timeout"
+        deltas = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2]]
+        assert len(deltas) >= 2 and any(deltas)  # some text came before the deadline
+        assert engine.in_system == 0
