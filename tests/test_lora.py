@@ -49,8 +49,8 @@ def lora_cfg(base: Path, **top):
     return small_cfg(**{"model": {"preset": None, "init_from": str(base), "overrides": {}}, "lora": dict(LORA), **top})
 
 
-def run_in_process(cfg, run_dir: Path, steps: int):
-    """The run's own model after ``steps`` steps and a checkpoint, and its state before the first."""
+def run_in_process(cfg, run_dir: Path, steps: int, *, save: bool = True):
+    """The run's own model after ``steps`` steps and (``save``) a checkpoint, and its state before the first."""
     env = setup_distributed(60)
     try:
         run = setup_run(cfg, run_dir, env)
@@ -58,7 +58,8 @@ def run_in_process(cfg, run_dir: Path, steps: int):
         data = iter(run.loader)
         for _ in range(steps):
             train_step(run, data)
-        checkpoint_if_due(run, stop=True)
+        if save:
+            checkpoint_if_due(run, stop=True)
         return run, before
     finally:
         dist.destroy_process_group()
@@ -166,6 +167,14 @@ def test_recipe_rejects_bad_lora_sections(base: Path):
             small_cfg(lora={**LORA, **bad})
     with pytest.raises(ValueError, match="match no linear layer"):
         train(lora_cfg(base, lora={**LORA, "target_modules": ["qq_proj"]}), base.parent / "nothing")
+    from videollama.train.lora import target_modules
+    from videollama.train.recipe import LoraSection
+
+    with torch.device("meta"):
+        tied = VideoLlama(VideoLlamaConfig.from_name("tiny").with_overrides({"decoder.tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="ties lm_head"):
+        target_modules(tied, LoraSection(r=4, target_modules=["q_proj", "embed_tokens"], parts=["decoder", "embeddings"]))
+    assert len(target_modules(tied, LoraSection(r=4, target_modules=["q_proj"]))) == 2 * 2  # decoder + cross-attn q
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only message")
@@ -183,8 +192,8 @@ def test_qlora_on_cpu_says_it_needs_a_gpu(base: Path, tmp_path: Path, capsys):
 def test_qlora_trains_adapters_on_an_nf4_base(base: Path, tmp_path: Path):
     import bitsandbytes as bnb
 
-    run, before = run_in_process(lora_cfg(base, lora={**LORA, "quantize": "nf4"}, checkpoint={"at_end": False}),
-                                 tmp_path / "run", steps=4)
+    cfg = lora_cfg(base, lora={**LORA, "quantize": "nf4"}, deterministic=False)
+    run, before = run_in_process(cfg, tmp_path / "run", steps=4, save=False)
     q = run.model.decoder.layers[0].self_attn.q_proj
     assert isinstance(q.base_layer, bnb.nn.Linear4bit) and q.base_layer.weight.dtype == torch.uint8
     after = run.model.state_dict()
@@ -205,7 +214,8 @@ def test_qlora_trains_adapters_on_an_nf4_base(base: Path, tmp_path: Path):
     with torch.no_grad():
         got, want = run.model.eval()(**x).logits.float(), ref.eval()(**x).logits
     assert torch.isfinite(got).all()
-    assert (got - want).abs().mean() < 0.1 * want.abs().mean()
+    err = (got - want).abs().mean() / want.abs().mean()
+    assert 0 < err < 0.3, err  # NF4 rounding moves the logits, a little
 
 
 # ---- 2 ranks under torchrun -------------------------------------------------------------------

@@ -6,6 +6,7 @@ prompt ids and on frames decoded by ``load_clip`` (what eval does), timestamps f
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -140,6 +141,24 @@ def test_streaming_equals_non_streamed(env, server):
     assert lines[-1] == "data: [DONE]"
 
 
+def test_stop_strings_and_seeds(env, server):
+    client = server.client()
+    messages = [video_message(env["red"], "how many objects are there?")]
+    whole = client.chat.completions.create(model="model", messages=messages, max_tokens=MAX, temperature=0)
+    text = whole.choices[0].message.content
+    assert len(text) >= 4, text  # the (fixed) random model says enough for a stop string inside it
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = client.chat.completions.create(model="model", messages=messages, max_tokens=MAX, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == text[: text.index(stop)].rstrip()
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="model", messages=messages, max_tokens=MAX, temperature=0,
+                                              stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut.choices[0].message.content
+    sampled = [client.chat.completions.create(model="model", messages=messages, max_tokens=MAX, temperature=1.0,
+                                              top_p=0.9, seed=seed).choices[0].message.content for seed in (5, 5, 6)]
+    assert sampled[0] == sampled[1]  # a seeded request draws the same tokens
+
+
 def test_multi_turn_encodes_the_video_once(env, server):
     client = server.client()
     video = env["blue"]  # not sent by any other test: its first request is a cache miss
@@ -223,7 +242,7 @@ def test_errors(env, server):
 @pytest.fixture(scope="module")
 def strict(env):
     limits = ServeLimits(max_batch=1, max_queue=1, request_timeout_s=1.0, max_video_duration_s=3.0,
-                         max_video_pixels=10_000, retry_after_s=7)
+                         max_video_pixels=10_000, retry_after_s=7, max_model_len=16)
     engine = Engine.from_model_dir(env["model_dir"], limits=limits)
     with LiveServer(engine) as live:
         yield live
@@ -240,6 +259,33 @@ def test_video_limits_name_the_limit(env, strict):
     with pytest.raises(openai.BadRequestError) as e:
         _video_request(client, data_url(big))
     assert e.value.body["code"] == "video_too_large" and "--max-video-pixels" in e.value.message
+
+
+def test_max_model_len(strict):
+    client = strict.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="model", messages=[{"role": "user", "content": "red " * 20}])
+    assert e.value.body["code"] == "context_length_exceeded" and "--max-model-len" in e.value.message
+    r = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}], max_tokens=32)
+    assert r.usage.total_tokens <= 16
+    if r.choices[0].finish_reason == "length":  # else the model ended its answer before the cache did
+        assert r.usage.total_tokens == 16
+
+
+def test_a_client_that_goes_away_frees_its_place(strict):
+    engine = strict.engine
+    engine.pause()  # the request waits in the queue; only its client's leaving can free it
+    try:
+        sent = time.monotonic()
+        with httpx.stream("POST", strict.url + "/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}) as r:
+            first = next(r.iter_lines())
+            assert first.startswith("data: ") and engine.in_system == 1
+        while engine.in_system and time.monotonic() < sent + 5:
+            time.sleep(0.005)
+        assert engine.in_system == 0 and time.monotonic() - sent < 1.0  # freed before its 1 s deadline
+    finally:
+        engine.resume()
 
 
 def test_queue_full_and_deadline(strict):
@@ -276,3 +322,32 @@ def test_queue_full_and_deadline(strict):
     r = client.chat.completions.create(model="model", messages=text, max_tokens=2)  # serving again
     assert r.choices[0].finish_reason in ("stop", "length")
     assert engine.in_system == 0
+
+
+def test_deadline_during_generation(env):
+    """A deadline that passes while tokens are being generated: 504, or an error event that ends
+    the stream after the text so far."""
+    from videollama.model.batch import BatchDecoder
+
+    class SlowDecoder(BatchDecoder):  # the real decoder, 0.2 s a step
+        def step(self):
+            time.sleep(0.2)
+            return super().step()
+
+    limits = ServeLimits(request_timeout_s=0.7)
+    engine = Engine.from_model_dir(env["model_dir"], limits=limits, decoder_factory=SlowDecoder)
+    with LiveServer(engine) as live:
+        client = live.client()
+        text = [{"role": "user", "content": "what color is it?"}]
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="model", messages=text, max_tokens=32)
+        assert e.value.status_code == 504 and "--request-timeout-s" in e.value.message
+        with httpx.stream("POST", live.url + "/v1/chat/completions",
+                          json={"messages": text, "max_tokens": 32, "stream": True}) as r:
+            events = [li.removeprefix("data: ") for li in r.iter_lines() if li]
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        error = json.loads(events[-2])
+        assert error["error"]["code"] == "timeout"
+        deltas = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2]]
+        assert len(deltas) >= 2 and any(deltas)  # some text came before the deadline
+        assert engine.in_system == 0

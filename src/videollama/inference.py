@@ -50,7 +50,11 @@ def load_for_inference(model_dir: str | Path, *, adapter: str | Path | None = No
 
         model = load_adapter(model, adapter, merge=True)
     if quantize not in (None, "none"):
-        from videollama.model.quantize import quantize_model
-
+        try:
+            from videollama.model.quantize import quantize_model
+        except ModuleNotFoundError as e:
+            if e.name != "videollama.model.quantize":
+                raise
+            raise ValueError(f"--quantize {quantize}: this installation has no videollama.model.quantize") from e
         model = quantize_model(model, quantize) or model
     return model.eval(), tokenizer

@@ -116,7 +116,7 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             if req.n != 1:
                 raise APIError(400, "only n=1 is supported", param="n")
             submitted = await engine.submit(
-                req.messages, max_tokens=req.max_tokens or req.max_completion_tokens,
+                req.messages, max_tokens=req.max_tokens if req.max_tokens is not None else req.max_completion_tokens,
                 temperature=0.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p, stop=req.stop, seed=req.seed)
         except APIError as e:

@@ -43,6 +43,7 @@ from videollama.serve import media
 from videollama.serve.cache import VideoCache, VideoEntry, content_hash
 from videollama.serve.limits import APIError, ServeLimits
 from videollama.serve.metrics import Metrics
+from videollama.serve.prompt import build_prompt
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,12 @@ class Engine:
         self.cache = VideoCache(self.limits.cache_bytes, self.limits.cache_entries)
         self.metrics = Metrics()
         dec = model.config.decoder
-        self.eos_id, self.max_seq_len = dec.eos_token_id, dec.max_seq_len
+        if self.limits.max_model_len > dec.max_seq_len:
+            raise ValueError(f"--max-model-len {self.limits.max_model_len} is over the model's max_seq_len "
+                             f"{dec.max_seq_len}")
+        self.eos_id, self.max_seq_len = dec.eos_token_id, self.limits.max_model_len or dec.max_seq_len
         factory = decoder_factory or _default_decoder
-        self.decoder = factory(model, max_batch=self.limits.max_batch, max_len=dec.max_seq_len, compile=compile)
+        self.decoder = factory(model, max_batch=self.limits.max_batch, max_len=self.max_seq_len, compile=compile)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._active: dict[int, _Request] = {}
         self._cv = threading.Condition()
@@ -167,61 +171,7 @@ class Engine:
     # ---- prompts ------------------------------------------------------------------------------
     def build_prompt(self, messages: list) -> tuple[list[int], list[dict]]:
         """Token ids of the conversation, ending ready for the answer, and its video parts."""
-        from videollama.data.tokenizer import (
-            ANSWER,
-            QUESTION,
-            SPECIAL_TOKENS,
-            VIDEO,
-            encode_prompt,
-            videoqa_prompt,
-        )
-
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "messages must be a non-empty list", param="messages")
-        if len(messages) > self.limits.max_messages:
-            raise APIError(400, f"{len(messages)} messages, over the server's limit of {self.limits.max_messages} "
-                           "(--max-messages)", param="messages")
-        turns, videos, chars, system = [], [], 0, []
-        for i, m in enumerate(messages):
-            role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            if role not in ("system", "user", "assistant") or not isinstance(parts, list):
-                raise APIError(400, f"messages[{i}] needs a role (system, user, assistant) and content",
-                               param=f"messages[{i}]")
-            texts = []
-            for part in parts:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
-                elif kind in ("video_url", "video") and role == "user":
-                    videos.append(part)
-                else:
-                    raise APIError(400, f"messages[{i}]: unsupported content part {kind!r} (text, or video_url "
-                                   "in a user message)", param=f"messages[{i}].content")
-            text = " ".join(t.strip() for t in texts if t.strip())
-            chars += len(text)
-            if any(s in text for s in SPECIAL_TOKENS):
-                raise APIError(400, f"messages[{i}] contains a reserved token ({', '.join(SPECIAL_TOKENS)})",
-                               param=f"messages[{i}].content")
-            if role == "system":
-                system.append(text)
-            else:
-                turns.append((role, text))
-        if chars > self.limits.max_prompt_chars:
-            raise APIError(400, f"the messages hold {chars} characters, over the server's limit of "
-                           f"{self.limits.max_prompt_chars} (--max-prompt-chars)", param="messages")
-        if not turns or turns[-1][0] != "user":
-            raise APIError(400, "the last message must be the user's", param="messages")
-        prompt = " ".join(system)
-        for role, text in turns:
-            if role == "user":
-                prompt += videoqa_prompt(text)[len(VIDEO):] if prompt or not videos else videoqa_prompt(text)
-            else:
-                prompt += f"{text}</s>"
-        if videos and not prompt.startswith(VIDEO):
-            prompt = VIDEO + prompt
-        assert prompt.endswith(ANSWER) and QUESTION in prompt
-        return encode_prompt(self.tokenizer, prompt), videos
+        return build_prompt(self.tokenizer, messages, self.limits)
 
     # ---- chat ---------------------------------------------------------------------------------
     async def chat(self, messages: list, *, max_tokens: int | None = None, temperature: float = 0.0,
@@ -277,8 +227,8 @@ class Engine:
         ids, videos = self.build_prompt(messages)
         budget = self.max_seq_len - len(ids)
         if budget < 1:
-            raise APIError(400, f"the prompt is {len(ids)} tokens, which leaves no room in the model's context of "
-                           f"{self.max_seq_len}", param="messages", code="context_length_exceeded")
+            raise APIError(400, f"the prompt is {len(ids)} tokens, which leaves no room in the server's context of "
+                           f"{self.max_seq_len} tokens (--max-model-len)", param="messages", code="context_length_exceeded")
         video, key = None, None
         if videos:
             blobs = [await asyncio.to_thread(self.video_from_part, part) for part in videos]

@@ -34,11 +34,12 @@ class ServeLimits:
     cache_bytes: int = 512 * MiB            # the video cache (encoder outputs + cross-attn K/V)
     cache_entries: int = 64
     retry_after_s: int = 1                  # the Retry-After header of a 429
+    max_model_len: int = 0                  # prompt + new tokens per request, the KV cache's length (0: the model's)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value <= 0:
+            if value <= 0 and not (f.name == "max_model_len" and value == 0):
                 raise ValueError(f"serve limit {f.name} must be > 0, got {value}")
 
 
@@ -60,6 +61,8 @@ _HELP = {
     "cache_bytes": "video cache size, bytes (encoder outputs and cross-attention K/V)",
     "cache_entries": "videos in the video cache",
     "retry_after_s": "Retry-After seconds sent with a 429",
+    "max_model_len": "tokens of prompt + answer per request, the length of each KV-cache row; a shorter "
+                     "cache makes each decode step cheaper (0: the model's max_seq_len; 400 above)",
 }
 
 

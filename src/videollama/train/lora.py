@@ -38,13 +38,16 @@ ADAPTER_NAME = "default"
 _PATTERN = set("*?[.")
 
 
+_LORA_INFIXES = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.")
+
+
 def is_lora_param(name: str) -> bool:
     """Whether the parameter ``name`` (of a model with adapters) is a LoRA A or B matrix."""
-    return ".lora_A." in name or ".lora_B." in name
+    return any(infix in name for infix in _LORA_INFIXES)
 
 
 def target_modules(model: nn.Module, section: LoraSection) -> list[str]:
-    """Full names of the linear layers of ``model`` that ``section`` adapts, in module order.
+    """Full names of the linear (and embedding) layers of ``model`` that ``section`` adapts, in module order.
 
     A bare name matches the last component of a module in one of ``section.parts``; a pattern
     (a dot or wildcard in it) is fnmatch-ed against the full module name, whatever its part."""
@@ -52,7 +55,7 @@ def target_modules(model: nn.Module, section: LoraSection) -> list[str]:
         raise ValueError("the model already has LoRA adapters")
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
         for target in section.target_modules:
             if _PATTERN & set(target):
@@ -62,6 +65,10 @@ def target_modules(model: nn.Module, section: LoraSection) -> list[str]:
             if hit:
                 names.append(name)
                 break
+    tied = getattr(getattr(getattr(model, "config", None), "decoder", None), "tie_word_embeddings", False)
+    if tied and any(isinstance(model.get_submodule(n), nn.Embedding) or n == "lm_head" for n in names):
+        raise ValueError("lora: the model ties lm_head to the token embedding; an adapter on either would change "
+                         "the other on merge. Leave embed_tokens and lm_head out of lora.target_modules")
     if not names:
         raise ValueError(f"lora.target_modules {section.target_modules} (parts {section.parts}) match no linear "
                          "layer of the model; see `videollama info` for module names")
