@@ -243,7 +243,12 @@ def wait_gallery(browser, timestamps, pixels) -> None:
     last: list = [None, 0]
 
     def shown():
-        captions, images = gallery(browser)
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        try:  # the gallery may be re-rendering under our feet: look again
+            captions, images = gallery(browser)
+        except (StaleElementReferenceException, AssertionError, OSError):
+            return False
         last[:] = [captions, len(images)]
         return (captions == expected and len(images) == len(pixels)
                 and all(np.array_equal(a, b) for a, b in zip(images, pixels)))
