@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the project's own range (torch>=2.6) is then already met,
 	# so pip never reaches for a multi-GB CUDA build.
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[hf,eval,plot,dev,lora]'
+	$(BIN)/pip install -q -e '.[hf,eval,plot,dev,serve,lora,quant,ui]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +22,22 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
-test: $(STAMP) lint
+# The web UI's test (tests/test_ui_browser.py) drives Debian's Chromium through its chromedriver.
+# As root (CI on a fresh machine) missing ones are installed with apt-get; as any other user
+# this only warns, and that test then FAILS with the same advice: it is never skipped.
+BROWSER_PKGS := chromium chromium-driver
+
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing $(BROWSER_PKGS) for the web UI test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PKGS); \
+	else \
+		echo "warning: chromium/chromedriver missing and not root: tests/test_ui_browser.py will fail;" \
+		     "install them with: sudo apt-get install -y $(BROWSER_PKGS)" >&2; \
+	fi
+
+test: $(STAMP) lint browser
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)

@@ -224,3 +224,39 @@ def test_generate_in_bfloat16(model):
     got = generate(m, x, v, max_new_tokens=4)
     # The first token comes from the prefill alone: it must equal the bf16 full forward's choice.
     assert got.shape == (1, 4) and int(got[0, 0]) == int(m(x, v).logits[0, -1].argmax())
+
+
+# ---- the static-shape step and its compiled form ----------------------------------------
+
+def test_static_cache_equals_dynamic_cache(model):
+    v = video(b=3)
+    prompts = [ids(t=3, seed=40), ids(t=8, seed=41), ids(t=5, seed=42)]
+    t = max(p.shape[1] for p in prompts)
+    batch = torch.cat([torch.cat([torch.zeros(1, t - p.shape[1], dtype=torch.long), p], 1) for p in prompts])
+    mask = (torch.arange(t)[None] >= torch.tensor([[t - p.shape[1]] for p in prompts])).long()
+    for vid in (None, v):
+        static = generate(model, batch, vid, max_new_tokens=12, attention_mask=mask)
+        dynamic = generate(model, batch, vid, max_new_tokens=12, attention_mask=mask, cache="dynamic")
+        assert torch.equal(static, dynamic)
+    with pytest.raises(ValueError, match="cache must be"):
+        generate(model, batch, max_new_tokens=2, cache="paged")
+    with pytest.raises(ValueError, match="compile=True needs"):
+        generate(model, batch, max_new_tokens=2, cache="dynamic", compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_step_compiles_once(model):
+    from torch._dynamo.utils import counters
+
+    from videollama.model.generate import _COMPILED
+
+    torch._dynamo.reset()
+    counters.clear()
+    x, v = ids(b=2, t=6), video(b=2)
+    for vid in (None, v):
+        eager = generate(model, x, vid, max_new_tokens=16)
+        got = generate(model, x, vid, max_new_tokens=16, compile=True)
+        assert "failed" not in _COMPILED, _COMPILED.get("failed")
+        assert torch.equal(got, eager)
+    # 2 x 15 steps, each at another position and cache length used: one graph per media / no media.
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])

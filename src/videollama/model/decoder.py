@@ -31,8 +31,22 @@ class KVCache:
     k: torch.Tensor
     v: torch.Tensor
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, kv_heads, T, hd] at positions start..start+T; return everything so far."""
+    def update(self, start: int | torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, kv_heads, T, hd] at positions start..start+T; return everything so far.
+
+        ``start`` may also be a tensor [B] of per-row write positions (one new token, T == 1):
+        the static-shape decode step. Each row's k/v is scattered at its own position and the
+        whole cache [B, kv_heads, max_len, hd] is returned, so shapes never change from step to
+        step (``torch.compile`` compiles the step once); the key mask hides unwritten slots.
+        """
+        if isinstance(start, torch.Tensor):
+            if k.shape[2] != 1:
+                raise ValueError(f"per-row cache writes take one token per row, got {k.shape[2]}")
+            index = start.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # [B, KV, 1, hd]
+            self.k.scatter_(2, index, k)
+            self.v.scatter_(2, index, v)
+            return self.k, self.v
         end = start + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; writing up to {end}")
@@ -90,13 +104,21 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask_for(key_mask: torch.Tensor | None, t: int, start: int) -> torch.Tensor | None:
+def attention_mask_for(key_mask: torch.Tensor | None, t: int, start: int | torch.Tensor) -> torch.Tensor | None:
     """The boolean attention mask [B, 1, T, S] for T queries at positions start..start+T-1.
 
     key_mask: [B, S] with S = start + T, 1 for real tokens and 0 for (left) padding, or None.
     Returns None where plain causal attention is exact (no padding, and either a fresh
     sequence or one new token), so SDPA can take its fastest path.
+
+    Static-shape decoding (``start`` a tensor [B] of per-row cache positions, T == 1): key_mask
+    is then required, [B, max_len], True at every cache slot the new token may see (its
+    row's real past tokens and itself); the mask is that, [B, 1, 1, max_len].
     """
+    if isinstance(start, torch.Tensor):
+        if key_mask is None or t != 1:
+            raise ValueError("per-row cache positions need a [B, max_len] key_mask and one token per row")
+        return key_mask.bool()[:, None, None, :]
     if key_mask is None and (start == 0 or t == 1):
         return None
     s = start + t
@@ -153,15 +175,20 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor,
                 key_mask: torch.Tensor | None = None,
                 media: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                kv_caches: list[KVCache] | None = None, start: int = 0,
-                media_index: torch.Tensor | None = None) -> torch.Tensor:
+                kv_caches: list[KVCache] | None = None, start: int | torch.Tensor = 0,
+                media_index: torch.Tensor | None = None,
+                media_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [B, T, D] (after the final norm).
 
         input_ids, positions: [B, T]; key_mask: [B, start+T] (1 = real token) or None;
         media: the visual latents [B, L, D_v], or their per-block (k, v) from :meth:`project_media`,
         or None for text only (cross-attention skipped); media_index: [B] or None, which video of
         media [V, ...] each row reads (several text rows about one clip share its latents);
-        kv_caches / start: generation's caches and where these tokens go in them.
+        kv_caches / start: generation's caches and where these tokens go in them (``start`` an
+        int, or a tensor [B] of per-row positions for one token per row, see :meth:`KVCache.update`);
+        media_rows: bool [B] or None: with media, only rows marked True read it, and every other
+        row passes each cross-attention block unchanged, exactly as with ``media=None``
+        (continuous batching mixes rows with and without a video in one step).
         """
         x = self.embed_tokens(input_ids)  # [B, T, D]
         c = self.config
@@ -174,8 +201,9 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             if media is not None and every > 0 and i % every == 0:
                 k = i // every
-                x = self.cross_attn_layers[k](x, media if isinstance(media, torch.Tensor) else media[k],
-                                              media_index=media_index)
+                crossed = self.cross_attn_layers[k](x, media if isinstance(media, torch.Tensor) else media[k],
+                                                    media_index=media_index)
+                x = crossed if media_rows is None else torch.where(media_rows[:, None, None], crossed, x)
             cache = kv_caches[i] if kv_caches is not None else None
             x = layer(x, cos, sin, mask=mask, cache=cache, start=start)
         return self.norm(x)

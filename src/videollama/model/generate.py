@@ -1,14 +1,18 @@
 """Text generation with a KV cache, and the ``videollama generate`` command.
 
 In the gpt-fast spirit: small pure functions. :func:`prefill` runs the prompt once and fills
-the static KV caches; :func:`decode_one_token` runs one new token per row against them. The
-visual latents and every cross-attention block's keys/values are computed once per video,
-before the prompt. Greedy when ``temperature == 0``, else temperature + nucleus sampling.
+the static KV caches; :func:`decode_step` runs one new token per row against them with
+shapes that never change from step to step (the whole [B, max_len] cache, a [B, max_len] key
+mask, per-row write positions as a tensor), so ``torch.compile`` compiles it once
+(:func:`compiled_decode_step`). The visual latents and every cross-attention block's
+keys/values are computed once per video, before the prompt. Greedy when ``temperature == 0``,
+else temperature + nucleus sampling.
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,11 +38,56 @@ def prefill(model: VideoLlama, input_ids: torch.Tensor, *, attention_mask: torch
 def decode_one_token(model: VideoLlama, token: torch.Tensor, *, position: torch.Tensor,
                      key_mask: torch.Tensor | None, media_kv: MediaKV | None, kv_caches: list[KVCache],
                      start: int) -> torch.Tensor:
-    """token, position: [B, 1]; key_mask: [B, start+1] or None when no row is padded.
-    Writes cache slot ``start``; returns logits [B, V]."""
+    """The growing-slice step (``generate(..., cache="dynamic")``, the reference for the static
+    step): token, position: [B, 1]; key_mask: [B, start+1] or None when no row is padded.
+    Writes cache slot ``start``; attends to slots 0..start; returns logits [B, V]."""
     logits = model.decode(token, positions=position, key_mask=key_mask, media=media_kv,
                           kv_caches=kv_caches, start=start)
     return logits[:, -1]
+
+
+def decode_step(model: VideoLlama, token: torch.Tensor, *, position: torch.Tensor, write_pos: torch.Tensor,
+                key_mask: torch.Tensor, media_kv: MediaKV | None, kv_caches: list[KVCache],
+                media_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per row, static shapes: logits [B, V].
+
+    token, position: [B, 1] long (the token fed and its rotary position); write_pos: [B] long,
+    the cache slot each row writes; key_mask: bool [B, max_len], True at the slots each row's
+    token may see, its own write slot included (the caller sets it); media_kv: per
+    cross-attention block (k, v) [B, H, L, hd], or None; media_rows: bool [B] or None, which rows
+    read media_kv (the others pass the cross-attention blocks unchanged, as with no video).
+    """
+    hidden = model.decoder(token, positions=position, key_mask=key_mask, media=media_kv,
+                           kv_caches=kv_caches, start=write_pos, media_rows=media_rows)  # [B, 1, D]
+    return model.lm_head(hidden[:, -1])
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_decode_step():
+    """:func:`decode_step` through ``torch.compile(dynamic=False)``, built once per process.
+
+    Its inputs keep their shapes from step to step, so it compiles once per batch/cache shape
+    (and once more for each of media / no media); the first call pays the compile (seconds to
+    minutes on a CPU, C++ compiler needed). :func:`run_step` falls back to eager on failure.
+    """
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(decode_step, dynamic=False)
+    return _COMPILED["step"]
+
+
+def run_step(compile: bool, *args, **kwargs) -> torch.Tensor:
+    """:func:`decode_step`, compiled when ``compile``; a failed compile warns once and then
+    runs eager for the rest of the process (``_COMPILED["failed"]`` records why)."""
+    if compile and "failed" not in _COMPILED:
+        try:
+            return compiled_decode_step()(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - inductor raises many kinds; eager is always correct
+            _COMPILED["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"torch.compile of the decode step failed ({_COMPILED['failed']}); "
+                          "decoding eagerly", RuntimeWarning, stacklevel=2)
+    return decode_step(*args, **kwargs)
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0,
@@ -61,13 +110,16 @@ def generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.Tensor | N
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None,
-             visual_latents: torch.Tensor | None = None) -> torch.Tensor:
+             visual_latents: torch.Tensor | None = None, compile: bool = False,
+             cache: str = "static") -> torch.Tensor:
     """New tokens [B, T_new] (T_new <= max_new_tokens) after prompts input_ids [B, T].
 
     video: [B, F, 3, H, W] or None; visual_latents: [B, L, D_v] instead of video (to ask one
     video several questions without re-encoding it); attention_mask: [B, T] with 1 for real
     tokens, prompts LEFT-padded. A row that has emitted eos_token_id emits the pad id after;
-    generation stops early once every row has.
+    generation stops early once every row has. cache: "static" (the default: the fixed-shape
+    :func:`decode_step`, compiled with ``compile=True``) or "dynamic" (the growing-slice
+    :func:`decode_one_token`, eager; kept as the reference).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -75,6 +127,10 @@ def generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.Tensor | N
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if cache not in ("static", "dynamic"):
+        raise ValueError(f"cache must be 'static' or 'dynamic', not {cache!r}")
+    if compile and cache != "static":
+        raise ValueError("compile=True needs cache='static' (the dynamic cache changes shape every step)")
     model.check_tokens(input_ids, extra=max_new_tokens)
     b, t = input_ids.shape
     if attention_mask is None:
@@ -89,13 +145,22 @@ def generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.Tensor | N
     latents = model.visual_context(input_ids, video, visual_latents)
     # Every cross-attention block's keys/values, once per video rather than once per token.
     media_kv = model.decoder.project_media(latents) if latents is not None else None
-    kv_caches = model.decoder.new_kv_cache(b, t + max_new_tokens)
+    max_len = t + max_new_tokens
+    if compile:  # a cache length rounded up to 64 slots: other lengths reuse the compiled step
+        max_len = min(-(-max_len // 64) * 64, max(model.config.decoder.max_seq_len, max_len))
+    kv_caches = model.decoder.new_kv_cache(b, max_len)
     padded = not bool(attention_mask.all())
     pad_id = model.config.decoder.pad_token_id
 
     logits = prefill(model, input_ids, attention_mask=attention_mask, media_kv=media_kv, kv_caches=kv_caches)
     position = positions_from_mask(attention_mask, input_ids)[:, -1:]  # [B, 1]
-    key_mask = attention_mask
+    if cache == "static":
+        # Static shapes: the key mask covers the whole cache, the write slot is a tensor.
+        key_mask = torch.zeros(b, max_len, dtype=torch.bool, device=input_ids.device)
+        key_mask[:, :t] = attention_mask.bool()
+        write_pos = torch.full((b,), t, dtype=torch.long, device=input_ids.device)
+    else:
+        key_mask = attention_mask
     finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     new_tokens = []
     for step in range(max_new_tokens):
@@ -109,10 +174,16 @@ def generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.Tensor | N
         if step == max_new_tokens - 1:
             break
         position = position + 1
-        key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)  # [B, t+step+1]
-        logits = decode_one_token(model, token[:, None], position=position,
-                                  key_mask=key_mask if padded else None, media_kv=media_kv,
-                                  kv_caches=kv_caches, start=t + step)
+        if cache == "static":
+            key_mask[:, t + step] = True
+            logits = run_step(compile, model, token[:, None], position=position, write_pos=write_pos,
+                              key_mask=key_mask, media_kv=media_kv, kv_caches=kv_caches)
+            write_pos += 1
+        else:
+            key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)  # [B, t+step+1]
+            logits = decode_one_token(model, token[:, None], position=position,
+                                      key_mask=key_mask if padded else None, media_kv=media_kv,
+                                      kv_caches=kv_caches, start=t + step)
     return torch.stack(new_tokens, dim=1)
 
 

@@ -1,0 +1,8 @@
+"""Serving: ``videollama serve``, an OpenAI-compatible HTTP API over one model directory, and
+``videollama chat``, a web chat page over the same engine.
+
+engine.py: the scheduler and the in-process API (``Engine``); app.py: the HTTP routes;
+media.py: video sources, allowlists and sandboxed decoding; cache.py: the video cache;
+limits.py: every limit and its error; metrics.py: Prometheus text; cli.py: the command;
+ui.py: the Gradio page and ``videollama chat``.
+"""

@@ -1,0 +1,69 @@
+"""``videollama serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn) for a model directory.
+
+Binds 127.0.0.1 unless ``--host`` says otherwise. The API key comes from ``--api-key`` or the
+``VIDEOLLAMA_API_KEY`` environment variable; without one the server warns and asks for none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from videollama.serve.limits import add_limit_arguments, limits_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from videollama.inference import add_model_arguments
+
+    add_model_arguments(parser)  # --model, --adapter, --quantize
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="required as 'Authorization: Bearer KEY' on every route "
+                        "but /health (default: $VIDEOLLAMA_API_KEY)")
+    parser.add_argument("--served-model-name", default=None, help="the model id of the API (default: the "
+                        "directory's name)")
+    parser.add_argument("--allowed-local-media-path", type=Path, default=None,
+                        help="file:// video URLs are read only under this folder (default: refused)")
+    parser.add_argument("--allowed-media-domains", nargs="*", default=[], metavar="DOMAIN",
+                        help="http(s) video URLs are fetched only from these hosts (.example.com: its "
+                        "subdomains too); private and loopback addresses are refused anyway")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    add_limit_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from videollama.serve.app import create_app
+    from videollama.serve.engine import Engine
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    limits = limits_from_args(args)
+    if not (args.model / "config.json").is_file():
+        raise FileNotFoundError(f"serve: {args.model} is not a model directory (no config.json)")
+    if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
+        raise FileNotFoundError(f"--allowed-local-media-path {args.allowed_local_media_path}: no such folder")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be 1 to 65535, got {args.port}")
+    api_key = args.api_key or os.environ.get("VIDEOLLAMA_API_KEY") or None
+    if api_key is None:
+        logging.getLogger(__name__).warning("no API key (--api-key or VIDEOLLAMA_API_KEY): any local client may call")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = Engine.from_model_dir(args.model, device=device, adapter=args.adapter, quantize=args.quantize,
+                                   limits=limits, compile=args.compile,
+                                   allowed_local_path=args.allowed_local_media_path,
+                                   allowed_domains=tuple(args.allowed_media_domains))
+    if args.served_model_name:
+        engine.name = args.served_model_name
+    engine.start()
+    try:
+        uvicorn.run(create_app(engine, api_key=api_key), host=args.host, port=args.port, log_level="info",
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,387 @@
+"""The serving engine: one scheduler thread owns the model and decodes every request together.
+
+In-process API (the HTTP server in app.py and the ``videollama chat`` UI both use it)::
+
+    engine = Engine.from_model_dir("runs/model", limits=ServeLimits())   # loads, does not start
+    engine.start()                                   # the scheduler thread
+    pixels, timestamps = engine.preview(video_bytes)  # uint8 [F, S, S, 3] as the model sees them, seconds
+    async for event in engine.chat(messages, max_tokens=32, temperature=0.0, top_p=1.0, stop=None, seed=None):
+        if isinstance(event, str): ...                # a text delta
+        else: event.usage, event.finish_reason, event.timestamps  # the final ChatResult
+    engine.close()
+
+``messages`` are OpenAI chat messages: ``{"role": "system"|"user"|"assistant", "content": str |
+[parts]}``, a part being ``{"type": "text", "text": ...}``, ``{"type": "video_url", "video_url":
+{"url": ...}}`` (data:, file:, http(s): under the engine's allowlists, see media.py) or, in
+process only, ``{"type": "video", "video": bytes}``. A conversation is about at most one video
+(its bytes may be sent again with every turn: the video cache makes that free).
+
+Prompt: the model directory's template, the one ``videollama eval`` uses
+(``videollama.data.tokenizer.videoqa_prompt`` + ``encode_prompt``): a single user turn with one
+video and a question gives exactly eval's prompt. Later turns append ``answer </s>`` and
+``<|question|> next question <|answer|>``. Decoding of the video follows the directory's own
+``preprocess`` spec; no request value changes it.
+
+Scheduling: requests wait in a FIFO; between decode steps the scheduler admits waiting ones into
+the decoder's free rows (prefill with the video's cached cross-attention K/V), runs one step for
+all rows, hands each row's token to its request (stop strings, ``max_tokens``, EOS, deadline,
+client gone), and removes finished rows. Tokens reach each request's asyncio queue through
+``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from videollama.serve import media
+from videollama.serve.cache import VideoCache, VideoEntry, content_hash
+from videollama.serve.limits import APIError, ServeLimits
+from videollama.serve.metrics import Metrics
+from videollama.serve.prompt import build_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatResult:
+    """The end of a chat: the whole ``text``, why it ended (``stop`` / ``length``), token counts
+    and the timestamps (s) of the frames the model saw (None without a video)."""
+
+    text: str
+    finish_reason: str
+    usage: dict
+    timestamps: list[float] | None
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    video: object                        # VideoEntry (cached), DecodedVideo (to encode) or None
+    key: str | None
+    max_new: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival: float = field(default_factory=time.monotonic)
+    tokens: list[int] = field(default_factory=list)
+    generated: int = 0
+    sent: int = 0
+    slot: int | None = None
+    cancelled: bool = False
+    done: bool = False
+    timestamps: list[float] | None = None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, limits: ServeLimits | None = None, name: str = "videollama",
+                 allowed_local_path: Path | None = None, allowed_domains: tuple[str, ...] = (),
+                 decoder_factory=None, compile: bool = False) -> None:
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.limits = limits or ServeLimits()
+        self.allowed_local_path = Path(allowed_local_path) if allowed_local_path else None
+        self.allowed_domains = tuple(allowed_domains)
+        self.cache = VideoCache(self.limits.cache_bytes, self.limits.cache_entries)
+        self.metrics = Metrics()
+        dec = model.config.decoder
+        if self.limits.max_model_len > dec.max_seq_len:
+            raise ValueError(f"--max-model-len {self.limits.max_model_len} is over the model's max_seq_len "
+                             f"{dec.max_seq_len}")
+        self.eos_id, self.max_seq_len = dec.eos_token_id, self.limits.max_model_len or dec.max_seq_len
+        factory = decoder_factory or _default_decoder
+        self.decoder = factory(model, max_batch=self.limits.max_batch, max_len=self.max_seq_len, compile=compile)
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._active: dict[int, _Request] = {}
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = self._paused = False
+        self.in_system = 0  # requests inside chat(), preparing, waiting or decoding
+        self._decode_slots = threading.BoundedSemaphore(self.limits.decode_workers)
+
+    @classmethod
+    def from_model_dir(cls, model_dir, *, device=None, adapter=None, quantize=None, **kwargs) -> Engine:
+        """Load ``model_dir`` (config.json, weights, tokenizer.json; a LoRA ``adapter`` merged in,
+        ``quantize`` none/int8/int4) the way generate and eval do, and build an engine (not started)."""
+        from videollama.inference import load_for_inference
+
+        model, tokenizer = load_for_inference(model_dir, adapter=adapter, quantize=quantize, device=device)
+        kwargs.setdefault("name", Path(model_dir).resolve().name)
+        return cls(model, tokenizer, **kwargs)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="videollama-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+
+    def pause(self) -> None:
+        """Stop admitting waiting requests (running ones go on): for draining, and for tests."""
+        with self._cv:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    # ---- videos -------------------------------------------------------------------------------
+    def video_from_part(self, part: dict) -> bytes:
+        """The bytes of a ``video_url`` (or in-process ``video``) content part; blocking."""
+        if part.get("type") == "video":
+            data = part.get("video")
+            if not isinstance(data, bytes | bytearray):
+                raise APIError(400, "a video part's 'video' must be bytes", param="messages")
+            if len(data) > self.limits.max_video_bytes:
+                from videollama.serve.limits import too_large
+
+                raise too_large("the video", len(data), self.limits.max_video_bytes, "--max-video-bytes")
+            return bytes(data)
+        url = (part.get("video_url") or {}).get("url") if isinstance(part.get("video_url"), dict) else None
+        return media.video_bytes(url, self.limits, allowed_local_path=self.allowed_local_path,
+                                 allowed_domains=self.allowed_domains)
+
+    def decode(self, data: bytes) -> media.DecodedVideo:
+        """Decode in a sandboxed worker (at most ``decode_workers`` at once); blocking."""
+        with self._decode_slots:
+            return media.decode_video(data, self.model.config.preprocess, self.limits)
+
+    def preview(self, data: bytes):
+        """(uint8 frames [F, S, S, 3] as the model sees them before normalisation, timestamps s)."""
+        video = self.decode(data)
+        return video.pixels.permute(0, 2, 3, 1).numpy(), video.timestamps
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def build_prompt(self, messages: list) -> tuple[list[int], list[dict]]:
+        """Token ids of the conversation, ending ready for the answer, and its video parts."""
+        return build_prompt(self.tokenizer, messages, self.limits)
+
+    # ---- chat ---------------------------------------------------------------------------------
+    async def chat(self, messages: list, *, max_tokens: int | None = None, temperature: float = 0.0,
+                   top_p: float = 1.0, stop: list[str] | str | None = None, seed: int | None = None):
+        """Async iterator of text deltas (str), then one :class:`ChatResult`. Raises APIError."""
+        request = await self.submit(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                    stop=stop, seed=seed)
+        async for event in self.events(request):
+            yield event
+
+    async def submit(self, messages: list, *, max_tokens: int | None = None, temperature: float = 0.0,
+                     top_p: float = 1.0, stop: list[str] | str | None = None, seed: int | None = None) -> _Request:
+        """Check, fetch and decode, then queue a request; raises APIError (429 when full)."""
+        lim = self.limits
+        with self._cv:
+            if self.in_system >= lim.max_batch + lim.max_queue:
+                raise APIError(429, f"the server is at its limit of {lim.max_batch} running and {lim.max_queue} "
+                               "queued requests (--max-batch, --max-queue); retry later", code="queue_full",
+                               headers={"Retry-After": str(lim.retry_after_s)})
+            self.in_system += 1  # back down in _finish, or below if the request never gets queued
+        try:
+            deadline = time.monotonic() + lim.request_timeout_s
+            return await self._prepare(messages, max_tokens, temperature, top_p, stop, seed, deadline)
+        except BaseException:
+            with self._cv:
+                self.in_system -= 1
+            raise
+
+    async def events(self, request: _Request):
+        """A submitted request's text deltas, then its ChatResult; raises its APIError."""
+        try:
+            while True:
+                event = await request.queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, ChatResult):
+                    return
+        finally:
+            if not request.done:
+                request.cancelled = True  # the client went away: the scheduler drops the row
+
+    async def _prepare(self, messages, max_tokens, temperature, top_p, stop, seed, deadline) -> _Request:
+        lim = self.limits
+        if max_tokens is not None and not 1 <= max_tokens <= lim.max_tokens:
+            raise APIError(400, f"max_tokens must be 1 to {lim.max_tokens} (--max-tokens), got {max_tokens}",
+                           param="max_tokens")
+        if temperature < 0 or temperature > 2 or not 0 < top_p <= 1:
+            raise APIError(400, "need 0 <= temperature <= 2 and 0 < top_p <= 1", param="temperature")
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stop) > 4 or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop):
+            raise APIError(400, "stop: at most 4 non-empty strings of up to 64 characters", param="stop")
+        ids, videos = self.build_prompt(messages)
+        budget = self.max_seq_len - len(ids)
+        if budget < 1:
+            raise APIError(400, f"the prompt is {len(ids)} tokens, which leaves no room in the server's context of "
+                           f"{self.max_seq_len} tokens (--max-model-len)", param="messages", code="context_length_exceeded")
+        video, key = None, None
+        if videos:
+            blobs = [await asyncio.to_thread(self.video_from_part, part) for part in videos]
+            keys = {content_hash(b) for b in blobs}
+            if len(keys) > 1:
+                raise APIError(400, "a conversation may be about one video only", param="messages")
+            key = keys.pop()
+            video = self.cache.get(key) or await asyncio.to_thread(self.decode, blobs[0])
+        request = _Request(ids, video, key, min(max_tokens or lim.max_tokens, budget), float(temperature),
+                           float(top_p), seed, stop, deadline, asyncio.get_running_loop(), asyncio.Queue())
+        if time.monotonic() > deadline:
+            raise _deadline_error(lim)
+        with self._cv:
+            if self._closing:
+                raise APIError(503, "the server is shutting down")
+            self._waiting.append(request)
+            self._cv.notify_all()
+        return request
+
+    # ---- the scheduler thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._closing or self._active or (self._waiting and not self._paused)):
+                        self._cv.wait(0.05)
+                        self._expire_waiting()
+                    if self._closing:
+                        break
+                    self._expire_waiting()
+                    admit = []
+                    while not self._paused and self._waiting and self.decoder.free_slots > len(admit):
+                        admit.append(self._waiting.popleft())
+                    self.metrics.queue_depth, self.metrics.running = len(self._waiting), len(self._active) + len(admit)
+                for request in admit:
+                    self._admit(request)
+                if self._active:
+                    try:
+                        tokens = self.decoder.step()
+                    except Exception as e:  # noqa: BLE001 - a bug must fail the rows, not hang them
+                        log.exception("decode step failed")
+                        for request in list(self._active.values()):
+                            self._finish(request, error=APIError(500, f"decode step failed: {type(e).__name__}"))
+                        continue
+                    self.metrics.tokens_generated(len(tokens))
+                    for slot, token in tokens.items():
+                        if slot in self._active:
+                            self._on_token(self._active[slot], token)
+                self.metrics.queue_depth, self.metrics.running = len(self._waiting), len(self._active)
+        for request in [*self._active.values(), *self._waiting]:
+            self._finish(request, error=APIError(503, "the server is shutting down"))
+
+    def _expire_waiting(self) -> None:
+        now = time.monotonic()
+        for request in [r for r in self._waiting if r.cancelled or now > r.deadline]:
+            self._waiting.remove(request)
+            self._finish(request, error=None if request.cancelled else _deadline_error(self.limits))
+
+    def _admit(self, request: _Request) -> None:
+        try:
+            media_kv = None
+            if request.video is not None:
+                entry = request.video if isinstance(request.video, VideoEntry) else self._encode(request)
+                media_kv, request.timestamps = entry.media_kv, entry.timestamps
+            slot, token = self.decoder.add(request.prompt_ids, media_kv=media_kv, temperature=request.temperature,
+                                           top_p=request.top_p, seed=request.seed, max_new_tokens=request.max_new)
+        except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+            log.exception("admitting a request failed")
+            self._finish(request, error=e if isinstance(e, APIError) else APIError(500, f"{type(e).__name__}: {e}"))
+            return
+        request.slot = slot
+        self._active[slot] = request
+        self.metrics.first_token_after(time.monotonic() - request.arrival)
+        self.metrics.tokens_generated(1)
+        self._on_token(request, token)
+
+    def _encode(self, request: _Request) -> VideoEntry:
+        entry = self.cache.peek(request.key)  # a request that came meanwhile may have encoded it
+        if entry is None:
+            param = next(self.model.parameters())
+            video = request.video.frames[None].to(device=param.device, dtype=param.dtype)  # [1, F, 3, S, S]
+            latents = self.model.encode_video(video)  # [1, L, D_v]
+            entry = VideoEntry(request.key, latents, self.model.decoder.project_media(latents),
+                               request.video.timestamps)
+            self.cache.put(entry)
+        return entry
+
+    def _on_token(self, request: _Request, token: int) -> None:
+        if request.cancelled:
+            return self._finish(request)
+        request.generated += 1
+        if time.monotonic() > request.deadline:
+            return self._finish(request, error=_deadline_error(self.limits))
+        if token == self.eos_id:
+            return self._finish(request, reason="stop")
+        request.tokens.append(token)
+        text = self._text(request)
+        for s in request.stop:
+            if s in text:
+                return self._finish(request, reason="stop", text=text[: text.index(s)].rstrip())
+        if request.generated >= request.max_new:
+            return self._finish(request, reason="length")
+        # Hold back what may still change: a cut UTF-8 sequence, trailing spaces (the answer is
+        # stripped, as eval strips it), and a tail that could be the start of a stop string.
+        safe = text.rstrip("\ufffd").rstrip()
+        for s in request.stop:
+            for n in range(min(len(s) - 1, len(safe)), 0, -1):
+                if safe.endswith(s[:n]):
+                    safe = safe[:-n].rstrip()
+                    break
+        if len(safe) > request.sent:
+            self._send(request, safe[request.sent:])
+            request.sent = len(safe)
+
+    def _text(self, request: _Request) -> str:
+        return self.tokenizer.decode(request.tokens, skip_special_tokens=True).lstrip()
+
+    def _finish(self, request: _Request, *, reason: str | None = None, error: BaseException | None = None,
+                text: str | None = None) -> None:
+        with self._cv:
+            if request.done:
+                return
+            request.done = True
+            self.in_system -= 1
+        if request.slot is not None and self._active.pop(request.slot, None) is not None:
+            self.decoder.remove(request.slot)
+        if error is not None:
+            return self._send(request, error)
+        if request.cancelled:
+            return
+        text = self._text(request).strip() if text is None else text
+        if len(text) > request.sent:
+            self._send(request, text[request.sent:])
+        usage = {"prompt_tokens": len(request.prompt_ids), "completion_tokens": request.generated,
+                 "total_tokens": len(request.prompt_ids) + request.generated}
+        self._send(request, ChatResult(text, reason, usage, request.timestamps))
+
+    @staticmethod
+    def _send(request: _Request, event) -> None:
+        try:
+            request.loop.call_soon_threadsafe(request.queue.put_nowait, event)
+        except RuntimeError:  # the request's event loop has closed
+            pass
+
+
+def _deadline_error(limits: ServeLimits) -> APIError:
+    return APIError(504, f"the request took longer than the server's deadline of {limits.request_timeout_s:g} s "
+                    "(--request-timeout-s)", code="timeout")
+
+
+def _default_decoder(model, *, max_batch: int, max_len: int, compile: bool = False):
+    from videollama.model.batch import BatchDecoder
+
+    return BatchDecoder(model, max_batch=max_batch, max_len=max_len, compile=compile)

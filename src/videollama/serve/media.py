@@ -1,0 +1,276 @@
+"""A request's video: its bytes from a ``video_url``, then its frames, decoded out of process.
+
+Sources (anything else is refused with a 400):
+
+* ``data:video/...;base64,...``: decoded only if its size is within ``max_video_bytes`` (413);
+* ``file:///abs/path``: only under ``--allowed-local-media-path`` (after resolving links), a
+  regular file, size-capped;
+* ``http(s)://host/...``: only when ``host`` is in ``--allowed-media-domains`` (exact name, or
+  ``.example.com`` / ``*.example.com`` for its subdomains). The name is resolved once; every
+  address must be public (private, loopback, link-local, multicast, reserved, unspecified and
+  IPv4-mapped forms of them are refused); the connection goes to that pinned address (Host
+  header and TLS SNI keep the name), redirects are refused, the download is capped in bytes and
+  time. That is the SSRF defence of CVE-2025-6242.
+
+Decoding (:func:`decode_video`) never runs in the server process: a first sandboxed child
+(``videollama.data.untrusted``'s forkserver, with a memory limit and a wall-clock timeout) reads
+the declared resolution and duration, which are checked against the server's limits (400 naming
+the limit); a second child, ``load_clip_isolated``, decodes the model's frames with the model
+directory's own preprocessing spec. A hostile file costs one child, never the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from videollama.serve.limits import APIError, ServeLimits, too_large
+
+
+def _bad(message: str, code: str = "invalid_video_url") -> APIError:
+    return APIError(400, message, code=code, param="messages")
+
+
+# ---- bytes ------------------------------------------------------------------------------------
+
+def video_bytes(url: str, limits: ServeLimits, *, allowed_local_path: Path | None = None,
+                allowed_domains: tuple[str, ...] = (), resolve=None) -> bytes:
+    """The bytes a ``video_url`` names, within the server's allowlists and ``max_video_bytes``."""
+    if not isinstance(url, str) or not url:
+        raise _bad("video_url.url must be a non-empty string")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return _data_url(url, limits)
+    if scheme == "file":
+        return _file_url(url, limits, allowed_local_path)
+    if scheme in ("http", "https"):
+        return fetch_http(url, limits, allowed_domains, resolve=resolve)
+    raise _bad(f"video_url scheme {scheme or '(none)'!r} is not supported: use data:, file: or http(s):")
+
+
+def _data_url(url: str, limits: ServeLimits) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.lower().startswith("data:video/") or not header.lower().endswith(";base64"):
+        raise _bad("a data URL video must be data:video/<type>;base64,<data>")
+    # The decoded size is known from the text's length: refuse before decoding anything.
+    size = len(payload) * 3 // 4
+    if size > limits.max_video_bytes + 3:
+        raise too_large("the video", size, limits.max_video_bytes, "--max-video-bytes", "messages")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise _bad("the data URL's base64 payload is not valid base64") from None
+    if len(data) > limits.max_video_bytes:
+        raise too_large("the video", len(data), limits.max_video_bytes, "--max-video-bytes", "messages")
+    return data
+
+
+def _file_url(url: str, limits: ServeLimits, root: Path | None) -> bytes:
+    from videollama.data.errors import BadSample
+    from videollama.data.safe_io import check_regular_file
+
+    if root is None:
+        raise _bad("file:// video URLs are disabled on this server (no --allowed-local-media-path)")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise _bad(f"file URL with a host ({parsed.netloc!r}) is not supported")
+    path = Path(urllib.parse.unquote(parsed.path))
+    if not path.is_absolute():
+        raise _bad("a file:// URL needs an absolute path")
+    real, real_root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    if real != real_root and real_root not in real.parents:
+        raise _bad(f"{path} is outside the allowed local media folder", code="outside_allowed_path")
+    try:
+        info = check_regular_file(real, "video")
+    except (OSError, ValueError, BadSample) as e:
+        raise _bad(f"{path}: {e}") from None
+    if info.st_size > limits.max_video_bytes:
+        raise too_large(f"{path}", info.st_size, limits.max_video_bytes, "--max-video-bytes", "messages")
+    with open(real, "rb") as f:
+        data = f.read(limits.max_video_bytes + 1)
+    if len(data) > limits.max_video_bytes:
+        raise too_large(f"{path}", len(data), limits.max_video_bytes, "--max-video-bytes", "messages")
+    return data
+
+
+def domain_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    host = host.lower().rstrip(".")
+    for entry in allowed:
+        entry = entry.lower().rstrip(".")
+        if entry.startswith("*."):
+            entry = entry[1:]
+        if host == entry or (entry.startswith(".") and host.endswith(entry)):
+            return True
+    return False
+
+
+def public_address(address: str) -> bool:
+    """True for a globally routable unicast address (IPv4-mapped IPv6 judged as its IPv4)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local
+                                 or ip.is_reserved or ip.is_unspecified)
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+def fetch_http(url: str, limits: ServeLimits, allowed_domains: tuple[str, ...], *, resolve=None,
+               allow_private: bool = False) -> bytes:
+    """GET an allowlisted http(s) URL at one pinned public address; no redirects, capped size.
+
+    ``resolve(host, port) -> [address]`` replaces DNS (tests); ``allow_private`` only for tests
+    of the transfer itself against a loopback server.
+    """
+    import httpx
+
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname
+    if not host:
+        raise _bad("the video URL has no host")
+    if parts.username or parts.password:
+        raise _bad("credentials in a video URL are not accepted")
+    if not domain_allowed(host, allowed_domains):
+        raise _bad(f"fetching videos from {host!r} is not allowed on this server (--allowed-media-domains)",
+                   code="domain_not_allowed")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        addresses = (resolve or _resolve)(host, port)
+    except OSError as e:
+        raise _bad(f"cannot resolve {host!r}: {e}") from None
+    if not addresses:
+        raise _bad(f"{host!r} resolves to no address")
+    if not allow_private and not all(public_address(a) for a in addresses):
+        raise _bad(f"{host!r} resolves to a private, loopback or otherwise non-public address: refused",
+                   code="private_address")
+    pinned = addresses[0]
+    netloc = f"[{pinned}]:{port}" if ":" in pinned else f"{pinned}:{port}"
+    target = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    cap = limits.max_video_bytes
+    try:
+        with httpx.Client(follow_redirects=False, timeout=limits.fetch_timeout_s, trust_env=False) as client:
+            with client.stream("GET", target, headers={"Host": parts.netloc.rsplit("@", 1)[-1]},
+                               extensions=extensions) as response:
+                if response.is_redirect:
+                    raise _bad(f"{url} redirects; redirects are not followed")
+                if response.status_code != 200:
+                    raise _bad(f"{url} answered HTTP {response.status_code}")
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > cap:
+                    raise too_large(url, int(declared), cap, "--max-video-bytes", "messages")
+                chunks, size = [], 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > cap:
+                        raise too_large(url, size, cap, "--max-video-bytes", "messages")
+                    chunks.append(chunk)
+    except httpx.HTTPError as e:
+        raise _bad(f"fetching {url} failed: {type(e).__name__}: {e}") from None
+    return b"".join(chunks)
+
+
+# ---- frames -----------------------------------------------------------------------------------
+
+@dataclass
+class DecodedVideo:
+    """``pixels``: uint8 ``[F, 3, S, S]`` as the model sees them before normalisation;
+    ``frames``: float32 ``[F, 3, S, S]``, normalised exactly as ``load_clip`` does;
+    ``timestamps``: ``F`` seconds from the first frame."""
+
+    pixels: object
+    frames: object
+    timestamps: list[float]
+
+
+def _probe_child(send, data: bytes, memory_bytes: int, time_budget_s: float) -> None:
+    import resource
+
+    from videollama.data.container import open_and_time
+
+    resource.setrlimit(resource.RLIMIT_AS, (_mapped() + memory_bytes,) * 2)
+    try:
+        import time
+
+        container, stream, _, duration, _ = open_and_time(data, f"<{len(data)} bytes>", 1, 3000,
+                                                          time.monotonic() + time_budget_s)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        container.close()
+        send.send(("ok", (int(width), int(height), float(duration))))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent as a bad video
+        send.send(("bad", f"{type(e).__name__}: {e}"))
+    send.close()
+
+
+def _mapped() -> int:
+    import resource
+
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[0]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def probe_video(data: bytes, limits: ServeLimits) -> tuple[int, int, float]:
+    """(width, height, duration s) as the file declares them, read in a sandboxed child."""
+    from videollama.data.untrusted import _mp_context
+
+    receive, send = _mp_context().Pipe(duplex=False)
+    child = _mp_context().Process(target=_probe_child, daemon=True,
+                                  args=(send, data, limits.decode_memory_bytes, limits.decode_timeout_s))
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(limits.decode_timeout_s + 1):
+            raise _bad(f"reading the video's header took over {limits.decode_timeout_s:g} s "
+                       "(--decode-timeout-s)", "invalid_video")
+        try:
+            kind, payload = receive.recv()
+        except EOFError:
+            raise _bad("the video could not be read (its decoder died)", "invalid_video") from None
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receive.close()
+    if kind != "ok":
+        raise _bad(f"the video could not be read: {payload}", "invalid_video")
+    return payload
+
+
+def decode_video(data: bytes, preprocess, limits: ServeLimits) -> DecodedVideo:
+    """Check the declared size and duration against the limits, then decode the model's frames
+    (centred window, ``preprocess``'s frames, fps and size) in a sandboxed child."""
+    import torch
+
+    from videollama.data.errors import BadSample
+    from videollama.data.untrusted import load_clip_isolated
+
+    width, height, duration = probe_video(data, limits)
+    if width * height > limits.max_video_pixels:
+        raise _bad(f"the video's frames are {width}x{height} = {width * height} pixels, over the server's "
+                   f"limit of {limits.max_video_pixels} (--max-video-pixels)", "video_too_large")
+    if duration > limits.max_video_duration_s:
+        raise _bad(f"the video lasts {duration:.1f} s, over the server's limit of {limits.max_video_duration_s:g} s "
+                   "(--max-video-duration-s)", "video_too_long")
+    try:
+        frames, timestamps = load_clip_isolated(
+            data, memory_bytes=limits.decode_memory_bytes, timeout_s=limits.decode_timeout_s,
+            num_frames=preprocess.num_frames, fps=preprocess.fps, size=preprocess.size, start=None, train=False,
+            normalize=False, time_budget_s=limits.decode_timeout_s)
+    except (BadSample, ValueError, OSError) as e:
+        raise _bad(f"the video could not be decoded: {e}", "invalid_video") from None
+    # load_clip's own normalisation, on the same uint8 values: bit-identical to what eval feeds.
+    pixels = (frames * 255.0).round_().to(torch.uint8)  # [F, 3, S, S]
+    std = torch.tensor(preprocess.std, dtype=torch.float32).view(3, 1, 1)
+    mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(3, 1, 1)
+    normalised = pixels.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    return DecodedVideo(pixels=pixels, frames=normalised, timestamps=[round(float(t), 4) for t in timestamps])

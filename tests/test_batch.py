@@ -1,0 +1,151 @@
+"""Continuous batching (model/batch.py) against generate() run alone on each request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from videollama.config import VideoLlamaConfig
+from videollama.model import VideoLlama
+from videollama.model.batch import BatchDecoder
+from videollama.model.generate import generate
+
+V = 1024
+
+
+@pytest.fixture(scope="module", params=[16, 0], ids=["resampler", "no-resampler"])
+def model(request) -> VideoLlama:
+    torch.manual_seed(0)
+    m = VideoLlama(VideoLlamaConfig.from_name("tiny").with_overrides({"resampler.num_latents": request.param})).eval()
+    # As in test_generate: open the gates and sharpen logits and attention, so that the video,
+    # the positions and the cache slots all change the greedy tokens.
+    with torch.no_grad():
+        for block in m.vision.temporal:
+            block.gate.fill_(0.5)
+        m.vision.frame_diff.gate.fill_(0.5)
+        for block in m.decoder.cross_attn_layers:
+            block.attn_gate.fill_(1.0)
+            block.ff_gate.fill_(1.0)
+        m.lm_head.weight.mul_(20.0)
+        for layer in m.decoder.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    return m
+
+
+def video(seed: int) -> torch.Tensor:
+    return torch.randn(1, 4, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def prompt(t: int, seed: int) -> list[int]:
+    return torch.randint(3, V, (t,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def media(model, v):
+    with torch.no_grad():
+        return model.decoder.project_media(model.encode_video(v))
+
+
+def alone(model, p, v, n, **kw):
+    return generate(model, torch.tensor([p]), v, max_new_tokens=n, **kw)[0].tolist()
+
+
+def run_schedule(model, requests, *, max_batch, max_len, compile=False):
+    """requests: (join_step, prompt, video or None, n_new, sampling kwargs). Returns tokens per request."""
+    dec = BatchDecoder(model, max_batch=max_batch, max_len=max_len, compile=compile)
+    out: dict[int, list[int]] = {}
+    slot_of: dict[int, int] = {}
+    pending = list(enumerate(requests))
+    step = 0
+    while pending or slot_of:
+        for i, (join, p, v, n, kw) in list(pending):
+            if join <= step and dec.free_slots:
+                slot, first = dec.add(p, media_kv=media(model, v) if v is not None else None, **kw)
+                slot_of[i], out[i] = slot, [first]
+                pending.remove((i, (join, p, v, n, kw)))
+        for i in [i for i, s in slot_of.items() if len(out[i]) == requests[i][3]]:
+            dec.remove(slot_of.pop(i))
+        if slot_of:
+            got = dec.step()
+            assert set(got) == set(slot_of.values())
+            for i, s in slot_of.items():
+                out[i].append(got[s])
+        step += 1
+    return [out[i] for i in range(len(requests))]
+
+
+def test_mixed_rows_equal_generate_alone(model):
+    v1, v2 = video(1), video(2)
+    requests = [
+        (0, prompt(5, 10), v1, 10, {}),
+        (0, prompt(8, 11), None, 12, {}),
+        (2, prompt(3, 12), v2, 9, {}),
+        (3, prompt(6, 13), None, 7, {}),
+        # joins once a slot frees (3 rows max): a recycled row, a video seen before
+        (4, prompt(4, 14), v1, 11, {}),
+    ]
+    got = run_schedule(model, requests, max_batch=3, max_len=32)
+    for i, (_, p, v, n, _) in enumerate(requests):
+        assert got[i] == alone(model, p, v, n), f"request {i}"
+    # The videos matter: without them rows 0 and 2 would differ.
+    assert got[0] != alone(model, requests[0][1], None, 10)
+    assert got[2] != alone(model, requests[2][1], None, 9)
+
+
+def test_seeded_sampling_is_reproducible_and_matches_generate(model):
+    p, v = prompt(5, 20), video(3)
+    kw = {"temperature": 1.0, "top_p": 0.9, "seed": 7}
+    with_company = run_schedule(model, [(0, prompt(7, 21), None, 10, {}), (1, p, v, 10, kw),
+                                        (0, prompt(4, 22), video(4), 10, {"temperature": 0.8, "seed": 1})],
+                                max_batch=3, max_len=24)[1]
+    by_itself = run_schedule(model, [(0, p, v, 10, kw)], max_batch=2, max_len=16)[0]
+    assert with_company == by_itself
+    expected = alone(model, p, v, 10, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    assert by_itself == expected
+    other_seed = run_schedule(model, [(0, p, v, 10, {**kw, "seed": 8})], max_batch=1, max_len=16)[0]
+    assert other_seed != by_itself
+
+
+def test_bad_requests(model):
+    dec = BatchDecoder(model, max_batch=1, max_len=10)
+    with pytest.raises(ValueError, match="does not fit"):
+        dec.add(prompt(8, 0), media_kv=None, max_new_tokens=3)
+    with pytest.raises(ValueError, match="does not fit"):
+        dec.add([], media_kv=None)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        dec.add([5, V + 3], media_kv=None)
+    good = media(model, video(1))
+    with pytest.raises(ValueError, match="cross-attention blocks"):
+        dec.add([5, 6], media_kv=good[:1])
+    slot, _ = dec.add(prompt(8, 0), media_kv=good, max_new_tokens=2)
+    assert dec.free_slots == 0
+    with pytest.raises(ValueError, match="no free slot"):
+        dec.add([5], media_kv=None)
+    dec.step()
+    dec.step()  # the cache now holds 10 positions
+    with pytest.raises(ValueError, match="max_len 10"):
+        dec.step()
+    dec.remove(slot)
+    assert dec.free_slots == 1 and dec.step() == {}
+    with pytest.raises(ValueError, match="not active"):
+        dec.remove(slot)
+    with pytest.raises(ValueError, match="max_len must be"):
+        BatchDecoder(model, max_batch=2, max_len=model.config.decoder.max_seq_len + 1)
+
+
+@pytest.mark.slow
+def test_compiled_steps_compile_once_and_match_eager(model):
+    from torch._dynamo.utils import counters
+
+    from videollama.model.generate import _COMPILED
+
+    torch._dynamo.reset()
+    counters.clear()
+    requests = [(0, prompt(5, 30), video(5), 8, {}), (1, prompt(3, 31), None, 8, {}),
+                (3, prompt(6, 32), None, 6, {})]
+    eager = run_schedule(model, requests, max_batch=2, max_len=20)
+    compiled = run_schedule(model, requests, max_batch=2, max_len=20, compile=True)
+    assert "failed" not in _COMPILED, _COMPILED.get("failed")
+    assert compiled == eager
+    # Two graphs over ~20 steps of changing lengths and rows: with and without a video row.
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
