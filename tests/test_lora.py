@@ -307,3 +307,14 @@ def test_bad_adapter_is_one_line_error(base: Path, tmp_path: Path, capsys):
         rc = main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "m")])
         err = capsys.readouterr().err
         assert rc == 2 and says in err, err
+
+
+def test_meta_init_under_fsdp_starts_the_adapters_at_zero(tmp_path: Path):
+    # Built on the meta device and initialised after sharding, B must still start at 0: the step-0
+    # loss is the base model's own (init_weights alone would draw B like any linear layer).
+    cfg = {"max_steps": 1, "parallel": {"meta_init": True, "fsdp": True}, "checkpoint": {"every": 0, "at_end": False}}
+    plain = train(small_cfg(**cfg), tmp_path / "plain")
+    lora = train(small_cfg(**cfg, lora=dict(LORA)), tmp_path / "lora")
+    first = [json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0])["loss"] for n in ("plain", "lora")]
+    assert abs(first[0] - first[1]) < 1e-6, first
+    assert lora["trainable_params"] < plain["trainable_params"] / 10

@@ -132,12 +132,15 @@ def setup_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
         model.to(env.device)
     parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
                 compile=cfg.parallel.compile, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward)
-    if meta:
-        materialize(model, env.device, cfg.seed)
-        if cfg.lora.r:
-            from videollama.train.lora import reset_lora
+    if meta and cfg.lora.r:
+        from videollama.train.lora import reset_lora, without_adapters
 
-            reset_lora(model)  # init_weights drew the adapters as plain linear layers
+        model.to_empty(device=env.device)  # the adapters too
+        with without_adapters(model):  # the base weights drawn as without LoRA
+            materialize(model, env.device, cfg.seed)
+        reset_lora(model)  # then the adapters, as peft draws them (B = 0)
+    elif meta:
+        materialize(model, env.device, cfg.seed)
     # After fully_shard: it replaces every parameter by a sharded DTensor parameter.
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, peak_lr=cfg.optimizer.lr, warmup_steps=cfg.schedule.warmup_steps,

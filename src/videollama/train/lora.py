@@ -22,6 +22,7 @@ LoRA layers for bitsandbytes take over from there. It needs a CUDA GPU and bitsa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fnmatch
 from pathlib import Path
@@ -105,6 +106,26 @@ def apply_lora(model: nn.Module, section: LoraSection, *, base: str | None = Non
 
 def frozen_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if not p.requires_grad)
+
+
+@contextlib.contextmanager
+def without_adapters(model: nn.Module):
+    """Put each peft layer's base layer back in its place for the duration (the adapters' tensors
+    stay allocated): ``init_weights`` then draws the base weights exactly as for a model without LoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, module.get_base_layer())
+            swapped.append((owner, child, module))
+    try:
+        yield model
+    finally:
+        for owner, child, module in swapped:
+            setattr(owner, child, module)
 
 
 @torch.no_grad()
