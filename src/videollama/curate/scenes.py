@@ -41,7 +41,7 @@ from videollama.data.container import WorkBound, check_resolution, nominal_rate,
 from videollama.data.errors import DECODE_ERROR, ZERO_FRAMES, BadSample
 
 THUMB_WIDTH = 64
-DEFAULT_THRESHOLD = 4.0  # levels (0..255) of mean absolute thumbnail difference
+DEFAULT_THRESHOLD = 1.3  # levels (0..255) of mean absolute thumbnail difference
 RATIO = 3.0
 WINDOW = 8  # frames on each side
 MIN_SHOT_S = 0.25
@@ -154,3 +154,17 @@ def scene_clips(path: Path, probe: dict, *, min_clip_s: float, max_clip_s: float
     order, never overlapping. Raises ``BadSample`` as ``find_cuts`` does."""
     cuts = find_cuts(path, probe, threshold=threshold, **bounds)
     return clips_between(cuts, probe["duration_s"], min_clip_s=min_clip_s, max_clip_s=max_clip_s)
+
+
+def match_cuts(found: list[float], true: list[float], *, tolerance_s: float) -> tuple[int, int, int]:
+    """``(matched, false_cuts, missed_cuts)``: found cuts paired one-to-one with true cuts at most
+    ``tolerance_s`` apart (greedy in time order; both lists increasing), for precision/recall."""
+    matched, i, j = 0, 0, 0
+    while i < len(found) and j < len(true):
+        if abs(found[i] - true[j]) <= tolerance_s:
+            matched, i, j = matched + 1, i + 1, j + 1
+        elif found[i] < true[j]:
+            i += 1
+        else:
+            j += 1
+    return matched, len(found) - matched, len(true) - matched
