@@ -122,7 +122,7 @@ class RayEngine:
         items = [{"source": json.dumps(s, sort_keys=True)} for s in sources]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map(_ray_video, fn_kwargs={"settings": settings, "work": work}, num_cpus=1,
-                    concurrency=self.workers or None)
+                    compute=ray.data.TaskPoolStrategy(size=self.workers or None))
         for _ in ds.iter_rows():
             progress()
 
@@ -136,7 +136,7 @@ class RayEngine:
         actors = max(1, min(len(batches), self.gpus if gpus else (self.workers or self.cpus)))
         items = [{"batch": json.dumps(b, sort_keys=True)} for b in batches]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(_BatchActor, batch_size=1, concurrency=actors, num_gpus=gpus,
+        ds = ds.map_batches(_BatchActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
                             num_cpus=0 if gpus else int(settings["torch_threads"]),
                             fn_constructor_kwargs={"stage": stage, "settings": settings, "work": work})
         for _ in ds.iter_rows():
