@@ -225,9 +225,12 @@ def test_kill_9_then_the_same_command_finishes_with_the_same_output(corpus, mode
 
 @pytest.mark.usefixtures("no_hang")
 def test_a_changed_config_is_not_resumed_into_old_records(corpus, tmp_path):
-    cfg = load_config(ROOT / "configs" / "curate-web.yaml", ["workers=1", "dedup.enabled=false"])
+    with pytest.raises(ValueError, match="filter.metric pmi needs --scorer"):
+        curate(corpus / "manifest.jsonl", tmp_path / "out", load_config(ROOT / "configs" / "curate-web.yaml"))
+    cfg = load_config(ROOT / "configs" / "curate-web.yaml", ["workers=1", "dedup.enabled=false", "filter.metric=auto"])
     subset = corpus / "one.jsonl"
     subset.write_text((corpus / "manifest.jsonl").read_text().splitlines()[0] + "\n")
     curate(subset, tmp_path / "out", cfg)
     with pytest.raises(ValueError, match="other input or settings"):
-        curate(subset, tmp_path / "out", load_config(ROOT / "configs" / "curate-web.yaml", ["filter.threshold=1"]))
+        curate(subset, tmp_path / "out", load_config(ROOT / "configs" / "curate-web.yaml",
+                                                       ["filter.metric=auto", "filter.threshold=1"]))

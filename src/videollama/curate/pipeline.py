@@ -53,6 +53,17 @@ def _specs(cfg: CurateConfig) -> dict[str, Spec]:
     return specs
 
 
+def _check_models(cfg: CurateConfig) -> None:
+    """Settings that need a model must have it, before any work is done."""
+    need = {"pmi": (cfg.scorer.model, "--scorer"), "clip": (cfg.clip.model, "--clip")}
+    if cfg.metric is not None and not need[cfg.metric][0]:
+        raise ValueError(f"filter.metric {cfg.metric} needs {need[cfg.metric][1]} (or filter.metric=auto)")
+    if cfg.dedup.enabled and cfg.dedup.embedding != "pixels":
+        stage = "pmi" if cfg.dedup.embedding == "scorer" else "clip"
+        if not need[stage][0]:
+            raise ValueError(f"dedup.embedding {cfg.dedup.embedding} needs {need[stage][1]}")
+
+
 def _check_work(work: Path, cfg: CurateConfig, input_path: Path) -> None:
     """A resumed run must be the same run: refuse an OUT whose records came from other settings."""
     identity = {"input": str(input_path.resolve()),
@@ -91,6 +102,7 @@ def curate(input_path: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
 
     t_start = time.perf_counter()
     input_path, out = Path(input_path), Path(out)
+    _check_models(cfg)
     sources, skips = read_inputs(input_path, allow_outside_root=cfg.allow_outside_root)
     if out.resolve() == input_path.resolve() or input_path.resolve().is_relative_to(out.resolve()):
         raise ValueError(f"--out {out} holds the input {input_path}; write somewhere else")
@@ -159,8 +171,6 @@ def curate(input_path: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
 
         # ---- alignment and captions ----------------------------------------------------------
         metric = cfg.metric
-        if metric is not None and metric not in embeddings:
-            raise ValueError(f"filter.metric {metric} needs {'--scorer' if metric == 'pmi' else '--clip'}")
         threshold = alignment_threshold(live, metric, cfg.filter) if metric else None
         stats.update(metric=metric, threshold=threshold)
         need_caption = []
@@ -201,8 +211,6 @@ def curate(input_path: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
             vectors = np.stack([pixel_embedding(load_frames(work, specs["motion"], i)) for i in ids])
         else:
             stage = "pmi" if kind == "scorer" else "clip"
-            if stage not in embeddings:
-                raise ValueError(f"dedup.embedding {kind} needs {'--scorer' if stage == 'pmi' else '--clip'}")
             vectors = np.array([embeddings[stage][i] for i in ids])
         duplicates = near_duplicates(ids, vectors, cfg.dedup.threshold)
         for row in live:
