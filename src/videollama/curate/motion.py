@@ -16,8 +16,11 @@ def motion_score(frames: np.ndarray, *, noise_floor: float = NOISE_FLOOR) -> flo
     consecutive frames as given, so sample at a fixed rate to compare clips). Each frame becomes
     luma (BT.601 weights); per pixel, ``max(|a - b| - noise_floor, 0)``; the score is the mean over
     pixels and over the ``F - 1`` pairs. A static slideshow (frames that differ only by
-    compression noise) scores 0; fewer than 2 frames score 0. Scale: a Shapes object (28..44 px)
-    moving 1 px per frame on a 320x240 canvas scores about 0.1..1, a hard cut about 10..100.
+    compression noise) scores 0; fewer than 2 frames score 0. Scale, measured on the default web
+    Shapes corpus (320x240) with frames taken at 5 FPS: static scenes (slideshows) at most 0.002,
+    scenes where anything moves (12..24 px/s) 0.06 to 1.7, median 0.5; at 25 FPS a tenth of that
+    for motion (0.011 at least) and 0.0003 at most for static scenes; one pair across a hard cut 1.2 to
+    about 11 (median). So a threshold near 0.02 at 5 FPS drops slideshows and keeps every moving scene.
     """
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"motion_score: expected uint8 [F, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
