@@ -10,7 +10,7 @@ import pytest
 
 from videollama.curate.config import CurateConfig, load_config
 from videollama.curate.dedup import near_duplicates, pixel_embedding
-from videollama.curate.filters import alignment_threshold, cheap_filter, choose_caption
+from videollama.curate.filters import alignment_threshold, best_clip_of_texts, cheap_filter, choose_caption
 from videollama.curate.inputs import read_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +112,18 @@ def test_filters_and_caption_choice():
     assert alignment_threshold(rows, "pmi", FilterSection(keep_fraction=0.5)) == 1.5
     assert alignment_threshold(rows, "pmi", FilterSection(keep_fraction=0.1)) == 3.0
     assert alignment_threshold(rows, "pmi", FilterSection(threshold=0.7)) == 0.7
+
+
+def test_a_text_is_assigned_to_the_clip_it_fits_best():
+    a = {"clip_id": "v-0", "source_id": "v", "texts": ["x", "y"],
+         "scores": [{"text": "x", "clip": None, "pmi": 4.0}, {"text": "y", "clip": None, "pmi": 3.0}]}
+    b = {"clip_id": "v-1", "source_id": "v", "texts": ["x", "y"],
+         "scores": [{"text": "x", "clip": None, "pmi": 4.5}, {"text": "y", "clip": None, "pmi": 1.0}]}
+    assigned = best_clip_of_texts([a, b], "pmi")
+    assert assigned == {("v", "x"): "v-1", ("v", "y"): "v-0"}
+    assert choose_caption(a, "pmi", 0.0) == "x" and choose_caption(a, "pmi", 0.0, assigned) == "y"
+    assert choose_caption(b, "pmi", 0.0, assigned) == "x"
+    assert choose_caption(a, "pmi", 3.5, assigned) is None  # y is a's, but below the threshold
 
 
 def test_near_duplicates_group_transitively_and_keep_the_first():

@@ -84,6 +84,8 @@ class FilterSection:
     metric: str = "auto"
     threshold: float = 0.0
     keep_fraction: float | None = None
+    # any: a text may caption any clip of its video; best_clip: only the clip it scores best on.
+    assign: str = "any"
     min_duration_s: float = 2.0
     min_width: int = 64
     min_height: int = 64
@@ -135,6 +137,8 @@ class CurateConfig:
             raise ValueError(f"filter.metric must be auto, pmi or clip, got {self.filter.metric!r}")
         if self.filter.keep_fraction is not None and not 0 < self.filter.keep_fraction <= 1:
             raise ValueError(f"filter.keep_fraction must be in (0, 1], got {self.filter.keep_fraction}")
+        if self.filter.assign not in ("any", "best_clip"):
+            raise ValueError(f"filter.assign must be any or best_clip, got {self.filter.assign!r}")
         if self.dedup.embedding not in ("pixels", "clip", "scorer"):
             raise ValueError(f"dedup.embedding must be pixels, clip or scorer, got {self.dedup.embedding!r}")
         if not 0 < self.scenes.min_clip_s <= self.scenes.max_clip_s:

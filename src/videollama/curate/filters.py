@@ -40,12 +40,30 @@ def alignment_threshold(rows: list[dict[str, Any]], metric: str, cfg: FilterSect
     return scores[k - 1]
 
 
-def choose_caption(row: dict[str, Any], metric: str | None, threshold: float) -> str | None:
+def best_clip_of_texts(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, str], str]:
+    """``{(source_id, text): clip_id}``: the clip of its video that each candidate text scores best on
+    (ties: the first clip by id). Web texts come per video, and each describes (at most) one scene:
+    a text is then a candidate only for the clip it fits best (``filter.assign: best_clip``)."""
+    best: dict[tuple[str, str], tuple[float, str]] = {}
+    for row in sorted(rows, key=lambda r: r["clip_id"]):
+        for s in row["scores"]:
+            if s.get(metric) is None:
+                continue
+            key = (row["source_id"], s["text"])
+            if key not in best or s[metric] > best[key][0]:
+                best[key] = (s[metric], row["clip_id"])
+    return {key: clip for key, (_, clip) in best.items()}
+
+
+def choose_caption(row: dict[str, Any], metric: str | None, threshold: float,
+                   assigned: dict[tuple[str, str], str] | None = None) -> str | None:
     """The best-scoring candidate text that passes ``threshold`` (ties: the first), or None.
 
-    Without a metric (no model scores) the first candidate text is taken as it is."""
+    With ``assigned`` (from :func:`best_clip_of_texts`), only the texts assigned to this clip are
+    candidates. Without a metric (no model scores) the first candidate text is taken as it is."""
     if metric is None:
         return row["texts"][0] if row["texts"] else None
     passing = [(s[metric], -i, s["text"]) for i, s in enumerate(row["scores"])
-               if s.get(metric) is not None and s[metric] >= threshold]
+               if s.get(metric) is not None and s[metric] >= threshold
+               and (assigned is None or assigned.get((row["source_id"], s["text"])) == row["clip_id"])]
     return max(passing)[2] if passing else None

@@ -29,7 +29,7 @@ import numpy as np
 
 from videollama.curate.config import CurateConfig
 from videollama.curate.cutting import Spec, load_frames
-from videollama.curate.filters import alignment_threshold, cheap_filter, choose_caption
+from videollama.curate.filters import alignment_threshold, best_clip_of_texts, cheap_filter, choose_caption
 from videollama.curate.records import make_batches, read_record, video_record
 
 log = logging.getLogger(__name__)
@@ -172,10 +172,11 @@ def curate(input_path: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
         # ---- alignment and captions ----------------------------------------------------------
         metric = cfg.metric
         threshold = alignment_threshold(live, metric, cfg.filter) if metric else None
-        stats.update(metric=metric, threshold=threshold)
+        stats.update(metric=metric, threshold=threshold, assign=cfg.filter.assign)
         need_caption = []
+        assigned = best_clip_of_texts(live, metric) if metric and cfg.filter.assign == "best_clip" else None
         for row in live:
-            caption = choose_caption(row, metric, threshold)
+            caption = choose_caption(row, metric, threshold, assigned)
             if caption is not None:
                 row.update(caption=caption, caption_source="input")
             else:
