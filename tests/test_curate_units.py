@@ -157,3 +157,18 @@ def test_table_round_trip(tmp_path):
     assert read_table(tmp_path / "clips.parquet") == rows
     assert set(COLUMNS) >= {"clip_id", "source_id", "start_s", "end_s", "scores", "kept", "drop_reason", "caption",
                             "caption_source", "duplicate_of"}
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from videollama.cli import main as cli_main
+
+    assert cli_main(["curate", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("videollama: error: ") and "missing: no such folder or manifest" in err
+    (tmp_path / "m.jsonl").write_text("")
+    assert cli_main(["curate", "--input", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"),
+                     "filter.treshold=1"]) == 2
+    assert "unknown keys ['treshold']" in capsys.readouterr().err
+    assert cli_main(["curate", "--input", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"),
+                     "--config", str(ROOT / "configs" / "curate-web.yaml")]) == 2
+    assert "filter.metric pmi needs --scorer" in capsys.readouterr().err

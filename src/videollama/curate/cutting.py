@@ -70,11 +70,20 @@ class _ClipEncoder:
         self.stream.options = {"preset": "ultrafast", "crf": str(crf), "threads": "1"}
         self.frames = 0
         self.width, self.height = width, height
+        self.time_base = Fraction(1) / rate
 
-    def add(self, rgb: np.ndarray) -> None:
+    def add(self, frame) -> None:
+        """One decoded frame (``av.VideoFrame``). A 4:2:0 frame of the encoder's size goes in as it
+        is (no RGB round trip); any other is converted (cropped to even sides)."""
         import av
 
-        frame = av.VideoFrame.from_ndarray(rgb[: self.height, : self.width], format="rgb24")
+        if frame.format.name == "yuv420p" and (frame.width, frame.height) == (self.width, self.height):
+            frame.pts, frame.time_base = self.frames, self.time_base  # constant rate from the clip's start
+            frame.pict_type = av.video.frame.PictureType.NONE  # let the encoder choose, not the source
+        else:
+            rgb = frame.to_ndarray(format="rgb24")[: self.height, : self.width]
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts, frame.time_base = self.frames, self.time_base
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
         self.frames += 1
@@ -127,7 +136,7 @@ def cut_clips(path: str, spans: list[tuple[float, float]], *, crf: int = 18, max
                 if encoder is None:
                     # Even sides: 4:2:0 chroma needs them (an odd last row/column is dropped).
                     encoder = _ClipEncoder(frame.width // 2 * 2, frame.height // 2 * 2, rate, crf)
-                encoder.add(frame.to_ndarray(format="rgb24"))
+                encoder.add(frame)
         except av.error.FFmpegError as error:
             bound.check_deadline("cutting clips")
             raise BadSample(DECODE_ERROR, path, f"decoding failed after {decoded} frames: {error}") from error
