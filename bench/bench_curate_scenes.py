@@ -29,6 +29,7 @@ from videollama.curate.motion import motion_score  # noqa: E402
 from videollama.curate.probe import probe_video  # noqa: E402
 from videollama.curate.scenes import (  # noqa: E402
     DEFAULT_THRESHOLD,
+    MIN_SHOT_S,
     RATIO,
     WINDOW,
     clips_between,
@@ -56,7 +57,7 @@ def scan_corpus(out: Path, truth: dict) -> dict:
     cpu = time.process_time()
     wall = time.perf_counter()
     result = {"matched": 0, "false": 0, "missed": 0, "offsets": [], "clips": 0, "frames": 0, "videos": 0,
-              "reasons": {}, "inner_max": 0.0, "cut_min": float("inf"), "ratio_min": float("inf")}
+              "reasons": {}, "inner_max": 0.0, "after_max": 0.0, "cut_min": float("inf"), "ratio_min": float("inf")}
     for vid, video in truth["videos"].items():
         path = out / video["video"]
         try:
@@ -75,9 +76,11 @@ def scan_corpus(out: Path, truth: dict) -> dict:
         result["frames"] += len(times)
         result["videos"] += 1
         cut_frames = set(video["cut_frames"])
-        inner = [scores[k] for k in range(1, len(scores)) if k not in cut_frames]
+        after = {k + d for k in cut_frames for d in range(1, round(MIN_SHOT_S * FPS) + 1)}
+        inner = [scores[k] for k in range(1, len(scores)) if k not in cut_frames | after]
         local = local_median(scores)
         result["inner_max"] = max(result["inner_max"], max(inner, default=0.0))
+        result["after_max"] = max(result["after_max"], max((scores[k] for k in after if k < len(scores)), default=0.0))
         for k in cut_frames:
             result["cut_min"] = min(result["cut_min"], scores[k])
             result["ratio_min"] = min(result["ratio_min"], scores[k] / max(local[k], 1e-9))
@@ -166,6 +169,7 @@ def main() -> int:
         f"| corrupt files with the reason truth.json names | {reasons_ok} / {len(truth['corrupt'])} "
         f"({', '.join(sorted(set(truth['corrupt'].values())))}) |",
         f"| highest in-scene score / lowest cut score (levels) | {first['inner_max']:.2f} / {first['cut_min']:.2f} |",
+        f"| highest score in the {MIN_SHOT_S} s after a cut (suppressed) | {first['after_max']:.2f} |",
         f"| lowest cut score / local median ratio | {first['ratio_min']:.1f} |",
         f"| probe + scan, CPU s for the corpus (median of {REPEATS}) | {cpu_s:.2f} (wall {wall_s:.2f}) |",
         f"| throughput per core | {first['clips'] / cpu_s:.1f} clips/s ({MIN_CLIP_S}..{MAX_CLIP_S} s clips: "

