@@ -29,7 +29,13 @@ from videollama.curate.records import build_stage_model, run_batch, video_record
 
 def video_job(source: dict[str, Any], settings: dict[str, Any], work: str) -> str:
     """One source video, start to record (runs in a worker)."""
+    import torch
+
     from videollama.curate.cutting import process_video
+
+    # One thread: a worker per core already fills the machine, and torch's pool on every worker
+    # (load_clip's float conversion) costs more in waking threads than the work itself.
+    torch.set_num_threads(1)
 
     result = process_video(source, settings, work)
     write_record(video_record(Path(work), source["source_id"]), result)
