@@ -252,3 +252,29 @@ def test_a_changed_config_is_not_resumed_into_old_records(corpus, tmp_path):
     with pytest.raises(ValueError, match="other input or settings"):
         curate(subset, tmp_path / "out", load_config(ROOT / "configs" / "curate-web.yaml",
                                                        ["filter.metric=auto", "filter.threshold=1"]))
+
+
+@pytest.mark.usefixtures("no_hang")
+def test_a_run_cut_during_the_model_stages_resumes_them_batch_by_batch(corpus, model_dir, local_run, tmp_path):
+    """What a kill in the middle of a model stage leaves: some batch records, a half-written temp
+    file, no outputs. The rerun redoes only the missing batches and videos and ends identical."""
+    import shutil
+
+    local_out, local_stats = local_run
+    out = tmp_path / "cut"
+    shutil.copytree(local_out, out)
+    for name in ("clips.parquet", "stats.json", "stats.png"):
+        (out / name).unlink()
+    shutil.rmtree(out / "shards")
+    pmi = sorted((out / ".work" / "pmi").glob("*.json"))
+    captions = sorted((out / ".work" / "caption").glob("*.json"))
+    videos = sorted((out / ".work" / "videos").glob("*.json"))
+    assert len(pmi) >= 3 and len(captions) >= 2
+    for record in [pmi[-1], pmi[-2], captions[-1], videos[-1]]:
+        record.unlink()
+    (out / ".work" / "pmi" / f".{pmi[-1].name}.123.tmp").write_bytes(b'{"clip_ids": ["half')
+    stats = curate(corpus / "manifest.jsonl", out, _config(model_dir))
+    assert stats["resumed_videos"] == len(videos) - 1
+    assert stats["resumed_batches"] == {"pmi": len(pmi) - 2, "caption": len(captions) - 1}
+    assert read_table(out / "clips.parquet") == read_table(local_out / "clips.parquet")
+    assert _shard_members(out) == _shard_members(local_out)
