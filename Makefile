@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the project's own range (torch>=2.6) is then already met,
 	# so pip never reaches for a multi-GB CUDA build.
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[hf,eval,plot,dev,serve,lora,quant,ui]'
+	$(BIN)/pip install -q -e '.[hf,eval,plot,dev,serve,lora,quant,ui,curate,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,7 +3,7 @@
 Each benchmark is a script that prints nothing required and writes its section, in
 Markdown, to bench/results/<name>.md. BENCHMARKS.md is the header below plus every
 section in file-name order, so a partial run keeps the other sections as they were.
-Usage: python bench/run.py [NAME ...]   (NAME: e.g. loader, train)
+Usage: python bench/run.py [NAME ...]   (NAME: e.g. loader, train, curate)
        python bench/run.py --collect      (only rebuild BENCHMARKS.md from bench/results/)
 """
 

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("videollama.convert", "import Hugging Face Llama / CLIP weights into a model directory"),
     "generate": ("videollama.model.generate", "generate text from a model directory, with or without a video"),
     "data": ("videollama.data.cli", "synthesise, shard and inspect video-text data"),
+    "curate": ("videollama.curate.cli", "curate raw videos into scored, filtered, captioned clips: shards + clips.parquet"),
     "tokenizer": ("videollama.data.tokenizer", "train the byte-level BPE tokenizer"),
     "train": ("videollama.train.loop", "pre-train or fine-tune (one process or under torchrun)"),
     "export": ("videollama.train.checkpoint", "export a training checkpoint as a model directory"),

@@ -7,6 +7,7 @@ import importlib
 
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("videollama.data.shapes", "generate the Shapes corpus (train shards + eval split)"),
+    "web": ("videollama.data.shapes_web", "generate the raw 'web' Shapes corpus (noisy uploads + truth.json)"),
     "shards": ("videollama.data.ingest", "write WebDataset shards from a folder of videos or a JSONL manifest"),
     "inspect": ("videollama.data.inspect", "print samples, timestamps and skipped counts; contact sheet"),
 }

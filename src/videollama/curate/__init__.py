@@ -1,0 +1,6 @@
+"""Curation of raw web video into clips (issue 12), one job a file.
+
+Per source video: probe.py (``probe_video``: duration, fps, size, codec, bounded), scenes.py
+(``find_cuts`` / ``scene_clips``: shot boundaries and the clips between them), motion.py
+(``motion_score``: mean frame difference, to drop static slideshows). Imports nothing heavy.
+"""

@@ -1,0 +1,137 @@
+"""Model stages with a VideoLlama model directory: PMI alignment (``--scorer``) and automated
+captions (``--captioner``).
+
+Alignment of a text with a clip is the pointwise mutual information
+
+    PMI(text, video) = mean log p(text | video) - mean log p(text | no video)
+
+where the means run over the text's tokens and its EOS, as the caption template frames them
+(``<s><video><|caption|>`` text ``</s>``, the training format), and "no video" is the same
+decoder without any visual context (its cross-attention blocks skipped). A text that the video
+makes more likely than the language prior alone has PMI > 0. Frames come from the model's own
+preprocessing spec (its preprocessor.json), the pixels evaluation would feed it.
+
+Captions are generated greedily in batches, with the KV cache and each clip encoded once
+(``videollama.eval.harness._generate_batch``, the evaluation path).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from videollama.curate.cutting import Spec
+
+
+def model_spec(model_dir: str | Path) -> tuple[Spec, dict[str, Any]]:
+    """``((num_frames, fps, size), preprocess dict)`` of a VideoLlama model directory, without torch."""
+    directory = Path(model_dir)
+    path = directory / "preprocessor.json"
+    if path.is_file():
+        pre = json.loads(path.read_text())
+    elif (directory / "config.json").is_file():
+        pre = json.loads((directory / "config.json").read_text())["preprocess"]
+    else:
+        raise FileNotFoundError(f"{directory}: no preprocessor.json or config.json; not a VideoLlama model directory")
+    return (int(pre["num_frames"]), float(pre["fps"]), int(pre["size"])), pre
+
+
+class _ModelStage:
+    def __init__(self, model_dir: str | Path, device: str = "cpu"):
+        import torch
+
+        from videollama.model.videollama import VideoLlama
+
+        self.device = torch.device(device)
+        self.model, self.tokenizer = VideoLlama.from_pretrained(model_dir, device=self.device, return_tokenizer=True)
+        self.model.eval()
+        pre = self.model.config.preprocess
+        self.spec: Spec = (pre.num_frames, pre.fps, pre.size)
+        self.mean, self.std = pre.mean, pre.std
+
+    def video(self, frames: list[np.ndarray]):
+        """uint8 clips [F, S, S, 3] each -> normalised [U, F, 3, S, S] on the model's device."""
+        from videollama.curate.clipscore import normalise
+
+        return normalise(np.stack(frames).reshape(-1, *frames[0].shape[1:]), self.mean, self.std).view(
+            len(frames), frames[0].shape[0], 3, self.spec[2], self.spec[2]).to(self.device)
+
+
+def text_log_probs(logits, labels):
+    """Mean log-probability of the labelled tokens per row. logits [B, T, V]; labels [B, T]
+    aligned with the inputs (position t predicts labels[t + 1]; -100 not counted) -> [B]."""
+    import torch
+
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
+    target = labels[:, 1:]
+    mask = target != -100
+    picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    return (picked * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+class PmiScorer(_ModelStage):
+    """:meth:`score` returns, per clip, the PMI of each candidate text and the clip's embedding."""
+
+    def score(self, clips: list[tuple[np.ndarray, list[str]]]) -> list[dict[str, Any]]:
+        import torch
+
+        from videollama.data.tokenizer import caption_prompt, encode_example
+
+        dec = self.model.config.decoder
+        rows, labels, index, where = [], [], [], []
+        for c, (_, texts) in enumerate(clips):
+            for t, text in enumerate(texts):
+                try:
+                    ids, lab = encode_example(self.tokenizer, caption_prompt(), text, dec.max_seq_len)
+                except ValueError:  # longer than the context: it cannot be a caption of this model
+                    continue
+                rows.append(ids)
+                labels.append(lab)
+                index.append(c)
+                where.append((c, t))
+        results = [{"scores": [None] * len(texts), "logp_video": [None] * len(texts),
+                    "logp_text": [None] * len(texts)} for _, texts in clips]
+        with torch.inference_mode():
+            latents = self.model.encode_video(self.video([f for f, _ in clips]))  # [U, L, D_v]
+            if rows:
+                # Right padding: a causal decoder's real tokens never attend to the pads after them.
+                width = max(len(r) for r in rows)
+                input_ids = torch.full((len(rows), width), dec.pad_token_id, dtype=torch.long)
+                label_ids = torch.full((len(rows), width), -100, dtype=torch.long)
+                for i, (r, lab) in enumerate(zip(rows, labels)):
+                    input_ids[i, :len(r)] = torch.tensor(r)
+                    label_ids[i, :len(lab)] = torch.tensor(lab)
+                input_ids = input_ids.to(self.device)
+                label_ids = label_ids.to(self.device)
+                idx = torch.tensor(index, device=self.device)
+                with_video = text_log_probs(self.model(input_ids, visual_latents=latents[idx]).logits, label_ids)
+                without = text_log_probs(self.model(input_ids).logits, label_ids)
+                for i, (c, t) in enumerate(where):
+                    results[c]["logp_video"][t] = float(with_video[i])
+                    results[c]["logp_text"][t] = float(without[i])
+                    results[c]["scores"][t] = float(with_video[i]) - float(without[i])
+            pooled = latents.float().mean(dim=1)  # [U, D_v]
+            pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        for c, result in enumerate(results):
+            result["embedding"] = [float(x) for x in pooled[c]]
+        return results
+
+
+class Captioner(_ModelStage):
+    """:meth:`caption` generates one caption per clip, greedily, in one batch."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", max_new_tokens: int = 48):
+        super().__init__(model_dir, device)
+        self.max_new_tokens = max_new_tokens
+
+    def caption(self, frames: list[np.ndarray]) -> list[str]:
+        from videollama.data.tokenizer import caption_prompt, encode_prompt
+        from videollama.eval.harness import _generate_batch
+
+        prompt = list(encode_prompt(self.tokenizer, caption_prompt()))
+        video = self.video(frames)
+        return _generate_batch(self.model, self.tokenizer, [prompt] * len(frames), list(video),
+                               list(range(len(frames))), max_new_tokens=self.max_new_tokens)

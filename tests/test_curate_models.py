@@ -1,0 +1,150 @@
+"""Model stages of curation against independent references.
+
+* CLIP similarity: a tiny random ``CLIPModel`` (and a CLIP tokenizer) saved to a folder by the
+  test; the stage's score of a clip and a text must equal the mean over frames of transformers'
+  own ``CLIPModel(...).logits_per_image`` within 1e-4.
+* PMI: a tiny VideoLlama with a tokenizer; each score must equal mean log p(text | video) minus
+  mean log p(text | no video), computed one text at a time from the model's own forward.
+* Captions: the batched captioner must give what ``generate`` gives for each clip alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from videollama.curate.clipscore import ClipScorer, clip_preprocess  # noqa: E402
+from videollama.curate.pmi import Captioner, PmiScorer, model_spec  # noqa: E402
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+TEXTS = [["a red square moves left", "a blue circle"], ["a green triangle stays still"], []]
+
+
+def _clip_folder(path):
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(LETTERS)},
+             **{c + "</w>": 28 + i for i, c in enumerate(LETTERS)}}
+    tok = transformers.CLIPTokenizer(vocab=vocab, merges=[])
+    tcfg = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                       num_attention_heads=4, max_position_embeddings=40, bos_token_id=0,
+                                       eos_token_id=1, pad_token_id=1)
+    vcfg = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                                         num_hidden_layers=1, num_attention_heads=4)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=tcfg.to_dict(), vision_config=vcfg.to_dict(),
+                                                           projection_dim=16)).eval()
+    with torch.no_grad():  # HF's fresh init leaves constants (layer norms); randomise everything
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    pre = {"crop_size": {"height": 32, "width": 32}, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}
+    (path / "preprocessor_config.json").write_text(json.dumps(pre))
+    return model, tok
+
+
+def _frames(seed: int, n: int, size: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_clip_scores_equal_transformers_logits_per_image(tmp_path):
+    folder = tmp_path / "clip"
+    reference, tok = _clip_folder(folder)
+    assert clip_preprocess(folder) == (32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    scorer = ClipScorer(folder, num_frames=3, fps=1.0)
+    assert scorer.spec == (3, 1.0, 32)
+    clips = [(_frames(i, 3, 32), texts) for i, texts in enumerate(TEXTS)]
+    got = scorer.score(clips)
+    mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    for (frames, texts), result in zip(clips, got):
+        assert len(result["scores"]) == len(texts)
+        pixels = (torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        if texts:
+            inputs = tok(texts, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                logits = reference(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                   pixel_values=pixels).logits_per_image  # [F, T]
+            expected = logits.mean(dim=0)
+            assert torch.allclose(torch.tensor(result["scores"]), expected, atol=1e-4, rtol=0)
+            # the scores tell the texts apart (a score equal for every text would pass nothing)
+            assert len(texts) < 2 or abs(expected[0] - expected[1]) > 1e-3
+        with torch.no_grad():
+            image = reference.get_image_features(pixel_values=pixels)
+        image = image if isinstance(image, torch.Tensor) else image.pooler_output
+        image = image / image.norm(dim=-1, keepdim=True)
+        embedding = image.mean(0) / image.mean(0).norm()
+        assert torch.allclose(torch.tensor(result["embedding"]), embedding, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_videollama(tmp_path_factory):
+    from videollama.config import VideoLlamaConfig
+    from videollama.data.tokenizer import train_tokenizer
+    from videollama.model.videollama import VideoLlama
+
+    path = tmp_path_factory.mktemp("model")
+    cfg = VideoLlamaConfig.from_name("tiny").with_overrides({
+        "preprocess.num_frames": 2, "preprocess.size": 32, "vision.image_size": 32, "vision.max_frames": 2,
+        "vision.gate_init": 1.0, "decoder.cross_attn_gate_init": 1.0})
+    torch.manual_seed(0)
+    model = VideoLlama(cfg).eval()
+    tok = train_tokenizer([t for ts in TEXTS for t in ts] * 4, vocab_size=300)
+    model.save_pretrained(path, tokenizer=tok)
+    return path, model, tok
+
+
+def _mean_logp(model, ids, labels, video):
+    logits = model(torch.tensor([ids]), video).logits[0, :-1]  # [T-1, V]
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    picked = [logp[t, labels[t + 1]].item() for t in range(len(ids) - 1) if labels[t + 1] != -100]
+    return sum(picked) / len(picked)
+
+
+def test_pmi_equals_forward_with_and_without_video(tiny_videollama):
+    from videollama.curate.clipscore import normalise
+    from videollama.data.tokenizer import caption_prompt, encode_example
+
+    path, model, tok = tiny_videollama
+    assert model_spec(path)[0] == (2, 4.0, 32)
+    scorer = PmiScorer(path)
+    clips = [(_frames(10 + i, 2, 32), texts) for i, texts in enumerate(TEXTS)]
+    got = scorer.score(clips)
+    pre = model.config.preprocess
+    for (frames, texts), result in zip(clips, got):
+        video = normalise(frames, pre.mean, pre.std)[None]  # [1, F, 3, S, S]
+        for text, score, with_video, without in zip(texts, result["scores"], result["logp_video"],
+                                                    result["logp_text"]):
+            ids, labels = encode_example(tok, caption_prompt(), text, model.config.decoder.max_seq_len)
+            with torch.no_grad():
+                expected_v = _mean_logp(model, ids, labels, video)
+                expected_t = _mean_logp(model, ids, labels, None)
+            assert abs(with_video - expected_v) < 1e-4 and abs(without - expected_t) < 1e-4
+            assert abs(score - (expected_v - expected_t)) < 1e-4
+            assert abs(expected_v - expected_t) > 1e-6  # the video changes the model's belief
+    # different videos give different scores for one text (the video reaches the decoder)
+    same = scorer.score([(_frames(1, 2, 32), ["a blue circle"]), (_frames(2, 2, 32), ["a blue circle"])])
+    assert abs(same[0]["scores"][0] - same[1]["scores"][0]) > 1e-6
+
+
+def test_captioner_matches_generate_per_clip(tiny_videollama):
+    from videollama.curate.clipscore import normalise
+    from videollama.data.tokenizer import caption_prompt, encode_prompt
+    from videollama.model.generate import generate
+
+    path, model, tok = tiny_videollama
+    captioner = Captioner(path, max_new_tokens=6)
+    frames = [_frames(20 + i, 2, 32) for i in range(3)]
+    got = captioner.caption(frames)
+    pre = model.config.preprocess
+    ids = torch.tensor([encode_prompt(tok, caption_prompt())])
+    for clip, caption in zip(frames, got):
+        new = generate(model, ids, normalise(clip, pre.mean, pre.std)[None], max_new_tokens=6,
+                       eos_token_id=model.config.decoder.eos_token_id)[0].tolist()
+        if 2 in new:
+            new = new[:new.index(2)]
+        assert caption == tok.decode([i for i in new if i != 0], skip_special_tokens=True).strip()

@@ -1,0 +1,174 @@
+"""Curation pieces one at a time: config, inputs, clip cutting, filters, near-duplicates, table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from videollama.curate.config import CurateConfig, load_config
+from videollama.curate.dedup import near_duplicates, pixel_embedding
+from videollama.curate.filters import alignment_threshold, best_clip_of_texts, cheap_filter, choose_caption
+from videollama.curate.inputs import read_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["curate-default.yaml", "curate-web.yaml"])
+def test_configs_load_and_override(name):
+    cfg = load_config(ROOT / "configs" / name, ["filter.threshold=0.5", "dedup.enabled=false"])
+    assert cfg.filter.threshold == 0.5 and cfg.dedup.enabled is False
+    assert isinstance(cfg, CurateConfig)
+
+
+def test_config_refuses_typos_and_bad_values():
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_config(None, ["filter.treshold=1"])
+    with pytest.raises(ValueError, match="keep_fraction"):
+        load_config(None, ["filter.keep_fraction=1.5"])
+    with pytest.raises(ValueError, match="engine"):
+        load_config(None, ["engine=spark"])
+    assert load_config(None, ["scorer.model=m"]).metric == "pmi"
+    assert load_config(None, ["clip.model=c"]).metric == "clip"
+    assert load_config(None).metric is None
+
+
+def test_manifest_and_folder_inputs(tmp_path):
+    from helpers import good_video
+
+    (tmp_path / "m" / "videos").mkdir(parents=True)
+    (tmp_path / "m" / "videos" / "a.mp4").write_bytes(good_video(0))
+    lines = [{"id": "a", "video": "videos/a.mp4", "texts": ["one", " two "], "source": "web"},
+             {"id": "b", "video": "../outside.mp4", "texts": []},
+             "not json",
+             {"id": "c", "video": "videos/a.mp4", "texts": "a single text"},
+             {"id": "d", "video": "videos/a.mp4", "texts": [1, 2]}]
+    (tmp_path / "m" / "manifest.jsonl").write_text(
+        "".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines))
+    sources, skips = read_inputs(tmp_path / "m" / "manifest.jsonl")
+    assert [s["source_id"] for s in sources] == ["a", "c"]
+    assert sources[0]["texts"] == ["one", "two"] and sources[0]["meta"] == {"video": "videos/a.mp4", "source": "web"}
+    assert sources[1]["texts"] == ["a single text"]
+    assert sorted(r for r, _, _ in skips) == ["invalid_json", "invalid_json", "outside_root"]
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for name in ("x", "y", "z"):
+        (folder / f"{name}.mp4").write_bytes(good_video(1))
+    (folder / "x.txt").write_text("a red square\n")
+    (folder / "y.json").write_text(json.dumps({"texts": ["t1", "t2"], "lang": "en"}))
+    sources, skips = read_inputs(folder)
+    assert [(s["source_id"], s["texts"]) for s in sources] == [("x", ["a red square"]), ("y", ["t1", "t2"]), ("z", [])]
+    assert sources[1]["meta"] == {"video": "y.mp4", "lang": "en"} and not skips
+
+
+def test_cut_clips_reencodes_exactly_the_frames_of_each_span(tmp_path):
+    import av
+
+    from badvideos import encode_video
+    from videollama.curate.cutting import cut_clips, sample_frames
+
+    # 50 frames at 25 FPS, frame k a uniform gray level 5 k: each clip's frames are recognisable.
+    data = encode_video(width=64, height=48, num_frames=50, frame_fn=lambda i, w, h: np.full((h, w, 3), 5 * i, np.uint8))
+    path = tmp_path / "v.mp4"
+    path.write_bytes(data)
+    clips = cut_clips(str(path), [(0.4, 1.0), (1.2, 2.0), (5.0, 6.0)])
+    assert clips[2] is None  # past the end: no frame
+    for mp4, (first, last) in zip(clips[:2], [(10, 24), (30, 49)]):
+        with av.open(__import__("io").BytesIO(mp4)) as c:
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert len(frames) == last - first + 1
+        levels = [int(round(f.mean() / 5)) for f in frames]
+        assert levels == list(range(first, last + 1))
+    frames = sample_frames(clips[0], (3, 5.0, 16), "clip")
+    assert frames.shape == (3, 16, 16, 3) and frames.dtype == np.uint8
+    # centred 0.6 s window in a 0.6 s clip: samples at 0, 0.2, 0.4 s -> clip frames 0, 5, 10
+    assert [int(round(f.mean() / 5)) for f in frames] == [10, 15, 20]
+
+
+def _row(**kw):
+    row = {"duration_s": 3.0, "width": 320, "height": 240, "motion": 1.0, "texts": ["a", "b"],
+           "scores": [{"text": "a", "clip": None, "pmi": 0.5}, {"text": "b", "clip": None, "pmi": 1.5}]}
+    row.update(kw)
+    return row
+
+
+def test_filters_and_caption_choice():
+    from videollama.curate.config import FilterSection
+
+    cfg = FilterSection(min_duration_s=2.0, min_width=100, min_height=100, min_motion=0.1)
+    assert cheap_filter(_row(), cfg) is None
+    assert cheap_filter(_row(duration_s=1.0), cfg) == "too_short"
+    assert cheap_filter(_row(height=90), cfg) == "low_resolution"
+    assert cheap_filter(_row(motion=0.0), cfg) == "static"
+    assert choose_caption(_row(), "pmi", 0.0) == "b"
+    assert choose_caption(_row(), "pmi", 1.0) == "b"
+    assert choose_caption(_row(), "pmi", 2.0) is None
+    assert choose_caption(_row(), None, 0.0) == "a"  # no model: the first text as it is
+    rows = [_row(), _row(scores=[{"text": "c", "clip": None, "pmi": -1.0}, {"text": "d", "clip": None, "pmi": 3.0}])]
+    # scores 3.0, 1.5, 0.5, -1.0: the top half are 3.0 and 1.5
+    assert alignment_threshold(rows, "pmi", FilterSection(keep_fraction=0.5)) == 1.5
+    assert alignment_threshold(rows, "pmi", FilterSection(keep_fraction=0.1)) == 3.0
+    assert alignment_threshold(rows, "pmi", FilterSection(threshold=0.7)) == 0.7
+
+
+def test_a_text_is_assigned_to_the_clip_it_fits_best():
+    a = {"clip_id": "v-0", "source_id": "v", "texts": ["x", "y"],
+         "scores": [{"text": "x", "clip": None, "pmi": 4.0}, {"text": "y", "clip": None, "pmi": 3.0}]}
+    b = {"clip_id": "v-1", "source_id": "v", "texts": ["x", "y"],
+         "scores": [{"text": "x", "clip": None, "pmi": 4.5}, {"text": "y", "clip": None, "pmi": 1.0}]}
+    assigned = best_clip_of_texts([a, b], "pmi")
+    assert assigned == {("v", "x"): "v-1", ("v", "y"): "v-0"}
+    assert choose_caption(a, "pmi", 0.0) == "x" and choose_caption(a, "pmi", 0.0, assigned) == "y"
+    assert choose_caption(b, "pmi", 0.0, assigned) == "x"
+    assert choose_caption(a, "pmi", 3.5, assigned) is None  # y is a's, but below the threshold
+
+
+def test_near_duplicates_group_transitively_and_keep_the_first():
+    e = np.array([[1, 0, 0], [0.99, 0.141, 0], [0.96, 0.28, 0], [0, 0, 1], [0, 0.1, 0.995]], dtype=float)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    ids = ["a", "b", "c", "d", "e"]
+    # a~b, b~c (a, c only 0.96 apart: above 0.95 too); d~e
+    assert near_duplicates(ids, e, 0.95) == {"b": "a", "c": "a", "e": "d"}
+    assert near_duplicates(ids, e, 0.98) == {"b": "a", "c": "a", "e": "d"}  # c joins through b
+    assert near_duplicates(ids, e, 0.999) == {}
+    assert near_duplicates(ids, e, 0.95, block=2) == near_duplicates(ids, e, 0.95)
+
+
+def test_pixel_embedding_sees_through_brightness_not_content():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(40, 200, (4, 16, 16, 3)).astype(np.uint8)
+    brighter = np.clip(frames.astype(int) + 20, 0, 255).astype(np.uint8)
+    other = rng.integers(40, 200, (4, 16, 16, 3)).astype(np.uint8)
+    a, b, c = (pixel_embedding(f) for f in (frames, brighter, other))
+    assert abs(np.linalg.norm(a) - 1) < 1e-9
+    assert a @ b > 0.999 and abs(a @ c) < 0.3
+
+
+def test_table_round_trip(tmp_path):
+    from videollama.curate.output import COLUMNS, read_table, write_table
+
+    rows = [{"clip_id": "v-0000", "source_id": "v", "start_s": 0.0, "end_s": 2.0, "duration_s": 2.0, "width": 64,
+             "height": 48, "motion": 0.5, "texts": ["x"], "scores": [{"text": "x", "clip": None, "pmi": 0.25}],
+             "kept": True, "drop_reason": None, "caption": "x", "caption_source": "input", "duplicate_of": None}]
+    write_table(rows, tmp_path / "clips.parquet")
+    assert read_table(tmp_path / "clips.parquet") == rows
+    assert set(COLUMNS) >= {"clip_id", "source_id", "start_s", "end_s", "scores", "kept", "drop_reason", "caption",
+                            "caption_source", "duplicate_of"}
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from videollama.cli import main as cli_main
+
+    assert cli_main(["curate", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("videollama: error: ") and "missing: no such folder or manifest" in err
+    (tmp_path / "m.jsonl").write_text("")
+    assert cli_main(["curate", "--input", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"),
+                     "filter.treshold=1"]) == 2
+    assert "unknown keys ['treshold']" in capsys.readouterr().err
+    assert cli_main(["curate", "--input", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"),
+                     "--config", str(ROOT / "configs" / "curate-web.yaml")]) == 2
+    assert "filter.metric pmi needs --scorer" in capsys.readouterr().err
