@@ -133,7 +133,14 @@ def test_chat_command_serves_the_page_and_the_api(tmp_path):
         models = httpx.get(url + "v1/models", timeout=30).json()
         assert models["data"][0]["id"] == "model"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            code = None
+        time.sleep(0.5)  # the reader thread drains what the process printed last
+        while not lines.empty():
+            seen.append(lines.get())
+        assert code == 0, "".join(seen)
     finally:
         if proc.poll() is None:
             proc.kill()

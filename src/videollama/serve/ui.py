@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import inspect
 import os
 import random
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from videollama.serve.limits import APIError
+
+STOP_TIMEOUT_S = 45.0  # Ctrl-C to exit, at most
 
 # Before Gradio is imported anywhere in this process: no telemetry, no version check.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -335,6 +338,10 @@ def run(args: argparse.Namespace) -> int:
                         time.sleep(3600)
                 except KeyboardInterrupt:
                     print("videollama chat: stopping", flush=True)
+                    # A stop is bounded: should closing the server and the engine take longer,
+                    # every thread's stack goes to stderr (what held it) and the process exits 1.
+                    faulthandler.dump_traceback_later(STOP_TIMEOUT_S, exit=True)
     finally:
         engine.close()
+    faulthandler.cancel_dump_traceback_later()
     return 0
