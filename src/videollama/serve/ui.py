@@ -20,6 +20,7 @@ import faulthandler
 import inspect
 import os
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -313,6 +314,10 @@ def load_engine(args: argparse.Namespace):
                                  limits=limits_from_args(args))
 
 
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0 to 65535, got {args.port}")
@@ -324,6 +329,11 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"videollama chat: warning: listening on {args.host}: the page and the API ask for no key, "
               "anyone who can reach this address can use the model", file=sys.stderr)
+    # Ctrl-C and SIGTERM stop the page, installed explicitly as uvicorn does for `serve`: a process
+    # started in the background by a non-interactive shell inherits SIGINT as ignored, and Python
+    # then installs no KeyboardInterrupt handler of its own.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_keyboard_interrupt)
     engine = load_engine(args)
     engine.start()
     try:
