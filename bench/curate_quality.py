@@ -123,14 +123,16 @@ def evaluate(corpus: Path, out: Path) -> dict[str, Any]:
     return result
 
 
-def threshold_sweep(corpus: Path, out: Path, thresholds: list[float], assign: str = "best_clip") -> list[dict]:
-    """Caption-choice precision / recall at other PMI thresholds, re-filtered from clips.parquet alone
-    (no score recomputed): what a run's table allows."""
+def threshold_sweep(corpus: Path, out: Path, thresholds: list[float], assign: str = "best_clip",
+                    column: str | None = None) -> list[dict]:
+    """Caption-choice precision / recall at other thresholds of a score column (default: the run's;
+    ``pmi``, ``pmi_sum``, ``pmi_span``: the three ``filter.pmi_reduce`` choices), re-filtered from
+    clips.parquet alone (no score recomputed): what a run's table allows."""
     from videollama.curate.filters import best_clip_of_texts, choose_caption
 
     truth = json.loads((corpus / "truth.json").read_text())
     stats = json.loads((out / "stats.json").read_text())
-    metric = stats["metric"]
+    metric = column or stats["metric"]
     rows = [r for r in read_table(out / "clips.parquet") if r["drop_reason"] not in ("static", "too_short",
                                                                                       "low_resolution")]
     scene = _scene_of(rows, truth)
