@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=1000)
     parser.add_argument("--scorer", default="raw", help="'raw' (arm 1's pre-trained model) or a model directory")
     parser.add_argument("--captioner", default="raw", help="'raw' or a model directory")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "curation_value.md")
     args = parser.parse_args()
     out, demo = args.out.resolve(), args.demo_data.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -167,10 +168,10 @@ def main() -> None:
     report["settings"] = {"demo_data": str(demo), "finetune_steps": args.finetune_steps,
                           "pretrain_config": args.pretrain_config, "finetune_config": args.finetune_config}
     save()
-    write_results(report)
+    write_results(report, args.results)
 
 
-def write_results(r: dict) -> None:
+def write_results(r: dict, path: Path) -> None:
     raw, cur, c = r["raw"], r["curated"], r["curate"]
     ch, gen = c["caption_choice"], c["generated"]
 
@@ -218,7 +219,7 @@ def write_results(r: dict) -> None:
         f"VideoQA: {raw['n_questions']} held-out questions. Wall seconds per step of the run: "
         + ", ".join(f"{k} {v}" for k, v in r["wall_s"].items()) + ".",
     ]
-    (ROOT / "bench" / "results" / "curation_value.md").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
