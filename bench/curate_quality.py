@@ -1,6 +1,8 @@
 """Score a finished ``videollama curate`` run on the web Shapes corpus against its truth.json.
 
     python bench/curate_quality.py --corpus data/web --out curated   (prints JSON)
+    python bench/curate_quality.py --corpus data/web --out curated --sweep   (the filter.pmi_reduce
+        sweep: caption precision / recall of each PMI reduction at a range of thresholds, as a table)
 
 Used by bench/bench_curate.py; a function per figure, each explained in its docstring.
 Clips are matched to truth scenes by (source id, start time) within half a frame.
@@ -123,14 +125,16 @@ def evaluate(corpus: Path, out: Path) -> dict[str, Any]:
     return result
 
 
-def threshold_sweep(corpus: Path, out: Path, thresholds: list[float], assign: str = "best_clip") -> list[dict]:
-    """Caption-choice precision / recall at other PMI thresholds, re-filtered from clips.parquet alone
-    (no score recomputed): what a run's table allows."""
+def threshold_sweep(corpus: Path, out: Path, thresholds: list[float], assign: str = "best_clip",
+                    column: str | None = None) -> list[dict]:
+    """Caption-choice precision / recall at other thresholds of a score column (default: the run's;
+    ``pmi``, ``pmi_sum``, ``pmi_span``: the three ``filter.pmi_reduce`` choices), re-filtered from
+    clips.parquet alone (no score recomputed): what a run's table allows."""
     from videollama.curate.filters import best_clip_of_texts, choose_caption
 
     truth = json.loads((corpus / "truth.json").read_text())
     stats = json.loads((out / "stats.json").read_text())
-    metric = stats["metric"]
+    metric = column or stats["metric"]
     rows = [r for r in read_table(out / "clips.parquet") if r["drop_reason"] not in ("static", "too_short",
                                                                                       "low_resolution")]
     scene = _scene_of(rows, truth)
@@ -155,8 +159,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sweep", action="store_true", help="print the pmi / pmi_sum / pmi_span threshold sweep")
     args = parser.parse_args()
-    print(json.dumps(evaluate(args.corpus, args.out), indent=1))
+    if not args.sweep:
+        print(json.dumps(evaluate(args.corpus, args.out), indent=1))
+        return
+    print("| filter.pmi_reduce (column) | threshold | caption precision | caption recall |")
+    print("| --- | ---: | ---: | ---: |")
+    for reduce, column, thresholds in (("mean", "pmi", [0, 1, 2, 3, 3.5, 4]),
+                                       ("sum", "pmi_sum", [0, 10, 20, 25, 30, 40, 60]),
+                                       ("max_span", "pmi_span", [0, 10, 20, 25, 30, 40, 50, 55, 60])):
+        for p in threshold_sweep(args.corpus, args.out, [float(t) for t in thresholds], column=column):
+            print(f"| {reduce} ({column}) | {p['threshold']:g} | {p['precision']:.3f} | {p['recall']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,39 @@ def test_pmi_equals_forward_with_and_without_video(tiny_videollama):
     assert abs(same[0]["scores"][0] - same[1]["scores"][0]) > 1e-6
 
 
+def _token_logp(model, ids, labels, video):
+    logits = model(torch.tensor([ids]), video).logits[0, :-1]  # [T-1, V]
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return [logp[t, labels[t + 1]].item() for t in range(len(ids) - 1) if labels[t + 1] != -100]
+
+
+def test_pmi_sum_and_max_span_equal_per_token_forward(tiny_videollama):
+    """pmi_sum / pmi_span against per-token PMI from the model's own forward, one text at a time,
+    the best span found by trying every contiguous run (not Kadane)."""
+    from videollama.curate.clipscore import normalise
+    from videollama.data.tokenizer import caption_prompt, encode_example
+
+    path, model, tok = tiny_videollama
+    scorer = PmiScorer(path)
+    clips = [(_frames(30 + i, 2, 32), texts) for i, texts in enumerate(TEXTS)]
+    got = scorer.score(clips)
+    pre = model.config.preprocess
+    spans_differ = False
+    for (frames, texts), result in zip(clips, got):
+        video = normalise(frames, pre.mean, pre.std)[None]
+        for j, text in enumerate(texts):
+            ids, labels = encode_example(tok, caption_prompt(), text, model.config.decoder.max_seq_len)
+            with torch.no_grad():
+                pmi = [a - b for a, b in zip(_token_logp(model, ids, labels, video),
+                                             _token_logp(model, ids, labels, None))]
+            best = max(sum(pmi[a:b]) for a in range(len(pmi)) for b in range(a + 1, len(pmi) + 1))
+            assert abs(result["pmi_sum"][j] - sum(pmi)) < 1e-4
+            assert abs(result["pmi_span"][j] - best) < 1e-4
+            assert abs(result["scores"][j] - sum(pmi) / len(pmi)) < 1e-4  # the mean stays the pmi column
+            spans_differ |= abs(best - sum(pmi)) > 1e-6
+    assert spans_differ  # some text has a negative stretch that the best span leaves out
+
+
 def test_captioner_matches_generate_per_clip(tiny_videollama):
     from videollama.curate.clipscore import normalise
     from videollama.data.tokenizer import caption_prompt, encode_prompt

@@ -33,6 +33,23 @@ def test_config_refuses_typos_and_bad_values():
     assert load_config(None, ["scorer.model=m"]).metric == "pmi"
     assert load_config(None, ["clip.model=c"]).metric == "clip"
     assert load_config(None).metric is None
+    with pytest.raises(ValueError, match="pmi_reduce"):
+        load_config(None, ["filter.pmi_reduce=median"])
+    for reduce, column in (("mean", "pmi"), ("sum", "pmi_sum"), ("max_span", "pmi_span")):
+        assert load_config(None, ["scorer.model=m", f"filter.pmi_reduce={reduce}"]).score_column == column
+    assert load_config(None, ["clip.model=c", "filter.pmi_reduce=sum"]).score_column == "clip"
+
+
+def test_refilter_by_another_pmi_reduction():
+    """The filter thresholds the column filter.pmi_reduce names: a decorated caption with a low mean
+    but a high best span wins under max_span and loses under mean, from the same stored scores."""
+    row = {"clip_id": "v/0", "source_id": "v", "texts": ["watch: a red square lol", "a blue circle"],
+           "scores": [{"text": "watch: a red square lol", "clip": None, "pmi": 1.0, "pmi_sum": 9.0, "pmi_span": 11.0},
+                      {"text": "a blue circle", "clip": None, "pmi": 2.0, "pmi_sum": 4.0, "pmi_span": 4.5}]}
+    assert choose_caption(row, "pmi", 1.5) == "a blue circle"
+    assert choose_caption(row, "pmi_span", 10.0) == "watch: a red square lol"
+    assert choose_caption(row, "pmi_sum", 5.0) == "watch: a red square lol"
+    assert choose_caption(row, "pmi_span", 12.0) is None
 
 
 def test_manifest_and_folder_inputs(tmp_path):
@@ -151,7 +168,8 @@ def test_table_round_trip(tmp_path):
     from videollama.curate.output import COLUMNS, read_table, write_table
 
     rows = [{"clip_id": "v-0000", "source_id": "v", "start_s": 0.0, "end_s": 2.0, "duration_s": 2.0, "width": 64,
-             "height": 48, "motion": 0.5, "texts": ["x"], "scores": [{"text": "x", "clip": None, "pmi": 0.25}],
+             "height": 48, "motion": 0.5, "texts": ["x"], "scores": [{"text": "x", "clip": None, "pmi": 0.25, "pmi_sum": 1.5,
+                                                                     "pmi_span": 1.75}],
              "kept": True, "drop_reason": None, "caption": "x", "caption_source": "input", "duplicate_of": None}]
     write_table(rows, tmp_path / "clips.parquet")
     assert read_table(tmp_path / "clips.parquet") == rows

@@ -71,6 +71,10 @@ class CaptionerSection:
     max_new_tokens: int = 48
 
 
+# filter.pmi_reduce -> the score column it thresholds
+PMI_COLUMNS = {"mean": "pmi", "sum": "pmi_sum", "max_span": "pmi_span"}
+
+
 @dataclass
 class FilterSection:
     """What a clip must have to be kept.
@@ -79,6 +83,11 @@ class FilterSection:
     else clip). A text passes when its score is ``>= threshold``, or, with ``keep_fraction``
     set, when it is among that top fraction of all scored texts (the threshold is then that
     quantile, recorded in stats.json).
+
+    ``pmi_reduce`` (metric pmi): which reduction of the per-token PMI is thresholded: ``mean``
+    (the ``pmi`` column, the definition), ``sum`` (``pmi_sum``) or ``max_span`` (``pmi_span``, the
+    best contiguous run of tokens). All three are stored in clips.parquet, so a table can be
+    re-filtered by any of them without recomputing (see ``curate.pmi``).
     """
 
     metric: str = "auto"
@@ -86,6 +95,7 @@ class FilterSection:
     keep_fraction: float | None = None
     # any: a text may caption any clip of its video; best_clip: only the clip it scores best on.
     assign: str = "any"
+    pmi_reduce: str = "mean"  # mean | sum | max_span
     min_duration_s: float = 2.0
     min_width: int = 64
     min_height: int = 64
@@ -139,6 +149,8 @@ class CurateConfig:
             raise ValueError(f"filter.keep_fraction must be in (0, 1], got {self.filter.keep_fraction}")
         if self.filter.assign not in ("any", "best_clip"):
             raise ValueError(f"filter.assign must be any or best_clip, got {self.filter.assign!r}")
+        if self.filter.pmi_reduce not in PMI_COLUMNS:
+            raise ValueError(f"filter.pmi_reduce must be mean, sum or max_span, got {self.filter.pmi_reduce!r}")
         if self.dedup.embedding not in ("pixels", "clip", "scorer"):
             raise ValueError(f"dedup.embedding must be pixels, clip or scorer, got {self.dedup.embedding!r}")
         if not 0 < self.scenes.min_clip_s <= self.scenes.max_clip_s:
@@ -155,6 +167,12 @@ class CurateConfig:
         if self.filter.metric != "auto":
             return self.filter.metric
         return "pmi" if self.scorer.model else "clip" if self.clip.model else None
+
+    @property
+    def score_column(self) -> str | None:
+        """The per-text score column the filter thresholds: ``clip``, ``pmi``, ``pmi_sum``, ``pmi_span``."""
+        metric = self.metric
+        return PMI_COLUMNS[self.filter.pmi_reduce] if metric == "pmi" else metric
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,7 +26,8 @@ COLUMNS = ("clip_id", "source_id", "start_s", "end_s", "duration_s", "width", "h
 def _schema():
     import pyarrow as pa
 
-    score = pa.struct([("text", pa.string()), ("clip", pa.float64()), ("pmi", pa.float64())])
+    score = pa.struct([("text", pa.string()), ("clip", pa.float64()), ("pmi", pa.float64()),
+                       ("pmi_sum", pa.float64()), ("pmi_span", pa.float64())])
     return pa.schema([
         ("clip_id", pa.string()), ("source_id", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()),
         ("duration_s", pa.float64()), ("width", pa.int64()), ("height", pa.int64()), ("motion", pa.float64()),
@@ -96,7 +97,7 @@ def plot_stats(rows: list[dict[str, Any]], stats: dict[str, Any], path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("pmi", "clip") if any(s.get(m) is not None for r in rows for s in r["scores"] or [])]
+    metrics = [m for m in dict.fromkeys(("pmi", "clip", stats.get("metric") or "pmi")) if any(s.get(m) is not None for r in rows for s in r["scores"] or [])]
     fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(5 * (len(metrics) + 1), 3.6))
     axes = list(axes) if len(metrics) else [axes]
     for ax, metric in zip(axes, metrics):

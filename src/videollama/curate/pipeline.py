@@ -145,7 +145,8 @@ def curate(input_path: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
         rows.sort(key=lambda r: r["clip_id"])
         metas = {s["source_id"]: s["meta"] for s in sources}
         for row in rows:
-            row.update(scores=[{"text": t, "clip": None, "pmi": None} for t in row["texts"]], kept=False,
+            row.update(scores=[{"text": t, "clip": None, "pmi": None, "pmi_sum": None, "pmi_span": None}
+                                   for t in row["texts"]], kept=False,
                        drop_reason=cheap_filter(row, cfg.filter), caption=None, caption_source=None,
                        duplicate_of=None)
         counts = {"sources": len(sources) + len(skips), "sources_ok": len(sources) - video_errors,
@@ -165,14 +166,18 @@ def curate(input_path: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
             embeddings[stage] = {}
             for row in live:
                 result = results[row["clip_id"]]
-                for entry, score in zip(row["scores"], result["scores"]):
+                for j, (entry, score) in enumerate(zip(row["scores"], result["scores"])):
                     entry[stage] = score
+                    if stage == "pmi":  # the other reductions of the per-token PMI (filter.pmi_reduce)
+                        entry["pmi_sum"] = result["pmi_sum"][j]
+                        entry["pmi_span"] = result["pmi_span"][j]
                 embeddings[stage][row["clip_id"]] = result["embedding"]
 
         # ---- alignment and captions ----------------------------------------------------------
-        metric = cfg.metric
+        metric = cfg.score_column  # the score column thresholded (pmi, pmi_sum, pmi_span or clip)
         threshold = alignment_threshold(live, metric, cfg.filter) if metric else None
-        stats.update(metric=metric, threshold=threshold, assign=cfg.filter.assign)
+        stats.update(metric=metric, threshold=threshold, assign=cfg.filter.assign,
+                     pmi_reduce=cfg.filter.pmi_reduce)
         need_caption = []
         assigned = best_clip_of_texts(live, metric) if metric and cfg.filter.assign == "best_clip" else None
         for row in live:

@@ -8,7 +8,13 @@ Alignment of a text with a clip is the pointwise mutual information
 where the means run over the text's tokens and its EOS, as the caption template frames them
 (``<s><video><|caption|>`` text ``</s>``, the training format), and "no video" is the same
 decoder without any visual context (its cross-attention blocks skipped). A text that the video
-makes more likely than the language prior alone has PMI > 0. Frames come from the model's own
+makes more likely than the language prior alone has PMI > 0. That mean is the ``pmi`` column.
+
+Two more reductions of the same per-token PMI ``log p(token | video) - log p(token | no video)``
+are stored beside it (``pmi_sum``, ``pmi_span``), so that a run's table can be re-filtered by any
+of them (``filter.pmi_reduce``): ``sum`` over the tokens (boilerplate tokens that the video does
+not explain add about 0 instead of diluting a mean) and ``max_span``, the largest sum over a
+contiguous run of tokens (the best-explained part of the text; negative stretches cut out). Frames come from the model's own
 preprocessing spec (its preprocessor.json), the pixels evaluation would feed it.
 
 Captions are generated greedily in batches, with the KV cache and each clip encoded once
@@ -72,8 +78,29 @@ def text_log_probs(logits, labels):
     return (picked * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
+def token_log_probs(logits, labels):
+    """Per-token log-probabilities of the labelled tokens. logits [B, T, V]; labels [B, T] ->
+    (log p [B, T-1], mask [B, T-1] bool; position t scores labels[t + 1])."""
+    import torch
+
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = labels[:, 1:]
+    mask = target != -100
+    return logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask, mask
+
+
+def max_span_sum(values: list[float]) -> float:
+    """The largest sum of a non-empty contiguous run of ``values`` (Kadane)."""
+    best = current = values[0]
+    for v in values[1:]:
+        current = max(v, current + v)
+        best = max(best, current)
+    return best
+
+
 class PmiScorer(_ModelStage):
-    """:meth:`score` returns, per clip, the PMI of each candidate text and the clip's embedding."""
+    """:meth:`score` returns, per clip, the PMI of each candidate text (``scores``: the mean; also
+    ``pmi_sum`` and ``pmi_span``, see the module docstring) and the clip's embedding."""
 
     def score(self, clips: list[tuple[np.ndarray, list[str]]]) -> list[dict[str, Any]]:
         import torch
@@ -93,7 +120,8 @@ class PmiScorer(_ModelStage):
                 index.append(c)
                 where.append((c, t))
         results = [{"scores": [None] * len(texts), "logp_video": [None] * len(texts),
-                    "logp_text": [None] * len(texts)} for _, texts in clips]
+                    "logp_text": [None] * len(texts), "pmi_sum": [None] * len(texts),
+                    "pmi_span": [None] * len(texts)} for _, texts in clips]
         with torch.inference_mode():
             latents = self.model.encode_video(self.video([f for f, _ in clips]))  # [U, L, D_v]
             if rows:
@@ -107,12 +135,17 @@ class PmiScorer(_ModelStage):
                 input_ids = input_ids.to(self.device)
                 label_ids = label_ids.to(self.device)
                 idx = torch.tensor(index, device=self.device)
-                with_video = text_log_probs(self.model(input_ids, visual_latents=latents[idx]).logits, label_ids)
-                without = text_log_probs(self.model(input_ids).logits, label_ids)
+                lp_video, mask = token_log_probs(self.model(input_ids, visual_latents=latents[idx]).logits, label_ids)
+                lp_text, _ = token_log_probs(self.model(input_ids).logits, label_ids)
+                count = mask.sum(1).clamp_min(1)
+                with_video, without = lp_video.sum(1) / count, lp_text.sum(1) / count  # [B] means
+                per_token = (lp_video - lp_text).double()  # [B, T-1], 0 where masked
                 for i, (c, t) in enumerate(where):
                     results[c]["logp_video"][t] = float(with_video[i])
                     results[c]["logp_text"][t] = float(without[i])
                     results[c]["scores"][t] = float(with_video[i]) - float(without[i])
+                    results[c]["pmi_sum"][t] = float(per_token[i].sum())
+                    results[c]["pmi_span"][t] = max_span_sum(per_token[i][mask[i]].tolist())
             pooled = latents.float().mean(dim=1)  # [U, D_v]
             pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         for c, result in enumerate(results):
