@@ -43,9 +43,14 @@ class KVCache:
         if isinstance(start, torch.Tensor):
             if k.shape[2] != 1:
                 raise ValueError(f"per-row cache writes take one token per row, got {k.shape[2]}")
-            index = start.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # [B, KV, 1, hd]
-            self.k.scatter_(2, index, k)
-            self.v.scatter_(2, index, v)
+            # k[b, h, 0] -> cache[b, h, start[b]]: index_put_ rather than scatter_, because
+            # inductor re-inplaces index_put on a graph input, while a scatter_ became a copy of
+            # the whole cache (and a copy back) every compiled step.
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
+            heads = torch.arange(k.shape[1], device=k.device)[None, :]  # [1, KV]
+            index = (rows, heads, start[:, None])  # broadcast to [B, KV]
+            self.k.index_put_(index, k[:, :, 0])
+            self.v.index_put_(index, v[:, :, 0])
             return self.k, self.v
         end = start + k.shape[2]
         if end > self.k.shape[2]:
