@@ -7,7 +7,7 @@ import torch
 
 from videollama.config import VideoLlamaConfig
 from videollama.model import VideoLlama
-from videollama.model.batch import BatchDecoder
+from videollama.model.batch import BatchDecoder, bucket, buckets
 from videollama.model.generate import generate
 
 V = 1024
@@ -147,5 +147,53 @@ def test_compiled_steps_compile_once_and_match_eager(model):
     compiled = run_schedule(model, requests, max_batch=2, max_len=20, compile=True)
     assert "failed" not in _COMPILED, _COMPILED.get("failed")
     assert compiled == eager
-    # Two graphs over ~20 steps of changing lengths and rows: with and without a video row.
-    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    # Over ~20 steps of changing lengths and rows: at most one graph per row bucket (1, 2), with
+    # and without a video row; not one per length.
+    assert counters["stats"]["unique_graphs"] <= 2 * len(buckets(2)), dict(counters["stats"])
+
+
+def test_buckets():
+    assert buckets(16) == [1, 2, 4, 8, 16] and buckets(12) == [1, 2, 4, 8, 12] and buckets(1) == [1]
+    assert [bucket(n, 12) for n in (1, 2, 3, 5, 8, 9, 12)] == [1, 2, 4, 8, 8, 12, 12]
+
+
+def test_rows_leaving_mid_batch_are_compacted(model):
+    """Rows leave from the front and the middle while others decode: the last active row moves
+    into the freed row (the caller's slot ids stay), the step runs on exactly the active rows,
+    and every request's tokens still equal generate() alone."""
+    v1, v2 = video(1), video(2)
+    reqs = [(prompt(5, 40), v1, 4), (prompt(7, 41), None, 12), (prompt(3, 42), v2, 6),
+            (prompt(6, 43), None, 12), (prompt(4, 44), v1, 12)]
+    dec = BatchDecoder(model, max_batch=5, max_len=32)
+    slots, out = [], []
+    for p, v, _ in reqs:
+        s, first = dec.add(p, media_kv=media(model, v) if v is not None else None)
+        slots.append(s)
+        out.append([first])
+    assert slots == [0, 1, 2, 3, 4]
+    live = set(range(5))
+    steps_rows = []
+    while live:
+        for i in [i for i in live if len(out[i]) == reqs[i][2]]:
+            dec.remove(slots[i])
+            live.discard(i)
+        if not live:
+            break
+        got = dec.step()
+        steps_rows.append(len(got))
+        assert set(got) == {slots[i] for i in live}
+        assert sorted(r.index for r in dec.rows.values()) == list(range(len(live)))  # compacted
+        for i in live:
+            out[i].append(got[slots[i]])
+        if len(out[1]) == 7 and 1 in live:  # a middle row leaves early, others keep going
+            dec.remove(slots[1])
+            live.discard(1)
+    # Request 0 (row 0) left after 4 tokens: request 4 (the last row) moved into row 0; request 2
+    # left next, then 1: the later rows moved again.
+    assert steps_rows[0] == 5 and steps_rows[-1] == 2
+    for i, (p, v, n) in enumerate(reqs):
+        want = 7 if i == 1 else n
+        assert out[i] == alone(model, p, v, want), f"request {i}"
+    # A new request reuses the lowest free slot id and the first idle row.
+    s, _ = dec.add(prompt(4, 45), media_kv=None)
+    assert s == 0 and dec.rows[s].index == 0

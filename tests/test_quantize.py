@@ -126,3 +126,33 @@ def test_compiled_fused_int8_step_equals_eager(quantized):
     compiled = generate(quantized, x, max_new_tokens=12, compile=True)
     assert "failed" not in _COMPILED, _COMPILED.get("failed")
     assert torch.equal(compiled, eager)
+
+
+def test_reduction_chunks():
+    from videollama.model.quantize import _chunks
+
+    assert [_chunks(k) for k in (64, 2048, 4096, 4097, 5632, 8192, 11008)] == [1, 1, 1, 17, 2, 2, 4]
+
+
+@pytest.mark.slow
+def test_compiled_int8_linear_long_rows_and_norm_input_equal_the_float_product():
+    """The compiled Int8Linear: rows longer than 4096 (summed in chunks) and an RMSNorm input
+    (kept out of the loop by videollama::written) give x @ (int8 * scale).T, as a float matmul."""
+    from videollama.model.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    for n, k in [(24, 5632), (40, 256)]:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        scale = torch.rand(n) / 100
+        lin = Int8Linear(w, scale)
+        norm_w = torch.rand(k)
+
+        def f(x, lin=lin, norm_w=norm_w):
+            return lin(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w)
+
+        x = torch.randn(3, 1, k)
+        want = torch.nn.functional.linear(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w,
+                                          w.float() * scale[:, None])
+        with torch.inference_mode():
+            got = torch.compile(f, dynamic=False)(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -4,9 +4,15 @@
 :meth:`BatchDecoder.add` prefills a prompt into a free row (alone, exactly as
 :func:`~videollama.model.generate.generate` prefills a one-row batch) and returns its first new
 token; :meth:`BatchDecoder.step` then runs one :func:`~videollama.model.generate.decode_step` for
-every row at once, whatever each row's length, video or sampling settings. Shapes never change
-from step to step ([max_batch, 1] tokens, a [max_batch, max_len] key mask, per-row write slots),
-so the compiled step compiles once (twice: with and without any video row in the batch).
+every active row at once, whatever each row's length, video or sampling settings.
+
+The step's cost follows the number n of ACTIVE rows, not max_batch: active rows are kept
+compacted in the buffers' rows 0..n-1 (when a request leaves, the last active row's cache,
+mask, positions, token and video K/V move into its row), and the step runs on views ``[:n]`` of
+the static buffers (no copies). The caller's slot ids stay stable: a slot -> row map follows the
+moves. Eager steps use exactly n rows; the compiled step rounds n up to a bucket (1, 2, 4, 8, ...,
+max_batch; the extra rows are idle ones) so that it compiles once per bucket (and per media /
+no media), not once per n, gpt-fast style.
 
 Videos: each row's cross-attention keys/values (``model.decoder.project_media(model.encode_video(v))``,
 batch dim 1) are copied into a [max_batch, H, L, hd] buffer per cross-attention block; a bool
@@ -32,6 +38,21 @@ class _Row:
     temperature: float
     top_p: float
     generator: torch.Generator | None
+    index: int  # its row in the static buffers (rows 0..n-1 hold the n active requests)
+
+
+def buckets(max_batch: int) -> list[int]:
+    """The compiled step's row counts: powers of two below max_batch, then max_batch."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return [*out, max_batch]
+
+
+def bucket(n: int, max_batch: int) -> int:
+    """The smallest bucket >= n (1 <= n <= max_batch)."""
+    return next(b for b in buckets(max_batch) if b >= n)
 
 
 class BatchDecoder:
@@ -55,7 +76,8 @@ class BatchDecoder:
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)  # the token to feed
         self.media_rows = torch.zeros(max_batch, dtype=torch.bool, device=device)
         self.media_kv: MediaKV | None = None  # allocated at the first video
-        self.rows: dict[int, _Row] = {}
+        self.rows: dict[int, _Row] = {}  # caller-visible slot -> its row (index moves on compaction)
+        self.slot_at: list[int] = []  # row index -> slot, for the n active rows
 
     @property
     def free_slots(self) -> int:
@@ -64,7 +86,7 @@ class BatchDecoder:
     def length(self, slot: int) -> int:
         """How many cache positions row ``slot`` uses (its prompt and the tokens fed since)."""
         self._check_active(slot)
-        return int(self.write_pos[slot])
+        return int(self.write_pos[self.rows[slot].index])
 
     def _check_active(self, slot: int) -> None:
         if slot not in self.rows:
@@ -109,9 +131,10 @@ class BatchDecoder:
         if media_kv is not None:
             self._check_media(media_kv)
         slot = next(s for s in range(self.max_batch) if s not in self.rows)
+        r = len(self.rows)  # the first idle row: active rows stay in 0..n-1
 
         # The prompt alone, into this row's slice of the cache (views: writes land in place).
-        row_caches = [KVCache(c.k[slot:slot + 1], c.v[slot:slot + 1]) for c in self.caches]
+        row_caches = [KVCache(c.k[r:r + 1], c.v[r:r + 1]) for c in self.caches]
         hidden = self.model.decoder(ids, positions=torch.arange(n, device=self.device)[None], key_mask=None,
                                     media=media_kv, kv_caches=row_caches, start=0)
         logits = self.model.lm_head(hidden[:, -1])  # [1, V]
@@ -126,15 +149,16 @@ class BatchDecoder:
                 self.media_kv = [(k.new_zeros((self.max_batch, *k.shape[1:])),
                                   v.new_zeros((self.max_batch, *v.shape[1:]))) for k, v in media_kv]
             for (buf_k, buf_v), (k, v) in zip(self.media_kv, media_kv):
-                buf_k[slot].copy_(k[0])
-                buf_v[slot].copy_(v[0])
-        self.media_rows[slot] = media_kv is not None
-        self.key_mask[slot] = False
-        self.key_mask[slot, :n] = True
-        self.write_pos[slot] = n
-        self.position[slot, 0] = n
-        self.tokens[slot, 0] = first[0]
-        self.rows[slot] = _Row(temperature, top_p, generator)
+                buf_k[r].copy_(k[0])
+                buf_v[r].copy_(v[0])
+        self.media_rows[r] = media_kv is not None
+        self.key_mask[r] = False
+        self.key_mask[r, :n] = True
+        self.write_pos[r] = n
+        self.position[r, 0] = n
+        self.tokens[r, 0] = first[0]
+        self.rows[slot] = _Row(temperature, top_p, generator, r)
+        self.slot_at.append(slot)
         return slot, int(first[0])
 
     @torch.inference_mode()
@@ -142,40 +166,62 @@ class BatchDecoder:
         """One decode step for every active slot: {slot: next token id}.
 
         Each active row feeds its last token (the one add() or the previous step returned) at its
-        next cache slot. A row whose cache is full raises ValueError: remove it first.
+        next cache slot. A row whose cache is full raises ValueError: remove it first. The step
+        runs on rows [:n] (eager) or [:bucket(n)] (compiled) of the static buffers.
         """
-        if not self.rows:
+        n = len(self.rows)
+        if not n:
             return {}
-        active = torch.tensor(sorted(self.rows), dtype=torch.long, device=self.device)
-        full = [s for s in self.rows if int(self.write_pos[s]) >= self.max_len]
+        lengths = self.write_pos[:n].tolist()
+        full = [self.slot_at[i] for i, length in enumerate(lengths) if length >= self.max_len]
         if full:
             raise ValueError(f"slot(s) {full} hold max_len {self.max_len} positions already: remove them")
-        self.key_mask[active, self.write_pos[active]] = True  # each row's new token sees itself
-        any_media = bool(self.media_rows[active].any())
-        logits = run_step(self.compile, self.model, self.tokens, position=self.position, write_pos=self.write_pos,
-                          key_mask=self.key_mask, media_kv=self.media_kv if any_media else None,
-                          kv_caches=self.caches, media_rows=self.media_rows if any_media else None)  # [B, V]
-        greedy = logits.argmax(dim=-1)  # [B]
-        out: dict[int, int] = {}
-        for slot, row in self.rows.items():
-            if row.temperature == 0.0:
-                tok = greedy[slot]
-            else:
-                tok = sample(logits[slot:slot + 1], temperature=row.temperature, top_p=row.top_p,
-                             generator=row.generator)[0]
-            self.tokens[slot, 0] = tok
-            out[slot] = int(tok)
-        self.write_pos[active] += 1
-        self.position[active] += 1
-        return out
+        # Rows nb > n are idle (slot 0 visible, writes at slot 0, outputs ignored).
+        nb = bucket(n, self.max_batch) if self.compile else n
+        self.key_mask[:n].scatter_(1, self.write_pos[:n, None], True)  # each row's new token sees itself
+        any_media = bool(self.media_rows[:n].any())
+        caches = [KVCache(c.k[:nb], c.v[:nb]) for c in self.caches]
+        media_kv = [(k[:nb], v[:nb]) for k, v in self.media_kv] if any_media else None
+        logits = run_step(self.compile, self.model, self.tokens[:nb], position=self.position[:nb],
+                          write_pos=self.write_pos[:nb], key_mask=self.key_mask[:nb], media_kv=media_kv,
+                          kv_caches=caches, media_rows=self.media_rows[:nb] if any_media else None)  # [nb, V]
+        new = logits[:n].argmax(dim=-1)  # [n]
+        for i, slot in enumerate(self.slot_at):
+            row = self.rows[slot]
+            if row.temperature != 0.0:
+                new[i] = sample(logits[i:i + 1], temperature=row.temperature, top_p=row.top_p,
+                                generator=row.generator)[0]
+        self.tokens[:n, 0] = new
+        self.write_pos[:n] += 1
+        self.position[:n] += 1
+        return dict(zip(self.slot_at, new.tolist()))
 
+    @torch.inference_mode()
     def remove(self, slot: int) -> None:
-        """Free row ``slot`` (its cache contents are left; the next add overwrites what it uses)."""
+        """Free ``slot``: the last active row moves into its row (cache up to its length, mask,
+        positions, token, video K/V), so rows 0..n-2 stay the active ones; the freed last row
+        is reset to idle (its cache contents are left; the next add overwrites what it uses)."""
         self._check_active(slot)
-        del self.rows[slot]
-        self.media_rows[slot] = False
-        self.key_mask[slot] = False
-        self.key_mask[slot, 0] = True
-        self.write_pos[slot] = 0
-        self.position[slot, 0] = 0
-        self.tokens[slot, 0] = 0
+        r = self.rows.pop(slot).index
+        last = len(self.slot_at) - 1
+        if r != last:
+            moved = self.slot_at[last]
+            used = int(self.write_pos[last])
+            for c in self.caches:
+                c.k[r, :, :used] = c.k[last, :, :used]
+                c.v[r, :, :used] = c.v[last, :, :used]
+            if self.media_kv is not None and bool(self.media_rows[last]):
+                for k, v in self.media_kv:
+                    k[r] = k[last]
+                    v[r] = v[last]
+            for buf in (self.key_mask, self.write_pos, self.position, self.tokens, self.media_rows):
+                buf[r] = buf[last]
+            self.rows[moved].index = r
+            self.slot_at[r] = moved
+        self.slot_at.pop()
+        self.media_rows[last] = False
+        self.key_mask[last] = False
+        self.key_mask[last, 0] = True
+        self.write_pos[last] = 0
+        self.position[last, 0] = 0
+        self.tokens[last, 0] = 0

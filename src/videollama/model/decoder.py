@@ -43,9 +43,14 @@ class KVCache:
         if isinstance(start, torch.Tensor):
             if k.shape[2] != 1:
                 raise ValueError(f"per-row cache writes take one token per row, got {k.shape[2]}")
-            index = start.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # [B, KV, 1, hd]
-            self.k.scatter_(2, index, k)
-            self.v.scatter_(2, index, v)
+            # k[b, h, 0] -> cache[b, h, start[b]]: index_put_ rather than scatter_, because
+            # inductor re-inplaces index_put on a graph input, while a scatter_ became a copy of
+            # the whole cache (and a copy back) every compiled step.
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
+            heads = torch.arange(k.shape[1], device=k.device)[None, :]  # [1, KV]
+            index = (rows, heads, start[:, None])  # broadcast to [B, KV]
+            self.k.index_put_(index, k[:, :, 0])
+            self.v.index_put_(index, v[:, :, 0])
             return self.k, self.v
         end = start + k.shape[2]
         if end > self.k.shape[2]:
@@ -80,6 +85,9 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)  # [B, KV, start+T, hd]
+        if t == 1:
+            out = one_query_attention(q, k, v, mask)  # [B, H, 1, hd]
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         if self.kv_heads != self.num_heads:
             # Each group of query heads shares one key/value head (HF's repeat_kv order).
             k = k.repeat_interleave(self.num_heads // self.kv_heads, dim=1)
@@ -88,6 +96,25 @@ class LlamaAttention(nn.Module):
         is_causal = mask is None and t > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd), masked) v for one query per row (a decode step), as SDPA computes it.
+
+    q: [B, H, 1, hd]; k, v: [B, KV, S, hd] with H a multiple of KV (query heads h*G..h*G+G-1
+    share key/value head h, HF's repeat_kv order, read in place rather than repeated); mask:
+    bool [B, 1, 1, S] (True = may attend, at least one per row) or None. Returns [B, H, 1, hd].
+    Two batched matmuls: on a CPU, SDPA's flash kernel with a [B, 1, 1, S] mask costs ~17x this
+    at 8 rows (bench/results/serve.md).
+    """
+    b, h, _, hd = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, kv, h // kv, hd)  # [B, KV, G, hd]: the G query heads of each key/value head
+    scores = (qg @ k.transpose(-1, -2)) * hd ** -0.5  # [B, KV, G, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).reshape(b, h, 1, hd)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -73,6 +73,10 @@ def compiled_decode_step():
     minutes on a CPU, C++ compiler needed). :func:`run_step` falls back to eager on failure.
     """
     if "step" not in _COMPILED:
+        # One graph per (rows, cache length, media or not): BatchDecoder's row buckets alone give
+        # 2 x log2(max_batch) + 2 of them, over dynamo's default limit of 8 (past which it would
+        # silently run eager).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED["step"] = torch.compile(decode_step, dynamic=False)
     return _COMPILED["step"]
 
