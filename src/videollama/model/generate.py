@@ -207,6 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (first call compiles; int8 weights are fast only so)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -248,7 +250,8 @@ def run(args: argparse.Namespace) -> int:
         video = torch.as_tensor(frames, dtype=torch.float32, device=args.device)[None]  # [1, F, 3, S, S]
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     new = generate(model, input_ids, video, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, eos_token_id=model.config.decoder.eos_token_id, generator=generator)
+                   top_p=args.top_p, eos_token_id=model.config.decoder.eos_token_id, generator=generator,
+                   compile=args.compile)
     ids = [i for i in new[0].tolist() if i != model.config.decoder.eos_token_id]
     print(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return 0
