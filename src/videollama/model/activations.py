@@ -294,11 +294,10 @@ def lora_internal(cfg, kind: str, adapted: frozenset, *, clips: int, frames: int
         norm(input_grad)
         q = adapters(["q_proj"], t * h, t, input_grad)
         # k_proj/v_proj read the latents: without dropout their adapters keep the latents themselves
-        # (counted once, by plan.py, as the first block's shared tensor): only the rank-r intermediates here
+        # (counted once, by plan.py, as the first block's shared tensor): only the rank-r intermediates here;
+        # with dropout each adapter keeps its own dropout of them
         k = adapters(["k_proj"], lat * v.hidden_size, lat, media_grad, kept=True)
         v_ = adapters(["v_proj"], lat * v.hidden_size, lat, media_grad, kept=True)
-        if dropout:
-            saved += len(adapted & {"k_proj", "v_proj"}) * lat * v.hidden_size * (act + (mask if media_grad else 0))
         kv = 2 * lat * h * act
         attn = q or k or v_
     else:

@@ -271,7 +271,9 @@ def _train(config, s: Settings, table, act: int) -> Estimate:
 
     for st in stages:
         live, visual = live + st.saved, visual + st.visual
-        moments.append((f"forward, {st.name}", alive(transient=st.no_grad if st.checkpointed else st.fwd_transient)))
+        # a stage no gradient flows through (a frozen prefix) runs as without autograd: its input is held too
+        fwd = st.no_grad if st.checkpointed else st.fwd_transient if st.grad else st.input + st.no_grad
+        moments.append((f"forward, {st.name}", alive(transient=fwd)))
     grads = root_grads = root_sharded = 0
     for st in reversed(stages):
         if not st.grad:
@@ -384,7 +386,9 @@ def _infer(config, s: Settings, table, act: int) -> Estimate:
               "activations_without_checkpointing": 0, "activations_with_checkpointing": 0, "activations_by_kind": {},
               "visual_latents_and_cross_kv": visual, "visual_latents": latents * _any_cross(config),
               "cross_attn_kv": _cross_kv(config, b, s.frames, act), "kv_cache": kv_cache,
-              "largest_transient": max(m["transient"] for _, m in moments)}   # the same keys as training's
+              "largest_transient": max(m["transient"] for _, m in moments),   # the same keys as training's
+              "trainable_params": 0, "frozen_params": total, "base_weight_bytes": 0, "nf4_weight_bytes": 0,
+              "adapter_bytes": 0, "adapted_layers": 0}
     return Estimate(sum(at_peak.values()), phase, at_peak, totals)
 
 
