@@ -252,7 +252,10 @@ def main() -> int:
              "deterministic); **RSS** is the growth of the process's peak resident set during the second step "
              "(VmHWM reset through /proc/self/clear_refs, malloc returning freed blocks at once), against the plan's "
              "peak minus what lives across steps (parameters, AdamW state, the batch). A training step is the loop's: "
-             "forward, fp32 summed loss, backward, clipping, fused AdamW. Memory in MiB; ratio = predicted / measured.",
+             "forward, fp32 summed loss, backward, clipping, fused AdamW. **lora** rows: the same step after "
+             "`train.lora.apply_lora` (peft adapters, r 16, dropout 0, on q/k/v/o/gate/up/down_proj of the decoder "
+             "and cross-attention blocks: `recipe.LoraSection`'s defaults), every base weight frozen, AdamW over the "
+             "adapters only. Memory in MiB; ratio = predicted / measured.",
              "", "| preset | mode | batch | frames | text | checkpointing | predicted | allocator | ratio | "
              "predicted peak at | measured in | predicted step growth | RSS growth | ratio |",
              "| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |", *rows, "",
