@@ -272,7 +272,7 @@ def _train(config, s: Settings, table, act: int) -> Estimate:
     for st in stages:
         live, visual = live + st.saved, visual + st.visual
         # a stage no gradient flows through (a frozen prefix) runs as without autograd: its input is held too
-        fwd = st.no_grad if st.checkpointed else st.fwd_transient if st.grad else st.input + st.no_grad
+        fwd = st.input + st.no_grad if not st.grad else st.no_grad if st.checkpointed else st.fwd_transient
         moments.append((f"forward, {st.name}", alive(transient=fwd)))
     grads = root_grads = root_sharded = 0
     for st in reversed(stages):
