@@ -15,6 +15,10 @@ Every configuration runs twice, each time in a fresh subprocess with one intra-o
   would hide the growth). Its prediction is the plan's peak minus what lives across steps
   (parameters, optimizer state, the batch; for inference the weights and the inputs).
 
+LoRA (`mode lora`): the adapters are added by `videollama.train.lora.apply_lora` with the recipe
+defaults of `recipe.LoraSection` but r = 16 (`plan.LORA_R`, configs/lora-videoqa.yaml's rank) and
+dropout 0 (the planner counts CUDA's 1-byte dropout mask; the CPU keeps a float one), before
+checkpointing is applied, as train/loop.py does; AdamW then holds state for the adapters only.
 A training step is the training loop's (`videollama.train.loop._micro_step`: forward, fp32 loss
 summed over the label tokens; backward; gradient clipping; fused AdamW; `zero_grad(set_to_none)`),
 with activation checkpointing applied by `train.parallel.apply_activation_checkpointing`.
@@ -45,6 +49,11 @@ CONFIGS = [
     ("small", "train", 2, 16, 128, 0, ALL),
     ("small", "train", 2, 16, 128, 0, "decoder,cross_attn"),
     ("small", "train", 1, 2, 512, 0, ""),
+    ("tiny", "lora", 8, 16, 64, 0, ""),
+    ("tiny", "lora", 8, 16, 64, 0, ALL),
+    ("small", "lora", 2, 8, 128, 0, ""),
+    ("small", "lora", 2, 16, 128, 0, ALL),
+    ("small", "lora", 1, 2, 512, 0, "decoder,cross_attn"),
     ("tiny", "infer", 8, 16, 32, 32, ""),
     ("small", "infer", 1, 4, 96, 32, ""),
     ("small", "infer", 4, 16, 96, 32, ""),
@@ -85,7 +94,13 @@ def child(spec: dict) -> dict:
     model = VideoLlama(cfg)
     size = cfg.vision.image_size
     video = torch.randn(b, frames, 3, size, size)
-    if spec["mode"] == "train":
+    if spec["mode"] == "lora":
+        from videollama.model.plan import LORA_R
+        from videollama.train.lora import apply_lora
+        from videollama.train.recipe import LoraSection
+
+        apply_lora(model, LoraSection(r=LORA_R))
+    if spec["mode"] in ("train", "lora"):
         apply_activation_checkpointing(model, [k for k in spec["checkpointing"].split(",") if k])
         opt = build_optimizer(model, OptimizerSection())
         ids = torch.randint(0, cfg.decoder.vocab_size, (b, tokens))
@@ -141,6 +156,8 @@ def predict(spec: dict):
           "checkpointing": tuple(k for k in spec["checkpointing"].split(",") if k)}
     if spec["mode"] == "infer":
         kw["new_tokens"] = spec["new_tokens"]
+    if spec["mode"] == "lora":
+        kw["lora_dropout"] = 0.0
     e = estimate(cfg, settings_for(cfg, **kw))
     # What lives across steps (in the process before the measured step): the RSS prediction is the rest.
     across = sum(e.at_peak[k] for k in ("parameters", "optimizer_state", "inputs"))
@@ -220,7 +237,7 @@ def main() -> int:
         ratio = e.peak / alloc["allocator_peak"]
         rss_ratio = (e.peak - across) / rss["rss_delta"] if rss["rss_delta"] > 0 else float("nan")
         worst = max(worst, abs(ratio - 1))
-        text = (f"{tokens} tokens" if mode == "train" else f"{tokens}+{new} tokens")
+        text = (f"{tokens} tokens" if mode != "infer" else f"{tokens}+{new} tokens")
         ac_text = "every block" if ac == ALL else (ac.replace(",", ", ") if ac else "none")
         rows.append(f"| {preset} | {mode} | {mb} | {frames} | {text} | {ac_text} | {e.peak / MiB:.1f} | "
                     f"{alloc['allocator_peak'] / MiB:.1f} | **{ratio:.3f}** | {e.phase} | {alloc['phase']} | "
@@ -235,7 +252,10 @@ def main() -> int:
              "deterministic); **RSS** is the growth of the process's peak resident set during the second step "
              "(VmHWM reset through /proc/self/clear_refs, malloc returning freed blocks at once), against the plan's "
              "peak minus what lives across steps (parameters, AdamW state, the batch). A training step is the loop's: "
-             "forward, fp32 summed loss, backward, clipping, fused AdamW. Memory in MiB; ratio = predicted / measured.",
+             "forward, fp32 summed loss, backward, clipping, fused AdamW. **lora** rows: the same step after "
+             "`train.lora.apply_lora` (peft adapters, r 16, dropout 0, on q/k/v/o/gate/up/down_proj of the decoder "
+             "and cross-attention blocks: `recipe.LoraSection`'s defaults), every base weight frozen, AdamW over the "
+             "adapters only. Memory in MiB; ratio = predicted / measured.",
              "", "| preset | mode | batch | frames | text | checkpointing | predicted | allocator | ratio | "
              "predicted peak at | measured in | predicted step growth | RSS growth | ratio |",
              "| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |", *rows, "",

@@ -9,6 +9,7 @@ against ``Decoder.new_kv_cache``; and the command line's units, JSON, advice and
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,10 @@ from videollama.model.info import count_params, fsdp_memory
 from videollama.model.memtrace import AllocatorTrace, saved_tensor_bytes
 from videollama.model.plan import BREAKDOWN, GiB, estimate, plan, settings_for
 from videollama.model.videollama import VideoLlama, lm_loss
+from videollama.train.lora import apply_lora
 from videollama.train.optim import build_optimizer
 from videollama.train.parallel import apply_activation_checkpointing
-from videollama.train.recipe import OptimizerSection
+from videollama.train.recipe import LoraSection, OptimizerSection
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = VideoLlamaConfig.from_name("tiny")
@@ -110,11 +112,13 @@ def test_checkpointing_lowers_the_activation_estimate():
 # ---- peaks against the CPU allocator ------------------------------------------------------------
 
 
-def _measure_train(config, *, b, frames, tokens, checkpointing=()):
+def _measure_train(config, *, b, frames, tokens, checkpointing=(), lora=None):
     torch.manual_seed(0)
     trace = AllocatorTrace()
     with trace:   # everything counts: the model, the optimizer's state, the batch, two steps
         model = VideoLlama(config)
+        if lora is not None:
+            apply_lora(model, lora)   # before checkpointing, as train/loop.py does
         apply_activation_checkpointing(model, list(checkpointing))
         opt = build_optimizer(model, OptimizerSection())
         video = torch.randn(b, frames, 3, config.vision.image_size, config.vision.image_size)
@@ -219,7 +223,9 @@ def test_cli_does_not_fit_gives_suggestions(capsys):
 
 @pytest.mark.parametrize("kw,message", [
     ({"frames": 0}, "--frames"), ({"frames": 17}, "max_frames"), ({"micro_batch": 0}, "--micro-batch"),
-    ({"precision": "fp16"}, "--precision"), ({"mode": "lora"}, "not built yet"), ({"tokens": 4096}, "max_seq_len"),
+    ({"precision": "fp16"}, "--precision"), ({"mode": "lora", "lora_r": 0}, "--lora-r"), ({"tokens": 4096}, "max_seq_len"),
+    ({"mode": "qlora", "gpus": 2}, "one GPU"), ({"mode": "lora", "lora_targets": ("nothing",)}, "match no linear"),
+    ({"mode": "lora", "freeze": ("vision",)}, "freeze"), ({"mode": "lora", "lora_dropout": 1.0}, "dropout"),
     ({"gpus": 0}, "--gpus"), ({"gpu_memory_gib": -1.0}, "--gpu-memory"),
     ({"checkpointing": ("decoder", "attention")}, "unknown block kinds"),
     ({"mode": "infer", "tokens": 120, "new_tokens": 32}, "max_seq_len"),
@@ -235,3 +241,155 @@ def test_cli_errors_are_one_line(capsys):
     assert cli_main(["plan", "--preset", "tiny", "--size", "100"]) == 2    # not a multiple of the patch size
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("videollama: error: ") for line in err)
+
+
+# ---- LoRA and QLoRA -----------------------------------------------------------------------------
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1", "fc2"]
+SECTIONS = [LoraSection(r=8), LoraSection(r=4, target_modules=["q_proj", "v_proj"]),
+            LoraSection(r=4, target_modules=["down_proj", "o_proj"], parts=["decoder"]),
+            LoraSection(r=8, target_modules=["decoder.layers.1.*"]),
+            LoraSection(r=2, target_modules=ALL_TARGETS, parts=["decoder", "cross_attn", "vision", "temporal"])]
+
+
+def _lora_settings(section, config=TINY, **kw):
+    return _settings(config, mode="lora", lora_r=section.r, lora_dropout=section.dropout,
+                     lora_targets=tuple(section.target_modules), lora_parts=tuple(section.parts), **kw)
+
+
+def _peft_model(section, config=TINY):
+    torch.manual_seed(0)
+    model = VideoLlama(config)
+    apply_lora(model, section)
+    return model.train()
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_lora_trainable_params_and_adamw_state_are_peft_models(section):
+    """Independent reference: the real peft model (train.lora.apply_lora), its requires_grad
+    parameters, and a real AdamW's state over them after one step."""
+    model = _peft_model(section)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    t = estimate(TINY, _lora_settings(section)).totals
+    assert t["trainable_params"] == sum(p.numel() for p in trainable)
+    assert t["frozen_params"] == sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert t["gradients"] == 4 * sum(p.numel() for p in trainable)
+    opt = build_optimizer(model, OptimizerSection())
+    for q in trainable:
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    held = sum(x.numel() * x.element_size() for state in opt.state.values() for x in state.values())
+    assert t["optimizer_state"] == held
+    held_params = sum(p.numel() * p.element_size() for p in model.parameters())   # fp32, one device: no FSDP
+    assert t["parameters"] == held_params
+
+
+@pytest.mark.parametrize("section", SECTIONS[:4])
+def test_lora_saved_activations_are_what_autograd_saves(section):
+    b, frames, tokens = 2, 8, 16
+    model = _peft_model(section)
+    video = torch.randn(b, frames, 3, 64, 64)
+    ids = torch.randint(0, TINY.decoder.vocab_size, (b, tokens))
+    measured = sum(saved_tensor_bytes(model, lambda: lm_loss(model(ids, video=video).logits, ids,
+                                                              reduction="sum")).values())
+    t = estimate(TINY, _lora_settings(section, micro_batch=b, frames=frames, tokens=tokens)).totals
+    full = estimate(TINY, _settings(micro_batch=b, frames=frames, tokens=tokens)).totals
+    planned = t["activations"] + t["visual_latents_and_cross_kv"]
+    assert planned == pytest.approx(measured, rel=0.01)
+    assert planned < full["activations"] + full["visual_latents_and_cross_kv"]   # the vision side saves nothing
+
+
+def test_lora_dropout_saves_each_adapters_input_and_mask(monkeypatch):
+    """With dropout each adapter keeps its own dropout output and mask; on the CPU the mask is the
+    float noise tensor (act bytes) where CUDA's fused dropout keeps a bool one (the planner's 1 B)."""
+    import videollama.model.activations as activations
+
+    section = LoraSection(r=8, dropout=0.1)
+    b, frames, tokens = 2, 8, 16
+    model = _peft_model(section)
+    video = torch.randn(b, frames, 3, 64, 64)
+    ids = torch.randint(0, TINY.decoder.vocab_size, (b, tokens))
+    measured = sum(saved_tensor_bytes(model, lambda: lm_loss(model(ids, video=video).logits, ids,
+                                                              reduction="sum")).values())
+    kw = {"micro_batch": b, "frames": frames, "tokens": tokens}
+    cuda = estimate(TINY, _lora_settings(section, **kw)).totals
+    monkeypatch.setattr(activations, "DROPOUT_MASK", 4)
+    cpu = estimate(TINY, _lora_settings(section, **kw)).totals
+    planned = cpu["activations"] + cpu["visual_latents_and_cross_kv"]
+    assert planned == pytest.approx(measured, rel=0.01)
+    assert cuda["activations"] < cpu["activations"]
+
+
+@pytest.mark.parametrize("checkpointing", [(), ("decoder", "cross_attn")])
+def test_tiny_lora_training_peak_is_within_15_percent_of_the_allocators(checkpointing):
+    b, frames, tokens = 2, 8, 32
+    measured = _measure_train(TINY, b=b, frames=frames, tokens=tokens, checkpointing=checkpointing,
+                              lora=LoraSection(r=8))
+    predicted = estimate(TINY, _lora_settings(LoraSection(r=8), micro_batch=b, frames=frames, tokens=tokens,
+                                              checkpointing=checkpointing)).peak
+    assert 0.85 <= predicted / measured <= 1.15, (predicted, measured)
+
+
+def test_qlora_base_weights_are_nf4_for_every_linear_but_lm_head():
+    """bitsandbytes NF4 with double quantization: ceil(n/2) packed bytes, one 8-bit absmax per 64
+    values, one fp32 absmax per 256 absmax blocks, and per tensor an fp32 offset and the 16-value
+    fp32 code; every other parameter in bf16."""
+    with torch.device("meta"):
+        model = VideoLlama(TINY)
+    linear = [m.weight.numel() for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
+    rest = sum(p.numel() for p in model.parameters()) - sum(linear)
+    nf4 = sum(math.ceil(n / 2) + math.ceil(n / 64) + 4 * math.ceil(n / 64 / 256) + 68 for n in linear)
+    s = settings_for(TINY, mode="qlora", precision="bf16", micro_batch=2, tokens=16)
+    t = estimate(TINY, s).totals
+    assert t["nf4_weight_bytes"] == nf4
+    assert t["base_weight_bytes"] == nf4 + 2 * rest
+    assert t["parameters"] == t["base_weight_bytes"] + t["adapter_bytes"]
+    assert t["gathered_parameters"] == 0 and not s.fsdp
+    assert 0.515 < nf4 / sum(linear) < 0.6    # 0.5159 B per weight, plus the per-tensor constants on tiny layers
+    lora = estimate(TINY, settings_for(TINY, mode="lora", precision="bf16", micro_batch=2, tokens=16)).totals
+    assert lora["trainable_params"] == t["trainable_params"] and lora["base_weight_bytes"] == 4 * (sum(linear) + rest)
+
+
+@pytest.mark.gpu
+def test_nf4_bytes_are_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    from videollama.model.plan import nf4_bytes
+
+    for shape in ((4096, 4096), (1000, 333)):
+        w = bnb.nn.Params4bit(torch.randn(*shape), requires_grad=False, quant_type="nf4").to("cuda")
+        st = w.quant_state
+        held = (w.numel() * w.element_size() + st.absmax.numel() * st.absmax.element_size()
+                + st.state2.absmax.numel() * 4 + 4 + st.code.numel() * 4)
+        assert nf4_bytes(shape[0] * shape[1]) == held
+
+
+def _recipe(tmp_path, quantize: str) -> Path:
+    path = tmp_path / f"lora-{quantize}.yaml"
+    path.write_text("model:\n  preset: tiny\nmicro_batch: 2\nprecision: fp32\ndata:\n  kind: synthetic\n"
+                    f"  synthetic_seq_len: 32\nlora:\n  r: 4\n  dropout: 0.0\n  target_modules: [q_proj, v_proj]\n"
+                    f"  parts: [decoder]\n  quantize: {quantize}\n")
+    return path
+
+
+def test_a_recipe_with_a_lora_section_plans_lora_or_qlora(tmp_path, capsys):
+    for quantize, mode in (("none", "lora"), ("nf4", "qlora")):
+        assert cli_main(["plan", "--config", str(_recipe(tmp_path, quantize)), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["mode"] == mode and out["settings"]["lora_r"] == 4
+        assert out["settings"]["lora_targets"] == ["q_proj", "v_proj"] and out["settings"]["lora_parts"] == ["decoder"]
+        model = _peft_model(LoraSection(r=4, target_modules=["q_proj", "v_proj"], parts=["decoder"]))
+        assert out["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert cli_main(["plan", "--config", str(_recipe(tmp_path, "none")), "--lora-r", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["lora_r"] == 8
+    assert cli_main(["plan", "--preset", "tiny", "--mode", "qlora"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable:" in out and "NF4" in out
+
+
+def test_13b_full_training_on_one_gpu_suggests_lora_and_qlora_replanned():
+    cfg = VideoLlamaConfig.from_name("videollama-13b")
+    p = plan(cfg, settings_for(cfg, frames=8))
+    assert not p.fits
+    lora = next(x for x in p.suggestions if x.startswith("LoRA"))
+    qlora = next(x for x in p.suggestions if x.startswith("QLoRA"))
+    assert "GiB per device" in lora and "still too much" not in qlora

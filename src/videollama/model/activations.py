@@ -213,3 +213,104 @@ def loss_stage(cfg, *, rows: int, tokens: int, act: int) -> Stage:
 
 def _named(stage: Stage, name: str) -> Stage:
     return replace(stage, name=name)
+
+
+# ---- LoRA: the base weights frozen ----------------------------------------------------------------
+#
+# With every base weight frozen (train/lora.py), an op saves only what the gradient of its other,
+# non-parameter inputs needs: a frozen Linear saves nothing (its input was kept for the weight's
+# gradient), ``norm.weight * h`` saves nothing (h was kept for the weight's), ``tanh(gate) * out``
+# keeps only tanh(gate) (4 B); the embedding saves no token ids. An adapted Linear (peft:
+# ``base(x) + B(A(dropout(x))) * scale``) saves its input x for A's gradient (with dropout > 0 each
+# adapter its own dropout output and mask instead) and the rank-r intermediate A x for B's. Measured
+# against ``saved_tensor_bytes`` in tests/test_plan.py. A stage whose input needs no gradient (the
+# first adapted block after a frozen embedding) saves neither that input nor its first norm's rsqrt.
+
+DROPOUT_MASK = 1   # bytes per element of a dropout mask: CUDA's fused dropout keeps a bool mask
+                   # (on the CPU torch multiplies by a float noise tensor instead: ``act`` bytes)
+
+
+def decoder_side(kind: str) -> bool:
+    """Whether :func:`lora_internal` counts a stage of this kind (a block kind, or a root stage's name)."""
+    return kind in ("decoder", "cross_attn", "decoder.embed", "decoder.norm", "loss")
+
+
+def lora_internal(cfg, kind: str, adapted: frozenset, *, clips: int, frames: int, rows: int, tokens: int,
+                  act: int, r: int, dropout: bool, input_grad: bool, media_grad: bool = False,
+                  mask: int | None = None) -> int:
+    """What a decoder-side stage saves besides its input (and the latents, one tensor kept by the
+    adapters of k_proj/v_proj: see plan.py) with frozen base weights and LoRA adapters on the linear
+    layers ``adapted`` (leaf names: q_proj, gate_proj...; ``embed_tokens``/``lm_head`` for the root
+    stages). ``kind``: decoder, cross_attn, decoder.embed, decoder.norm or loss (its adapter only).
+    ``input_grad``: whether the stage's input needs a gradient; ``media_grad``: the latents'.
+    The forward is walked op by op, tracking which tensors need a gradient (an op saves only what
+    the gradients of its inputs that need one use)."""
+    v, rs, c = cfg.vision, cfg.resampler, cfg.decoder
+    mask = DROPOUT_MASK if mask is None else mask
+    t = rows * tokens
+    h = c.hidden_size
+    hd = t * h * act
+    saved = 0
+
+    def adapters(names, elems: int, n_rows: int, grad: bool, kept: bool = False) -> bool:
+        """The adapters on ``names`` sharing one input (``elems`` values, ``kept``: saved anyway);
+        returns whether their output needs a gradient."""
+        nonlocal saved
+        k = len(adapted & set(names))
+        if not k:
+            return grad
+        if dropout:    # each its own dropout: the output (A's input) and, where x needs a gradient, the mask
+            saved += k * elems * (act + (mask if grad else 0))
+        elif not kept:
+            saved += elems * act
+        saved += k * n_rows * r * act
+        return True
+
+    def norm(grad: bool) -> None:     # RMSNorm's own saves besides an fp32 input: rsqrt; in bf16 the fp32 copy
+        nonlocal saved
+        if grad:
+            saved += t * F32 + (t * h * F32 if act != F32 else 0)
+
+    if kind == "decoder.embed":
+        return t * I64 + t * r * act if "embed_tokens" in adapted else 0
+    if kind == "decoder.norm":
+        norm(input_grad)
+        adapters(["lm_head"], t * h, t, input_grad)
+        return saved
+    if kind == "loss":
+        return 0
+    x_saved = hd if act == F32 else 0        # the residual sum, saved as the second norm's fp32 input
+    if kind == "decoder":
+        ff, heads, kv = c.intermediate_size, c.num_heads, 2 * (hd if c.kv_heads != c.num_heads
+                                                                 else t * c.kv_heads * c.head_dim * act)
+        norm(input_grad)
+        q = adapters(["q_proj"], t * h, t, input_grad, kept=bool(adapted & {"k_proj", "v_proj"}) and not dropout)
+        k = adapters(["k_proj"], t * h, t, input_grad, kept="v_proj" in adapted and not dropout)
+        v_ = adapters(["v_proj"], t * h, t, input_grad)
+        attn = q or k or v_
+    elif kind == "cross_attn":
+        ff, heads, kv = c.cross_attn_ff_mult * h, c.cross_attn_heads or c.num_heads, 0
+        lat = clips * (rs.num_latents or frames * (v.num_patches + 1))
+        norm(input_grad)
+        q = adapters(["q_proj"], t * h, t, input_grad)
+        # k_proj/v_proj read the latents: without dropout their adapters keep the latents themselves
+        # (counted once, by plan.py, as the first block's shared tensor): only the rank-r intermediates here;
+        # with dropout each adapter keeps its own dropout of them
+        k = adapters(["k_proj"], lat * v.hidden_size, lat, media_grad, kept=True)
+        v_ = adapters(["v_proj"], lat * v.hidden_size, lat, media_grad, kept=True)
+        kv = 2 * lat * h * act
+        attn = q or k or v_
+    else:
+        raise ValueError(f"no frozen-base count for stage kind {kind!r}")
+    if attn:                                  # SDPA: q, k, v, the output, the fp32 log-sum-exp
+        saved += 2 * hd + kv + heads * t * F32
+    o = adapters(["o_proj"], t * h, t, attn, kept=attn)
+    mid = input_grad or o                     # x + attention
+    if mid:
+        saved += x_saved
+    norm(mid)
+    gate = adapters(["gate_proj"], t * h, t, mid, kept="up_proj" in adapted and not dropout)
+    up = adapters(["up_proj"], t * h, t, mid)
+    saved += (gate + up + gate) * t * ff * act   # silu saves gate; the product: up (if gate needs a gradient), silu(gate)
+    adapters(["down_proj"], t * ff, t, gate or up)
+    return saved

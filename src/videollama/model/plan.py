@@ -17,6 +17,20 @@ block's unsharded gradient and its fp32 reduce-scatter buffer. Inference is ``ge
 weights, the visual latents and every cross-attention block's keys/values, the static KV cache
 (batch x layers x 2 x kv_heads x head_dim x (prompt + new tokens)) and the largest transient of
 encoding, prefill or a decode step; each device holds a whole replica.
+
+LoRA (``--mode lora``, train/lora.py): every base weight frozen, stored as the training loop stores
+it (fp32 on one device in fp32; under FSDP2 the sharded fp32 parameters and the gathered bf16 copies,
+as for full training); the trainable parameters are the adapters of the layers
+``train.lora.target_modules`` selects on a meta-device model (r x (in + out) per adapted linear,
+r x (num_embeddings + dim) per embedding, two tensors each), with fp32 gradients and AdamW state.
+Activations: what autograd saves with the base frozen (activations.lora_internal). QLoRA
+(``--mode qlora``): as LoRA on one device without FSDP (train/loop.py runs it in one process), with
+every ``nn.Linear`` but ``lm_head`` (train.lora.quantize_nf4) in bitsandbytes NF4: 4 bits per weight
+(``ceil(n / 2)`` bytes), an 8-bit absmax per 64-value block (double quantization, bitsandbytes'
+default ``compress_statistics=True``), an fp32 absmax per 256 of those blocks, and per tensor the
+fp32 offset of the absmax and the 16-value fp32 NF4 code: 0.5 + 1/64 + 4/16384 = 0.5159 B per weight
+(bitsandbytes.functional.quantize_4bit / quantize_blockwise). The other parameters (embeddings,
+norms, lm_head, biases) are in the run's precision (bf16 by default), as are the activations.
 """
 
 from __future__ import annotations
@@ -38,7 +52,11 @@ from videollama.model.activations import (
 from videollama.model.parts import BLOCK_TYPES, check_names, part_of
 
 GiB = 2**30
-MODES = ("train", "infer")
+MODES = ("train", "lora", "qlora", "infer")
+TRAINING = ("train", "lora", "qlora")
+LORA_R = 16       # --mode lora without a recipe: configs/lora-videoqa.yaml's rank
+NF4_BLOCK, NF4_BLOCK2 = 64, 256   # bitsandbytes: values per absmax block; absmax values per second-level block
+NF4_TENSOR = 4 + 16 * 4           # per tensor: the fp32 offset of the absmax, the fp32 NF4 code
 PRECISIONS = ("bf16", "fp32")
 USABLE = 0.9   # of a device's memory: the rest for the CUDA context and the caching allocator's fragmentation
 # What is alive at the peak, in this order; the items sum to the peak.
@@ -59,10 +77,18 @@ class Settings:
     checkpointing: tuple[str, ...] = ()
     freeze: tuple[str, ...] = ()
     texts_per_clip: int = 1     # train: text rows per clip
+    lora_r: int = 0             # lora/qlora: the adapters' rank
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()   # recipe.LoraSection.target_modules
+    lora_parts: tuple[str, ...] = ()     # recipe.LoraSection.parts
 
     @property
     def fsdp(self) -> bool:
-        return self.mode == "train" and (self.gpus > 1 or self.precision == "bf16")
+        return self.mode in ("train", "lora") and (self.gpus > 1 or self.precision == "bf16")
+
+    @property
+    def lora(self) -> bool:
+        return self.mode in ("lora", "qlora")
 
 
 @dataclass
@@ -88,8 +114,10 @@ class Plan:
     def to_dict(self) -> dict:
         s = self.settings
         return {"model": self.model, "mode": s.mode, "settings": {**s.__dict__, "checkpointing": list(s.checkpointing),
-                                                                 "freeze": list(s.freeze), "fsdp": s.fsdp},
-                "params": self.params, "peak_bytes": self.estimate.peak, "peak_gib": self.estimate.peak / GiB,
+                                                                 "freeze": list(s.freeze), "fsdp": s.fsdp,
+                                                                 "lora_targets": list(s.lora_targets),
+                                                                 "lora_parts": list(s.lora_parts)},
+                "params": self.params, "trainable_params": self.estimate.totals.get("trainable_params", 0), "peak_bytes": self.estimate.peak, "peak_gib": self.estimate.peak / GiB,
                 "peak_phase": self.estimate.phase, "breakdown": self.estimate.at_peak, "totals": self.estimate.totals,
                 "gpu_memory_gib": s.gpu_memory_gib, "usable_bytes": self.usable, "fits": self.fits,
                 "max_micro_batch": self.max_micro_batch, "suggestions": self.suggestions, "notes": self.notes}
@@ -130,6 +158,62 @@ def param_table(config: VideoLlamaConfig) -> tuple[tuple[str, str, int], ...]:
     return _param_table(json.dumps(config.to_dict(), sort_keys=True))
 
 
+@functools.lru_cache(maxsize=16)
+def _lora_table(config_json: str, r: int, targets: tuple, parts: tuple) -> tuple[tuple[str, str, int], ...]:
+    import torch
+    import torch.nn as nn
+
+    from videollama.model.videollama import VideoLlama
+    from videollama.train.lora import target_modules
+    from videollama.train.recipe import LoraSection
+
+    with torch.device("meta"):
+        model = VideoLlama(VideoLlamaConfig.from_dict(json.loads(config_json)))
+    out = []
+    for name in target_modules(model, LoraSection(r=r, target_modules=list(targets), parts=list(parts))):
+        m = model.get_submodule(name)
+        k = m.num_embeddings + m.embedding_dim if isinstance(m, nn.Embedding) else m.in_features + m.out_features
+        out.append((name, stage_of(name + ".weight"), r * k))
+    return tuple(out)
+
+
+def lora_table(config: VideoLlamaConfig, s: Settings) -> tuple[tuple[str, str, int], ...]:
+    """(module name, stage, adapter elements) of every layer LoRA adapts under ``s``: the selection
+    is train.lora.target_modules' own, on a meta-device model; A [r, in] and B [out, r] per linear
+    (an embedding: A [r, num_embeddings], B [dim, r])."""
+    return _lora_table(json.dumps(config.to_dict(), sort_keys=True), s.lora_r, s.lora_targets, s.lora_parts)
+
+
+@functools.lru_cache(maxsize=16)
+def _nf4_names(config_json: str) -> frozenset:
+    import torch
+    import torch.nn as nn
+
+    from videollama.model.videollama import VideoLlama
+
+    with torch.device("meta"):
+        model = VideoLlama(VideoLlamaConfig.from_dict(json.loads(config_json)))
+    return frozenset(f"{n}.weight" for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head")
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes of one weight tensor of ``numel`` values in bitsandbytes NF4 with double quantization."""
+    blocks = -(-numel // NF4_BLOCK)
+    return -(-numel // 2) + blocks + 4 * -(-blocks // NF4_BLOCK2) + NF4_TENSOR
+
+
+def base_weight_bytes(config: VideoLlamaConfig, s: Settings) -> tuple[int, int]:
+    """(bytes, of which in NF4) of the base (non-adapter) parameters on one device, unsharded:
+    qlora: train.lora.quantize_nf4's linear weights in NF4, the rest in the run's precision; else fp32."""
+    table = param_table(config)
+    if s.mode != "qlora":
+        return F32 * sum(k for _, _, k in table), 0
+    act = F32 if s.precision == "fp32" else 2
+    quantized = _nf4_names(json.dumps(config.to_dict(), sort_keys=True))
+    nf4 = sum(nf4_bytes(k) for name, _, k in table if name in quantized)
+    return nf4 + act * sum(k for name, _, k in table if name not in quantized), nf4
+
+
 # ---- the estimate -----------------------------------------------------------------------------------
 
 
@@ -137,7 +221,7 @@ def estimate(config: VideoLlamaConfig, s: Settings) -> Estimate:
     """The peak memory of one device for ``s`` (no validation: see :func:`plan`)."""
     table = param_table(config)
     act = F32 if s.precision == "fp32" else 2
-    if s.mode == "infer":
+    if s.mode not in TRAINING:
         return _infer(config, s, table, act)
     return _train(config, s, table, act)
 
@@ -155,18 +239,27 @@ def _train(config, s: Settings, table, act: int) -> Estimate:
     stages.append(loss_stage(config, rows=rows, tokens=t, act=act))
     n = s.gpus if s.fsdp else 1
     numel, trainable = {}, {}
+    adapters = lora_table(config, s) if s.lora else ()
     for name, part, k in table:
         st = stage_of(name)
         numel[st] = numel.get(st, 0) + k
-        if part not in s.freeze:
+        if part not in s.freeze and not s.lora:
             trainable[st] = trainable.get(st, 0) + k
+    for _, st, k in adapters:
+        numel[st] = numel.get(st, 0) + k
+        trainable[st] = trainable.get(st, 0) + k
     _apply(stages, numel, s.checkpointing, trainable)
+    if s.lora:
+        _frozen_base(config, s, stages, adapters, act)
     total, train_total = sum(numel.values()), sum(trainable.values())
-    train_tensors = sum(1 for name, part, _ in table if part not in s.freeze)
+    train_tensors = 2 * len(adapters) if s.lora else sum(1 for name, part, _ in table if part not in s.freeze)
     pd = 2 if s.precision == "bf16" else F32          # the compute copies FSDP gathers
     root = sum(st.params for st in stages if st.kind == "root")
     largest = max((st.params for st in stages if st.kind != "root"), default=0)
-    base = {"parameters": F32 * total // n, "optimizer_state": (2 * F32 * train_total + F32 * train_tensors) // n,
+    weights, nf4 = base_weight_bytes(config, s)
+    adapter_total = sum(k for _, _, k in adapters)
+    param_bytes = weights + F32 * adapter_total if s.lora else F32 * total
+    base = {"parameters": param_bytes // n, "optimizer_state": (2 * F32 * train_total + F32 * train_tensors) // n,
             "inputs": b * s.frames * config.vision.num_channels * config.vision.image_size ** 2 * F32
             + 2 * rows * t * I64}
     gathered = pd * (root + 2 * largest) if s.fsdp else 0
@@ -178,7 +271,9 @@ def _train(config, s: Settings, table, act: int) -> Estimate:
 
     for st in stages:
         live, visual = live + st.saved, visual + st.visual
-        moments.append((f"forward, {st.name}", alive(transient=st.no_grad if st.checkpointed else st.fwd_transient)))
+        # a stage no gradient flows through (a frozen prefix) runs as without autograd: its input is held too
+        fwd = st.input + st.no_grad if not st.grad else st.no_grad if st.checkpointed else st.fwd_transient
+        moments.append((f"forward, {st.name}", alive(transient=fwd)))
     grads = root_grads = root_sharded = 0
     for st in reversed(stages):
         if not st.grad:
@@ -209,8 +304,50 @@ def _train(config, s: Settings, table, act: int) -> Estimate:
               "visual_latents_and_cross_kv": sum(st.visual for st in stages),
               "visual_latents": latents * _any_cross(config),
               "cross_attn_kv": _cross_kv(config, b, s.frames, act), "kv_cache": 0,
-              "largest_transient": max(m["transient"] for _, m in moments if "transient" in m)}
+              "largest_transient": max(m["transient"] for _, m in moments if "transient" in m),
+              "trainable_params": train_total, "frozen_params": total - train_total,
+              "base_weight_bytes": weights if s.lora else 0, "nf4_weight_bytes": nf4,
+              "adapter_bytes": F32 * adapter_total, "adapted_layers": len(adapters)}
     return Estimate(sum(at_peak.values()), phase, at_peak, totals)
+
+
+def _frozen_base(config, s: Settings, stages: list[Stage], adapters, act: int) -> None:
+    """LoRA: what the stages save with every base weight frozen (activations.lora_internal) on the
+    decoder side; a vision-side stage (ViT, temporal, resampler) keeps full training's count plus
+    its adapters' rank-r intermediates (an upper bound: its frozen LayerNorms and gates save less)."""
+    from videollama.model.activations import decoder_side, lora_internal
+
+    adapted: dict[str, set] = {}
+    for name, st, _ in adapters:
+        adapted.setdefault(st, set()).add(name.rsplit(".", 1)[-1])
+    b, rows, t = s.micro_batch, s.micro_batch * s.texts_per_clip, s.tokens
+    v = config.vision
+    vis_rows = b * s.frames * (v.num_patches + 1)
+    kv_anywhere = any(st.startswith("cross_attn") and adapted[st] & {"k_proj", "v_proj"} for st in adapted)
+    flows = media_grad = rotary = False
+    for st in stages:
+        if st.name == "decoder.embed":
+            flows = False
+        if st.name == "resampler":
+            media_grad = st.grad
+        kind = st.name if st.kind == "root" else st.kind
+        mine = frozenset(adapted.get(st.name, ()))
+        if kind == "loss":
+            pass                        # logits, log_softmax: as in full training (lm_head's adapter: decoder.norm)
+        elif decoder_side(kind):
+            st.internal = lora_internal(config, kind, mine, clips=b, frames=s.frames, rows=rows, tokens=t, act=act,
+                                        r=s.lora_r, dropout=s.lora_dropout > 0, input_grad=flows,
+                                        media_grad=media_grad)
+            if kind == "decoder" and st.grad and not rotary:   # rotary's cos/sin [B, 1, T, hd]: one pair
+                st.internal += 2 * t * config.decoder.head_dim * act
+                rotary = True
+            if st.name == "cross_attn.0":   # the latents, kept by the adapters of k_proj/v_proj (one tensor)
+                st.shared = st.shared if kv_anywhere and not s.lora_dropout else 0
+            if not flows:
+                st.saves_input = False
+        elif mine:   # vision side: each adapter's rank-r intermediate (latents' rows for the resampler)
+            st.internal += len(mine) * vis_rows * s.lora_r * act
+        flows = st.grad
 
 
 def _apply(stages: list[Stage], numel: dict, checkpointing, trainable: dict) -> None:
@@ -249,7 +386,9 @@ def _infer(config, s: Settings, table, act: int) -> Estimate:
               "activations_without_checkpointing": 0, "activations_with_checkpointing": 0, "activations_by_kind": {},
               "visual_latents_and_cross_kv": visual, "visual_latents": latents * _any_cross(config),
               "cross_attn_kv": _cross_kv(config, b, s.frames, act), "kv_cache": kv_cache,
-              "largest_transient": max(m["transient"] for _, m in moments)}   # the same keys as training's
+              "largest_transient": max(m["transient"] for _, m in moments),   # the same keys as training's
+              "trainable_params": 0, "frozen_params": total, "base_weight_bytes": 0, "nf4_weight_bytes": 0,
+              "adapter_bytes": 0, "adapted_layers": 0}
     return Estimate(sum(at_peak.values()), phase, at_peak, totals)
 
 
@@ -291,17 +430,24 @@ def settings_for(config: VideoLlamaConfig, **kw) -> Settings:
     d, v = config.decoder, config.vision
     mode = kw.get("mode") or "train"
     if mode not in MODES:
-        raise ValueError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}"
-                         + (" (LoRA and QLoRA are not built yet: issue 14)" if mode in ("lora", "qlora") else ""))
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
     new = kw.get("new_tokens")
     new = 32 if new is None else new
     frames = _value(kw, "frames", config.preprocess.num_frames)
-    default_tokens = d.max_seq_len if mode == "train" else max(1, d.max_seq_len - new)
+    default_tokens = d.max_seq_len if mode in TRAINING else max(1, d.max_seq_len - new)
+    lora = mode in ("lora", "qlora")
+    from videollama.train.recipe import LoraSection
+
+    defaults = LoraSection()
     s = Settings(mode=mode, gpus=_value(kw, "gpus", 1), gpu_memory_gib=_value(kw, "gpu_memory_gib", 80.0),
                  frames=frames, tokens=_value(kw, "tokens", default_tokens), new_tokens=new,
                  micro_batch=_value(kw, "micro_batch", 1), precision=kw.get("precision") or "bf16",
                  checkpointing=tuple(kw.get("checkpointing") or ()), freeze=tuple(kw.get("freeze") or ()),
-                 texts_per_clip=_value(kw, "texts_per_clip", 1))
+                 texts_per_clip=_value(kw, "texts_per_clip", 1),
+                 lora_r=_value(kw, "lora_r", LORA_R) if lora else 0,
+                 lora_dropout=float(_value(kw, "lora_dropout", defaults.dropout)) if lora else 0.0,
+                 lora_targets=tuple(_value(kw, "lora_targets", defaults.target_modules)) if lora else (),
+                 lora_parts=tuple(_value(kw, "lora_parts", defaults.parts)) if lora else ())
     for name, value in (("--gpus", s.gpus), ("--micro-batch", s.micro_batch), ("--frames", s.frames),
                         ("--seq", s.tokens), ("--new-tokens", s.new_tokens), ("texts_per_clip", s.texts_per_clip)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -313,7 +459,17 @@ def settings_for(config: VideoLlamaConfig, **kw) -> Settings:
     check_names(list(s.checkpointing), BLOCK_TYPES, "--activation-checkpointing", "block kinds")
     if s.frames > v.max_frames:
         raise ValueError(f"--frames {s.frames}: the model takes 1 to {v.max_frames} frames (vision.max_frames)")
-    if mode == "train" and s.tokens < 2:
+    if lora:
+        if isinstance(s.lora_r, bool) or not isinstance(s.lora_r, int) or s.lora_r < 1:
+            raise ValueError(f"--lora-r must be an integer >= 1, got {s.lora_r!r}")
+        if not 0.0 <= s.lora_dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {s.lora_dropout!r}")
+        if s.freeze:
+            raise ValueError("freeze does not apply to --mode lora/qlora: every base weight is frozen")
+        lora_table(config, s)   # train.lora.target_modules' own errors: no match, a tied embedding/lm_head
+    if mode == "qlora" and s.gpus != 1:
+        raise ValueError(f"--mode qlora runs on one GPU in one process without FSDP (train/loop.py), not --gpus {s.gpus}")
+    if mode in TRAINING and s.tokens < 2:
         raise ValueError("--seq must be >= 2 for training (the loss predicts token t+1 from token t)")
     if s.tokens + (s.new_tokens if mode == "infer" else 0) > d.max_seq_len:
         extra = f" + {s.new_tokens} new tokens" if mode == "infer" else ""

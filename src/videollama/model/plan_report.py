@@ -35,17 +35,31 @@ def _count(n: int) -> str:
 def notes_for(config: VideoLlamaConfig, s) -> list[str]:
     notes = []
     master = ", the master weights; bf16 copies are gathered per block" if s.precision == "bf16" else ""
-    if s.mode == "train" and s.fsdp and s.gpus == 1:
+    if s.lora:
+        quant = ("; the base linear weights in NF4 (0.516 B per weight: 4 bits and a double-quantized absmax "
+                 "per 64), the rest in " + s.precision) if s.mode == "qlora" else ""
+        notes.append(f"LoRA r={s.lora_r} on {', '.join(s.lora_targets)} in {', '.join(s.lora_parts)} "
+                     f"(train.lora.target_modules' selection): every base weight frozen, gradients and AdamW "
+                     f"state for the adapters only{quant}")
+        if s.mode == "qlora":
+            notes.append("qlora: one GPU, one process, no FSDP (train/loop.py); the loop itself keeps the "
+                         "non-quantized weights in fp32 (plan with --precision fp32 for that)")
+        if set(s.lora_parts) & {"vision", "temporal", "resampler"}:
+            notes.append("adapters on the vision side: its blocks' activations are full training's plus the "
+                         "adapters' (an upper bound)")
+    if s.mode == "qlora":
+        pass
+    elif s.mode != "infer" and s.fsdp and s.gpus == 1:
         notes.append(f"one device, bf16: the training loop computes in bf16 through FSDP2 on one rank (fp32 "
                      f"parameters{master})")
-    elif s.mode == "train" and s.fsdp:
+    elif s.mode != "infer" and s.fsdp:
         notes.append(f"FSDP2 full sharding over {s.gpus} devices: parameters (fp32{master}), gradients and "
                      f"optimizer state are 1/{s.gpus} each")
-    elif s.mode == "train":
+    elif s.mode != "infer":
         notes.append("one device, fp32: the training loop runs without FSDP")
     if s.mode == "infer" and s.gpus > 1:
         notes.append(f"inference: each of the {s.gpus} devices holds a whole replica; the numbers are per device")
-    if s.freeze:
+    if s.freeze and not s.lora:
         notes.append(f"frozen {', '.join(s.freeze)}: no gradients or optimizer state for them, and no activations "
                      "where no gradient flows (a frozen prefix); a frozen block with trainable blocks before it "
                      "is counted in full (an upper bound)")
@@ -72,32 +86,32 @@ def suggestions_for(config: VideoLlamaConfig, s, est) -> list[str]:
         fitting.append(ok)
         out.append(f"{text}: {what}")
 
-    if s.mode == "train" and set(s.checkpointing) != set(BLOCK_TYPES):
+    if s.mode != "infer" and set(s.checkpointing) != set(BLOCK_TYPES):
         suggest("activation checkpointing on every block (--activation-checkpointing)",
                 _with(s, checkpointing=BLOCK_TYPES))
     if s.precision == "fp32":
-        suggest("bf16 (--precision bf16" + (", mixed precision through FSDP)" if s.mode == "train" else ")"),
+        suggest("bf16 (--precision bf16" + (", mixed precision through FSDP)" if s.mode != "infer" else ")"),
                 _with(s, precision="bf16"))
-    if s.mode == "train":
+    if s.mode in ("train", "lora"):
         n = _more_gpus(config, s, usable)
         if n:
             suggest(f"more GPUs: {n} (--gpus {n}) with FSDP full sharding", _with(s, gpus=n))
         else:
             out.append("more GPUs: not even 4096 with FSDP full sharding (activations are per device)")
     b = max_micro_batch(config, s)
-    what = "micro-batch" if s.mode == "train" else "batch"
+    what = "micro-batch" if s.mode != "infer" else "batch"
     if 0 < b < s.micro_batch:
-        keep = " (keep the global batch with more gradient accumulation steps)" if s.mode == "train" else ""
+        keep = " (keep the global batch with more gradient accumulation steps)" if s.mode != "infer" else ""
         suggest(f"a smaller {what}: {b} (--micro-batch {b}){keep}", _with(s, micro_batch=b))
     elif b == 0:
         out.append(f"a smaller {what}: even 1 does not fit")
     frames = next((f for f in range(s.frames - 1, 0, -1) if verdict(_with(s, frames=f))[0]), 0)
     if frames:
         suggest(f"fewer frames: {frames} (--frames {frames})", _with(s, frames=frames))
-    tokens = _largest(lambda t: verdict(_with(s, tokens=t))[0], 2 if s.mode == "train" else 1, s.tokens - 1)
+    tokens = _largest(lambda t: verdict(_with(s, tokens=t))[0], 2 if s.mode != "infer" else 1, s.tokens - 1)
     if tokens:
         suggest(f"shorter text: {tokens} tokens (--seq {tokens})", _with(s, tokens=tokens))
-    if s.mode == "train" and not any(fitting):   # no single change is enough: several together
+    if s.mode in ("train", "lora") and not any(fitting):   # no single change is enough: several together
         for batch in sorted({s.micro_batch, 1}, reverse=True):
             both = _with(s, checkpointing=BLOCK_TYPES, precision="bf16", micro_batch=batch)
             n = s.gpus if verdict(both)[0] else _more_gpus(config, both, usable)
@@ -105,17 +119,28 @@ def suggestions_for(config: VideoLlamaConfig, s, est) -> list[str]:
                 also = f", micro-batch {batch}" if batch != s.micro_batch else ""
                 suggest(f"together: checkpointing on every block, bf16, {n} GPU(s){also}", _with(both, gpus=n))
                 break
-    at = est.at_peak
-    if s.mode == "train":
-        state = at["gradients"] + at["optimizer_state"]
-        out.append(f"LoRA or QLoRA (not built yet, issue 14): the frozen base weights need no gradients or optimizer "
-                   f"state ({format_bytes(state)} of this peak), only the adapters do; QLoRA also stores the base "
-                   "in 4 bits (about 0.5 B/parameter instead of 4)")
-    else:
+    if s.mode == "train" and not s.freeze:
+        from videollama.model.plan import LORA_R
+
+        lora = _with(s, mode="lora", lora_r=LORA_R, lora_targets=tuple(_lora_defaults().target_modules),
+                     lora_parts=tuple(_lora_defaults().parts))
+        suggest(f"LoRA (--mode lora, r={LORA_R}, or a recipe's lora: section): frozen base, adapters trained", lora)
+        if s.gpus == 1:
+            suggest("QLoRA (--mode qlora: base linear weights in NF4, lora.quantize nf4)", _with(lora, mode="qlora"))
+    elif s.mode == "lora" and s.gpus == 1:
+        suggest("QLoRA (--mode qlora: base linear weights in NF4, lora.quantize nf4)", _with(s, mode="qlora"))
+    if s.mode == "infer":
+        at = est.at_peak
         out.append(f"int8 or int4 weights (not built yet, issue 14): {format_bytes(at['parameters'])} of "
                    f"parameters would shrink to about 1/{2 if s.precision == 'bf16' else 4} or 1/"
                    f"{4 if s.precision == 'bf16' else 8}")
     return out
+
+
+def _lora_defaults():
+    from videollama.train.recipe import LoraSection
+
+    return LoraSection()
 
 
 def _more_gpus(config, s, usable: int) -> int:
@@ -147,16 +172,21 @@ def render(p) -> str:
     lines = [f"videollama plan: {p.model} ({_count(p.params)} parameters), {s.mode}, {s.gpus} device(s), "
              f"{s.precision}"]
     size = f"{s.frames} frames"
-    if s.mode == "train":
+    if s.mode != "infer":
         ac = ", ".join(s.checkpointing) if s.checkpointing else "none"
         lines.append(f"  micro-batch {s.micro_batch} x {size}, {s.tokens} tokens; activation checkpointing: {ac}")
     else:
         lines.append(f"  batch {s.micro_batch} x {size}, {s.tokens} prompt + {s.new_tokens} new tokens")
+    if s.lora:
+        lines.append(f"  trainable: {_count(t['trainable_params'])} adapter parameters in {t['adapted_layers']} layers "
+                     f"({format_bytes(t['adapter_bytes'])} fp32), frozen: {_count(t['frozen_params'])}; base weights "
+                     f"{format_bytes(t['base_weight_bytes'])}" + (f" (NF4 {format_bytes(t['nf4_weight_bytes'])})"
+                                                                  if s.mode == "qlora" else ""))
     lines += [f"  note: {n}" for n in p.notes]
     lines.append(f"  at the peak ({e.phase}):")
     for key, label in LABELS.items():
         value = e.at_peak[key]
-        if not value and key not in ("parameters", "activations" if s.mode == "train" else "parameters"):
+        if not value and key not in ("parameters", "activations" if s.mode != "infer" else "parameters"):
             continue
         extra = ""
         if key == "optimizer_state":
@@ -166,7 +196,7 @@ def render(p) -> str:
                      f" with it on every block {format_bytes(t['activations_with_checkpointing'])})")
         lines.append(f"    {label:<32}{format_bytes(value):>11}   {extra}".rstrip())
     lines.append(f"    {'peak':<32}{format_bytes(e.peak):>11}")
-    if s.mode == "train":
+    if s.mode != "infer":
         kinds = ", ".join(f"{KINDS.get(k, k)} {format_bytes(v)}" for k, v in t["activations_by_kind"].items() if v)
         lines.append(f"  activations by kind: {kinds}")
         lines.append(f"  whole step: gradients {format_bytes(t['gradients'])}, largest transient "
@@ -175,9 +205,9 @@ def render(p) -> str:
         lines.append(f"  whole run: KV cache {format_bytes(t['kv_cache'])} ({s.tokens + s.new_tokens} positions), "
                      f"largest transient {format_bytes(t['largest_transient'])}")
     lines.append(f"  visual latents {format_bytes(t['visual_latents'])}, cross-attention k/v "
-                 f"{format_bytes(t['cross_attn_kv'])}" + (" (recomputed when checkpointed)" if s.mode == "train" else ""))
+                 f"{format_bytes(t['cross_attn_kv'])}" + (" (recomputed when checkpointed)" if s.mode != "infer" else ""))
     verdict = "fits" if p.fits else "does NOT fit"
-    what = "micro-batch" if s.mode == "train" else "batch"
+    what = "micro-batch" if s.mode != "infer" else "batch"
     lines.append(f"  {verdict} in {s.gpu_memory_gib:g} GiB per device ({format_bytes(p.usable)} usable, 90%); "
                  f"largest {what} that fits: {p.max_micro_batch if p.max_micro_batch else 'none'}")
     if p.suggestions:
@@ -195,7 +225,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--preset", metavar="NAME", help="a preset name (see config.py)")
     what.add_argument("--config", type=Path, metavar="RECIPE", help="a training recipe (its model, micro_batch, precision, "
                       "parallel.activation_checkpointing, freeze and data.max_len)")
-    parser.add_argument("--mode", metavar="train|infer", help="train (default) or infer (generate)")
+    parser.add_argument("--mode", metavar="train|lora|qlora|infer", help="train (default; a recipe with a lora: "
+                        "section: lora, or qlora with lora.quantize nf4), lora, qlora or infer (generate)")
+    parser.add_argument("--lora-r", type=int, dest="lora_r", metavar="R", help="lora/qlora: the adapters' rank "
+                        "(default: the recipe's lora.r, else 16)")
     parser.add_argument("--gpus", type=int, metavar="N", help="devices; train: FSDP full sharding over them (default 1)")
     parser.add_argument("--gpu-memory", type=float, dest="gpu_memory_gib", metavar="GIB", help="memory per device in GiB "
                         "(default 80; an '80 GB' A100 or H100 has 80 GiB); 90%% of it counts as usable")
@@ -228,7 +261,7 @@ def resolve(args: argparse.Namespace) -> tuple[VideoLlamaConfig, dict, str]:
         config, name, kw, notes = _from_recipe(args.config)
     if args.size is not None:
         config = config.with_overrides({"vision.image_size": args.size, "preprocess.size": args.size})
-    for key in ("mode", "gpus", "gpu_memory_gib", "frames", "tokens", "new_tokens", "micro_batch", "precision"):
+    for key in ("mode", "lora_r", "gpus", "gpu_memory_gib", "frames", "tokens", "new_tokens", "micro_batch", "precision"):
         if getattr(args, key, None) is not None:
             kw[key] = getattr(args, key)
     if args.checkpointing is not None:
@@ -261,7 +294,13 @@ def _from_recipe(path: Path) -> tuple[VideoLlamaConfig, str, dict, list[str]]:
         texts = 1
         notes.append("data.texts_per_clip 0 (every text of a clip): planned as 1 text row per clip")
     tokens = cfg.data.synthetic_seq_len if cfg.data.kind == "synthetic" else cfg.data.max_len
-    kw = {"micro_batch": cfg.micro_batch, "precision": precision, "freeze": tuple(cfg.freeze),
+    lora = {}
+    if cfg.lora.r:
+        lora = {"mode": "qlora" if cfg.lora.quantize == "nf4" else "lora", "lora_r": cfg.lora.r,
+                "lora_dropout": cfg.lora.dropout, "lora_targets": tuple(cfg.lora.target_modules),
+                "lora_parts": tuple(cfg.lora.parts)}
+    kw = {**lora, "micro_batch": cfg.micro_batch, "precision": precision,
+          "freeze": () if lora else tuple(cfg.freeze),
           "checkpointing": tuple(cfg.parallel.activation_checkpointing), "texts_per_clip": texts,
           "tokens": min(tokens or config.decoder.max_seq_len, config.decoder.max_seq_len)}
     return config, f"{path} ({config.name})", kw, notes
