@@ -107,7 +107,6 @@ def test_modes_and_errors(model, quantized):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="int4 runs only on CUDA (torchao tinygemm)")
 def test_int4_on_cuda_bfloat16(model):
     m = copy.deepcopy(model).to("cuda", torch.bfloat16)
     q = quantize_model(copy.deepcopy(m), "int4")

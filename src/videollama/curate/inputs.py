@@ -21,7 +21,7 @@ from typing import Any
 
 from videollama.data import errors
 from videollama.data.errors import BadSample
-from videollama.data.safe_io import MAX_TEXT_CHARS, iter_lines, parse_json, resolve_inside
+from videollama.data.safe_io import MAX_TEXT_CHARS, iter_manifest, resolve_inside
 from videollama.data.sources import VIDEO_EXTS, read_sidecar
 
 MAX_TEXTS = 64  # candidate texts of one video; more is a broken manifest
@@ -86,14 +86,10 @@ def _folder(folder: Path):
 def _manifest(manifest: Path, allow_outside_root: bool):
     sources, skips = [], []
     root = manifest.parent
-    for lineno, line in iter_lines(manifest):
-        where = f"{manifest.name}:{lineno}"
+    for lineno, where, row in iter_manifest(manifest, manifest.name):
         try:
-            if isinstance(line, ValueError):
-                raise line
-            row = parse_json(line, where)
-            if not isinstance(row, dict) or not isinstance(row.get("video"), str):
-                raise ValueError(f'{where}: each line must be a JSON object with a "video" path')
+            if isinstance(row, ValueError):
+                raise row
             texts = _texts(row.pop("texts", None), where)
             sid = row.pop("id", None)
             if sid is not None and not isinstance(sid, (str, int)):

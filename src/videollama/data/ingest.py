@@ -17,7 +17,7 @@ from typing import Any
 
 from videollama.data import errors
 from videollama.data.errors import BadSample
-from videollama.data.safe_io import iter_lines, parse_json, read_bounded, resolve_inside
+from videollama.data.safe_io import iter_manifest, read_bounded, resolve_inside
 from videollama.data.sources import MAX_VIDEO_BYTES, VIDEO_EXTS, read_sidecar
 from videollama.data.writer import parse_size, write_shards
 
@@ -78,16 +78,9 @@ def manifest_samples(manifest: Path, counts: dict[str, int], *, allow_outside_ro
     """JSONL lines ``{"video": path, "caption": ..., "qa": [...], ...}``; paths relative to the
     file and inside its folder (unless ``allow_outside_root``); each line bounded (safe_io)."""
     root = manifest.parent
-    for lineno, line in iter_lines(manifest):
-        where = f"{manifest}:{lineno}"
-        try:
-            if isinstance(line, ValueError):
-                raise line
-            row = parse_json(line, where)
-            if not isinstance(row, dict) or not isinstance(row.get("video"), str):
-                raise ValueError(f'{where}: each line must be a JSON object with a "video" path')
-        except ValueError as e:
-            _report_skip(counts, BadSample(errors.INVALID_JSON, where, str(e)))
+    for lineno, where, row in iter_manifest(manifest):
+        if isinstance(row, ValueError):
+            _report_skip(counts, BadSample(errors.INVALID_JSON, where, str(row)))
             continue
         rel = row.pop("video")
         try:

@@ -124,6 +124,25 @@ def parse_json(text: str | bytes, where: str, *, max_depth: int = MAX_JSON_DEPTH
     return value
 
 
+
+def iter_manifest(path: Path, label: str | None = None) -> Iterator[tuple[int, str, dict | ValueError]]:
+    """The lines of a JSONL manifest of videos: ``(line number, "LABEL:LINENO", row)`` where row
+    is the line's JSON object (with a string ``"video"``) or the ValueError saying why the line is
+    not one (too long, not JSON, no video path). LABEL defaults to the path."""
+    label = str(path) if label is None else label
+    for lineno, line in iter_lines(path):
+        where = f"{label}:{lineno}"
+        try:
+            if isinstance(line, ValueError):
+                raise line
+            row = parse_json(line, where)
+            if not isinstance(row, dict) or not isinstance(row.get("video"), str):
+                raise ValueError(f'{where}: each line must be a JSON object with a "video" path')
+        except ValueError as e:
+            yield lineno, where, e
+            continue
+        yield lineno, where, row
+
 def _depth(value: Any) -> int:
     deepest, stack = 0, [(value, 1)]
     while stack:
