@@ -164,6 +164,58 @@ def test_pmi_sum_and_max_span_equal_per_token_forward(tiny_videollama):
     assert spans_differ  # some text has a negative stretch that the best span leaves out
 
 
+def test_marginal_pmi_equals_mean_over_reference_clips(tiny_videollama):
+    """The marginal prior against the model's own forward: per token, log of the mean over the
+    reference clips of p(token | prefix, clip), each clip run alone, one text at a time."""
+    import math
+
+    from videollama.curate.clipscore import normalise
+    from videollama.data.tokenizer import caption_prompt, encode_example
+
+    path, model, tok = tiny_videollama
+    scorer = PmiScorer(path)
+    scorer.MAX_ROWS = 5  # several decoder passes per batch: the chunking must not change a number
+    pre = model.config.preprocess
+    ref_frames = [_frames(50 + r, 2, 32) for r in range(3)]
+    reference = scorer.reference_latents(["r0", "r1", "r2"], ref_frames)
+    assert scorer.reference_latents(["r0", "r1", "r2"], ref_frames) is reference  # encoded once per set
+    clips = [(_frames(60 + i, 2, 32), texts) for i, texts in enumerate(TEXTS)]
+    got = scorer.score(clips, reference=reference)
+    plain = scorer.score(clips)
+    for (frames, texts), result, without in zip(clips, got, plain):
+        assert result["scores"] == without["scores"] and result["pmi_sum"] == without["pmi_sum"]
+        assert without["pmi_marginal"] == [None] * len(texts)
+        video = normalise(frames, pre.mean, pre.std)[None]
+        for j, text in enumerate(texts):
+            ids, labels = encode_example(tok, caption_prompt(), text, model.config.decoder.max_seq_len)
+            with torch.no_grad():
+                own = _token_logp(model, ids, labels, video)
+                refs = [_token_logp(model, ids, labels, normalise(f, pre.mean, pre.std)[None]) for f in ref_frames]
+            prior = [math.log(sum(math.exp(r[t]) for r in refs) / len(refs)) for t in range(len(own))]
+            pmi = [a - b for a, b in zip(own, prior)]
+            best = max(sum(pmi[a:b]) for a in range(len(pmi)) for b in range(a + 1, len(pmi) + 1))
+            assert abs(result["pmi_marginal"][j] - sum(pmi) / len(pmi)) < 1e-4
+            assert abs(result["pmi_marginal_sum"][j] - sum(pmi)) < 1e-4
+            assert abs(result["pmi_marginal_span"][j] - best) < 1e-4
+            assert abs(result["pmi_marginal_sum"][j] - result["pmi_sum"][j]) > 1e-6  # another prior
+
+
+def test_reference_clips_are_evenly_spaced_and_part_of_the_batch_digest(tmp_path):
+    from videollama.curate.pipeline import reference_clips
+    from videollama.curate.records import make_batches
+
+    live = [{"clip_id": f"v-{i:04d}"} for i in range(10)][::-1]
+    assert reference_clips(live, 4) == ["v-0000", "v-0002", "v-0005", "v-0007"]
+    assert reference_clips(live, 20) == sorted(r["clip_id"] for r in live)
+    assert reference_clips(live, 0) == []
+    clips = [(f"v-{i:04d}", ["t"]) for i in range(3)]
+    plain = make_batches("pmi", clips, 2, tmp_path)
+    with_ref = make_batches("pmi", clips, 2, tmp_path, reference=["v-0000"])
+    other_ref = make_batches("pmi", clips, 2, tmp_path, reference=["v-0001"])
+    assert "reference" not in plain[0] and with_ref[0]["reference"] == ["v-0000"]
+    assert len({plain[0]["record"], with_ref[0]["record"], other_ref[0]["record"]}) == 3
+
+
 def test_captioner_matches_generate_per_clip(tiny_videollama):
     from videollama.curate.clipscore import normalise
     from videollama.data.tokenizer import caption_prompt, encode_prompt

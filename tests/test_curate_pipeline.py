@@ -25,9 +25,10 @@ from videollama.curate.pipeline import curate
 ROOT = Path(__file__).resolve().parent.parent
 WEB = dict(videos=8, min_scenes=2, max_scenes=2, min_scene_s=2.0, max_scene_s=2.4, reupload_share=0.25,
            corrupt_share=0.25, slideshow_share=0.125, seed=3)
-# threshold 0: the tiny random scorer's PMIs are near 0, so that some texts pass and some do not
+# threshold 0: the tiny random scorer's PMIs are near 0, so that some texts pass and some do not.
+# The marginal prior (3 reference clips) is what configs/curate-web.yaml thresholds.
 OVERRIDES = ["workers=2", "scorer.batch_size=3", "captioner.batch_size=2", "captioner.max_new_tokens=4",
-             "filter.threshold=0.0"]
+             "filter.threshold=0.0", "scorer.reference_clips=3", "filter.pmi_prior=marginal"]
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +114,19 @@ def test_local_run_against_the_corpus_truth(corpus, local_run):
     # Every clip left is kept, with a caption from its texts or generated: a text captions a clip
     # when it passes the threshold there and scores no higher on another clip of its video
     # (filter.assign: best_clip); the best such text wins.
-    threshold = stats["threshold"]
-    assert stats["assign"] == "best_clip"
+    threshold, col = stats["threshold"], stats["metric"]
+    assert stats["assign"] == "best_clip" and col == "pmi_marginal"
     scored = [r for r in rows if r["drop_reason"] not in ("static", "too_short", "low_resolution")]
+    # Both priors are in the table; the reference set is 3 evenly spaced clips of the scored ones.
+    assert all(s["pmi"] is not None and s[col] is not None and s["pmi_marginal_sum"] is not None
+               for r in scored for s in r["scores"])
+    assert stats["reference_clips"] == [sorted(r["clip_id"] for r in scored)[(i * len(scored)) // 3]
+                                        for i in range(3)]
 
     def fits_here(r, s):
         others = [o for o in scored if o["source_id"] == r["source_id"] and o["clip_id"] != r["clip_id"]]
-        return s["pmi"] >= threshold and all(
-            t["pmi"] < s["pmi"] or (t["pmi"] == s["pmi"] and o["clip_id"] > r["clip_id"])
+        return s[col] >= threshold and all(
+            t[col] < s[col] or (t[col] == s[col] and o["clip_id"] > r["clip_id"])
             for o in others for t in o["scores"] if t["text"] == s["text"])
 
     for r in rows:
@@ -128,7 +134,7 @@ def test_local_run_against_the_corpus_truth(corpus, local_run):
         if r in scored:
             fitting = [s for s in r["scores"] if fits_here(r, s)]
             if fitting:
-                assert r["caption_source"] == "input" and r["caption"] == max(fitting, key=lambda s: s["pmi"])["text"]
+                assert r["caption_source"] == "input" and r["caption"] == max(fitting, key=lambda s: s[col])["text"]
             else:
                 assert r["caption_source"] == "generated" or r["drop_reason"] == "empty_caption"
     assert {r["caption_source"] for r in rows if r["kept"]} == {"input", "generated"}

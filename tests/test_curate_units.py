@@ -37,6 +37,13 @@ def test_config_refuses_typos_and_bad_values():
         load_config(None, ["filter.pmi_reduce=median"])
     for reduce, column in (("mean", "pmi"), ("sum", "pmi_sum"), ("max_span", "pmi_span")):
         assert load_config(None, ["scorer.model=m", f"filter.pmi_reduce={reduce}"]).score_column == column
+    for reduce, column in (("mean", "pmi_marginal"), ("sum", "pmi_marginal_sum"), ("max_span", "pmi_marginal_span")):
+        assert load_config(None, ["scorer.model=m", "scorer.reference_clips=8", "filter.pmi_prior=marginal",
+                                  f"filter.pmi_reduce={reduce}"]).score_column == column
+    with pytest.raises(ValueError, match="reference_clips"):
+        load_config(None, ["scorer.model=m", "filter.pmi_prior=marginal"])
+    with pytest.raises(ValueError, match="pmi_prior"):
+        load_config(None, ["filter.pmi_prior=uniform"])
     assert load_config(None, ["clip.model=c", "filter.pmi_reduce=sum"]).score_column == "clip"
 
 
@@ -169,7 +176,9 @@ def test_table_round_trip(tmp_path):
 
     rows = [{"clip_id": "v-0000", "source_id": "v", "start_s": 0.0, "end_s": 2.0, "duration_s": 2.0, "width": 64,
              "height": 48, "motion": 0.5, "texts": ["x"], "scores": [{"text": "x", "clip": None, "pmi": 0.25, "pmi_sum": 1.5,
-                                                                     "pmi_span": 1.75}],
+                                                                     "pmi_span": 1.75, "pmi_marginal": 0.5,
+                                                                     "pmi_marginal_sum": 2.5,
+                                                                     "pmi_marginal_span": None}],
              "kept": True, "drop_reason": None, "caption": "x", "caption_source": "input", "duplicate_of": None}]
     write_table(rows, tmp_path / "clips.parquet")
     assert read_table(tmp_path / "clips.parquet") == rows

@@ -56,10 +56,16 @@ class ClipSection:
 
 @dataclass
 class ScorerSection:
-    """PMI alignment with a VideoLlama model directory (``--scorer``); its own preprocessing spec."""
+    """PMI alignment with a VideoLlama model directory (``--scorer``); its own preprocessing spec.
+
+    ``reference_clips``: how many clips (evenly spaced over the clip ids that pass the cheap
+    filters) make the reference set of the ``marginal`` prior, p(text) = mean over those clips of
+    p(text | clip); 0 computes only the ``text_only`` prior (see ``curate.pmi``). Each text then
+    costs 1 + reference_clips decoder passes instead of 2."""
 
     model: str | None = None
     batch_size: int = 16
+    reference_clips: int = 0
 
 
 @dataclass
@@ -71,8 +77,13 @@ class CaptionerSection:
     max_new_tokens: int = 48
 
 
-# filter.pmi_reduce -> the score column it thresholds
-PMI_COLUMNS = {"mean": "pmi", "sum": "pmi_sum", "max_span": "pmi_span"}
+# (filter.pmi_prior, filter.pmi_reduce) -> the score column it thresholds
+PMI_COLUMNS = {("text_only", "mean"): "pmi", ("text_only", "sum"): "pmi_sum", ("text_only", "max_span"): "pmi_span",
+               ("marginal", "mean"): "pmi_marginal", ("marginal", "sum"): "pmi_marginal_sum",
+               ("marginal", "max_span"): "pmi_marginal_span"}
+PMI_EXTRA_COLUMNS = tuple(c for c in PMI_COLUMNS.values() if c != "pmi")  # beside the definition's ``pmi``
+PMI_PRIORS = ("text_only", "marginal")
+PMI_REDUCES = ("mean", "sum", "max_span")
 
 
 @dataclass
@@ -84,10 +95,13 @@ class FilterSection:
     set, when it is among that top fraction of all scored texts (the threshold is then that
     quantile, recorded in stats.json).
 
-    ``pmi_reduce`` (metric pmi): which reduction of the per-token PMI is thresholded: ``mean``
-    (the ``pmi`` column, the definition), ``sum`` (``pmi_sum``) or ``max_span`` (``pmi_span``, the
-    best contiguous run of tokens). All three are stored in clips.parquet, so a table can be
-    re-filtered by any of them without recomputing (see ``curate.pmi``).
+    ``pmi_prior`` (metric pmi): what p(text) the PMI divides by: ``text_only`` (the decoder with
+    no video, the definition) or ``marginal`` (the mean of p(text | clip) over the scorer's
+    reference clips; needs ``scorer.reference_clips`` > 0). ``pmi_reduce``: which reduction of
+    the per-token PMI is thresholded: ``mean`` (the definition), ``sum`` or ``max_span`` (the
+    best contiguous run of tokens). Every combination is a column of clips.parquet (``pmi``,
+    ``pmi_sum``, ``pmi_span``, ``pmi_marginal``, ``pmi_marginal_sum``, ``pmi_marginal_span``), so
+    a table can be re-filtered by any of them without recomputing (see ``curate.pmi``).
     """
 
     metric: str = "auto"
@@ -95,6 +109,7 @@ class FilterSection:
     keep_fraction: float | None = None
     # any: a text may caption any clip of its video; best_clip: only the clip it scores best on.
     assign: str = "any"
+    pmi_prior: str = "text_only"  # text_only | marginal
     pmi_reduce: str = "mean"  # mean | sum | max_span
     min_duration_s: float = 2.0
     min_width: int = 64
@@ -149,8 +164,15 @@ class CurateConfig:
             raise ValueError(f"filter.keep_fraction must be in (0, 1], got {self.filter.keep_fraction}")
         if self.filter.assign not in ("any", "best_clip"):
             raise ValueError(f"filter.assign must be any or best_clip, got {self.filter.assign!r}")
-        if self.filter.pmi_reduce not in PMI_COLUMNS:
+        if self.filter.pmi_reduce not in PMI_REDUCES:
             raise ValueError(f"filter.pmi_reduce must be mean, sum or max_span, got {self.filter.pmi_reduce!r}")
+        if self.filter.pmi_prior not in PMI_PRIORS:
+            raise ValueError(f"filter.pmi_prior must be text_only or marginal, got {self.filter.pmi_prior!r}")
+        if self.scorer.reference_clips < 0:
+            raise ValueError(f"scorer.reference_clips must be >= 0, got {self.scorer.reference_clips}")
+        if self.metric == "pmi" and self.filter.pmi_prior == "marginal" and self.scorer.reference_clips == 0:
+            raise ValueError("filter.pmi_prior marginal needs scorer.reference_clips > 0 (the clips p(text) is "
+                             "averaged over)")
         if self.dedup.embedding not in ("pixels", "clip", "scorer"):
             raise ValueError(f"dedup.embedding must be pixels, clip or scorer, got {self.dedup.embedding!r}")
         if not 0 < self.scenes.min_clip_s <= self.scenes.max_clip_s:
@@ -170,9 +192,9 @@ class CurateConfig:
 
     @property
     def score_column(self) -> str | None:
-        """The per-text score column the filter thresholds: ``clip``, ``pmi``, ``pmi_sum``, ``pmi_span``."""
+        """The per-text score column the filter thresholds: ``clip`` or a PMI column (``PMI_COLUMNS``)."""
         metric = self.metric
-        return PMI_COLUMNS[self.filter.pmi_reduce] if metric == "pmi" else metric
+        return PMI_COLUMNS[self.filter.pmi_prior, self.filter.pmi_reduce] if metric == "pmi" else metric
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,7 +27,8 @@ def _schema():
     import pyarrow as pa
 
     score = pa.struct([("text", pa.string()), ("clip", pa.float64()), ("pmi", pa.float64()),
-                       ("pmi_sum", pa.float64()), ("pmi_span", pa.float64())])
+                       ("pmi_sum", pa.float64()), ("pmi_span", pa.float64()), ("pmi_marginal", pa.float64()),
+                       ("pmi_marginal_sum", pa.float64()), ("pmi_marginal_span", pa.float64())])
     return pa.schema([
         ("clip_id", pa.string()), ("source_id", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()),
         ("duration_s", pa.float64()), ("width", pa.int64()), ("height", pa.int64()), ("motion", pa.float64()),

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from videollama.curate.config import CurateConfig
+from videollama.curate.config import PMI_EXTRA_COLUMNS, CurateConfig
 from videollama.curate.cutting import Spec, load_frames
 from videollama.curate.filters import alignment_threshold, best_clip_of_texts, cheap_filter, choose_caption
 from videollama.curate.records import make_batches, read_record, video_record
@@ -145,7 +145,7 @@ def curate(input_path: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
         rows.sort(key=lambda r: r["clip_id"])
         metas = {s["source_id"]: s["meta"] for s in sources}
         for row in rows:
-            row.update(scores=[{"text": t, "clip": None, "pmi": None, "pmi_sum": None, "pmi_span": None}
+            row.update(scores=[{"text": t, "clip": None, "pmi": None, **dict.fromkeys(PMI_EXTRA_COLUMNS)}
                                    for t in row["texts"]], kept=False,
                        drop_reason=cheap_filter(row, cfg.filter), caption=None, caption_source=None,
                        duplicate_of=None)
@@ -161,23 +161,26 @@ def curate(input_path: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
                 continue
             model_settings = {"model": section.model, "device": cfg.device, "torch_threads": cfg.torch_threads,
                               "num_frames": getattr(section, "num_frames", 0), "fps": getattr(section, "fps", 0.0)}
+            reference = reference_clips(live, cfg.scorer.reference_clips) if stage == "pmi" else None
+            if reference:
+                stats["reference_clips"] = reference
             results = _run_stage(engine, stage, model_settings, [(r["clip_id"], r["texts"]) for r in live],
-                                 section.batch_size, work, stats, seconds)
+                                 section.batch_size, work, stats, seconds, reference=reference)
             embeddings[stage] = {}
             for row in live:
                 result = results[row["clip_id"]]
                 for j, (entry, score) in enumerate(zip(row["scores"], result["scores"])):
                     entry[stage] = score
-                    if stage == "pmi":  # the other reductions of the per-token PMI (filter.pmi_reduce)
-                        entry["pmi_sum"] = result["pmi_sum"][j]
-                        entry["pmi_span"] = result["pmi_span"][j]
+                    if stage == "pmi":  # the other priors and reductions (filter.pmi_prior, pmi_reduce)
+                        for column in PMI_EXTRA_COLUMNS:
+                            entry[column] = result[column][j]
                 embeddings[stage][row["clip_id"]] = result["embedding"]
 
         # ---- alignment and captions ----------------------------------------------------------
         metric = cfg.score_column  # the score column thresholded (pmi, pmi_sum, pmi_span or clip)
         threshold = alignment_threshold(live, metric, cfg.filter) if metric else None
         stats.update(metric=metric, threshold=threshold, assign=cfg.filter.assign,
-                     pmi_reduce=cfg.filter.pmi_reduce)
+                     pmi_prior=cfg.filter.pmi_prior, pmi_reduce=cfg.filter.pmi_reduce)
         need_caption = []
         assigned = best_clip_of_texts(live, metric) if metric and cfg.filter.assign == "best_clip" else None
         for row in live:
@@ -247,10 +250,21 @@ def curate(input_path: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
     return stats
 
 
+def reference_clips(live: list[dict], count: int) -> list[str]:
+    """The ``count`` clip ids of the marginal prior's reference set: evenly spaced over the sorted
+    ids of the clips that passed the cheap filters (all of them when there are fewer)."""
+    ids = sorted(r["clip_id"] for r in live)
+    if count <= 0 or not ids:
+        return []
+    if count >= len(ids):
+        return ids
+    return [ids[(i * len(ids)) // count] for i in range(count)]
+
+
 def _run_stage(engine, stage: str, settings: dict, clips: list[tuple[str, list[str]]], batch_size: int,
-               work: Path, stats: dict, seconds: dict) -> dict[str, dict]:
+               work: Path, stats: dict, seconds: dict, reference: list[str] | None = None) -> dict[str, dict]:
     """Run one model stage over ``clips`` in batches (skipping batches with a record); results by clip id."""
-    batches = make_batches(stage, clips, batch_size, work)
+    batches = make_batches(stage, clips, batch_size, work, reference=reference)
     todo = [b for b in batches if read_record(Path(b["record"])) is None]
     stats["resumed_batches"][stage] = len(batches) - len(todo)
     t0 = time.perf_counter()

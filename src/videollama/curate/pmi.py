@@ -14,8 +14,23 @@ Two more reductions of the same per-token PMI ``log p(token | video) - log p(tok
 are stored beside it (``pmi_sum``, ``pmi_span``), so that a run's table can be re-filtered by any
 of them (``filter.pmi_reduce``): ``sum`` over the tokens (boilerplate tokens that the video does
 not explain add about 0 instead of diluting a mean) and ``max_span``, the largest sum over a
-contiguous run of tokens (the best-explained part of the text; negative stretches cut out). Frames come from the model's own
-preprocessing spec (its preprocessor.json), the pixels evaluation would feed it.
+contiguous run of tokens (the best-explained part of the text; negative stretches cut out).
+
+The text-only prior is only as good as the decoder is at modelling text without a video, and a
+decoder that was always trained with one is not: without its cross-attention it predicts even
+the template's words ("moves", ".", EOS) badly, so every caption-like text, right or wrong, gains
+a large PMI from words that say nothing about the video. ``filter.pmi_prior: marginal`` divides
+by the prior that the PMI's definition actually needs, the marginal
+p(text) = E_video p(text | video), estimated through the same video path as the numerator:
+
+    log p(token | prefix) ~= log mean_{r in R} p(token | prefix, clip r)
+
+over ``scorer.reference_clips`` reference clips R (evenly spaced over the clips that passed the
+cheap filters; the same set for every batch). A token that no video explains (template words,
+web boilerplate) then scores about 0, one the clip explains > 0, one it contradicts (the wrong
+colour) < 0. Its mean, sum and max-span are the ``pmi_marginal``, ``pmi_marginal_sum`` and
+``pmi_marginal_span`` columns. Frames come from the model's own preprocessing spec (its
+preprocessor.json), the pixels evaluation would feed it.
 
 Captions are generated greedily in batches, with the KV cache and each clip encoded once
 (``videollama.eval.harness._generate_batch``, the evaluation path).
@@ -24,11 +39,13 @@ Captions are generated greedily in batches, with the KV cache and each clip enco
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from videollama.curate.config import PMI_EXTRA_COLUMNS
 from videollama.curate.cutting import Spec
 
 
@@ -99,10 +116,46 @@ def max_span_sum(values: list[float]) -> float:
 
 
 class PmiScorer(_ModelStage):
-    """:meth:`score` returns, per clip, the PMI of each candidate text (``scores``: the mean; also
-    ``pmi_sum`` and ``pmi_span``, see the module docstring) and the clip's embedding."""
+    """:meth:`score` returns, per clip, the PMI of each candidate text (``scores``: the mean with the
+    text-only prior; also ``pmi_sum``, ``pmi_span`` and, given reference clips, the marginal-prior
+    ``pmi_marginal``, ``pmi_marginal_sum``, ``pmi_marginal_span``; see the module docstring) and the
+    clip's embedding."""
 
-    def score(self, clips: list[tuple[np.ndarray, list[str]]]) -> list[dict[str, Any]]:
+    REDUCED = PMI_EXTRA_COLUMNS
+    MAX_ROWS = 1024  # text rows per decoder pass of the marginal prior (texts x reference clips)
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu"):
+        super().__init__(model_dir, device)
+        self._reference: tuple[tuple[str, ...], Any] | None = None  # (clip ids, latents [R, L, D_v])
+
+    def reference_latents(self, ids: list[str], frames: list[np.ndarray]):
+        """The visual latents [R, L, D_v] of the reference clips, encoded once per reference set."""
+        import torch
+
+        if self._reference is None or self._reference[0] != tuple(ids):
+            with torch.inference_mode():
+                self._reference = (tuple(ids), self.model.encode_video(self.video(frames)))
+        return self._reference[1]
+
+    def _marginal_log_probs(self, input_ids, label_ids, reference):
+        """Per-token log of the mean over the R reference clips of p(token | prefix, clip):
+        [B, T-1], 0 where masked. ``reference``: latents [R, L, D_v]."""
+        import torch
+
+        n_ref = reference.shape[0]
+        per_pass = max(1, self.MAX_ROWS // n_ref)
+        out = []
+        for first in range(0, input_ids.shape[0], per_pass):
+            ids, labels = input_ids[first:first + per_pass], label_ids[first:first + per_pass]
+            k = ids.shape[0]
+            logits = self.model(ids.repeat_interleave(n_ref, 0), visual_latents=reference.repeat(k, 1, 1)).logits
+            lp, _ = token_log_probs(logits, labels.repeat_interleave(n_ref, 0))  # [k * R, T-1]
+            out.append(torch.logsumexp(lp.view(k, n_ref, -1), dim=1) - math.log(n_ref))  # masked: log(R) - log(R)
+        return torch.cat(out)
+
+    def score(self, clips: list[tuple[np.ndarray, list[str]]], reference=None) -> list[dict[str, Any]]:
+        """``clips``: (uint8 frames [F, S, S, 3], candidate texts) each; ``reference``: latents
+        [R, L, D_v] of the reference clips (:meth:`reference_latents`) or None (no marginal prior)."""
         import torch
 
         from videollama.data.tokenizer import caption_prompt, encode_example
@@ -119,9 +172,8 @@ class PmiScorer(_ModelStage):
                 labels.append(lab)
                 index.append(c)
                 where.append((c, t))
-        results = [{"scores": [None] * len(texts), "logp_video": [None] * len(texts),
-                    "logp_text": [None] * len(texts), "pmi_sum": [None] * len(texts),
-                    "pmi_span": [None] * len(texts)} for _, texts in clips]
+        keys = ("scores", "logp_video", "logp_text", *self.REDUCED)
+        results = [{k: [None] * len(texts) for k in keys} for _, texts in clips]
         with torch.inference_mode():
             latents = self.model.encode_video(self.video([f for f, _ in clips]))  # [U, L, D_v]
             if rows:
@@ -140,12 +192,20 @@ class PmiScorer(_ModelStage):
                 count = mask.sum(1).clamp_min(1)
                 with_video, without = lp_video.sum(1) / count, lp_text.sum(1) / count  # [B] means
                 per_token = (lp_video - lp_text).double()  # [B, T-1], 0 where masked
+                marginal = None
+                if reference is not None:
+                    marginal = (lp_video - self._marginal_log_probs(input_ids, label_ids, reference)).double()
                 for i, (c, t) in enumerate(where):
-                    results[c]["logp_video"][t] = float(with_video[i])
-                    results[c]["logp_text"][t] = float(without[i])
-                    results[c]["scores"][t] = float(with_video[i]) - float(without[i])
-                    results[c]["pmi_sum"][t] = float(per_token[i].sum())
-                    results[c]["pmi_span"][t] = max_span_sum(per_token[i][mask[i]].tolist())
+                    r = results[c]
+                    r["logp_video"][t] = float(with_video[i])
+                    r["logp_text"][t] = float(without[i])
+                    r["scores"][t] = float(with_video[i]) - float(without[i])
+                    r["pmi_sum"][t] = float(per_token[i].sum())
+                    r["pmi_span"][t] = max_span_sum(per_token[i][mask[i]].tolist())
+                    if marginal is not None:
+                        r["pmi_marginal"][t] = float(marginal[i].sum() / count[i])
+                        r["pmi_marginal_sum"][t] = float(marginal[i].sum())
+                        r["pmi_marginal_span"][t] = max_span_sum(marginal[i][mask[i]].tolist())
             pooled = latents.float().mean(dim=1)  # [U, D_v]
             pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         for c, result in enumerate(results):

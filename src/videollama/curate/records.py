@@ -37,15 +37,21 @@ def video_record(work: Path, source_id: str) -> Path:
     return work / "videos" / f"{source_id}.json"
 
 
-def make_batches(stage: str, clips: list[tuple[str, list[str]]], batch_size: int, work: Path) -> list[dict]:
-    """``clips`` (clip id, texts), sorted by id -> batches of ``batch_size``, each with its record path."""
+def make_batches(stage: str, clips: list[tuple[str, list[str]]], batch_size: int, work: Path,
+                 reference: list[str] | None = None) -> list[dict]:
+    """``clips`` (clip id, texts), sorted by id -> batches of ``batch_size``, each with its record path.
+    ``reference``: the clip ids of the PMI stage's marginal prior (``curate.pmi``), part of every
+    batch and of its record's digest (a batch scored against other reference clips is redone)."""
     batches = []
     for index, first in enumerate(range(0, len(clips), batch_size)):
         part = clips[first:first + batch_size]
         ids = [c for c, _ in part]
-        digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]
-        batches.append({"stage": stage, "index": index, "clip_ids": ids, "texts": [t for _, t in part],
-                        "record": str(work / stage / f"{index:06d}-{digest}.json")})
+        digest = hashlib.sha1("\n".join(ids + ["reference:", *(reference or [])]).encode()).hexdigest()[:12]
+        batch = {"stage": stage, "index": index, "clip_ids": ids, "texts": [t for _, t in part],
+                 "record": str(work / stage / f"{index:06d}-{digest}.json")}
+        if reference:
+            batch["reference"] = list(reference)
+        batches.append(batch)
     return batches
 
 
@@ -78,6 +84,11 @@ def run_batch(model, batch: dict[str, Any], work: str) -> None:
     if batch["stage"] == "caption":
         results = [{"caption": c} for c in model.caption(frames)]
     else:
-        results = model.score(list(zip(frames, batch["texts"])))
+        reference = None
+        if batch.get("reference"):
+            reference = model.reference_latents(
+                batch["reference"], [load_frames(work_dir, model.spec, c) for c in batch["reference"]])
+        results = model.score(list(zip(frames, batch["texts"])), reference=reference) if reference is not None \
+            else model.score(list(zip(frames, batch["texts"])))
     write_record(Path(batch["record"]), {"clip_ids": batch["clip_ids"], "results": results,
                                          "seconds": time.perf_counter() - t0})
