@@ -1,8 +1,9 @@
-"""The `make demo` chain at toy size: synth, tokenizer, pre-train, fine-tune, eval, plot, generate.
+"""The `make demo` chain at toy size: synth, web pool, tokenizer, curator, curate, pre-train on the
+curated shards, fine-tune, eval, plot, generate.
 
 Runs the demo's real stages (the `videollama` entry point, in this interpreter to save a
-torch start-up per stage) on 32 training clips with 5 pre-training and 5 fine-tuning steps,
-then checks what the demo promises against the files the stages wrote.
+torch start-up per stage) on 32 clean training clips and 6 raw web uploads, with 5 steps for each
+training run, then checks what the demo promises against the files the stages wrote.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from videollama.data.tokenizer import normalize_answer
-from videollama.demo import CORPUS_STAMP, DemoSettings, make_corpus, question_type, run_demo
+from videollama.demo import CORPUS_STAMP, DemoSettings, make_corpus, make_web_corpus, question_type, run_demo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +25,9 @@ def demo(tmp_path_factory) -> tuple[DemoSettings, dict]:
     tmp = tmp_path_factory.mktemp("demo")
     settings = DemoSettings(
         data=str(tmp / "shapes"), out=str(tmp / "run"), train_clips=32, eval_clips=4, synth_workers=1,
+        web=str(tmp / "web"), web_videos=6, curator_steps=5,
+        curator_config=str(ROOT / "configs" / "demo-curator.yaml"),
+        curate_config=str(ROOT / "configs" / "curate-web.yaml"),
         pretrain_config=str(ROOT / "configs" / "demo-pretrain.yaml"),
         finetune_config=str(ROOT / "configs" / "demo-finetune.yaml"),
         pretrain_steps=5, finetune_steps=5, eval_batch_size=16, caption_eval=True, in_process=True,
@@ -62,7 +66,8 @@ def test_demo_writes_model_report_and_predictions(demo):
     assert (out / "pretrain-curves.png").stat().st_size > 0 and (out / "finetune-curves.png").stat().st_size > 0
     assert report["training"]["pretrain"]["steps"] == 5 and report["training"]["finetune"]["steps"] == 5
     assert report["training"]["pretrain"]["clips_per_s"] > 0
-    assert {"corpus", "tokenizer", "pretrain", "finetune", "eval_videoqa", "total"} <= set(report["timings_s"])
+    assert {"corpus", "web_corpus", "tokenizer", "curator", "curate", "pretrain", "finetune", "eval_videoqa",
+            "total"} <= set(report["timings_s"])
     assert [e["kind"] for e in report["examples"]] == ["temporal", "static"]
 
     # Fine-tuning started from the pre-trained model and moved it; both load as model directories.
@@ -71,6 +76,59 @@ def test_demo_writes_model_report_and_predictions(demo):
     assert pre.keys() == final.keys()
     assert any(not torch.equal(pre[k], final[k]) for k in pre)
     assert (out / "model" / "tokenizer.json").read_text() == (data / "tokenizer.json").read_text()
+
+
+def _shard_keys(folder: Path) -> list[str]:
+    import tarfile
+
+    keys = []
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            keys += [m.name.rsplit(".", 1)[0] for m in t if m.name.endswith(".json")]
+    return keys
+
+
+def test_demo_curates_the_web_pool_and_pretrains_on_what_it_kept(demo):
+    from videollama.curate.output import read_table
+
+    s, report = demo
+    out, web = Path(s.out), Path(s.web)
+    truth = json.loads((web / "truth.json").read_text())
+    c = report["curation"]
+    stats = json.loads((out / "curated" / "stats.json").read_text())
+    rows = read_table(out / "curated" / "clips.parquet")
+    # The curator is a model directory, bootstrapped on the clean captions and the raw web pairs.
+    assert (out / "curator" / "config.json").is_file() and c["curator"] == str(out / "curator")
+    curator_cfg = json.loads((out / "curator-run" / "train_config.json").read_text())
+    assert curator_cfg["data"]["sources"] == [str(Path(s.data) / "train"), str(web / "raw-shards")]
+    raw = [json.loads(line) for line in (web / "raw-pairs.jsonl").read_text().splitlines()]
+    manifest = [json.loads(line) for line in (web / "manifest.jsonl").read_text().splitlines()]
+    assert [r["captions"] for r in raw] == [m["texts"] for m in manifest if m["texts"]]
+    # The report's counts are the run's; one clip per scene of every readable upload; the kept
+    # clips are exactly what the pre-training read (its data source is the curated shards).
+    assert c["counts"] == stats["counts"] and c["counts"]["sources"] == len(manifest) == s.web_videos
+    assert len(rows) == sum(len(v["scenes"]) for v in truth["videos"].values() if not v["corrupt"])
+    assert sorted(_shard_keys(out / "curated" / "shards")) == sorted(r["clip_id"] for r in rows if r["kept"])
+    assert c["counts"]["kept"] == sum(r["kept"] for r in rows) > 0
+    pre_cfg = json.loads((out / "pretrain" / "train_config.json").read_text())
+    assert pre_cfg["data"]["sources"] == [str(out / "curated" / "shards")]
+    assert c["filter"] == {"metric": "pmi_marginal_sum", "threshold": stats["threshold"], "pmi_prior": "marginal",
+                           "pmi_reduce": "sum"}
+    assert set(c["targets_met"]) >= {"caption_precision", "caption_recall", "duplicate_recall", "generated_equal"}
+    assert (out / "curator-run-curves.png").stat().st_size > 0
+    assert report["training"]["curator"]["steps"] == 5
+
+
+def test_web_pool_is_kept_when_parameters_match_and_rebuilt_otherwise(demo, tmp_path):
+    s, _ = demo
+    video = next((Path(s.web) / "videos").glob("*.mp4"))
+    before = video.stat().st_mtime_ns
+    assert make_web_corpus(s) is False and video.stat().st_mtime_ns == before
+    other = DemoSettings(web=str(tmp_path / "web"), web_videos=3, synth_workers=1, in_process=True)
+    assert make_web_corpus(other) is True
+    (tmp_path / "web" / "videos" / "stale.mp4").write_bytes(b"old")
+    assert make_web_corpus(DemoSettings(**{**other.__dict__, "web_videos": 2})) is True
+    assert sorted(p.name for p in (tmp_path / "web" / "videos").iterdir()) == ["web-000000.mp4", "web-000001.mp4"]
 
 
 def test_corpus_is_kept_when_parameters_match_and_rebuilt_otherwise(demo, tmp_path):
