@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from videollama.demo import accuracy_by_type, training_speed  # noqa: E402
+from videollama.curate.quality import evaluate as curate_quality  # noqa: E402
+from videollama.demo import accuracy_by_type, raw_pairs_manifest, training_speed  # noqa: E402
 
 ARMS = ("raw", "curated")
 
@@ -57,19 +58,6 @@ def timed(timings: dict, name: str, done: bool, fn, *args) -> None:
     t0 = time.perf_counter()
     fn(*args)
     timings[name] = round(time.perf_counter() - t0, 1)
-
-
-def raw_manifest(web: Path) -> Path:
-    """The web manifest with each upload's candidate texts as its ``captions`` (uploads without text
-    have nothing to train on and are left out)."""
-    out = web / "raw-manifest.jsonl"
-    lines = []
-    for line in (web / "manifest.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["texts"]:
-            lines.append(json.dumps({"id": row["id"], "video": row["video"], "captions": row["texts"]}))
-    out.write_text("\n".join(lines) + "\n")
-    return out
 
 
 def train(config: str, run_dir: Path, model_dir: Path, data: Path, overrides: list[str],
@@ -116,7 +104,7 @@ def main() -> None:
 
     timed(timings, "web_corpus", (web / "truth.json").is_file(), lambda: cli("data", "web", "--out", str(web)))
     timed(timings, "raw_shards", any((out / "raw-shards").glob("*.tar")), lambda: cli(
-        "data", "shards", "--input", str(raw_manifest(web)), "--out", str(out / "raw-shards"), "--overwrite"))
+        "data", "shards", "--input", str(raw_pairs_manifest(web, web / "raw-manifest.jsonl")), "--out", str(out / "raw-shards"), "--overwrite"))
     pretrain_overrides = [f"tokenizer={out / 'tokenizer.json'}"]
     raw_model = out / "raw" / "pretrain-model"
     timed(timings, "raw_pretrain", (raw_model / "config.json").is_file(), lambda: train(
@@ -131,9 +119,6 @@ def main() -> None:
         "curate", "--input", str(web / "manifest.jsonl"), "--out", str(curated), "--config",
         "configs/curate-web.yaml", "--scorer", scorer, "--captioner", captioner, "workers=1"))
     report["curate"] = {"scorer": scorer, "captioner": captioner}
-    sys.path.insert(0, str(ROOT / "bench"))
-    from curate_quality import evaluate as curate_quality
-
     quality = curate_quality(web, curated)
     report["curate"].update(counts=quality["counts"], caption_choice=quality["caption_choice"],
                             generated=quality["generated"])
