@@ -188,7 +188,7 @@ def one_pass(path: Path, probe: dict, *, min_clip_s: float, max_clip_s: float, s
     rate = nominal_rate(stream).limit_denominator(1001)
     step = 1 / float(rate)
     clip_times: list[float] = []  # cut_clips' time of every frame (which clip it goes in)
-    buffer: deque[tuple[float, av.VideoFrame]] = deque()
+    buffer: deque[tuple[float, av.VideoFrame, int]] = deque()  # (time, frame, bytes)
     buffered = 0  # bytes of the frames in ``buffer``
     overflow = False
     done: list[tuple[float, float, bytes | None, dict]] = []
@@ -202,7 +202,7 @@ def one_pass(path: Path, probe: dict, *, min_clip_s: float, max_clip_s: float, s
             done.append((start, end, *builder.finish()))
 
     def from_buffer(start, end):
-        return [f for t, f in buffer if start - _EPS <= t < end - _EPS]
+        return [f for t, f, _ in buffer if start - _EPS <= t < end - _EPS]
 
     packets = 0
     try:
@@ -225,16 +225,16 @@ def one_pass(path: Path, probe: dict, *, min_clip_s: float, max_clip_s: float, s
                     t = 0.0 if not clip_times else clip_times[-1] + step
                 clip_times.append(t)
                 if not overflow:
-                    buffer.append((t, frame))
-                    buffered += sum(p.buffer_size for p in frame.planes)
+                    size = sum(p.buffer_size for p in frame.planes)
+                    buffer.append((t, frame, size))
+                    buffered += size
                     if buffered > max_buffer_bytes:
                         overflow, buffered = True, 0
                         buffer.clear()
                 if spans and not overflow:
                     encode(spans, from_buffer)
                     while buffer and buffer[0][0] < cuts.scene_start - _EPS:
-                        _, old = buffer.popleft()
-                        buffered -= sum(p.buffer_size for p in old.planes)
+                        buffered -= buffer.popleft()[2]
             t0 = clock()
     except av.error.FFmpegError as error:
         bound.check_deadline(SCANNING)
