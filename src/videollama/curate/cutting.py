@@ -1,4 +1,5 @@
-"""The per-video stage: probe -> scene clips -> each clip re-encoded to MP4 -> frames -> motion.
+"""The per-video stage: probe -> one decoding pass (scene clips, each clip re-encoded to MP4, its
+frames for every spec; onepass.py) -> motion.
 
 :func:`process_video` is the unit of work that the local pool and Ray ``map`` both run, one
 source video at a time. It writes each clip's MP4 and its sampled frames under the work folder
@@ -9,7 +10,9 @@ Clip times are seconds from the source's first frame (as everywhere in the proje
 ``[start, end)`` holds the decoded frames whose presentation time falls in it, re-encoded at
 the source's nominal rate (libx264, yuv420p, one thread, so the bytes never depend on the
 machine). The source is decoded once, in one bounded pass (``container.open_and_time`` and a
-``WorkBound``), whatever the number of clips.
+``WorkBound``), whatever the number of clips and specs (``onepass.py``; ``cut_clips`` and
+``sample_frames`` are the same steps as separate passes, kept as the reference the tests and the
+benchmark compare with).
 """
 
 from __future__ import annotations
@@ -161,16 +164,21 @@ def sample_frames(mp4: bytes, spec: Spec, name: str) -> np.ndarray:
 
 
 def process_video(source: dict[str, Any], settings: dict[str, Any], work: str) -> dict[str, Any]:
-    """Probe, cut and encode one source video; sample each clip's frames for every spec; motion.
+    """Probe one source video, then decode it once (``onepass.one_pass``): scene cuts, each clip
+    encoded, each clip's frames for every spec; then the motion score of each clip.
 
     ``settings``: ``min_clip_s``, ``max_clip_s``, ``threshold`` (scene cuts), ``crf``,
-    ``max_frames``, ``specs`` (list of Spec, the first being the motion spec).
+    ``max_frames``, ``specs`` (list of Spec, the first being the motion spec), optionally
+    ``max_buffer_bytes`` (``onepass.MAX_BUFFER_BYTES``).
     Returns ``{"source_id", "rows": [clip rows], "error": None | [reason, message],
-    "seconds": {stage: s}, "probe": {...}}``.
+    "seconds": {stage: s}, "probe": {...}}``; the stages of the pass are ``decode`` (demuxing and
+    decoding), ``scenes`` (thumbnails, scores, cut decisions), ``cut_encode`` (H.264 encoding and
+    writing the MP4s), ``sample_frames`` (resizing and cropping the specs' frames, writing them)
+    and ``second_pass`` (a source whose scene outgrew the frame buffer, decoded again).
     """
     from videollama.curate.motion import motion_score
-    from videollama.curate.probe import probe_video
-    from videollama.curate.scenes import scene_clips
+    from videollama.curate.onepass import MAX_BUFFER_BYTES, one_pass
+    from videollama.curate.probe import MAX_PACKETS, probe_video
 
     work_dir = Path(work)
     seconds: dict[str, float] = {}
@@ -188,20 +196,23 @@ def process_video(source: dict[str, Any], settings: dict[str, Any], work: str) -
     try:
         probe = timed("probe", probe_video, path)
         scene_kwargs = {} if settings.get("threshold") is None else {"threshold": settings["threshold"]}
-        spans = timed("scenes", scene_clips, path, probe, min_clip_s=settings["min_clip_s"],
-                      max_clip_s=settings["max_clip_s"], **scene_kwargs)
-        spans = sorted((float(a), float(b)) for a, b in spans)
-        mp4s = timed("cut_encode", cut_clips, str(path), spans, crf=settings["crf"],
-                     max_frames=settings["max_frames"])
+        t0 = time.perf_counter()
+        decoded = one_pass(path, probe, min_clip_s=settings["min_clip_s"], max_clip_s=settings["max_clip_s"],
+                           specs=specs, crf=settings["crf"], max_frames=min(MAX_PACKETS, settings["max_frames"]),
+                           max_buffer_bytes=settings.get("max_buffer_bytes", MAX_BUFFER_BYTES), **scene_kwargs)
+        cpu = decoded["cpu"]
+        seconds["decode"] = cpu["decode"]
+        seconds["cut_encode"] = cpu["encode"]
+        seconds["sample_frames"] = cpu["sample"]
+        seconds["second_pass"] = cpu["second_pass"]
+        seconds["scenes"] = time.perf_counter() - t0 - cpu["decode"] - cpu["encode"] - cpu["sample"] - cpu["second_pass"]
         rows = []
-        for index, ((start, end), mp4) in enumerate(zip(spans, mp4s)):
+        for index, (start, end, mp4, frames) in enumerate(decoded["clips"]):
             if mp4 is None:
                 continue
             clip_id = f"{source['source_id']}-{index:04d}"
             timed("cut_encode", atomic_write, clip_path(work_dir, clip_id), mp4)
-            frames = {}
             for spec in specs:
-                frames[spec] = timed("sample_frames", sample_frames, mp4, spec, f"{path}[{start:.2f}-{end:.2f}]")
                 buf = io.BytesIO()
                 np.save(buf, frames[spec], allow_pickle=False)
                 timed("sample_frames", atomic_write, frames_path(work_dir, spec, clip_id), buf.getvalue())

@@ -54,6 +54,55 @@ WINDOW = 8  # frames on each side
 MIN_SHOT_S = 0.25
 # A stream that ends this long before its declared duration is truncated (as in video.py).
 _TRUNCATION_SLACK_S = 0.5
+SCANNING = "scanning for shot boundaries"
+
+
+class ThumbScores:
+    """The detector's per-frame work, fed one decoded frame at a time (``frame_scores`` and the
+    one-pass per-video stage, ``onepass.py``, share it): each frame's time and its score."""
+
+    def __init__(self, probe: dict, stream, origin: int, timeless: bool):
+        self.width = THUMB_WIDTH
+        self.height = max(2, round(self.width * probe["height"] / max(probe["width"], 1)))
+        self.reformatter = VideoReformatter()
+        self.step = 1 / float(nominal_rate(stream))
+        self.origin, self.time_base, self.timeless = origin, stream.time_base, timeless
+        self.times: list[float] = []
+        self.scores: list[float] = []
+        self.previous = None
+
+    def add(self, frame: av.VideoFrame) -> float:
+        """Score one frame (in decoding order); returns its time, seconds from the first frame."""
+        if frame.pts is None or self.timeless:
+            t = len(self.times) * self.step
+        else:
+            t = float((frame.pts - self.origin) * self.time_base)
+        # threads=1: swscale's slice threads cost more than they save on a 64-pixel thumbnail (1.6x
+        # the CPU of one thread on 320x240 sources); the pixels are the same.
+        thumb = self.reformatter.reformat(frame, width=self.width, height=self.height, format="rgb24",
+                                          interpolation=Interpolation.AREA, threads=1).to_ndarray().astype(np.int16)
+        self.scores.append(0.0 if self.previous is None else float(np.abs(thumb - self.previous).mean()))
+        self.times.append(t)
+        self.previous = thumb
+        return t
+
+    def result(self, name: str, duration: float) -> tuple[np.ndarray, np.ndarray]:
+        """``frame_scores``' return value, after the end-of-stream checks (ZERO_FRAMES, truncation)."""
+        times = self.times
+        if not times:
+            raise BadSample(ZERO_FRAMES, name, "no frame decodes")
+        if times[-1] + self.step < duration - _TRUNCATION_SLACK_S:
+            raise BadSample(DECODE_ERROR, name, f"stream ends at {times[-1]:.2f} s, before its declared duration "
+                                                f"{duration:.2f} s (truncated file?)")
+        order = np.argsort(times, kind="stable")  # presentation order (decoders output it already)
+        return np.asarray(times)[order], np.asarray(self.scores)[order]
+
+
+def decode_error(error: Exception, name: str, decoded: int) -> BadSample:
+    """The ``BadSample`` for an FFmpeg error after ``decoded`` frames of a scan."""
+    if not decoded:
+        return BadSample(ZERO_FRAMES, name, f"no frame decodes: {error}")
+    return BadSample(DECODE_ERROR, name, f"decoding failed after {decoded} frames: {error}")
 
 
 def frame_scores(path: Path, probe: dict, *, time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
@@ -69,44 +118,22 @@ def frame_scores(path: Path, probe: dict, *, time_budget_s: float | None = DEFAU
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     container, stream, origin, duration, timeless = open_and_time(path, name, 1, max_frames, deadline)
     bound = WorkBound(name, max_frames, deadline)
-    width = THUMB_WIDTH
-    height = max(2, round(width * probe["height"] / max(probe["width"], 1)))
-    reformatter = VideoReformatter()
-    step = 1 / float(nominal_rate(stream))
-    times: list[float] = []
-    scores: list[float] = []
-    previous = None
+    scorer = ThumbScores(probe, stream, origin, timeless)
     packets = 0
     try:
         for packet in container.demux(stream):
             packets += 1
-            bound.check(max(packets, len(times)), "scanning for shot boundaries")
+            bound.check(max(packets, len(scorer.times)), SCANNING)
             for frame in stream.decode(packet):
-                bound.check(max(packets, len(times) + 1), "scanning for shot boundaries")
+                bound.check(max(packets, len(scorer.times) + 1), SCANNING)
                 check_resolution(frame.width, frame.height, name, "decoded")
-                if frame.pts is None or timeless:
-                    t = len(times) * step
-                else:
-                    t = float((frame.pts - origin) * stream.time_base)
-                thumb = reformatter.reformat(frame, width=width, height=height, format="rgb24",
-                                             interpolation=Interpolation.AREA).to_ndarray().astype(np.int16)
-                scores.append(0.0 if previous is None else float(np.abs(thumb - previous).mean()))
-                times.append(t)
-                previous = thumb
+                scorer.add(frame)
     except av.error.FFmpegError as error:
-        bound.check_deadline("scanning for shot boundaries")
-        if not times:
-            raise BadSample(ZERO_FRAMES, name, f"no frame decodes: {error}") from error
-        raise BadSample(DECODE_ERROR, name, f"decoding failed after {len(times)} frames: {error}") from error
+        bound.check_deadline(SCANNING)
+        raise decode_error(error, name, len(scorer.times)) from error
     finally:
         container.close()
-    if not times:
-        raise BadSample(ZERO_FRAMES, name, "no frame decodes")
-    if times[-1] + step < duration - _TRUNCATION_SLACK_S:
-        raise BadSample(DECODE_ERROR, name, f"stream ends at {times[-1]:.2f} s, before its declared duration "
-                                            f"{duration:.2f} s (truncated file?)")
-    order = np.argsort(times, kind="stable")  # presentation order (decoders output it already)
-    return np.asarray(times)[order], np.asarray(scores)[order]
+    return scorer.result(name, duration)
 
 
 def cuts_from_scores(times: np.ndarray, scores: np.ndarray, *, threshold: float = DEFAULT_THRESHOLD,
@@ -146,13 +173,18 @@ def clips_between(cuts: list[float], duration_s: float, *, min_clip_s: float,
     bounds = [0.0] + [c for c in cuts if 0.0 < c < duration_s] + [float(duration_s)]
     clips: list[tuple[float, float]] = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        length = end - start
-        if length <= 0 or length < min_clip_s:
-            continue
-        pieces = max(1, math.ceil(length / max_clip_s - 1e-9))
-        edges = [start + length * i / pieces for i in range(pieces)] + [end]
-        clips.extend((a, b) for a, b in zip(edges[:-1], edges[1:]) if b - a >= min_clip_s)
+        clips.extend(scene_windows(start, end, min_clip_s=min_clip_s, max_clip_s=max_clip_s))
     return clips
+
+
+def scene_windows(start: float, end: float, *, min_clip_s: float, max_clip_s: float) -> list[tuple[float, float]]:
+    """The clips of one scene ``[start, end)`` (``clips_between``, one scene at a time)."""
+    length = end - start
+    if length <= 0 or length < min_clip_s:
+        return []
+    pieces = max(1, math.ceil(length / max_clip_s - 1e-9))
+    edges = [start + length * i / pieces for i in range(pieces)] + [end]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b - a >= min_clip_s]
 
 
 def scene_clips(path: Path, probe: dict, *, min_clip_s: float, max_clip_s: float,
