@@ -115,10 +115,10 @@ def test_local_run_against_the_corpus_truth(corpus, local_run):
     # when it passes the threshold there and scores no higher on another clip of its video
     # (filter.assign: best_clip); the best such text wins.
     threshold, col = stats["threshold"], stats["metric"]
-    assert stats["assign"] == "best_clip" and col == "pmi_marginal"
+    assert stats["assign"] == "best_clip" and col == "pmi_marginal_sum"  # configs/curate-web.yaml
     scored = [r for r in rows if r["drop_reason"] not in ("static", "too_short", "low_resolution")]
     # Both priors are in the table; the reference set is 3 evenly spaced clips of the scored ones.
-    assert all(s["pmi"] is not None and s[col] is not None and s["pmi_marginal_sum"] is not None
+    assert all(s["pmi"] is not None and s[col] is not None and s["pmi_marginal"] is not None
                for r in scored for s in r["scores"])
     assert stats["reference_clips"] == [sorted(r["clip_id"] for r in scored)[(i * len(scored)) // 3]
                                         for i in range(3)]

@@ -199,3 +199,53 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["curate", "--input", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"),
                      "--config", str(ROOT / "configs" / "curate-web.yaml")]) == 2
     assert "filter.metric pmi needs --scorer" in capsys.readouterr().err
+
+
+def test_quality_figures_against_a_hand_made_truth(tmp_path):
+    """videollama.curate.quality on a table whose right answers are counted by hand: one video of
+    three scenes (the first with its caption, the second with a wrong text only, the third with
+    none), a re-upload of scene 0, and a corrupt file."""
+    from videollama.curate.output import write_table
+    from videollama.curate.quality import evaluate
+
+    scenes = [{"start_s": 0.0, "end_s": 2.0, "caption": "a red circle moves up.", "static": False},
+              {"start_s": 2.0, "end_s": 4.0, "caption": "a blue square stays still.", "static": False},
+              {"start_s": 4.0, "end_s": 6.0, "caption": "a green triangle moves left.", "static": False}]
+    truth = {"videos": {
+        "v": {"corrupt": None, "scenes": scenes, "texts": [
+            {"text": "watch: a red circle moves up lol", "correct": True, "scene": 0},
+            {"text": "a white circle moves down.", "correct": False, "scene": None}]},
+        "r": {"corrupt": None, "scenes": [dict(scenes[0])], "texts": []},
+        "bad": {"corrupt": {"kind": "empty", "reason": "empty_file"}, "scenes": [], "texts": []}},
+        "duplicate_groups": [[{"video": "v", "scene": 0}, {"video": "r", "scene": 0}]],
+        "corrupt": {"bad": "empty_file"}}
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+
+    def row(source, j, caption, source_kind, scores, duplicate_of=None):
+        s = scenes[j]
+        return {"clip_id": f"{source}-{j:04d}", "source_id": source, "start_s": s["start_s"], "end_s": s["end_s"],
+                "duration_s": 2.0, "width": 64, "height": 64, "motion": 0.5, "texts": [t for t, _ in scores],
+                "scores": [{"text": t, "clip": None, "pmi": p} for t, p in scores],
+                "kept": duplicate_of is None, "drop_reason": "duplicate" if duplicate_of else None,
+                "caption": caption, "caption_source": source_kind, "duplicate_of": duplicate_of}
+
+    texts = [t["text"] for t in truth["videos"]["v"]["texts"]]
+    rows = [row("v", 0, texts[0], "input", [(texts[0], 2.0), (texts[1], 1.5)]),   # right
+            row("v", 1, texts[1], "input", [(texts[0], 0.1), (texts[1], 1.8)]),   # wrong: scene 1 has no right text
+            row("v", 2, "a green triangle moves left", "generated", [(texts[0], 0.0), (texts[1], 0.0)]),
+            row("r", 0, "a red circle moves up", "generated", [], duplicate_of="v-0000")]
+    write_table(rows, tmp_path / "clips.parquet")
+    stats = {"threshold": 1.0, "metric": "pmi", "corrupt": {"empty_file": 1}, "skipped_sources": {"bad": ["empty_file", "x"]},
+             "counts": {"kept": 3}, "dropped": {"duplicate": 1}}
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    q = evaluate(tmp_path, tmp_path)
+    assert q["caption_choice"] == {"precision": 0.5, "recall": 1.0, "right": 1, "wrong": 1, "good_text_missed": 0}
+    # pairs over the threshold: (v-0000, right), (v-0000, wrong), (v-0001, wrong); the right text below on none
+    assert q["text_pairs"]["passed_right"] == 1 and q["text_pairs"]["passed_wrong"] == 2
+    # Without a right text: v-0001 (an input caption, so not generated), v-0002 (generated, right), r-0000 (right).
+    assert q["generated"] == {"clips_without_good_text": 3, "generated": 2, "equal_to_truth": 2, "share_equal": 2 / 3}
+    assert q["duplicates"]["recall"] == 1.0 and q["duplicates"]["false_merges"] == 0
+    assert q["corrupt_all_counted"] is True and q["clips_matching_a_scene"] == 4
+    # A run without a model (no metric) is scored too: its captions are the first texts, taken as they are.
+    (tmp_path / "stats.json").write_text(json.dumps({**stats, "metric": None, "threshold": None}))
+    assert evaluate(tmp_path, tmp_path)["text_pairs"]["passed_right"] == 0
