@@ -129,33 +129,46 @@ class PmiScorer(_ModelStage):
         self._reference: tuple[tuple[str, ...], Any] | None = None  # (clip ids, latents [R, L, D_v])
 
     def reference_latents(self, ids: list[str], frames: list[np.ndarray]):
-        """The visual latents [R, L, D_v] of the reference clips, encoded once per reference set."""
+        """The reference clips, encoded once per reference set: their visual latents [R, L, D_v]
+        with each cross-attention block's keys and values of them (``Decoder.project_media``)."""
         import torch
 
         if self._reference is None or self._reference[0] != tuple(ids):
             with torch.inference_mode():
-                self._reference = (tuple(ids), self.model.encode_video(self.video(frames)))
+                latents = self.model.encode_video(self.video(frames))
+                self._reference = (tuple(ids), (latents, self.model.decoder.project_media(latents)))
         return self._reference[1]
 
     def _marginal_log_probs(self, input_ids, label_ids, reference):
         """Per-token log of the mean over the R reference clips of p(token | prefix, clip):
-        [B, T-1], 0 where masked. ``reference``: latents [R, L, D_v]."""
+        [B, T-1], 0 where masked. ``reference``: from :meth:`reference_latents`. Each reference
+        clip's keys and values are projected once; the lm head runs on the labelled positions only."""
         import torch
 
-        n_ref = reference.shape[0]
+        latents, media = reference
+        n_ref = latents.shape[0]
         per_pass = max(1, self.MAX_ROWS // n_ref)
-        out = []
+        target_all, mask_all = label_ids[:, 1:], label_ids[:, 1:] != -100
+        out = torch.zeros(target_all.shape, dtype=torch.float32, device=input_ids.device)
         for first in range(0, input_ids.shape[0], per_pass):
-            ids, labels = input_ids[first:first + per_pass], label_ids[first:first + per_pass]
+            ids = input_ids[first:first + per_pass]
             k = ids.shape[0]
-            logits = self.model(ids.repeat_interleave(n_ref, 0), visual_latents=reference.repeat(k, 1, 1)).logits
-            lp, _ = token_log_probs(logits, labels.repeat_interleave(n_ref, 0))  # [k * R, T-1]
-            out.append(torch.logsumexp(lp.view(k, n_ref, -1), dim=1) - math.log(n_ref))  # masked: log(R) - log(R)
-        return torch.cat(out)
+            rows = ids.repeat_interleave(n_ref, 0)  # [k * R, T]: text i with reference r at row i * R + r
+            positions = torch.arange(rows.shape[1], device=rows.device).expand(rows.shape[0], -1)
+            which = torch.arange(n_ref, device=rows.device).repeat(k)
+            hidden = self.model.decoder(rows, positions=positions, media=media, media_index=which)[:, :-1]
+            mask = mask_all[first:first + per_pass].repeat_interleave(n_ref, 0)  # [k * R, T-1]
+            logp = torch.log_softmax(self.model.lm_head(hidden[mask]).float(), dim=-1)  # [N, V]
+            target = target_all[first:first + per_pass].repeat_interleave(n_ref, 0)[mask]
+            picked = torch.zeros(mask.shape, dtype=torch.float32, device=rows.device)
+            picked[mask] = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            marginal = torch.logsumexp(picked.view(k, n_ref, -1), dim=1) - math.log(n_ref)  # [k, T-1]
+            out[first:first + k] = marginal * mask_all[first:first + k]
+        return out
 
     def score(self, clips: list[tuple[np.ndarray, list[str]]], reference=None) -> list[dict[str, Any]]:
-        """``clips``: (uint8 frames [F, S, S, 3], candidate texts) each; ``reference``: latents
-        [R, L, D_v] of the reference clips (:meth:`reference_latents`) or None (no marginal prior)."""
+        """``clips``: (uint8 frames [F, S, S, 3], candidate texts) each; ``reference``: the
+        reference clips from :meth:`reference_latents`, or None (no marginal prior)."""
         import torch
 
         from videollama.data.tokenizer import caption_prompt, encode_example
