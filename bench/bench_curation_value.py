@@ -79,6 +79,22 @@ def evaluate(model: Path, task: str, data: Path, out: Path, frames: int | None =
     cli(*args)
 
 
+def link_demo(run: Path, web: Path, out: Path) -> None:
+    """Make OUT look like a finished curated arm: links to the demo's web pool, curated output,
+    pre-training and fine-tuning runs, models and evaluations (so that the steps below reuse them)."""
+    links = {out / "web": web, out / "curated-data": run / "curated", out / "curated" / "pretrain": run / "pretrain",
+             out / "curated" / "pretrain-model": run / "pretrain-model", out / "curated" / "finetune": run / "finetune",
+             out / "curated" / "model": run / "model", out / "curated" / "eval-videoqa": run / "eval-videoqa",
+             out / "curated" / "eval-videoqa-1frame": run / "eval-videoqa-1frame",
+             out / "curated" / "eval-caption": run / "eval-caption"}
+    for link, target in links.items():
+        if not target.exists():
+            raise FileNotFoundError(f"{target}: not in the finished demo output")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(target, target_is_directory=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-data", type=Path, default=ROOT / "data" / "shapes",
@@ -90,9 +106,18 @@ def main() -> None:
     parser.add_argument("--scorer", default="raw", help="'raw' (arm 1's pre-trained model) or a model directory")
     parser.add_argument("--captioner", default="raw", help="'raw' or a model directory")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "curation_value.md")
+    parser.add_argument("--from-demo", type=Path, default=None, metavar="DEMO_OUT",
+                        help="a finished `make demo` output (runs/demo): its curated arm (the curation with its "
+                             "own curator, the pre-training on its shards, the fine-tune) is taken as it is, with "
+                             "its web pool (--demo-web); only the raw arm is trained, with the same recipes and "
+                             "--finetune-steps the demo's")
+    parser.add_argument("--demo-web", type=Path, default=ROOT / "data" / "web", help="the demo's web pool")
     args = parser.parse_args()
     out, demo = args.out.resolve(), args.demo_data.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_demo is not None:
+        link_demo(args.from_demo.resolve(), args.demo_web.resolve(), out)
+        args.scorer = args.captioner = str(args.from_demo.resolve() / "curator")
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     timings = report.setdefault("wall_s", {})
@@ -104,7 +129,7 @@ def main() -> None:
 
     timed(timings, "web_corpus", (web / "truth.json").is_file(), lambda: cli("data", "web", "--out", str(web)))
     timed(timings, "raw_shards", any((out / "raw-shards").glob("*.tar")), lambda: cli(
-        "data", "shards", "--input", str(raw_pairs_manifest(web, web / "raw-manifest.jsonl")), "--out", str(out / "raw-shards"), "--overwrite"))
+        "data", "shards", "--input", str(raw_pairs_manifest(web, web / "raw-pairs.jsonl")), "--out", str(out / "raw-shards"), "--overwrite"))
     pretrain_overrides = [f"tokenizer={out / 'tokenizer.json'}"]
     raw_model = out / "raw" / "pretrain-model"
     timed(timings, "raw_pretrain", (raw_model / "config.json").is_file(), lambda: train(
@@ -170,7 +195,7 @@ def write_results(r: dict, path: Path) -> None:
         "5 corrupt). Both arms are pre-trained from scratch with configs/demo-pretrain.yaml (preset `shapes`, "
         f"{raw['pretrain']['steps']} steps of 16 clips, the demo's tokenizer), then fine-tuned with "
         f"configs/demo-finetune.yaml on the clean Shapes VideoQA train split for "
-        f"{r['settings']['finetune_steps']} steps each (the demo uses 4000), then evaluated on the held-out split "
+        f"{r['settings']['finetune_steps']} steps each (the demo fine-tunes 3200), then evaluated on the held-out split "
         "as `videollama.demo` does. Raw: every upload whole with all its candidate texts (one drawn per step), "
         "corrupt uploads skipped by the loader. Curated: `videollama curate --config configs/curate-web.yaml` "
         f"with scorer `{c['scorer']}` and captioner `{c['captioner']}`: {c['counts']['kept']} of "

@@ -25,10 +25,11 @@ from videollama.curate.pipeline import curate
 ROOT = Path(__file__).resolve().parent.parent
 WEB = dict(videos=8, min_scenes=2, max_scenes=2, min_scene_s=2.0, max_scene_s=2.4, reupload_share=0.25,
            corrupt_share=0.25, slideshow_share=0.125, seed=3)
-# threshold 0: the tiny random scorer's PMIs are near 0, so that some texts pass and some do not.
-# The marginal prior (3 reference clips) is what configs/curate-web.yaml thresholds.
+# threshold 0 on the mean: the tiny random scorer's PMIs are near 0, so that some texts pass and
+# some do not. The marginal prior (3 reference clips) is what configs/curate-web.yaml thresholds.
 OVERRIDES = ["workers=2", "scorer.batch_size=3", "captioner.batch_size=2", "captioner.max_new_tokens=4",
-             "filter.threshold=0.0", "scorer.reference_clips=3", "filter.pmi_prior=marginal"]
+             "filter.threshold=0.0", "scorer.reference_clips=3", "filter.pmi_prior=marginal",
+             "filter.pmi_reduce=mean"]
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +116,10 @@ def test_local_run_against_the_corpus_truth(corpus, local_run):
     # when it passes the threshold there and scores no higher on another clip of its video
     # (filter.assign: best_clip); the best such text wins.
     threshold, col = stats["threshold"], stats["metric"]
-    assert stats["assign"] == "best_clip" and col == "pmi_marginal_sum"  # configs/curate-web.yaml
+    assert stats["assign"] == "best_clip" and col == "pmi_marginal"
     scored = [r for r in rows if r["drop_reason"] not in ("static", "too_short", "low_resolution")]
     # Both priors are in the table; the reference set is 3 evenly spaced clips of the scored ones.
-    assert all(s["pmi"] is not None and s[col] is not None and s["pmi_marginal"] is not None
+    assert all(s["pmi"] is not None and s[col] is not None and s["pmi_marginal_span"] is not None
                for r in scored for s in r["scores"])
     assert stats["reference_clips"] == [sorted(r["clip_id"] for r in scored)[(i * len(scored)) // 3]
                                         for i in range(3)]

@@ -112,8 +112,8 @@ def test_demo_curates_the_web_pool_and_pretrains_on_what_it_kept(demo):
     assert c["counts"]["kept"] == sum(r["kept"] for r in rows) > 0
     pre_cfg = json.loads((out / "pretrain" / "train_config.json").read_text())
     assert pre_cfg["data"]["sources"] == [str(out / "curated" / "shards")]
-    assert c["filter"] == {"metric": "pmi_marginal_sum", "threshold": stats["threshold"], "pmi_prior": "marginal",
-                           "pmi_reduce": "sum"}
+    assert c["filter"] == {"metric": "pmi_marginal_span", "threshold": stats["threshold"], "pmi_prior": "marginal",
+                           "pmi_reduce": "max_span"}
     assert set(c["targets_met"]) >= {"caption_precision", "caption_recall", "duplicate_recall", "generated_equal"}
     assert (out / "curator-run-curves.png").stat().st_size > 0
     assert report["training"]["curator"]["steps"] == 5

@@ -13,7 +13,7 @@ the demo exercises exactly what users run::
     2. videollama data web          the raw web pool (data/web): long uploads of several scenes,
                                     wrong / missing / decorated texts, re-uploads, slideshows,
                                     corrupt files; truth.json apart (skipped likewise)
-    3. videollama tokenizer train   byte-level BPE on the clean training texts
+    3. videollama tokenizer train   byte-level BPE on the clean and the raw web texts
     4. videollama data shards       the raw web pairs as they come (each upload whole, all its
           + train + export          texts), then the curator: the bootstrap scorer and captioner,
                                     trained on those raw pairs plus the clean captions
@@ -338,16 +338,18 @@ def run_demo(s: DemoSettings) -> dict:
         make_corpus(s)
     with Stage(timings, "web_corpus", f"raw web pool: {s.web_videos} uploads"):
         make_web_corpus(s)
-    with Stage(timings, "tokenizer", "tokenizer: byte-level BPE on the clean training texts"):
-        videollama("tokenizer", "train", "--data", str(data / "train"), "--vocab-size", str(s.vocab_size),
-                   "--out", str(data), in_process=s.in_process)
+    raw_pairs = raw_pairs_manifest(web, web / "raw-pairs.jsonl")
+    with Stage(timings, "tokenizer", "tokenizer: byte-level BPE on the clean and the raw web texts"):
+        # The web's words (boilerplate, hashtags) become tokens too, not strings of single letters.
+        videollama("tokenizer", "train", "--data", str(data / "train"), str(raw_pairs), "--vocab-size",
+                   str(s.vocab_size), "--out", str(data), in_process=s.in_process)
     tokenizer = f"tokenizer={data / 'tokenizer.json'}"
     curator = Path(s.curator) if s.curator else out / "curator"
     if s.curator is None:
         with Stage(timings, "curator", "bootstrap the curator: raw web pairs + clean captions"):
             raw = web / "raw-shards"
-            videollama("data", "shards", "--input", str(raw_pairs_manifest(web, web / "raw-pairs.jsonl")),
-                       "--out", str(raw), "--overwrite", in_process=s.in_process)
+            videollama("data", "shards", "--input", str(raw_pairs), "--out", str(raw), "--overwrite",
+                       in_process=s.in_process)
             train_and_export(s, s.curator_config, out / "curator-run", curator, s.curator_steps, [tokenizer],
                              data=[data / "train", raw])
     curated = out / "curated"
