@@ -242,6 +242,10 @@ def test_quality_figures_against_a_hand_made_truth(tmp_path):
     assert q["caption_choice"] == {"precision": 0.5, "recall": 1.0, "right": 1, "wrong": 1, "good_text_missed": 0}
     # pairs over the threshold: (v-0000, right), (v-0000, wrong), (v-0001, wrong); the right text below on none
     assert q["text_pairs"]["passed_right"] == 1 and q["text_pairs"]["passed_wrong"] == 2
+    # removal per pair: kept (v-0000, right) and (v-0001, wrong); removed the other 4, all misaligned
+    # (scene 0's text is misaligned on v-0001 and v-0002, other scenes)
+    assert q["misaligned_removal"] == {"precision": 1.0, "recall": 0.8, "removed_misaligned": 4,
+                                       "removed_aligned": 0, "kept_misaligned": 1}
     # Without a right text: v-0001 (an input caption, so not generated), v-0002 (generated, right), r-0000 (right).
     assert q["generated"] == {"clips_without_good_text": 3, "generated": 2, "equal_to_truth": 2, "share_equal": 2 / 3}
     assert q["duplicates"]["recall"] == 1.0 and q["duplicates"]["false_merges"] == 0

@@ -65,6 +65,7 @@ def evaluate(corpus: Path, out: Path) -> dict[str, Any]:
     # aligned with a clip when truth says it is that scene's text (a caption, maybe decorated).
     tp = fp = fn = 0  # caption choice: kept input caption right / wrong; a right text not chosen
     pairs_tp = pairs_fp = pairs_fn = 0  # every (clip, text) pair passing the threshold or not
+    removed_wrong = removed_right = kept_wrong = 0  # every (clip, text) pair: not its caption, or its caption
     no_good, generated_right, generated_total = 0, 0, 0
     threshold, metric = stats["threshold"], stats["metric"]
     for row in rows:
@@ -79,6 +80,10 @@ def evaluate(corpus: Path, out: Path) -> dict[str, Any]:
             pairs_tp += passed and s["text"] in good
             pairs_fp += passed and s["text"] not in good
             pairs_fn += (not passed) and s["text"] in good
+            removed = not (row["caption_source"] == "input" and row["caption"] == s["text"])
+            removed_wrong += removed and s["text"] not in good
+            removed_right += removed and s["text"] in good
+            kept_wrong += (not removed) and s["text"] not in good
         if row["caption_source"] == "input":
             if row["caption"] in good:
                 tp += 1
@@ -97,6 +102,12 @@ def evaluate(corpus: Path, out: Path) -> dict[str, Any]:
     result["text_pairs"] = {"precision": _ratio(pairs_tp, pairs_tp + pairs_fp),
                             "recall": _ratio(pairs_tp, pairs_tp + pairs_fn),
                             "passed_right": pairs_tp, "passed_wrong": pairs_fp, "failed_right": pairs_fn}
+    # Misaligned-text removal, per (scored clip, candidate text) pair: a text is removed from a
+    # clip unless it became the clip's caption; it is misaligned unless it is that scene's text.
+    result["misaligned_removal"] = {"precision": _ratio(removed_wrong, removed_wrong + removed_right),
+                                    "recall": _ratio(removed_wrong, removed_wrong + kept_wrong),
+                                    "removed_misaligned": removed_wrong, "removed_aligned": removed_right,
+                                    "kept_misaligned": kept_wrong}
     result["generated"] = {"clips_without_good_text": no_good, "generated": generated_total,
                            "equal_to_truth": generated_right,
                            "share_equal": _ratio(generated_right, no_good)}
