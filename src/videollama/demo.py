@@ -149,18 +149,27 @@ def videollama(*args: str, capture: bool = False, nproc: int = 1, in_process: bo
 # ---- stages ------------------------------------------------------------------------------------
 
 
+def _same_corpus(folder: Path, wanted: dict, complete: bool) -> bool:
+    """Whether ``folder`` holds a ``complete`` corpus whose stamp says it was made with ``wanted``."""
+    stamp = folder / CORPUS_STAMP
+    if not (complete and stamp.is_file()):
+        return False
+    try:
+        same = json.loads(stamp.read_text()) == wanted
+    except json.JSONDecodeError:
+        return False
+    if same:
+        print(f"{folder}: corpus with the same parameters already there ({wanted}); kept")
+    return same
+
+
 def make_corpus(s: DemoSettings) -> bool:
     """Synthesise the corpus unless the same one is already there. Returns True if it was made."""
     data = Path(s.data)
     wanted = {"train": s.train_clips, "eval": s.eval_clips, "seed": s.seed, "shapes_version": 1}
     stamp = data / CORPUS_STAMP
-    if stamp.is_file() and (data / "eval" / "videoqa.jsonl").is_file() and any((data / "train").glob("*.tar")):
-        try:
-            if json.loads(stamp.read_text()) == wanted:
-                print(f"{data}: corpus with the same parameters already there ({wanted}); kept")
-                return False
-        except json.JSONDecodeError:
-            pass
+    if _same_corpus(data, wanted, (data / "eval" / "videoqa.jsonl").is_file() and any((data / "train").glob("*.tar"))):
+        return False
     # A corpus with other parameters (or a half-written one) is replaced, never mixed with.
     for part in ("train", "eval", "cache"):
         shutil.rmtree(data / part, ignore_errors=True)
@@ -175,14 +184,9 @@ def make_web_corpus(s: DemoSettings) -> bool:
     """The raw web pool, unless the same one is already there. Returns True if it was made."""
     web = Path(s.web)
     wanted = {"videos": s.web_videos, "seed": s.web_seed, "web_version": 1}
+    if _same_corpus(web, wanted, (web / "truth.json").is_file() and (web / "manifest.jsonl").is_file()):
+        return False
     stamp = web / CORPUS_STAMP
-    if stamp.is_file() and (web / "truth.json").is_file() and (web / "manifest.jsonl").is_file():
-        try:
-            if json.loads(stamp.read_text()) == wanted:
-                print(f"{web}: web corpus with the same parameters already there ({wanted}); kept")
-                return False
-        except json.JSONDecodeError:
-            pass
     shutil.rmtree(web, ignore_errors=True)  # never a mix of two corpora's videos
     videollama("data", "web", "--out", str(web), "--videos", str(s.web_videos), "--seed", str(s.web_seed),
                "--workers", str(s.synth_workers), in_process=s.in_process)
