@@ -250,6 +250,12 @@ def test_quality_figures_against_a_hand_made_truth(tmp_path):
     assert q["generated"] == {"clips_without_good_text": 3, "generated": 2, "equal_to_truth": 2, "share_equal": 2 / 3}
     assert q["duplicates"]["recall"] == 1.0 and q["duplicates"]["false_merges"] == 0
     assert q["corrupt_all_counted"] is True and q["clips_matching_a_scene"] == 4
+    # A generated caption that happens to equal the right text does not make the right text chosen.
+    rows[0] = {**rows[0], "caption": "watch: a red circle moves up lol", "caption_source": "generated"}
+    write_table(rows, tmp_path / "clips.parquet")
+    choice = evaluate(tmp_path, tmp_path)["caption_choice"]
+    assert choice["right"] == 0 and choice["good_text_missed"] == 1 and choice["recall"] == 0.0
+    write_table([{**rows[0], "caption": texts[0], "caption_source": "input"}, *rows[1:]], tmp_path / "clips.parquet")
     # A run without a model (no metric) is scored too: its captions are the first texts, taken as they are.
     (tmp_path / "stats.json").write_text(json.dumps({**stats, "metric": None, "threshold": None}))
     assert evaluate(tmp_path, tmp_path)["text_pairs"]["passed_right"] == 0

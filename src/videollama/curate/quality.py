@@ -89,8 +89,8 @@ def evaluate(corpus: Path, out: Path) -> dict[str, Any]:
                 tp += 1
             else:
                 fp += 1
-        if good and row["caption"] not in good:
-            fn += 1
+        if good and not (row["caption_source"] == "input" and row["caption"] in good):
+            fn += 1  # a right text was there and not chosen (a generated caption equal to it does not count)
         if not good:
             no_good += 1
             if row["caption_source"] == "generated":
