@@ -15,7 +15,7 @@ spec: the stage before onepass.py) and the one pass (``onepass.one_pass``, its C
 demuxing + decoding, thumbnails + scores, H.264 encoding and the specs' resize/crop).
 
 Quality (bench/curate_quality.py): with ``--scorer`` / ``--captioner`` model directories (default:
-runs/demo/pretrain-model and runs/demo/model when they exist), the web run is scored against
+runs/demo/curator, the curator `make demo` bootstraps, when it exists), the web run is scored against
 truth.json. Writes bench/results/curate.md.
 """
 
@@ -75,8 +75,8 @@ def stage_shares(stats: dict) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=80, help="raw videos of the web corpus")
-    parser.add_argument("--scorer", type=Path, default=ROOT / "runs/demo/pretrain-model")
-    parser.add_argument("--captioner", type=Path, default=ROOT / "runs/demo/model")
+    parser.add_argument("--scorer", type=Path, default=ROOT / "runs/demo/curator")
+    parser.add_argument("--captioner", type=Path, default=ROOT / "runs/demo/curator")
     parser.add_argument("--work", type=Path, default=None, help="folder for the corpus and runs (default: a temp dir)")
     args = parser.parse_args()
     import torch
