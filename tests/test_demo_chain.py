@@ -178,3 +178,17 @@ def test_shapes_preset_starts_with_open_gates_in_both_init_paths():
             assert p.item() == fresh[name].item() == 1.0, name
     tiny = VideoLlama(VideoLlamaConfig.from_name("tiny"))
     assert all(float(p) == 0.0 for n, p in tiny.named_parameters() if n.endswith("gate"))
+
+
+def test_curation_only_with_an_existing_curator(demo, tmp_path):
+    """--curator DIR --curation-only: no bootstrap, the given model scores and captions, and the
+    demo stops after the curation figures."""
+    s, first = demo
+    settings = DemoSettings(**{**s.__dict__, "out": str(tmp_path / "run"), "curator": str(Path(s.out) / "curator"),
+                               "curation_only": True})
+    report = run_demo(settings)
+    assert "curator" not in report["timings_s"] and {"curate", "total"} <= set(report["timings_s"])
+    assert not (tmp_path / "run" / "curator-run").exists() and not (tmp_path / "run" / "pretrain").exists()
+    assert report["curation"]["curator"] == str(Path(s.out) / "curator")
+    assert report["curation"]["counts"] == first["curation"]["counts"]  # the same model on the same pool
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == json.loads(json.dumps(report))
