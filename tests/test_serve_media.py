@@ -40,6 +40,9 @@ def test_domain_allowlist():
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's name
+        # Recorded before anything is sent: the client may read the whole body (and the test check
+        # this list) before this thread runs another line.
+        self.server.hosts.append(self.headers["Host"])
         if self.path == "/redirect":
             self.send_response(302)
             self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
@@ -51,7 +54,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        self.server.hosts.append(self.headers["Host"])
 
     def log_message(self, *args):
         pass
