@@ -37,8 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from videollama.curate.inputs import raw_pairs_manifest  # noqa: E402
 from videollama.curate.quality import evaluate as curate_quality  # noqa: E402
-from videollama.demo import accuracy_by_type, raw_pairs_manifest, training_speed  # noqa: E402
+from videollama.demo import accuracy_by_type, training_speed  # noqa: E402
 
 ARMS = ("raw", "curated")
 

@@ -284,14 +284,18 @@ def test_lora_trainable_params_and_adamw_state_are_peft_models(section):
     assert t["parameters"] == held_params
 
 
+def _saved_bytes(model, b: int, frames: int, tokens: int) -> int:
+    """Bytes autograd saves for one training forward of ``model`` on random 64-px clips."""
+    video = torch.randn(b, frames, 3, 64, 64)
+    ids = torch.randint(0, TINY.decoder.vocab_size, (b, tokens))
+    return sum(saved_tensor_bytes(model, lambda: lm_loss(model(ids, video=video).logits, ids,
+                                                          reduction="sum")).values())
+
+
 @pytest.mark.parametrize("section", SECTIONS[:4])
 def test_lora_saved_activations_are_what_autograd_saves(section):
     b, frames, tokens = 2, 8, 16
-    model = _peft_model(section)
-    video = torch.randn(b, frames, 3, 64, 64)
-    ids = torch.randint(0, TINY.decoder.vocab_size, (b, tokens))
-    measured = sum(saved_tensor_bytes(model, lambda: lm_loss(model(ids, video=video).logits, ids,
-                                                              reduction="sum")).values())
+    measured = _saved_bytes(_peft_model(section), b, frames, tokens)
     t = estimate(TINY, _lora_settings(section, micro_batch=b, frames=frames, tokens=tokens)).totals
     full = estimate(TINY, _settings(micro_batch=b, frames=frames, tokens=tokens)).totals
     planned = t["activations"] + t["visual_latents_and_cross_kv"]
@@ -306,11 +310,7 @@ def test_lora_dropout_saves_each_adapters_input_and_mask(monkeypatch):
 
     section = LoraSection(r=8, dropout=0.1)
     b, frames, tokens = 2, 8, 16
-    model = _peft_model(section)
-    video = torch.randn(b, frames, 3, 64, 64)
-    ids = torch.randint(0, TINY.decoder.vocab_size, (b, tokens))
-    measured = sum(saved_tensor_bytes(model, lambda: lm_loss(model(ids, video=video).logits, ids,
-                                                              reduction="sum")).values())
+    measured = _saved_bytes(_peft_model(section), b, frames, tokens)
     kw = {"micro_batch": b, "frames": frames, "tokens": tokens}
     cuda = estimate(TINY, _lora_settings(section, **kw)).totals
     monkeypatch.setattr(activations, "DROPOUT_MASK", 4)

@@ -56,11 +56,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from videollama.curate.inputs import raw_pairs_manifest
+from videollama.curate.quality import curation_report, print_curation
+
 TARGETS = {"temporal": 0.80, "static": 0.90, "single_frame_temporal_max": 0.45}
 CORPUS_STAMP = "demo-corpus.json"  # written beside the corpus: the parameters it was made with
-# The curation figures the demo reports against the web corpus's truth (issue 12).
-CURATION_TARGETS = {"caption_precision": 0.95, "caption_recall": 0.90, "duplicate_recall": 0.95,
-                    "false_merge_share_max": 0.01, "generated_equal": 0.80}
 
 
 @dataclass
@@ -194,22 +194,6 @@ def make_web_corpus(s: DemoSettings) -> bool:
     return True
 
 
-def raw_pairs_manifest(web: Path, out: Path) -> Path:
-    """A curate input manifest as uncurated training pairs: every upload whole, its candidate texts
-    as its ``captions`` (one drawn per step; uploads without a text have nothing to train on and are
-    left out). Returns ``out``, a manifest for ``videollama data shards``."""
-    from videollama.data.safe_io import iter_manifest
-
-    lines = []
-    for _, _, row in iter_manifest(web / "manifest.jsonl"):
-        if isinstance(row, ValueError):
-            raise row
-        if row.get("texts"):
-            lines.append(json.dumps({"id": row["id"], "video": row["video"], "captions": row["texts"]}))
-    out.write_text("\n".join(lines) + "\n")
-    return out
-
-
 def train_and_export(s: DemoSettings, config: str, run_dir: Path, model_dir: Path, steps: int | None,
                      overrides: list[str], data: list[Path] | None = None, cache: Path | None = None) -> None:
     """``videollama train`` (from scratch: an old run is removed first) on ``data`` (default the
@@ -276,55 +260,6 @@ def example_questions(s: DemoSettings, n: int = 2) -> list[dict]:
                 picked.append(row)
                 break
     return picked[:n]
-
-
-def curation_report(web: Path, curated: Path, curator: Path) -> dict:
-    """The curation figures of a ``videollama curate`` run on the web pool against its truth.json
-    (``videollama.curate.quality``), with the issue's targets and whether each is met."""
-    from videollama.curate.quality import evaluate as curation_quality
-
-    q = curation_quality(web, curated)
-    stats = json.loads((curated / "stats.json").read_text())
-    choice, dup, gen = q["caption_choice"], q["duplicates"], q["generated"]
-    figures = {
-        "caption_precision": choice["precision"], "caption_recall": choice["recall"],
-        "duplicate_recall": dup["recall"], "false_merge_share": dup["false_merge_share"],
-        "generated_equal": gen["share_equal"],
-    }
-    t = CURATION_TARGETS
-    met = {
-        "caption_precision": (figures["caption_precision"] or 0) >= t["caption_precision"],
-        "caption_recall": (figures["caption_recall"] or 0) >= t["caption_recall"],
-        "duplicate_recall": (figures["duplicate_recall"] or 0) >= t["duplicate_recall"],
-        "false_merge_share": (figures["false_merge_share"] or 0) <= t["false_merge_share_max"],
-        "corrupt_all_counted": bool(q["corrupt_all_counted"]),
-        "static_dropped": q["static_dropped"] == q["static_scenes"] and q["moving_dropped_as_static"] == 0,
-        "generated_equal": (figures["generated_equal"] or 0) >= t["generated_equal"],
-    }
-    return {"curator": str(curator), "figures": figures, "targets": t, "targets_met": met,
-            "counts": stats["counts"], "dropped": stats["dropped"], "corrupt": stats["corrupt"],
-            "caption_choice": choice, "duplicates": dup, "generated": gen,
-            "static": {"scenes": q["static_scenes"], "dropped": q["static_dropped"],
-                       "moving_dropped_as_static": q["moving_dropped_as_static"]},
-            "filter": {"metric": stats["metric"], "threshold": stats["threshold"],
-                       "pmi_prior": stats.get("pmi_prior"), "pmi_reduce": stats.get("pmi_reduce")},
-            "seconds": {k: round(v, 1) for k, v in stats.get("seconds", {}).items()}}
-
-
-def print_curation(c: dict) -> None:
-    f, met, n = c["figures"], c["targets_met"], c["counts"]
-
-    def mark(ok: bool) -> str:
-        return "met" if ok else "NOT met"
-
-    print(f"\ncuration: {n['sources']} uploads ({n['corrupt']} corrupt, skipped and counted: {c['corrupt']}) -> "
-          f"{n['clips']} clips -> {n['kept']} kept; dropped {c['dropped']}")
-    print(f"  input captions: precision {f['caption_precision'] or 0:.3f} (>= 0.95: {mark(met['caption_precision'])}), "
-          f"recall {f['caption_recall'] or 0:.3f} (>= 0.90: {mark(met['caption_recall'])})")
-    print(f"  near-duplicates: recall {f['duplicate_recall'] or 0:.3f}, false merges {f['false_merge_share'] or 0:.3f}; "
-          f"static scenes dropped {c['static']['dropped']}/{c['static']['scenes']}")
-    print(f"  generated captions equal to the truth: {f['generated_equal'] or 0:.3f} "
-          f"(>= 0.80: {mark(met['generated_equal'])})")
 
 
 # ---- the demo ----------------------------------------------------------------------------------

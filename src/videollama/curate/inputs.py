@@ -15,6 +15,7 @@ counted in stats.json like a corrupt video.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,17 @@ def _manifest(manifest: Path, allow_outside_root: bool):
         sid = source_id(str(sid) if sid is not None else f"{lineno:08d}_{Path(row['video']).stem}")
         sources.append({"source_id": sid, "path": str(video), "texts": texts, "meta": row})
     return sources, skips
+
+
+def raw_pairs_manifest(web: Path, out: Path) -> Path:
+    """A curate input manifest as uncurated training pairs: every upload whole, its candidate texts
+    as its ``captions`` (one drawn per step; uploads without a text have nothing to train on and are
+    left out). Returns ``out``, a manifest for ``videollama data shards``."""
+    lines = []
+    for _, _, row in iter_manifest(web / "manifest.jsonl"):
+        if isinstance(row, ValueError):
+            raise row
+        if row.get("texts"):
+            lines.append(json.dumps({"id": row["id"], "video": row["video"], "captions": row["texts"]}))
+    out.write_text("\n".join(lines) + "\n")
+    return out

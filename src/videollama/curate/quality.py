@@ -134,6 +134,58 @@ def evaluate(corpus: Path, out: Path) -> dict[str, Any]:
     return result
 
 
+# The curation targets of issue 12, which ``make demo`` reports against.
+CURATION_TARGETS = {"caption_precision": 0.95, "caption_recall": 0.90, "duplicate_recall": 0.95,
+                    "false_merge_share_max": 0.01, "generated_equal": 0.80}
+
+
+def curation_report(web: Path, curated: Path, curator: Path) -> dict:
+    """The curation figures of a ``videollama curate`` run on a web pool against its truth.json
+    (:func:`evaluate`), with the targets of issue 12 and whether each is met (``make demo``'s report)."""
+    q = evaluate(web, curated)
+    stats = json.loads((curated / "stats.json").read_text())
+    choice, dup, gen = q["caption_choice"], q["duplicates"], q["generated"]
+    figures = {
+        "caption_precision": choice["precision"], "caption_recall": choice["recall"],
+        "duplicate_recall": dup["recall"], "false_merge_share": dup["false_merge_share"],
+        "generated_equal": gen["share_equal"],
+    }
+    t = CURATION_TARGETS
+    met = {
+        "caption_precision": (figures["caption_precision"] or 0) >= t["caption_precision"],
+        "caption_recall": (figures["caption_recall"] or 0) >= t["caption_recall"],
+        "duplicate_recall": (figures["duplicate_recall"] or 0) >= t["duplicate_recall"],
+        "false_merge_share": (figures["false_merge_share"] or 0) <= t["false_merge_share_max"],
+        "corrupt_all_counted": bool(q["corrupt_all_counted"]),
+        "static_dropped": q["static_dropped"] == q["static_scenes"] and q["moving_dropped_as_static"] == 0,
+        "generated_equal": (figures["generated_equal"] or 0) >= t["generated_equal"],
+    }
+    return {"curator": str(curator), "figures": figures, "targets": t, "targets_met": met,
+            "counts": stats["counts"], "dropped": stats["dropped"], "corrupt": stats["corrupt"],
+            "caption_choice": choice, "duplicates": dup, "generated": gen,
+            "static": {"scenes": q["static_scenes"], "dropped": q["static_dropped"],
+                       "moving_dropped_as_static": q["moving_dropped_as_static"]},
+            "filter": {"metric": stats["metric"], "threshold": stats["threshold"],
+                       "pmi_prior": stats.get("pmi_prior"), "pmi_reduce": stats.get("pmi_reduce")},
+            "seconds": {k: round(v, 1) for k, v in stats.get("seconds", {}).items()}}
+
+
+def print_curation(c: dict) -> None:
+    f, met, n = c["figures"], c["targets_met"], c["counts"]
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    print(f"\ncuration: {n['sources']} uploads ({n['corrupt']} corrupt, skipped and counted: {c['corrupt']}) -> "
+          f"{n['clips']} clips -> {n['kept']} kept; dropped {c['dropped']}")
+    print(f"  input captions: precision {f['caption_precision'] or 0:.3f} (>= 0.95: {mark(met['caption_precision'])}), "
+          f"recall {f['caption_recall'] or 0:.3f} (>= 0.90: {mark(met['caption_recall'])})")
+    print(f"  near-duplicates: recall {f['duplicate_recall'] or 0:.3f}, false merges {f['false_merge_share'] or 0:.3f}; "
+          f"static scenes dropped {c['static']['dropped']}/{c['static']['scenes']}")
+    print(f"  generated captions equal to the truth: {f['generated_equal'] or 0:.3f} "
+          f"(>= 0.80: {mark(met['generated_equal'])})")
+
+
 def threshold_sweep(corpus: Path, out: Path, thresholds: list[float], assign: str = "best_clip",
                     column: str | None = None) -> list[dict]:
     """Caption-choice precision / recall at other thresholds of a score column (default: the run's;

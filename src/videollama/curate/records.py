@@ -84,11 +84,10 @@ def run_batch(model, batch: dict[str, Any], work: str) -> None:
     if batch["stage"] == "caption":
         results = [{"caption": c} for c in model.caption(frames)]
     else:
-        reference = None
+        extra = {}  # the PMI stage's marginal prior: its reference clips, encoded once per set
         if batch.get("reference"):
-            reference = model.reference_latents(
+            extra["reference"] = model.reference_latents(
                 batch["reference"], [load_frames(work_dir, model.spec, c) for c in batch["reference"]])
-        results = model.score(list(zip(frames, batch["texts"])), reference=reference) if reference is not None \
-            else model.score(list(zip(frames, batch["texts"])))
+        results = model.score(list(zip(frames, batch["texts"])), **extra)
     write_record(Path(batch["record"]), {"clip_ids": batch["clip_ids"], "results": results,
                                          "seconds": time.perf_counter() - t0})
