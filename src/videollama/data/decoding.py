@@ -26,6 +26,7 @@ One walk over the frames::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
@@ -110,7 +111,7 @@ class FrameWalk:
     def __enter__(self) -> FrameWalk:
         return self
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, av.VideoFrame]]:
         self._walk = self._frames()
         return self._walk
 
@@ -125,7 +126,7 @@ class FrameWalk:
                                                            f"{error}") from error
         return False
 
-    def _frames(self):
+    def _frames(self) -> Iterator[tuple[int, av.VideoFrame]]:
         video, stream = self.video, self.video.stream
         if self.start_pts is not None:
             self._seek(self.start_pts)

@@ -138,16 +138,8 @@ def load_clip(
         decoder.check_complete(times[-1])
         pixels = _channels_first(chosen, size)  # uint8 (F, 3, S, S)
 
-    frames = torch.from_numpy(pixels).float()  # (F, 3, S, S)
-    if normalize:
-        # (x / 255 - mean) / std  ==  x * (1 / (255 std)) - mean / std
-        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        frames.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
-    else:
-        frames.div_(255.0)
     timestamps = torch.from_numpy(np.minimum(times, latest))
-    return frames, timestamps
+    return _model_input(pixels, normalize, mean, std), timestamps
 
 
 def _draw_window(duration: float, window: float, start: float | None, train: bool,
@@ -168,6 +160,21 @@ def _uniform(generator: torch.Generator | random.Random | None) -> float:
     if isinstance(generator, random.Random):
         return generator.random()
     return torch.rand((), generator=generator).item()
+
+
+def _model_input(pixels: np.ndarray, normalize: bool, mean: tuple[float, float, float],
+                 std: tuple[float, float, float]) -> torch.Tensor:
+    """uint8 (F, 3, S, S) -> float32 (F, 3, S, S): normalised by ``mean`` and ``std`` of 0..1
+    values, or plain 0..1 values."""
+    frames = torch.from_numpy(pixels).float()  # (F, 3, S, S)
+    if normalize:
+        # (x / 255 - mean) / std  ==  x * (1 / (255 std)) - mean / std
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        frames.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
+    else:
+        frames.div_(255.0)
+    return frames
 
 
 def _channels_first(chosen: list[np.ndarray], size: int) -> np.ndarray:
