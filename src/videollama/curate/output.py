@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from videollama.curate.cutting import atomic_write, clip_path
+from videollama.curate.clipfiles import atomic_write, clip_path
 
 COLUMNS = ("clip_id", "source_id", "start_s", "end_s", "duration_s", "width", "height", "motion",
            "texts", "scores", "kept", "drop_reason", "caption", "caption_source", "duplicate_of")

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from videollama.curate.clipfiles import Spec, load_frames
 from videollama.curate.config import PMI_EXTRA_COLUMNS, CurateConfig
-from videollama.curate.cutting import Spec, load_frames
 from videollama.curate.filters import alignment_threshold, best_clip_of_texts, cheap_filter, choose_caption
 from videollama.curate.records import make_batches, read_record, video_record
 

@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from videollama.curate.clipfiles import Spec
 from videollama.curate.config import PMI_EXTRA_COLUMNS
-from videollama.curate.cutting import Spec
 
 
 def model_spec(model_dir: str | Path) -> tuple[Spec, dict[str, Any]]:

@@ -193,16 +193,15 @@ class DecodedVideo:
 def _probe_child(send, data: bytes, memory_bytes: int, time_budget_s: float) -> None:
     import resource
 
-    from videollama.data.container import open_and_time
+    from videollama.data.decoding import open_and_time
 
     resource.setrlimit(resource.RLIMIT_AS, (_mapped() + memory_bytes,) * 2)
     try:
         import time
 
-        container, stream, _, duration, _ = open_and_time(data, f"<{len(data)} bytes>", 1, 3000,
-                                                          time.monotonic() + time_budget_s)
-        width, height = stream.codec_context.width, stream.codec_context.height
-        container.close()
+        with open_and_time(data, f"<{len(data)} bytes>", 1, 3000, time.monotonic() + time_budget_s) as video:
+            width, height = video.stream.codec_context.width, video.stream.codec_context.height
+            duration = video.duration
         send.send(("ok", (int(width), int(height), float(duration))))
     except BaseException as e:  # noqa: BLE001 - reported to the parent as a bad video
         send.send(("bad", f"{type(e).__name__}: {e}"))
