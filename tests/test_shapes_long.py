@@ -18,7 +18,7 @@ import av
 import numpy as np
 import pytest
 
-from videollama.data import evalset
+from videollama.data import evalset, shapes
 from videollama.data import shapes_long as sl
 from videollama.data import shapes_long_synth as synth
 from videollama.data.shapes_long import LongObject, LongSpec
@@ -329,3 +329,9 @@ def test_duration_options():
     for bad in ("0,1.5", "0.25,0.251", ""):
         with pytest.raises(ValueError):
             synth.parse_depths(bad)
+
+
+def test_incremental_encoding_gives_the_bytes_of_encoding_every_rgb_frame():
+    spec = _hand_spec()
+    every_frame = shapes.encode_mp4((frame.copy() for frame, _ in sl.iter_frames(spec)), fps=10)
+    assert sl.encode_video(spec) == every_frame
