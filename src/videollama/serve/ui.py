@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from videollama.serve.limits import APIError
-from videollama.serve.uploads import read_upload, read_video, upload_video_class
+from videollama.serve.uploads import read_upload, read_video, refuse_url_inputs
 
 __all__ = ["build_ui", "mount_ui", "serving", "read_video", "read_upload", "engine_messages", "video_message"]
 
@@ -134,7 +134,6 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
     """The Gradio Blocks page over ``engine`` (which must be started by the caller)."""
     gr = _gradio()
     limits = engine.limits
-    uploads = upload_video_class()
 
     async def read(path) -> bytes:  # an upload of this page, off the event loop
         return await asyncio.to_thread(read_upload, path, video.GRADIO_CACHE, limits.max_video_bytes)
@@ -186,7 +185,8 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
         gr.Markdown(f"## {title}\nUpload a video or pick an example, then ask about it.")
         with gr.Row():
             with gr.Column(scale=1):
-                video = uploads(label="Video", sources=["upload"], format=None, elem_id="video")
+                video = gr.Video(label="Video", sources=["upload"], format=None, elem_id="video")
+                refuse_url_inputs(video)
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[video], label="Examples",
                                 elem_id="examples")

@@ -7,8 +7,8 @@ keep the page to what it was given:
 1. Gradio's own allow-list: ``mount_ui`` marks the page as launched (a mounted app never is, and
    Gradio skips its path check for an app that is not), so an event's input file must lie in
    Gradio's upload folder before Gradio copies or hashes it;
-2. :func:`upload_video_class`: the page's video component, which takes no URL (Gradio would
-   download one into its cache) and names itself ``video`` to the browser;
+2. :func:`refuse_url_inputs`: the page's video component takes no URL (Gradio would download
+   one into its cache);
 3. :func:`read_upload`: the handlers read only a regular file inside the upload folder (after
    resolving links), opened without blocking and without following a final link, and at most
    ``--max-video-bytes`` of it. Its bytes are then decoded only in the sandboxed decoder.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import stat
-from functools import cache
 from pathlib import Path
 
 
@@ -70,26 +69,23 @@ def read_upload(path, upload_folder: str | Path, cap: int) -> bytes:
         raise ValueError("the uploaded video is gone (uploads are kept for 2 hours): upload it again") from None
 
 
-@cache
-def upload_video_class():
-    """A ``gr.Video`` that refuses URLs where Gradio would fetch them into its cache; the browser
-    sees a plain ``video`` component (Gradio's own template components do the same)."""
-    import gradio as gr
+def refuse_url_inputs(video) -> None:
+    """Make a ``gr.Video`` refuse URLs where Gradio would fetch them into its cache (on its own
+    instance: a subclass of a Gradio component makes Gradio write a ``.pyi`` beside its module)."""
     from gradio.exceptions import InvalidPathError
 
-    def refuse_urls(path) -> None:
+    def refuse(path) -> None:
         if str(path).lower().startswith(("http:", "https:")):
             raise InvalidPathError("this page takes uploaded videos only, not URLs")
 
-    class UploadVideo(gr.Video):
-        is_template = True  # the frontend's component is Video's
+    move, async_move = video.move_resource_to_block_cache, video.async_move_resource_to_block_cache
 
-        def move_resource_to_block_cache(self, url_or_file_path):
-            refuse_urls(url_or_file_path)
-            return super().move_resource_to_block_cache(url_or_file_path)
+    def guarded_move(url_or_file_path):
+        refuse(url_or_file_path)
+        return move(url_or_file_path)
 
-        async def async_move_resource_to_block_cache(self, url_or_file_path):
-            refuse_urls(url_or_file_path)
-            return await super().async_move_resource_to_block_cache(url_or_file_path)
+    async def guarded_async_move(url_or_file_path):
+        refuse(url_or_file_path)
+        return await async_move(url_or_file_path)
 
-    return UploadVideo
+    video.move_resource_to_block_cache, video.async_move_resource_to_block_cache = guarded_move, guarded_async_move
