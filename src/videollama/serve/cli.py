@@ -57,7 +57,7 @@ def pick_device(name: str | None) -> str:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"--device {name!r}: {e}") from None
+        raise ValueError(f"--device {name}: not a torch device ({str(e).split(':')[0]})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
