@@ -153,6 +153,9 @@ def test_the_chat_server_checks_host_and_origin(page, clip):
                    headers={"Origin": "http://attacker.example"})
     assert r.status_code == 403
     assert httpx.get(page + "config", headers={"Origin": page.rstrip("/")}).status_code == 200
+    # An event that does not exist: Gradio fails it with a plain-text 500; the client gets JSON.
+    r = httpx.post(page + "gradio_api/queue/join", json={"data": [None], "fn_index": 999, "session_hash": "x"})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
 
 
 def test_with_a_key_the_api_and_the_page_ask_for_it(engine, clip, tmp_path, monkeypatch):

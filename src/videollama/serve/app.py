@@ -126,7 +126,7 @@ def create_api(engine: Engine) -> FastAPI:
                                                                    limits.max_json_items)
             del body
             if req.model not in (None, engine.name):
-                raise APIError(404, f"model {req.model!r} is not served here (GET /v1/models)", param="model",
+                raise APIError(404, f"model {req.model[:100]!r} is not served here (GET /v1/models)", param="model",
                                code="model_not_found")
             if req.n != 1:
                 raise APIError(400, "only n=1 is supported", param="n")

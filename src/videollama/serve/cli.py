@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     if key is None:
         logging.getLogger(__name__).warning("no API key (--api-key or VIDEOLLAMA_API_KEY): any local client may call")
+    if args.host in ("0.0.0.0", "::") and not args.allowed_hosts:
+        logging.getLogger(__name__).warning("bound to %s: only Host localhost, 127.0.0.1, ::1 and %s are answered; "
+                                            "give the names clients use with --allowed-hosts", args.host, args.host)
     engine = Engine.from_model_dir(args.model, device=device, adapter=args.adapter, quantize=args.quantize,
                                    limits=limits, compile=args.compile,
                                    allowed_local_path=args.allowed_local_media_path,

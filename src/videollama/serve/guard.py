@@ -17,7 +17,8 @@ In order:
    Retry-After when it is spent); a body must arrive within ``--body-timeout-s`` (408). The share
    is given back when the route says it is done with the bytes, when the response starts or when
    the request ends.
-5. An exception no route handled becomes OpenAI's JSON error with status 500.
+5. An exception no route handled becomes OpenAI's JSON error with status 500, and so does a
+   plain-text 500 of a mounted app (Gradio's own routes).
 
 Every response is counted in ``videollama_http_responses_total{route,status}``. A refusal after
 the route started reading is sent by this layer, and the route then sees the client gone.
@@ -88,6 +89,14 @@ def error_message(error: APIError) -> tuple[dict, bytes]:
     return {"type": "http.response.start", "status": error.status, "headers": headers}, body
 
 
+def _is_json(start_message) -> bool:
+    return any(k.lower() == b"content-type" and v.startswith(b"application/json") for k, v in start_message["headers"])
+
+
+def _internal_error() -> APIError:
+    return APIError(500, "internal server error (the server's log has the details)", code="internal_error")
+
+
 class _BodyBudget:
     """Bytes of request bodies in flight, all clients together (the event loop's thread only)."""
 
@@ -130,9 +139,7 @@ class RequestGuard:
             await self.app(scope, request.receive, request.send)
         except Exception:  # noqa: BLE001 - no route handled it: the client gets JSON, the log the traceback
             log.exception("unhandled error on %s %s", scope.get("method", ""), scope.get("path", ""))
-            if not request.started:
-                await request.refuse(APIError(500, "internal server error (the server's log has the details)",
-                                              code="internal_error"))
+            await request.refuse(_internal_error())
         finally:
             request.release()
             if request.status is not None:
@@ -170,7 +177,11 @@ class _Request:
 
     async def admit_body(self) -> bool:
         lim = self.guard.limits
-        declared = dict(self.scope.get("headers", [])).get(b"content-length")
+        headers = dict(self.scope.get("headers", []))
+        declared = headers.get(b"content-length")
+        # HTTP/1.1: without Content-Length or Transfer-Encoding a request has no body, so no
+        # deadline for one (a long event stream that listens for the client's leaving has none).
+        self.body_done = declared in (None, b"0") and b"transfer-encoding" not in headers
         if declared is not None:
             if not declared.isdigit():
                 await self.refuse(APIError(400, "Content-Length is not a number"))
@@ -234,6 +245,9 @@ class _Request:
     async def send(self, message):
         if self.refused:  # the guard answered already: what the route says after is dropped
             return
+        if message["type"] == "http.response.start" and message["status"] == 500 and not _is_json(message):
+            # An error a mounted app (Gradio) answered in plain text: ours in JSON instead.
+            return await self.refuse(_internal_error())
         if message["type"] == "http.response.start":
             self.started, self.status = True, message["status"]
             self.release()
