@@ -270,6 +270,9 @@ def test_malformed_urls_and_unhandled_errors_are_json_and_counted(model_dir, tmp
             r = chat(live, body, headers=auth)
             assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (url, r.text)
         assert chat(live, {"messages": TEXT}).status_code == 401  # no key
+        for method, path in (("GET", "/v1/chat/completions"), ("GET", "/nothing"), ("DELETE", "/v1/models")):
+            r = httpx.request(method, live.url + path, headers=auth)
+            assert r.status_code in (404, 405) and r.json()["error"]["message"], (method, path, r.text)
 
         def broken(messages):
             raise RuntimeError("a bug of ours")

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from videollama.serve.engine import ChatResult, Engine
@@ -103,6 +104,10 @@ def create_api(engine: Engine) -> FastAPI:
     app = FastAPI(title="VideoLlama", docs_url=None, redoc_url=None, openapi_url=None)
     metrics, limits = engine.metrics, engine.limits
     parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="videollama-json")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # 404, 405: OpenAI's form too
+        return _error(APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None))
 
     @app.get("/health")
     async def health():

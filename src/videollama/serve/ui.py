@@ -238,6 +238,10 @@ def mount_ui(app, engine, *, examples: Sequence[str | Path] = (), api_key: str |
     # Gradio checks an event's input files against its upload folder only once an app has been
     # launched, and a mounted app never is: without this, a client could name any file.
     page.has_launched = True
+    # Gradio switches matplotlib's backend around every event, importing matplotlib (when it is
+    # installed) on the event loop at the first one: a stall of seconds for every client. Now instead.
+    with gr.utils.MatplotlibBackendMananger():
+        pass
     return mounted
 
 
