@@ -170,9 +170,13 @@ def create_api(engine: Engine) -> FastAPI:
 
 
 def _api_error(e: Exception) -> APIError:
+    """The APIError to answer ``e`` with, without its traceback: kept, the traceback's frames
+    (which hold the request's body) and the route's own frame would form a cycle that only the
+    garbage collector frees, so every refused large body would linger until it runs."""
     if isinstance(e, APIError):
-        return e
+        return e.with_traceback(None)
     log.error("unhandled error in a chat completion", exc_info=e)
+    e.__traceback__ = None
     return APIError(500, f"internal server error ({type(e).__name__}; the server's log has the details)",
                     code="internal_error")
 
