@@ -281,8 +281,9 @@ def _preview_status(client, url, path: str) -> int:
     return 200 if message["success"] and message["output"]["data"][0] else 400
 
 
-def chat_cases(work: Path) -> dict:
+def chat_cases(work: Path, scale: float) -> dict:
     media = work / "media"
+    mib = int((1 << 20) * scale)
     fifo = work / "chat.fifo"
     if not fifo.exists():
         os.mkfifo(fifo)
@@ -321,6 +322,12 @@ def chat_cases(work: Path) -> dict:
                 "/gradio_api/file=/etc/passwd", f"/gradio_api/file={media / 'good.mp4'}", "/file=/etc/passwd",
                 f"/gradio_api/file={work / 'gradio'}/../model/config.json")]
 
+    def swollen_event(server):
+        with logged_in(server) as client:
+            body = b'{"data": [' + b"{}," * (20 * mib) + b'{}], "fn_index": 1, "session_hash": "x"}'
+            return [client.post(server.url + "/gradio_api/queue/join", content=body,
+                                headers={"Content-Type": "application/json"}).status_code]
+
     return {
         "upload_then_preview (control)": upload_then_preview,
         "filedata_outside_uploads": file_data([str(media / "good.mp4"), "/etc/passwd", "/etc/shadow"]),
@@ -334,6 +341,7 @@ def chat_cases(work: Path) -> dict:
         "api_and_page_without_key": lambda s: [httpx.get(s.url + p).status_code for p in
                                                ("/v1/models", "/metrics", "/config", "/gradio_api/info")],
         "gradio_file_route": file_route,
+        f"gradio_event_{60 * scale:g}MiB_of_objects": swollen_event,
     }
 
 
@@ -344,7 +352,7 @@ def run(work: Path, model: str, scale: float) -> list[dict]:
     common = ["--model", model, "--request-timeout-s", "30", "--body-timeout-s", "10",
               "--max-body-bytes", str(int(64 * mib * scale)), "--max-inflight-body-bytes", str(int(128 * mib * scale))]
     for command, cases in ((["serve", *common, "--allowed-local-media-path", str(work / "media")], api_cases(work, scale)),
-                           (["chat", *common], chat_cases(work))):
+                           (["chat", *common], chat_cases(work, scale))):
         server = Server(command, work, env={"VIDEOLLAMA_API_KEY": KEY})
         try:
             start = server.rss_mb()

@@ -153,6 +153,10 @@ def test_the_chat_server_checks_host_and_origin(page, clip):
                    headers={"Origin": "http://attacker.example"})
     assert r.status_code == 403
     assert httpx.get(page + "config", headers={"Origin": page.rstrip("/")}).status_code == 200
+    # Gradio parses an event's JSON on the event loop: a 15 MiB one is refused before it is read.
+    swollen = b'{"data": [' + b"{}," * (5 << 20) + b'{}], "fn_index": 1, "session_hash": "x"}'
+    r = httpx.post(page + "gradio_api/queue/join", content=swollen, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
     # An event that does not exist: Gradio fails it with a plain-text 500; the client gets JSON.
     r = httpx.post(page + "gradio_api/queue/join", json={"data": [None], "fn_index": 999, "session_hash": "x"})
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"

@@ -187,12 +187,13 @@ def api_paths(path: str) -> bool:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, hosts: frozenset[str] | None = LOCAL_HOSTS,
-               inner=None, needs_key=lambda path: path != "/health") -> RequestGuard:
+               inner=None, needs_key=lambda path: path != "/health", body_cap=None) -> RequestGuard:
     """The server's ASGI app: ``inner`` (default :func:`create_api`'s routes) behind the request
     guard. ``hosts``: the Host names it answers (:func:`~videollama.serve.guard.allowed_hosts`);
-    ``needs_key(path)``: the paths the API key guards."""
+    ``needs_key(path)``: the paths the API key guards; ``body_cap(path)``: the largest body of a
+    path (default ``--max-body-bytes``)."""
     return RequestGuard(create_api(engine) if inner is None else inner, limits=engine.limits,
-                        metrics=engine.metrics, hosts=hosts, api_key=api_key, needs_key=needs_key)
+                        metrics=engine.metrics, hosts=hosts, api_key=api_key, needs_key=needs_key, body_cap=body_cap)
 
 
 async def _sse(engine: Engine, submitted, cid: str, created: int, include_usage: bool, arrival: float):

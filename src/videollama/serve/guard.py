@@ -117,13 +117,16 @@ class RequestGuard:
     """The ASGI wrapper described in the module docstring, around ``app``.
 
     ``hosts``: from :func:`allowed_hosts` (None: any). ``needs_key(path)``: whether a path needs
-    the API key (when there is one). ``metrics``: a :class:`~videollama.serve.metrics.Metrics`.
+    the API key (when there is one). ``body_cap(path)``: the largest body a path takes (default
+    ``--max-body-bytes`` for all). ``metrics``: a :class:`~videollama.serve.metrics.Metrics`.
     """
 
     def __init__(self, app, *, limits: ServeLimits, metrics, hosts: frozenset[str] | None,
-                 api_key: str | None = None, needs_key: Callable[[str], bool] = lambda path: path != "/health") -> None:
+                 api_key: str | None = None, needs_key: Callable[[str], bool] = lambda path: path != "/health",
+                 body_cap: Callable[[str], int] | None = None) -> None:
         self.app, self.limits, self.metrics, self.hosts = app, limits, metrics, hosts
         self.api_key, self.needs_key = api_key, needs_key
+        self.body_cap = body_cap or (lambda path: limits.max_body_bytes)
         self.budget = _BodyBudget(limits.max_inflight_body_bytes)
 
     async def __call__(self, scope, receive, send):
@@ -174,9 +177,9 @@ class _Request:
         self.started = self.refused = self.body_done = self.released = False
         self.reserved = self.received = 0
         self.deadline = time.monotonic() + guard.limits.body_timeout_s
+        self.cap = guard.body_cap(scope.get("path", ""))
 
     async def admit_body(self) -> bool:
-        lim = self.guard.limits
         headers = dict(self.scope.get("headers", []))
         declared = headers.get(b"content-length")
         # HTTP/1.1: without Content-Length or Transfer-Encoding a request has no body, so no
@@ -187,8 +190,8 @@ class _Request:
                 await self.refuse(APIError(400, "Content-Length is not a number"))
                 return False
             size = int(declared)
-            if size > lim.max_body_bytes:
-                await self.refuse(too_large("the request body", size, lim.max_body_bytes, "--max-body-bytes"))
+            if size > self.cap:
+                await self.refuse(self._too_large(size))
                 return False
             if not self._reserve_upto(size):
                 await self.refuse(self._busy())
@@ -205,6 +208,13 @@ class _Request:
             return False
         self.reserved = n
         return True
+
+    def _too_large(self, size: int) -> APIError:
+        lim = self.guard.limits
+        if self.cap == lim.max_body_bytes:
+            return too_large("the request body", size, self.cap, "--max-body-bytes")
+        return too_large("the request body", size, self.cap, "a page event's own cap; uploads and the API take up to "
+                         "--max-body-bytes")
 
     def _busy(self) -> APIError:
         lim = self.guard.limits
@@ -232,8 +242,8 @@ class _Request:
             return message
         lim = self.guard.limits
         self.received += len(message.get("body", b""))
-        if self.received > lim.max_body_bytes:
-            await self.refuse(too_large("the request body", self.received, lim.max_body_bytes, "--max-body-bytes"))
+        if self.received > self.cap:
+            await self.refuse(self._too_large(self.received))
             return {"type": "http.disconnect"}
         if not self._reserve_upto(self.received):
             await self.refuse(self._busy())

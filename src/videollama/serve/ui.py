@@ -41,6 +41,7 @@ from videollama.serve.uploads import read_upload, read_video, refuse_url_inputs
 __all__ = ["build_ui", "mount_ui", "serving", "read_video", "read_upload", "engine_messages", "video_message"]
 
 STOP_TIMEOUT_S = 45.0  # Ctrl-C to exit, at most
+PAGE_EVENT_BYTES = 1 << 20  # the body of one of the page's events (uploads excepted)
 
 # Before Gradio is imported anywhere in this process: no telemetry, no version check.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -261,8 +262,15 @@ def serving(engine, *, host: str = "127.0.0.1", port: int = 0, examples: Sequenc
     from videollama.serve.app import api_paths, create_api, create_app
 
     inner = mount_ui(create_api(engine) if with_api else FastAPI(), engine, examples=examples, api_key=api_key)
+    whole = engine.limits.max_body_bytes
+
+    def body_cap(path: str) -> int:
+        # Gradio parses an event's JSON on the event loop, whole: the page's events (a question,
+        # the chat so far, file references) get a small cap; uploads and the API their own.
+        return whole if api_paths(path) or path == "/gradio_api/upload" else min(whole, PAGE_EVENT_BYTES)
+
     app = create_app(engine, api_key=api_key, hosts=guard.allowed_hosts(host, allowed_hosts), inner=inner,
-                     needs_key=api_paths)
+                     needs_key=api_paths, body_cap=body_cap)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
                                             timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, name="videollama-ui", daemon=True)
