@@ -13,7 +13,7 @@ an unexpected exit code), ``hang``.
 Targets (issue 11): crashes 0, hangs 0; every video rejected within its time budget (default
 60 s, most well under 1 s) with peak RSS under 1 GB.
 
-The servers' half (bench/hostile_serve.py: hostile clients against a real ``videollama serve``
+The servers' half (bench/hostile_serve.py and hostile_chat.py: hostile clients against a real ``videollama serve``
 and ``videollama chat``, /health watched throughout, RSS growth per hostile request) writes
 bench/results/hostile_serve.md. ``--only inputs`` or ``--only serve`` runs one half; ``--scale``
 shrinks the server cases' sizes (1: the sizes of the issue, 60 MiB bodies).
