@@ -58,7 +58,7 @@ $(LMMS_STAMP): requirements-lmms.txt pyproject.toml $(LMMS_VENV)/.base $(if $(fi
 	$(LMMS_BASE)/bin/python -m venv --without-pip $(LMMS_VENV)
 	$(LMMS_BASE)/bin/python -c 'import sysconfig; print("import site; site.addsitedir(%r)" % sysconfig.get_paths()["purelib"])' \
 		> "$(LMMS_SITE)/_videollama_base.pth"
-	$(LMMS_VENV)/bin/python -m pip install -q --no-deps -r requirements-lmms.txt
+	$(LMMS_VENV)/bin/python -m pip install -q --no-deps --ignore-installed -r requirements-lmms.txt
 	$(LMMS_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(LMMS_STAMP)
 

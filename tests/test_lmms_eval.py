@@ -192,8 +192,18 @@ generation_encodes = list(encoded)
 encoded.clear()
 scores = lm.loglikelihood([SimpleNamespace(args=("what color is the square?", option, visual, i, "t", "test"))
                            for i in range(len(docs)) for option in ("red", "blue")])
-print(json.dumps({"answers": answers, "generation_encodes": generation_encodes, "likelihood_encodes": encoded,
-                  "scores": [getattr(s, "text", s) for s in scores]}))
+likelihood_encodes = list(encoded)
+too_long = "what color is " + "the red square and " * 60 + "?"  # past the tiny model's 128 tokens
+long_answer = lm.generate_until([SimpleNamespace(args=(too_long, {"until": []}, visual, 0, "t", "test"))])
+long_score = lm.loglikelihood([SimpleNamespace(args=(too_long, "red", visual, 0, "t", "test"))])
+try:
+    VideoLlamaLmms(pretrained=model_dir, colour="red")
+    unknown = None
+except ValueError as e:
+    unknown = str(e)
+print(json.dumps({"answers": answers, "generation_encodes": generation_encodes,
+                  "likelihood_encodes": likelihood_encodes, "scores": [getattr(s, "text", s) for s in scores],
+                  "long": [long_answer[0], getattr(long_score[0], "text", long_score[0])], "unknown": unknown}))
 """
 
 
@@ -222,6 +232,9 @@ def test_each_video_is_encoded_once_and_answers_keep_their_places(lmms_env, shap
     # The same question about the same video scores the same wherever it stands.
     scores = [tuple(s) for s in out["scores"]]
     assert scores[0:2] == scores[4:6] == scores[6:8] and scores[2:4] == scores[8:10]
+    # A question longer than the context is scored wrong, as the harness scores it; a typo is named.
+    assert out["long"] == ["", [float("inf"), False]]
+    assert "unknown --model_args colour" in out["unknown"]
 
 
 # ---- in the main environment: the exporter and the likelihood scorer --------------------------------

@@ -95,7 +95,7 @@ class VideoLlamaLmms(lmms):
         works = [self._work(i, req, generation=True) for i, req in enumerate(requests)]
         answers = [""] * len(requests)
         for batch, latents in self._batches(works):
-            ready = [(w, latents[w.video]) for w in batch if latents.get(w.video) is not None and self._fits(w)]
+            ready = [(w, latents[w.video]) for w in batch if latents.get(w.video) is not None and self._fits(w, 1)]
             if not ready:
                 continue
             texts = self._generate([w.prompt for w, _ in ready], [lat for _, lat in ready], batch[0].payload)
@@ -103,20 +103,22 @@ class VideoLlamaLmms(lmms):
                 answers[w.position] = _cut_at_stop(text, w.payload.get("until"))
         return answers
 
-    def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list) -> list:
+        """Per request ``(minus the log-likelihood, is_greedy)``, as lmms-eval 0.7 can take it (see ``_as_response``)."""
+        import torch
+
         from videollama.eval.likelihood import score_continuations
 
         works = [self._work(i, req, generation=False) for i, req in enumerate(requests)]
-        results: list[tuple[float, bool]] = [(float("inf"), False)] * len(requests)  # a video that did not load
+        # A video that did not load, or a row that does not fit the context: the worst score.
+        results: list[tuple[float, bool]] = [(float("inf"), False)] * len(requests)
         for batch, latents in self._batches(works):
             ready = [w for w in batch if latents.get(w.video) is not None]
             for w in [w for w in ready if not w.payload]:  # an empty continuation is certain
                 results[w.position] = (0.0, True)
-            ready = [w for w in ready if w.payload]
+            ready = [w for w in ready if w.payload and self._fits(w, len(w.payload))]
             if not ready:
                 continue
-            import torch
-
             distinct = list(dict.fromkeys(w.video for w in ready))
             stacked = torch.stack([latents[v] for v in distinct])  # [U, L, D_v]
             scores = score_continuations(self.model, [w.prompt for w in ready], [w.payload for w in ready],
@@ -187,12 +189,13 @@ class VideoLlamaLmms(lmms):
             out.update(zip(frames, encode_videos(self.model, list(frames.values()))))
         return out
 
-    def _fits(self, w: _Work) -> bool:
+    def _fits(self, w: _Work, room: int) -> bool:
+        """Whether the prompt leaves ``room`` tokens in the context (the harness skips a question that does not)."""
         max_len = self.model.config.decoder.max_seq_len
-        if len(w.prompt) < max_len:
+        if len(w.prompt) + room <= max_len:
             return True
-        log.warning("videollama: a prompt of %d tokens leaves no room in max_seq_len=%d; answered with ''",
-                    len(w.prompt), max_len)
+        log.warning("videollama: a prompt of %d tokens leaves no room for %d more in max_seq_len=%d; "
+                    "scored as wrong", len(w.prompt), room, max_len)
         return False
 
     # ---- generation -------------------------------------------------------------------------
