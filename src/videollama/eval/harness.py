@@ -76,63 +76,11 @@ def load_video(path: Path, preprocess: Any, *, single_frame: bool) -> LoadedVide
 
 
 # ---- generation -----------------------------------------------------------------------------
-def _left_pad(prompts: list[list[int]], pad_id: int):
-    """Token lists -> ``input_ids`` [B, T] left-padded with ``pad_id`` and ``attention_mask`` [B, T]."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
-    return input_ids, attention_mask
-
-
-def _decode(tokenizer: Any, ids: list[int], *, eos_id: int, pad_id: int) -> str:
-    """New tokens of one row -> text: everything before the first EOS, without padding."""
-    if eos_id in ids:
-        ids = ids[: ids.index(eos_id)]
-    ids = [i for i in ids if i != pad_id]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
 def _prompt_ids(tokenizer: Any, item: EvalItem, task: str) -> list[int]:
     from videollama.data.tokenizer import caption_prompt, encode_prompt, videoqa_prompt
 
     prompt = videoqa_prompt(item.question, item.options) if task == "videoqa" else caption_prompt()
     return list(encode_prompt(tokenizer, prompt))
-
-
-def _generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], videos: list[Any],
-                    video_index: list[int], *, max_new_tokens: int) -> list[str]:
-    """Greedy generation for one batch of B prompts about U distinct videos.
-
-    ``videos``: U clips [F, 3, S, S]; ``video_index``: for each prompt, which clip. Each clip
-    is encoded once into visual latents, however many questions ask about it. Returns B strings.
-    """
-    import torch
-
-    from videollama.model.generate import generate
-
-    dec = model.config.decoder
-    input_ids, attention_mask = _left_pad(prompts, dec.pad_token_id)
-    # Never ask for more than the context holds: the prompt plus new tokens must fit max_seq_len.
-    budget = dec.max_seq_len - input_ids.shape[1]
-    if budget < 1:
-        raise ValueError(f"prompt of {input_ids.shape[1]} tokens leaves no room in max_seq_len={dec.max_seq_len}")
-    param = next(model.parameters())
-    with torch.inference_mode():
-        video = torch.stack(videos).to(device=param.device, dtype=param.dtype)  # [U, F, 3, S, S]
-        latents = model.encode_video(video)  # [U, L, D_v]
-        latents = latents[torch.tensor(video_index, device=latents.device)]  # [B, L, D_v]
-        new_tokens = generate(
-            model, input_ids.to(param.device), max_new_tokens=min(max_new_tokens, budget), temperature=0.0,
-            eos_token_id=dec.eos_token_id, attention_mask=attention_mask.to(param.device),
-            visual_latents=latents,
-        )  # [B, T_new]
-    return [_decode(tokenizer, row, eos_id=dec.eos_token_id, pad_id=dec.pad_token_id)
-            for row in new_tokens.tolist()]
 
 
 # ---- the harness ----------------------------------------------------------------------------
@@ -174,6 +122,7 @@ def evaluate(
     from tqdm import tqdm
 
     from videollama.eval.metrics import caption_scores, require_java, videoqa_accuracy
+    from videollama.inference.generate import generate_batch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -233,8 +182,8 @@ def evaluate(
             texts: dict[int, str] = {}
             if ready:
                 distinct = list(dict.fromkeys(it.video for it in ready))
-                generated = _generate_batch(model, tokenizer, prompts, [loaded[v].frames for v in distinct],
-                                            [distinct.index(it.video) for it in ready], max_new_tokens=max_new_tokens)
+                generated = generate_batch(model, tokenizer, prompts, [loaded[v].frames for v in distinct],
+                                           [distinct.index(it.video) for it in ready], max_new_tokens=max_new_tokens)
                 texts = {it.index: text for it, text in zip(ready, generated)}
             for it in batch:
                 if it.index in skipped:
@@ -311,7 +260,7 @@ def _record(it: EvalItem, task: str, prediction: str, timestamps: list[float] | 
 
 # ---- command line ---------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from videollama.inference import add_model_arguments
+    from videollama.inference.load import add_model_arguments
 
     add_model_arguments(parser)  # --model, --adapter, --quantize
     parser.add_argument("--task", required=True, choices=TASKS)
@@ -335,7 +284,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from videollama.inference import load_for_inference
+    from videollama.inference.load import load_for_inference
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -353,7 +353,7 @@ def _skipped(loader) -> float:
 
 
 def _flops_per_sample(model_cfg: VideoLlamaConfig) -> float:
-    from videollama.model.info import train_flops_per_sample
+    from videollama.plan.info import train_flops_per_sample
 
     return float(train_flops_per_sample(model_cfg))
 
