@@ -6,7 +6,8 @@ preset is measured in the same process, side by side; the machine's 2 cores are 
 other work, so figures move between runs and the ratios are the thing to read.
 
 Rows:
-* videollama, dynamic cache: the growing-slice step (the code before the static cache);
+* videollama, dynamic cache: the growing-slice step (the code before the static cache, kept as
+  the tests' reference in tests/reference_decode.py);
 * videollama, static cache, eager / compiled: :func:`decode_step` with fixed shapes, eager or
   through ``torch.compile(dynamic=False)`` (compile time reported separately, not in tokens/s);
 * transformers: ``LlamaForCausalLM.generate`` with our decoder's shapes and weights (text-only,
@@ -36,10 +37,12 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
 
+import reference_decode  # noqa: E402
 from videollama.config import VideoLlamaConfig  # noqa: E402
-from videollama.model import generate as gen  # noqa: E402
-from videollama.model.quantize import quantize_model, weight_bytes  # noqa: E402
+from videollama.inference import generate as gen  # noqa: E402
+from videollama.inference.quantize import quantize_model, weight_bytes  # noqa: E402
 from videollama.model.videollama import VideoLlama  # noqa: E402
 
 PROMPT = 16
@@ -127,7 +130,7 @@ def step_overhead(model: VideoLlama) -> dict[str, float]:
     max_len = t + 64
     x = prompts(1, model.config.decoder.vocab_size)
     caches = model.decoder.new_kv_cache(1, max_len)
-    gen.prefill(model, x, attention_mask=torch.ones_like(x), media_kv=None, kv_caches=caches)
+    gen.prefill(model, x, attention_mask=torch.ones_like(x), media=None, kv_caches=caches)
     tok, pos = x[:, -1:], torch.full((1, 1), t)
     key_mask = torch.zeros(1, max_len, dtype=torch.bool)
     key_mask[:, :t + 1] = True
@@ -135,11 +138,12 @@ def step_overhead(model: VideoLlama) -> dict[str, float]:
 
     def static(compiled):
         step = gen.compiled_decode_step() if compiled else gen.decode_step
-        return lambda: [step(model, tok, position=pos, write_pos=write, key_mask=key_mask, media_kv=None,
+        return lambda: [step(model, tok, position=pos, write_pos=write, key_mask=key_mask, media=None,
                              kv_caches=caches) for _ in range(n)]
 
-    dynamic = lambda: [gen.decode_one_token(model, tok, position=pos, key_mask=None, media_kv=None,  # noqa: E731
-                                            kv_caches=caches, start=t) for _ in range(n)]
+    grown = key_mask[:, :t + 1]  # the growing-slice step reads slots 0..t
+    dynamic = lambda: [reference_decode.decode_one_token(model, tok, position=pos, key_mask=grown,  # noqa: E731
+                                                         media=None, kv_caches=caches, start=t) for _ in range(n)]
     ws = [(m.weight, torch.randn(1, 1, m.weight.shape[1])) for m in step_linears(model)]
     matvecs = lambda: [[F.linear(v, w) for w, v in ws] for _ in range(n)]  # noqa: E731
     out = {}
@@ -164,9 +168,13 @@ def measure(preset: str) -> dict:
     torch._dynamo.reset()
     gen._COMPILED.clear()
 
-    def ours(b, compile=False, cache="static"):
+    def ours(b, compile=False):
         x = prompts(b, vocab)
-        return lambda n=new: gen.generate(model, x, max_new_tokens=n, compile=compile, cache=cache)
+        return lambda n=new: gen.generate(model, x, max_new_tokens=n, compile=compile)
+
+    def before(b):
+        x = prompts(b, vocab)
+        return lambda n=new: reference_decode.reference_generate(model, x, max_new_tokens=n)
 
     def row(name, b, fn, warm_new):
         c, w = timed(lambda: fn(warm_new))  # warm-up: page-in, and the compile where there is one
@@ -186,7 +194,7 @@ def measure(preset: str) -> dict:
             h = hf_fn()[:, PROMPT:]
             res["agree"] = float((a == h).float().mean())
         row("transformers LlamaForCausalLM.generate", b, hf_fn, 4)
-        row("videollama, dynamic cache (before)", b, ours(b, cache="dynamic"), 4)
+        row("videollama, dynamic cache (before)", b, before(b), 4)
         row("videollama, static cache, eager", b, ours(b), 4)
         row("videollama, static cache, compiled", b, ours(b, compile=True), warm)
     hf = None  # frees nothing of ours: it shared our tensors

@@ -2,7 +2,7 @@
 
 Every configuration runs twice, each time in a fresh subprocess with one intra-op thread:
 
-* allocator: torch.profiler's memory events (videollama.model.memtrace.AllocatorTrace) from before
+* allocator: torch.profiler's memory events (videollama.plan.memtrace.AllocatorTrace) from before
   the model is built to the end: every allocation and free through torch's CPU allocator, in order;
   the peak of the running sum is what tensors held at most (the model, AdamW's state, the batch,
   two training steps, or one `generate`). Exact and deterministic; it does not see memory that
@@ -22,8 +22,8 @@ checkpointing is applied, as train/loop.py does; AdamW then holds state for the 
 A training step is the training loop's (`videollama.train.loop._micro_step`: forward, fp32 loss
 summed over the label tokens; backward; gradient clipping; fused AdamW; `zero_grad(set_to_none)`),
 with activation checkpointing applied by `train.parallel.apply_activation_checkpointing`.
-Inference is `videollama.model.generate.generate` (prefill + greedy decoding, no early stop).
-Target (issue 14): the prediction within 15% of the measured peak for every configuration.
+Inference is `videollama.inference.generate.generate` (prefill + greedy decoding, no early stop).
+Target: the prediction within 15% of the measured peak for every configuration.
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ def child(spec: dict) -> dict:
     import torch
 
     from videollama.config import VideoLlamaConfig
-    from videollama.model.generate import generate
-    from videollama.model.memtrace import AllocatorTrace
+    from videollama.inference.generate import generate
     from videollama.model.videollama import VideoLlama
+    from videollama.plan.memtrace import AllocatorTrace
     from videollama.train.loop import _micro_step
     from videollama.train.optim import build_optimizer
     from videollama.train.parallel import apply_activation_checkpointing
@@ -95,7 +95,7 @@ def child(spec: dict) -> dict:
     size = cfg.vision.image_size
     video = torch.randn(b, frames, 3, size, size)
     if spec["mode"] == "lora":
-        from videollama.model.plan import LORA_R
+        from videollama.plan.settings import LORA_R
         from videollama.train.lora import apply_lora
         from videollama.train.recipe import LoraSection
 
@@ -148,7 +148,8 @@ def measure(spec: dict, how: str) -> dict:
 
 def predict(spec: dict):
     from videollama.config import VideoLlamaConfig
-    from videollama.model.plan import estimate, settings_for
+    from videollama.plan.estimate import estimate
+    from videollama.plan.planner import settings_for
 
     cfg = VideoLlamaConfig.from_name(spec["preset"])
     kw = {"mode": spec["mode"], "micro_batch": spec["micro_batch"], "frames": spec["frames"],
@@ -167,8 +168,10 @@ def predict(spec: dict):
 def thirteen_b() -> list[str]:
     """The reference recipe on 64 x 80 GB: the plan beside info.fsdp_memory."""
     from videollama.config import VideoLlamaConfig
-    from videollama.model.info import count_params, fsdp_memory
-    from videollama.model.plan import GiB, estimate, settings_for
+    from videollama.plan.estimate import estimate
+    from videollama.plan.info import count_params, fsdp_memory
+    from videollama.plan.planner import settings_for
+    from videollama.plan.settings import GiB
     from videollama.train.recipe import TrainConfig
 
     recipe = TrainConfig.from_yaml(ROOT / "configs" / "pretrain-13b.yaml")
@@ -183,7 +186,7 @@ def thirteen_b() -> list[str]:
         rows.append((mb, e, m, a))
     lines = ["### videollama-13b on 64 x 80 GB, the reference recipe (`configs/pretrain-13b.yaml`)", "",
              "bf16 mixed precision through FSDP2 full sharding over 64 GPUs, activation checkpointing on every block, "
-             "16 frames at 224 px, 2,048 tokens. `info` is `videollama.model.info.fsdp_memory` "
+             "16 frames at 224 px, 2,048 tokens. `info` is `videollama.plan.info.fsdp_memory` "
              "(what `videollama info` prints, at micro-batch 1 there).", "",
              "| micro-batch | plan: peak | at | state alive then | gathered params | activations + latents | "
              "transient | info: total | state | gathered | activations | plan / info |",
@@ -248,7 +251,7 @@ def main() -> int:
              "`bench/bench_plan.py`. Each configuration runs in a fresh subprocess, one thread, twice: **allocator** is "
              "the peak of the bytes held through torch's CPU allocator from before the model is built to the end of "
              "two training steps (or one `generate`), from torch.profiler's memory events "
-             "(`videollama.model.memtrace.AllocatorTrace`: every allocation and free, in order; exact and "
+             "(`videollama.plan.memtrace.AllocatorTrace`: every allocation and free, in order; exact and "
              "deterministic); **RSS** is the growth of the process's peak resident set during the second step "
              "(VmHWM reset through /proc/self/clear_refs, malloc returning freed blocks at once), against the plan's "
              "peak minus what lives across steps (parameters, AdamW state, the batch). A training step is the loop's: "

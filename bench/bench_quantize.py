@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from videollama.data.tokenizer import load_tokenizer  # noqa: E402
 from videollama.eval.harness import evaluate  # noqa: E402
-from videollama.model import generate as gen  # noqa: E402
-from videollama.model.quantize import Int8Linear, quantize_model, weight_bytes  # noqa: E402
+from videollama.inference import generate as gen  # noqa: E402
+from videollama.inference.quantize import Int8Linear, quantize_model, weight_bytes  # noqa: E402
 from videollama.model.videollama import VideoLlama  # noqa: E402
 
 NEW = 32

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from videollama.config import VideoLlamaConfig  # noqa: E402
 from videollama.data import load_clip, shapes  # noqa: E402
 from videollama.data.tokenizer import encode_prompt, train_tokenizer, videoqa_prompt  # noqa: E402
-from videollama.model.generate import generate  # noqa: E402
+from videollama.inference.generate import generate  # noqa: E402
 from videollama.model.videollama import VideoLlama  # noqa: E402
 
 NEW = 32

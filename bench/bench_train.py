@@ -16,7 +16,7 @@ Rows, all with the same batch (4 clips of 16 frames at 96x96, 128 tokens):
 
 Model FLOPs: each model's forward+backward counted by torch's FlopCounterMode on one real
 step (matmuls, convolutions, attention), the same yardstick for both; the analytic
-`videollama.model.info.train_flops_per_sample` is shown beside ours as a check.
+`videollama.plan.info.train_flops_per_sample` is shown beside ours as a check.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from videollama.config import VideoLlamaConfig  # noqa: E402
-from videollama.model.info import train_flops_per_sample  # noqa: E402
 from videollama.model.videollama import VideoLlama, lm_loss  # noqa: E402
+from videollama.plan.info import train_flops_per_sample  # noqa: E402
 
 BATCH, FRAMES, TOKENS = 4, 16, 128
 WARMUP, STEPS = 2, 7

@@ -1,4 +1,4 @@
-"""Continuous batching (model/batch.py) against generate() run alone on each request."""
+"""Continuous batching (inference/batch.py) against generate() run alone on each request."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from videollama.config import VideoLlamaConfig
+from videollama.inference.batch import BatchDecoder, bucket, buckets
+from videollama.inference.generate import generate
 from videollama.model import VideoLlama
-from videollama.model.batch import BatchDecoder, bucket, buckets
-from videollama.model.generate import generate
 
 V = 1024
 
@@ -137,7 +137,7 @@ def test_bad_requests(model):
 def test_compiled_steps_compile_once_and_match_eager(model):
     from torch._dynamo.utils import counters
 
-    from videollama.model.generate import _COMPILED
+    from videollama.inference.generate import _COMPILED
 
     torch._dynamo.reset()
     counters.clear()

@@ -220,7 +220,7 @@ def test_reference_clips_are_evenly_spaced_and_part_of_the_batch_digest(tmp_path
 def test_captioner_matches_generate_per_clip(tiny_videollama):
     from videollama.curate.clipscore import normalise
     from videollama.data.tokenizer import caption_prompt, encode_prompt
-    from videollama.model.generate import generate
+    from videollama.inference.generate import generate
 
     path, model, tok = tiny_videollama
     captioner = Captioner(path, max_new_tokens=6)

@@ -1,6 +1,6 @@
 """The evaluation harness end to end: a tiny random model, a trained tokenizer, real MP4 clips.
 
-Predictions are checked against :func:`videollama.model.generate.generate` called directly on
+Predictions are checked against :func:`videollama.inference.generate.generate` called directly on
 one unpadded prompt and one clip decoded by ``load_clip``: batching, left padding and the
 per-video latent cache must not change a single answer.
 """
@@ -29,7 +29,8 @@ from videollama.data.tokenizer import (
 from videollama.eval import harness
 from videollama.eval.harness import evaluate
 from videollama.eval.metrics import is_correct
-from videollama.model.generate import generate
+from videollama.inference import generate as inference_generate
+from videollama.inference.generate import generate
 from videollama.model.videollama import VideoLlama
 
 WORDS = ("a red green blue square circle triangle moves left right up down stays still what color shape "
@@ -342,7 +343,7 @@ def test_an_interrupted_eval_keeps_the_predictions_made(setup, tmp_path, monkeyp
     data = root / "interrupted.jsonl"
     data.write_text("".join(json.dumps(it) + "\n" for it in _videoqa_items()))
     calls = []
-    real = harness._generate_batch
+    real = inference_generate.generate_batch
 
     def stop_on_the_second_batch(*args, **kwargs):
         calls.append(1)
@@ -350,7 +351,7 @@ def test_an_interrupted_eval_keeps_the_predictions_made(setup, tmp_path, monkeyp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(harness, "_generate_batch", stop_on_the_second_batch)
+    monkeypatch.setattr(inference_generate, "generate_batch", stop_on_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, tokenizer, "videoqa", data, None, tmp_path, batch_size=2, max_new_tokens=3, progress=False)
     kept = _read_jsonl(tmp_path / "predictions.jsonl")

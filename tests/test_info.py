@@ -11,8 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from videollama.cli import main as cli_main
 from videollama.config import VideoLlamaConfig
-from videollama.model.info import count_params, forward_flops
 from videollama.model.videollama import VideoLlama
+from videollama.plan.info import count_params, forward_flops
 
 
 def test_13b_budget_via_cli(capsys):

@@ -32,7 +32,7 @@ from videollama.data.tokenizer import encode_prompt, train_tokenizer, videoqa_pr
 from videollama.eval.harness import evaluate
 from videollama.eval.likelihood import encode_videos, score_continuations
 from videollama.eval.lmms_export import export_tasks, multiple_choice, question_family
-from videollama.inference import load_for_inference
+from videollama.inference.load import load_for_inference
 from videollama.model.videollama import VideoLlama
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,11 +17,13 @@ import torch
 
 from videollama.cli import main as cli_main
 from videollama.config import VideoLlamaConfig
-from videollama.model.generate import generate
-from videollama.model.info import count_params, fsdp_memory
-from videollama.model.memtrace import AllocatorTrace, saved_tensor_bytes
-from videollama.model.plan import BREAKDOWN, GiB, estimate, plan, settings_for
+from videollama.inference.generate import generate
 from videollama.model.videollama import VideoLlama, lm_loss
+from videollama.plan.estimate import BREAKDOWN, estimate
+from videollama.plan.info import count_params, fsdp_memory
+from videollama.plan.memtrace import AllocatorTrace, saved_tensor_bytes
+from videollama.plan.planner import plan, settings_for
+from videollama.plan.settings import GiB
 from videollama.train.lora import apply_lora
 from videollama.train.optim import build_optimizer
 from videollama.train.parallel import apply_activation_checkpointing
@@ -306,7 +308,7 @@ def test_lora_saved_activations_are_what_autograd_saves(section):
 def test_lora_dropout_saves_each_adapters_input_and_mask(monkeypatch):
     """With dropout each adapter keeps its own dropout output and mask; on the CPU the mask is the
     float noise tensor (act bytes) where CUDA's fused dropout keeps a bool one (the planner's 1 B)."""
-    import videollama.model.activations as activations
+    import videollama.plan.activations as activations
 
     section = LoraSection(r=8, dropout=0.1)
     b, frames, tokens = 2, 8, 16
@@ -353,7 +355,7 @@ def test_qlora_base_weights_are_nf4_for_every_linear_but_lm_head():
 @pytest.mark.gpu
 def test_nf4_bytes_are_bitsandbytes():
     bnb = pytest.importorskip("bitsandbytes")
-    from videollama.model.plan import nf4_bytes
+    from videollama.plan.params import nf4_bytes
 
     for shape in ((4096, 4096), (1000, 333)):
         w = bnb.nn.Params4bit(torch.randn(*shape), requires_grad=False, quant_type="nf4").to("cuda")

@@ -1,4 +1,4 @@
-"""Weight-only quantization (model/quantize.py): torchao's int8 values, our kernel, the model's logits."""
+"""Weight-only quantization (inference/quantize.py): torchao's int8 values, our kernel, the model's logits."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from videollama.config import VideoLlamaConfig
+from videollama.inference.generate import generate
+from videollama.inference.quantize import Int8Linear, quantize_model, weight_bytes
 from videollama.model import VideoLlama
-from videollama.model.generate import generate
-from videollama.model.quantize import Int8Linear, quantize_model, weight_bytes
 
 pytest.importorskip("torchao")
 
@@ -118,7 +118,7 @@ def test_int4_on_cuda_bfloat16(model):
 
 @pytest.mark.slow
 def test_compiled_fused_int8_step_equals_eager(quantized):
-    from videollama.model.generate import _COMPILED
+    from videollama.inference.generate import _COMPILED
 
     x = ids(b=1, t=5, seed=4)
     eager = generate(quantized, x, max_new_tokens=12)
@@ -128,7 +128,7 @@ def test_compiled_fused_int8_step_equals_eager(quantized):
 
 
 def test_reduction_chunks():
-    from videollama.model.quantize import _chunks
+    from videollama.inference.quantize import _chunks
 
     assert [_chunks(k) for k in (64, 2048, 4096, 4097, 5632, 8192, 11008)] == [1, 1, 1, 17, 2, 2, 4]
 
@@ -137,7 +137,7 @@ def test_reduction_chunks():
 def test_compiled_int8_linear_long_rows_and_norm_input_equal_the_float_product():
     """The compiled Int8Linear: rows longer than 4096 (summed in chunks) and an RMSNorm input
     (kept out of the loop by videollama::written) give x @ (int8 * scale).T, as a float matmul."""
-    from videollama.model.quantize import Int8Linear
+    from videollama.inference.quantize import Int8Linear
 
     torch.manual_seed(0)
     for n, k in [(24, 5632), (40, 256)]:

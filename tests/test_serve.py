@@ -19,7 +19,7 @@ import torch
 from serving import LiveServer, build_model_dir, data_url, video_message
 from videollama.data import load_clip
 from videollama.data.tokenizer import encode_prompt, load_tokenizer, videoqa_prompt
-from videollama.model.generate import generate
+from videollama.inference.generate import generate
 from videollama.model.videollama import VideoLlama
 from videollama.serve.engine import Engine
 from videollama.serve.limits import ServeLimits
@@ -327,7 +327,7 @@ def test_queue_full_and_deadline(strict):
 def test_deadline_during_generation(env):
     """A deadline that passes while tokens are being generated: 504, or an error event that ends
     the stream after the text so far."""
-    from videollama.model.batch import BatchDecoder
+    from videollama.inference.batch import BatchDecoder
 
     class SlowDecoder(BatchDecoder):  # the real decoder, 0.2 s a step
         def step(self):

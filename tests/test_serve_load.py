@@ -15,7 +15,7 @@ from badvideos import BAD_VIDEOS
 from serving import LiveServer, build_model_dir, video_message
 from videollama.data import load_clip, shapes
 from videollama.data.tokenizer import encode_prompt, load_tokenizer, videoqa_prompt
-from videollama.model.generate import generate
+from videollama.inference.generate import generate
 from videollama.model.videollama import VideoLlama
 from videollama.serve.engine import Engine
 from videollama.serve.limits import ServeLimits

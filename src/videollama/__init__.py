@@ -15,7 +15,7 @@ _EXPORTS = {
     "VideoLlama": "videollama.model.videollama",
     "VideoLlamaConfig": "videollama.config",
     "PreprocessConfig": "videollama.config",
-    "generate": "videollama.model.generate",
+    "generate": "videollama.inference.generate",
     "load_clip": "videollama.data.video",
     "load_tokenizer": "videollama.data.tokenizer",
 }

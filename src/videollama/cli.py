@@ -18,10 +18,10 @@ from videollama.eval.metrics import JavaMissing
 # name -> (module, one-line help). Groups with their own sub-subcommands (data, tokenizer)
 # are handled by their module's add_arguments.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("videollama.model.info", "parameters, FLOPs and memory of a preset, built on the meta device"),
-    "plan": ("videollama.model.plan", "memory per device of a training step or of generation, and whether it fits"),
+    "info": ("videollama.plan.info", "parameters, FLOPs and memory of a preset, built on the meta device"),
+    "plan": ("videollama.plan.cli", "memory per device of a training step or of generation, and whether it fits"),
     "convert": ("videollama.convert", "import Hugging Face Llama / CLIP weights into a model directory"),
-    "generate": ("videollama.model.generate", "generate text from a model directory, with or without a video"),
+    "generate": ("videollama.inference.cli", "generate text from a model directory, with or without a video"),
     "data": ("videollama.data.cli", "synthesise, shard and inspect video-text data"),
     "curate": ("videollama.curate.cli", "curate raw videos into scored, filtered, captioned clips: shards + clips.parquet"),
     "tokenizer": ("videollama.data.tokenizer", "train the byte-level BPE tokenizer"),

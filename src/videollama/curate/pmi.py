@@ -33,13 +33,14 @@ colour) < 0. Its mean, sum and max-span are the ``pmi_marginal``, ``pmi_marginal
 preprocessor.json), the pixels evaluation would feed it.
 
 Captions are generated greedily in batches, with the KV cache and each clip encoded once
-(``videollama.eval.harness._generate_batch``, the evaluation path).
+(``videollama.inference.generate.generate_batch``, the evaluation path).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -118,13 +119,15 @@ class PmiScorer(_ModelStage):
 
     def reference_latents(self, ids: list[str], frames: list[np.ndarray]):
         """The reference clips, encoded once per reference set: their visual latents [R, L, D_v]
-        with each cross-attention block's keys and values of them (``Decoder.project_media``)."""
+        with each cross-attention block's keys and values of them (``Media.projected``)."""
         import torch
+
+        from videollama.model.decoder import Media
 
         if self._reference is None or self._reference[0] != tuple(ids):
             with torch.inference_mode():
                 latents = self.model.encode_video(self.video(frames))
-                self._reference = (tuple(ids), (latents, self.model.decoder.project_media(latents)))
+                self._reference = (tuple(ids), (latents, Media.projected(self.model.decoder, latents)))
         return self._reference[1]
 
     def _marginal_log_probs(self, input_ids, label_ids, reference):
@@ -144,7 +147,7 @@ class PmiScorer(_ModelStage):
             rows = ids.repeat_interleave(n_ref, 0)  # [k * R, T]: text i with reference r at row i * R + r
             positions = torch.arange(rows.shape[1], device=rows.device).expand(rows.shape[0], -1)
             which = torch.arange(n_ref, device=rows.device).repeat(k)
-            hidden = self.model.decoder(rows, positions=positions, media=media, media_index=which)[:, :-1]
+            hidden = self.model.decoder(rows, positions=positions, media=replace(media, index=which))[:, :-1]
             mask = mask_all[first:first + per_pass].repeat_interleave(n_ref, 0)  # [k * R, T-1]
             logp = torch.log_softmax(self.model.lm_head(hidden[mask]).float(), dim=-1)  # [N, V]
             target = target_all[first:first + per_pass].repeat_interleave(n_ref, 0)[mask]
@@ -223,9 +226,9 @@ class Captioner(_ModelStage):
 
     def caption(self, frames: list[np.ndarray]) -> list[str]:
         from videollama.data.tokenizer import caption_prompt, encode_prompt
-        from videollama.eval.harness import _generate_batch
+        from videollama.inference.generate import generate_batch
 
         prompt = list(encode_prompt(self.tokenizer, caption_prompt()))
         video = self.video(frames)
-        return _generate_batch(self.model, self.tokenizer, [prompt] * len(frames), list(video),
-                               list(range(len(frames))), max_new_tokens=self.max_new_tokens)
+        return generate_batch(self.model, self.tokenizer, [prompt] * len(frames), list(video),
+                              list(range(len(frames))), max_new_tokens=self.max_new_tokens)

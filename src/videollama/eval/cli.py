@@ -19,7 +19,7 @@ from videollama.eval.harness import DEFAULT_MAX_NEW_TOKENS, evaluate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from videollama.inference import add_model_arguments
+    from videollama.inference.load import add_model_arguments
 
     add_model_arguments(parser)  # --model, --adapter, --quantize
     parser.add_argument("--task", required=True, choices=TASKS)
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from videollama.inference import load_for_inference
+    from videollama.inference.load import load_for_inference
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -87,63 +87,11 @@ def _load_item_video(root: Path, video: str, preprocess: Any, single_frame: bool
 
 
 # ---- generation -----------------------------------------------------------------------------
-def _left_pad(prompts: list[list[int]], pad_id: int):
-    """Token lists -> ``input_ids`` [B, T] left-padded with ``pad_id`` and ``attention_mask`` [B, T]."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
-    return input_ids, attention_mask
-
-
-def _decode(tokenizer: Any, ids: list[int], *, eos_id: int, pad_id: int) -> str:
-    """New tokens of one row -> text: everything before the first EOS, without padding."""
-    if eos_id in ids:
-        ids = ids[: ids.index(eos_id)]
-    ids = [i for i in ids if i != pad_id]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
 def _prompt_ids(tokenizer: Any, item: EvalItem, task: str) -> list[int]:
     from videollama.data.tokenizer import caption_prompt, encode_prompt, videoqa_prompt
 
     prompt = videoqa_prompt(item.question, item.options) if task == "videoqa" else caption_prompt()
     return list(encode_prompt(tokenizer, prompt))
-
-
-def _generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], videos: list[Any],
-                    video_index: list[int], *, max_new_tokens: int) -> list[str]:
-    """Greedy generation for one batch of B prompts about U distinct videos.
-
-    ``videos``: U clips [F, 3, S, S]; ``video_index``: for each prompt, which clip. Each clip
-    is encoded once into visual latents, however many questions ask about it. Returns B strings.
-    """
-    import torch
-
-    from videollama.model.generate import generate
-
-    dec = model.config.decoder
-    input_ids, attention_mask = _left_pad(prompts, dec.pad_token_id)
-    # Never ask for more than the context holds: the prompt plus new tokens must fit max_seq_len.
-    budget = dec.max_seq_len - input_ids.shape[1]
-    if budget < 1:
-        raise ValueError(f"prompt of {input_ids.shape[1]} tokens leaves no room in max_seq_len={dec.max_seq_len}")
-    param = next(model.parameters())
-    with torch.inference_mode():
-        video = torch.stack(videos).to(device=param.device, dtype=param.dtype)  # [U, F, 3, S, S]
-        latents = model.encode_video(video)  # [U, L, D_v]
-        latents = latents[torch.tensor(video_index, device=latents.device)]  # [B, L, D_v]
-        new_tokens = generate(
-            model, input_ids.to(param.device), max_new_tokens=min(max_new_tokens, budget), temperature=0.0,
-            eos_token_id=dec.eos_token_id, attention_mask=attention_mask.to(param.device),
-            visual_latents=latents,
-        )  # [B, T_new]
-    return [_decode(tokenizer, row, eos_id=dec.eos_token_id, pad_id=dec.pad_token_id)
-            for row in new_tokens.tolist()]
 
 
 # ---- the harness ----------------------------------------------------------------------------
@@ -310,7 +258,9 @@ def _generate(run: _EvalRun, ready: list[EvalItem], prompts: list[list[int]],
     if not ready:
         return {}
     distinct = list(dict.fromkeys(it.video for it in ready))
-    generated = _generate_batch(run.model, run.tokenizer, prompts, [loaded[v].frames for v in distinct],
+    from videollama.inference.generate import generate_batch
+
+    generated = generate_batch(run.model, run.tokenizer, prompts, [loaded[v].frames for v in distinct],
                                 [distinct.index(it.video) for it in ready], max_new_tokens=run.max_new_tokens)
     return {it.index: text for it, text in zip(ready, generated)}
 

@@ -46,7 +46,7 @@ def score_continuations(model: Any, prompts: list[list[int]], continuations: lis
     videos' visual latents [U, L, D_v] (None: text only); video_index: for each row, which video.
     Raises ValueError when a row does not fit the model's context (``max_seq_len``).
     """
-    from videollama.eval.harness import _left_pad
+    from videollama.inference.generate import left_pad
 
     if len(prompts) != len(continuations) or len(prompts) != len(video_index):
         raise ValueError(f"{len(prompts)} prompts, {len(continuations)} continuations, {len(video_index)} video indices")
@@ -57,7 +57,7 @@ def score_continuations(model: Any, prompts: list[list[int]], continuations: lis
     too_long = [len(r) for r in rows if len(r) > dec.max_seq_len]
     if too_long:
         raise ValueError(f"a prompt + continuation of {max(too_long)} tokens is longer than max_seq_len={dec.max_seq_len}")
-    input_ids, attention_mask = _left_pad(rows, dec.pad_token_id)  # [B, T] each
+    input_ids, attention_mask = left_pad(rows, dec.pad_token_id)  # [B, T] each
     param = next(model.parameters())
     with torch.inference_mode():
         row_latents = None

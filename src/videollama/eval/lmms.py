@@ -84,7 +84,7 @@ class VideoLlamaLmms(lmms):
             raise ValueError(f"videollama: --batch_size must be a number, not {batch_size!r}") from None
         if self.batch_size < 1 or int(max_new_tokens) < 1:
             raise ValueError(f"videollama: batch_size and max_new_tokens must be >= 1 ({batch_size}, {max_new_tokens})")
-        from videollama.inference import load_for_inference
+        from videollama.inference.load import load_for_inference
 
         self.model, self.tokenizer = load_for_inference(pretrained, adapter=adapter, quantize=quantize, device=device)
         self.reduction = reduction
@@ -203,11 +203,10 @@ class VideoLlamaLmms(lmms):
         """Greedy (unless the task asks to sample) in one left-padded batch, decoded as the harness decodes."""
         import torch
 
-        from videollama.eval.harness import _decode, _left_pad
-        from videollama.model.generate import generate  # the one import of generation in this module
+        from videollama.inference.generate import answer_text, generate, left_pad  # generation, imported once
 
         dec = self.model.config.decoder
-        input_ids, attention_mask = _left_pad(prompts, dec.pad_token_id)  # [B, T] each
+        input_ids, attention_mask = left_pad(prompts, dec.pad_token_id)  # [B, T] each
         max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
         budget = dec.max_seq_len - input_ids.shape[1]  # the prompt plus new tokens must fit max_seq_len
         sample = bool(gen_kwargs.get("do_sample")) and float(gen_kwargs.get("temperature") or 0.0) > 0
@@ -219,7 +218,7 @@ class VideoLlamaLmms(lmms):
             eos_token_id=dec.eos_token_id, attention_mask=attention_mask.to(device),
             visual_latents=torch.stack(row_latents),  # [B, L, D_v]
         )  # [B, T_new]
-        return [_decode(self.tokenizer, row, eos_id=dec.eos_token_id, pad_id=dec.pad_token_id)
+        return [answer_text(self.tokenizer, row, eos_id=dec.eos_token_id, pad_id=dec.pad_token_id)
                 for row in new_tokens.tolist()]
 
 

@@ -1,10 +1,11 @@
-"""Single-device VideoLlama model code, one file per component.
+"""Single-device VideoLlama model code, one file per component: the network and its weight format.
 
 layers.py (RMSNorm, SwiGLU, rotary), parts.py (which part a parameter belongs to, the blocks of
 each kind, Hugging Face prefixes), vision.py (ViT per frame + temporal aggregation), resampler.py
-(Perceiver resampler and gated cross-attention), decoder.py (Llama blocks), videollama.py (the
-composed model, init_weights, loss and model directory format), generate.py (KV-cache generation
-and the ``generate`` command).
+(Perceiver resampler and gated cross-attention), decoder.py (Llama blocks, the static KV cache,
+the media the cross-attention blocks read), videollama.py (the composed model, init_weights, loss
+and model directory format). Generation lives in ``videollama.inference``, the memory planner in
+``videollama.plan``.
 
 Attributes are imported lazily: ``videollama.model.parts`` is read by torch-free code (recipes).
 """

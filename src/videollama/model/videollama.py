@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from videollama.config import VideoLlamaConfig
-from videollama.model.decoder import Decoder, KVCache
+from videollama.model.decoder import Decoder, KVCache, Media
 from videollama.model.parts import check_layout
 from videollama.model.resampler import PerceiverResampler
 from videollama.model.vision import VisionEncoder
@@ -211,20 +211,17 @@ class VideoLlama(nn.Module):
         key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         # With video_index each video is encoded, and each cross-attention block projects its
         # latents, once; the text rows of a video then gather that video's keys and values.
-        logits = self.decode(input_ids, positions=positions, key_mask=key_mask, media=latents,
-                             media_index=video_index)
+        media = Media.from_latents(latents, index=video_index) if latents is not None else None
+        logits = self.decode(input_ids, positions=positions, key_mask=key_mask, media=media)
         loss = lm_loss(logits, labels) if labels is not None else None
         return VideoLlamaOutput(logits=logits, loss=loss)
 
     def decode(self, input_ids: torch.Tensor, *, positions: torch.Tensor, key_mask: torch.Tensor | None = None,
-               media: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-               kv_caches: list[KVCache] | None = None, start: int = 0,
-               media_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V] for tokens already checked; the step that generation repeats.
-        media: visual latents [B, L, D_v] or the decoder's ``project_media`` of them, or None;
-        media_index: [B], which video of media each row reads (None: row b reads video b)."""
+               media: Media | None = None, kv_caches: list[KVCache] | None = None,
+               write_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for tokens already checked (the arguments are :meth:`Decoder.forward`'s)."""
         return self.lm_head(self.decoder(input_ids, positions=positions, key_mask=key_mask, media=media,
-                                         kv_caches=kv_caches, start=start, media_index=media_index))
+                                         kv_caches=kv_caches, write_pos=write_pos))
 
     # ---- model directory --------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, tokenizer=None, max_shard_size: int = 5 * 2**30) -> None:

@@ -17,7 +17,7 @@ from videollama.serve.limits import add_limit_arguments, limits_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from videollama.inference import add_model_arguments
+    from videollama.inference.load import add_model_arguments
 
     add_model_arguments(parser)  # --model, --adapter, --quantize
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

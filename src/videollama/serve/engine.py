@@ -117,7 +117,7 @@ class Engine:
     def from_model_dir(cls, model_dir, *, device=None, adapter=None, quantize=None, **kwargs) -> Engine:
         """Load ``model_dir`` (config.json, weights, tokenizer.json; a LoRA ``adapter`` merged in,
         ``quantize`` none/int8/int4) the way generate and eval do, and build an engine (not started)."""
-        from videollama.inference import load_for_inference
+        from videollama.inference.load import load_for_inference
 
         model, tokenizer = load_for_inference(model_dir, adapter=adapter, quantize=quantize, device=device)
         kwargs.setdefault("name", Path(model_dir).resolve().name)
@@ -421,6 +421,6 @@ class Engine:
 
 
 def _default_decoder(model, *, max_batch: int, max_len: int, compile: bool = False):
-    from videollama.model.batch import BatchDecoder
+    from videollama.inference.batch import BatchDecoder
 
     return BatchDecoder(model, max_batch=max_batch, max_len=max_len, compile=compile)

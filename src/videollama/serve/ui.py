@@ -323,7 +323,7 @@ def example_videos(folder: Path | None, scratch: Path, cap: int) -> list[Path]:
 # ---- the `videollama chat` command -----------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from videollama.inference import add_model_arguments
+    from videollama.inference.load import add_model_arguments
     from videollama.serve.cli import add_access_arguments
     from videollama.serve.limits import add_limit_arguments
 

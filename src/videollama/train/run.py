@@ -170,6 +170,6 @@ def resume(run: Run) -> None:
 
 
 def _flops_per_sample(model_cfg: VideoLlamaConfig) -> float:
-    from videollama.model.info import train_flops_per_sample
+    from videollama.plan.info import train_flops_per_sample
 
     return float(train_flops_per_sample(model_cfg))

@@ -1,19 +1,16 @@
-"""Parameters for the memory planner (:mod:`videollama.model.plan`), counted on meta-device models:
-every parameter by part and stage, the adapters LoRA adds (train.lora's own selection), and the
-bytes of a base in bitsandbytes NF4 (the module docstring of plan.py gives the byte figures)."""
+"""Parameters for the memory planner, counted on meta-device models: every parameter by part and
+stage, the adapters LoRA adds (train.lora's own selection), and the bytes of a base in
+bitsandbytes NF4 (the module docstring of estimate.py gives the byte figures)."""
 
 from __future__ import annotations
 
 import functools
 import json
-from typing import TYPE_CHECKING
 
 from videollama.config import VideoLlamaConfig
-from videollama.model.activations import F32
 from videollama.model.parts import part_of
-
-if TYPE_CHECKING:
-    from videollama.model.plan import Settings
+from videollama.plan.activations import F32
+from videollama.plan.settings import Settings
 
 NF4_BLOCK, NF4_BLOCK2 = 64, 256   # bitsandbytes: values per absmax block; absmax values per second-level block
 NF4_TENSOR = 4 + 16 * 4           # per tensor: the fp32 offset of the absmax, the fp32 NF4 code

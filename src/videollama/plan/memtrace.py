@@ -17,8 +17,6 @@ parameters excluded; a tensor is attributed to the block that first saves it.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 
@@ -103,13 +101,3 @@ def saved_tensor_bytes(model: torch.nn.Module, forward) -> dict[str, int]:
         out[kind] = out.get(kind, 0) + nbytes
     return out
 
-
-@contextlib.contextmanager
-def single_thread():
-    """One intra-op thread inside the block (per-thread kernel buffers then do not depend on the machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -3,7 +3,7 @@
 :func:`add_model_arguments` gives a command ``--model DIR``, ``--adapter DIR`` (a peft LoRA
 adapter, merged into the weights at load time, so decoding costs what the base model costs) and
 ``--quantize {none,int8,int4}`` (weight-only quantization through torchao,
-``videollama.model.quantize``). :func:`load_for_inference` returns ``(model, tokenizer)``.
+:mod:`videollama.inference.quantize`). :func:`load_for_inference` returns ``(model, tokenizer)``.
 """
 
 from __future__ import annotations
@@ -50,11 +50,7 @@ def load_for_inference(model_dir: str | Path, *, adapter: str | Path | None = No
 
         model = load_adapter(model, adapter, merge=True)
     if quantize not in (None, "none"):
-        try:
-            from videollama.model.quantize import quantize_model
-        except ModuleNotFoundError as e:
-            if e.name != "videollama.model.quantize":
-                raise
-            raise ValueError(f"--quantize {quantize}: this installation has no videollama.model.quantize") from e
-        model = quantize_model(model, quantize) or model
+        from videollama.inference.quantize import quantize_model
+
+        model = quantize_model(model, quantize)
     return model.eval(), tokenizer

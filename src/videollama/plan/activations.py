@@ -239,7 +239,7 @@ def lora_internal(cfg, kind: str, adapted: frozenset, *, clips: int, frames: int
                   act: int, r: int, dropout: bool, input_grad: bool, media_grad: bool = False,
                   mask: int | None = None) -> int:
     """What a decoder-side stage saves besides its input (and the latents, one tensor kept by the
-    adapters of k_proj/v_proj: see plan.py) with frozen base weights and LoRA adapters on the linear
+    adapters of k_proj/v_proj: see estimate.py) with frozen base weights and LoRA adapters on the linear
     layers ``adapted`` (leaf names: q_proj, gate_proj...; ``embed_tokens``/``lm_head`` for the root
     stages). ``kind``: decoder, cross_attn, decoder.embed, decoder.norm or loss (its adapter only).
     ``input_grad``: whether the stage's input needs a gradient; ``media_grad``: the latents'.
@@ -294,7 +294,7 @@ def lora_internal(cfg, kind: str, adapted: frozenset, *, clips: int, frames: int
         norm(input_grad)
         q = adapters(["q_proj"], t * h, t, input_grad)
         # k_proj/v_proj read the latents: without dropout their adapters keep the latents themselves
-        # (counted once, by plan.py, as the first block's shared tensor): only the rank-r intermediates here;
+        # (counted once, by estimate.py, as the first block's shared tensor): only the rank-r intermediates here;
         # with dropout each adapter keeps its own dropout of them
         k = adapters(["k_proj"], lat * v.hidden_size, lat, media_grad, kept=True)
         v_ = adapters(["v_proj"], lat * v.hidden_size, lat, media_grad, kept=True)

@@ -1,8 +1,8 @@
-"""Memory per device of a training step or of generation, before launch: ``videollama plan``.
+"""The memory estimate of ``videollama plan``: the peak per device of a training step or of generation.
 
 Parameters, gradients and optimizer state are counted exactly on a meta-device model (no memory
 is allocated, so ``videollama-13b`` is counted in a second). Activations come from
-:mod:`videollama.model.activations`, which lists the tensors autograd saves per block kind from the
+:mod:`videollama.plan.activations`, which lists the tensors autograd saves per block kind from the
 model's shapes. A step is then replayed stage by stage (forward, the loss, backward in reverse,
 the optimizer step), adding at each moment what is alive, and the peak is the largest of those
 moments; the breakdown is the memory at that moment.
@@ -35,63 +35,26 @@ norms, lm_head, biases) are in the run's precision (bf16 by default), as are the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from videollama.config import VideoLlamaConfig
-from videollama.model.activations import (
+from videollama.plan.activations import (
     F32,
     I64,
     Stage,
+    decoder_side,
     decoder_stages,
+    lora_internal,
     loss_stage,
     resampler_stage,
     vision_stages,
 )
-from videollama.model.parts import BLOCK_TYPES, check_names
-from videollama.model.plan_params import (  # noqa: F401 - nf4_bytes, stage_of: part of this module's API
-    base_weight_bytes,
-    lora_table,
-    nf4_bytes,
-    param_table,
-    stage_of,
-)
+from videollama.plan.params import base_weight_bytes, lora_table, param_table, stage_of
+from videollama.plan.settings import TRAINING, Settings, usable_bytes, with_settings
 
-GiB = 2**30
-MODES = ("train", "lora", "qlora", "infer")
-TRAINING = ("train", "lora", "qlora")
-LORA_R = 16       # --mode lora without a recipe: configs/lora-videoqa.yaml's rank
-PRECISIONS = ("bf16", "fp32")
-USABLE = 0.9   # of a device's memory: the rest for the CUDA context and the caching allocator's fragmentation
 # What is alive at the peak, in this order; the items sum to the peak.
 BREAKDOWN = ("parameters", "gradients", "optimizer_state", "gathered_parameters", "inputs", "activations",
              "visual_latents_and_cross_kv", "kv_cache", "transient")
-
-
-@dataclass(frozen=True)
-class Settings:
-    mode: str = "train"
-    gpus: int = 1
-    gpu_memory_gib: float = 80.0
-    frames: int = 16
-    tokens: int = 2048          # train: tokens per row; infer: prompt tokens
-    new_tokens: int = 32        # infer only
-    micro_batch: int = 1        # train: clips per micro-batch; infer: prompts
-    precision: str = "bf16"
-    checkpointing: tuple[str, ...] = ()
-    freeze: tuple[str, ...] = ()
-    texts_per_clip: int = 1     # train: text rows per clip
-    lora_r: int = 0             # lora/qlora: the adapters' rank
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ()   # recipe.LoraSection.target_modules
-    lora_parts: tuple[str, ...] = ()     # recipe.LoraSection.parts
-
-    @property
-    def fsdp(self) -> bool:
-        return self.mode in ("train", "lora") and (self.gpus > 1 or self.precision == "bf16")
-
-    @property
-    def lora(self) -> bool:
-        return self.mode in ("lora", "qlora")
 
 
 @dataclass
@@ -100,30 +63,6 @@ class Estimate:
     phase: str                  # the moment of the peak
     at_peak: dict[str, int]     # what is alive then; sums to peak
     totals: dict[str, int]      # each item at its own largest
-
-
-@dataclass
-class Plan:
-    model: str
-    settings: Settings
-    params: int
-    estimate: Estimate
-    fits: bool
-    usable: int
-    max_micro_batch: int
-    suggestions: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        s = self.settings
-        return {"model": self.model, "mode": s.mode, "settings": {**s.__dict__, "checkpointing": list(s.checkpointing),
-                                                                 "freeze": list(s.freeze), "fsdp": s.fsdp,
-                                                                 "lora_targets": list(s.lora_targets),
-                                                                 "lora_parts": list(s.lora_parts)},
-                "params": self.params, "trainable_params": self.estimate.totals.get("trainable_params", 0), "peak_bytes": self.estimate.peak, "peak_gib": self.estimate.peak / GiB,
-                "peak_phase": self.estimate.phase, "breakdown": self.estimate.at_peak, "totals": self.estimate.totals,
-                "gpu_memory_gib": s.gpu_memory_gib, "usable_bytes": self.usable, "fits": self.fits,
-                "max_micro_batch": self.max_micro_batch, "suggestions": self.suggestions, "notes": self.notes}
 
 
 # ---- the estimate -----------------------------------------------------------------------------------
@@ -144,22 +83,13 @@ def _stages(config, s: Settings, act: int, *, clips: int, rows: int, tokens: int
     dec = decoder_stages(config, clips=clips, frames=s.frames, rows=rows, tokens=tokens, act=act)
     return vis + [res] + dec, latents
 
-
 def _train(config, s: Settings, table, act: int) -> Estimate:
     b, rows, t = s.micro_batch, s.micro_batch * s.texts_per_clip, s.tokens
     stages, latents = _stages(config, s, act, clips=b, rows=rows, tokens=t)
     stages.append(loss_stage(config, rows=rows, tokens=t, act=act))
     n = s.gpus if s.fsdp else 1
-    numel, trainable = {}, {}
     adapters = lora_table(config, s) if s.lora else ()
-    for name, part, k in table:
-        st = stage_of(name)
-        numel[st] = numel.get(st, 0) + k
-        if part not in s.freeze and not s.lora:
-            trainable[st] = trainable.get(st, 0) + k
-    for _, st, k in adapters:
-        numel[st] = numel.get(st, 0) + k
-        trainable[st] = trainable.get(st, 0) + k
+    numel, trainable = _counts(s, table, adapters)
     _apply(stages, numel, s.checkpointing, trainable)
     if s.lora:
         _frozen_base(config, s, stages, adapters, act)
@@ -175,6 +105,44 @@ def _train(config, s: Settings, table, act: int) -> Estimate:
             "inputs": b * s.frames * config.vision.num_channels * config.vision.image_size ** 2 * F32
             + 2 * rows * t * I64}
     gathered = pd * (root + 2 * largest) if s.fsdp else 0
+    moments, grads = _replay(stages, s, trainable, n=n, pd=pd)
+    moments.append(("optimizer step", {"gradients": grads, "gathered_parameters": -gathered}))
+    at_peak, phase = _peak(moments, {**base, "gathered_parameters": gathered})
+    ac_all = [replace(st, checkpointed=st.kind != "root") for st in stages]
+    no_ac = [replace(st, checkpointed=False) for st in stages]
+    totals = {**base, "gradients": grads, "gathered_parameters": gathered,
+              "activations": sum(st.saved - st.visual for st in stages),
+              "activations_without_checkpointing": sum(st.saved - st.visual for st in no_ac),
+              "activations_with_checkpointing": sum(st.saved - st.visual for st in ac_all),
+              "activations_by_kind": _by_kind(stages),
+              "visual_latents_and_cross_kv": sum(st.visual for st in stages),
+              "visual_latents": latents * _any_cross(config),
+              "cross_attn_kv": _cross_kv(config, b, s.frames, act), "kv_cache": 0,
+              "largest_transient": max(m["transient"] for _, m in moments if "transient" in m),
+              "trainable_params": train_total, "frozen_params": total - train_total,
+              "base_weight_bytes": weights if s.lora else 0, "nf4_weight_bytes": nf4,
+              "adapter_bytes": F32 * adapter_total, "adapted_layers": len(adapters)}
+    return Estimate(sum(at_peak.values()), phase, at_peak, totals)
+
+
+def _counts(s: Settings, table, adapters) -> tuple[dict[str, int], dict[str, int]]:
+    """Parameters per stage, all and trainable (LoRA: the adapters only)."""
+    numel, trainable = {}, {}
+    for name, part, k in table:
+        st = stage_of(name)
+        numel[st] = numel.get(st, 0) + k
+        if part not in s.freeze and not s.lora:
+            trainable[st] = trainable.get(st, 0) + k
+    for _, st, k in adapters:
+        numel[st] = numel.get(st, 0) + k
+        trainable[st] = trainable.get(st, 0) + k
+    return numel, trainable
+
+
+def _replay(stages: list[Stage], s: Settings, trainable: dict, *, n: int,
+            pd: int) -> tuple[list[tuple[str, dict]], int]:
+    """The moments of a step's forward and backward, what is alive at each, and the gradients
+    held at the end (n: devices the state is sharded over; pd: bytes of a gathered parameter)."""
     moments: list[tuple[str, dict]] = []
     live = visual = 0
 
@@ -204,31 +172,13 @@ def _train(config, s: Settings, table, act: int) -> Estimate:
         moments.append(("backward end, the root's reduce-scatter",
                         {"gradients": grads + root_grads + root_sharded, "transient": F32 * root_grads // pd}))
         grads += root_sharded
-    moments.append(("optimizer step", {"gradients": grads, "gathered_parameters": -gathered}))
-    at_peak, phase = _peak(moments, {**base, "gathered_parameters": gathered})
-    ac_all = [replace(st, checkpointed=st.kind != "root") for st in stages]
-    no_ac = [replace(st, checkpointed=False) for st in stages]
-    totals = {**base, "gradients": grads, "gathered_parameters": gathered,
-              "activations": sum(st.saved - st.visual for st in stages),
-              "activations_without_checkpointing": sum(st.saved - st.visual for st in no_ac),
-              "activations_with_checkpointing": sum(st.saved - st.visual for st in ac_all),
-              "activations_by_kind": _by_kind(stages),
-              "visual_latents_and_cross_kv": sum(st.visual for st in stages),
-              "visual_latents": latents * _any_cross(config),
-              "cross_attn_kv": _cross_kv(config, b, s.frames, act), "kv_cache": 0,
-              "largest_transient": max(m["transient"] for _, m in moments if "transient" in m),
-              "trainable_params": train_total, "frozen_params": total - train_total,
-              "base_weight_bytes": weights if s.lora else 0, "nf4_weight_bytes": nf4,
-              "adapter_bytes": F32 * adapter_total, "adapted_layers": len(adapters)}
-    return Estimate(sum(at_peak.values()), phase, at_peak, totals)
+    return moments, grads
 
 
 def _frozen_base(config, s: Settings, stages: list[Stage], adapters, act: int) -> None:
     """LoRA: what the stages save with every base weight frozen (activations.lora_internal) on the
     decoder side; a vision-side stage (ViT, temporal, resampler) keeps full training's count plus
     its adapters' rank-r intermediates (an upper bound: its frozen LayerNorms and gates save less)."""
-    from videollama.model.activations import decoder_side, lora_internal
-
     adapted: dict[str, set] = {}
     for name, st, _ in adapters:
         adapted.setdefault(st, set()).add(name.rsplit(".", 1)[-1])
@@ -334,75 +284,12 @@ def _by_kind(stages: list[Stage]) -> dict[str, int]:
     return out
 
 
-# ---- validation, fit, the largest micro-batch -------------------------------------------------------
-
-
-def settings_for(config: VideoLlamaConfig, **kw) -> Settings:
-    """Settings with the defaults of ``config`` filled in and every value checked (ValueError)."""
-    d, v = config.decoder, config.vision
-    mode = kw.get("mode") or "train"
-    if mode not in MODES:
-        raise ValueError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
-    new = kw.get("new_tokens")
-    new = 32 if new is None else new
-    frames = _value(kw, "frames", config.preprocess.num_frames)
-    default_tokens = d.max_seq_len if mode in TRAINING else max(1, d.max_seq_len - new)
-    lora = mode in ("lora", "qlora")
-    from videollama.train.recipe import LoraSection
-
-    defaults = LoraSection()
-    s = Settings(mode=mode, gpus=_value(kw, "gpus", 1), gpu_memory_gib=_value(kw, "gpu_memory_gib", 80.0),
-                 frames=frames, tokens=_value(kw, "tokens", default_tokens), new_tokens=new,
-                 micro_batch=_value(kw, "micro_batch", 1), precision=kw.get("precision") or "bf16",
-                 checkpointing=tuple(kw.get("checkpointing") or ()), freeze=tuple(kw.get("freeze") or ()),
-                 texts_per_clip=_value(kw, "texts_per_clip", 1),
-                 lora_r=_value(kw, "lora_r", LORA_R) if lora else 0,
-                 lora_dropout=float(_value(kw, "lora_dropout", defaults.dropout)) if lora else 0.0,
-                 lora_targets=tuple(_value(kw, "lora_targets", defaults.target_modules)) if lora else (),
-                 lora_parts=tuple(_value(kw, "lora_parts", defaults.parts)) if lora else ())
-    for name, value in (("--gpus", s.gpus), ("--micro-batch", s.micro_batch), ("--frames", s.frames),
-                        ("--seq", s.tokens), ("--new-tokens", s.new_tokens), ("texts_per_clip", s.texts_per_clip)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not s.gpu_memory_gib > 0:
-        raise ValueError(f"--gpu-memory must be > 0 GiB, got {s.gpu_memory_gib!r}")
-    if s.precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {s.precision!r}")
-    check_names(list(s.checkpointing), BLOCK_TYPES, "--activation-checkpointing", "block kinds")
-    if s.frames > v.max_frames:
-        raise ValueError(f"--frames {s.frames}: the model takes 1 to {v.max_frames} frames (vision.max_frames)")
-    if lora:
-        if isinstance(s.lora_r, bool) or not isinstance(s.lora_r, int) or s.lora_r < 1:
-            raise ValueError(f"--lora-r must be an integer >= 1, got {s.lora_r!r}")
-        if not 0.0 <= s.lora_dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {s.lora_dropout!r}")
-        if s.freeze:
-            raise ValueError("freeze does not apply to --mode lora/qlora: every base weight is frozen")
-        lora_table(config, s)   # train.lora.target_modules' own errors: no match, a tied embedding/lm_head
-    if mode == "qlora" and s.gpus != 1:
-        raise ValueError(f"--mode qlora runs on one GPU in one process without FSDP (train/loop.py), not --gpus {s.gpus}")
-    if mode in TRAINING and s.tokens < 2:
-        raise ValueError("--seq must be >= 2 for training (the loss predicts token t+1 from token t)")
-    if s.tokens + (s.new_tokens if mode == "infer" else 0) > d.max_seq_len:
-        extra = f" + {s.new_tokens} new tokens" if mode == "infer" else ""
-        raise ValueError(f"--seq {s.tokens}{extra} is longer than the model's max_seq_len {d.max_seq_len}")
-    return s
-
-
-def _value(kw: dict, key: str, default):
-    return default if kw.get(key) is None else kw[key]
-
-
-def usable_bytes(s: Settings) -> int:
-    return int(s.gpu_memory_gib * GiB * USABLE)
-
-
 def max_micro_batch(config: VideoLlamaConfig, s: Settings, limit: int = 1 << 20) -> int:
     """The largest micro-batch (infer: batch) whose peak fits in the usable memory; 0 if none."""
     usable = usable_bytes(s)
 
     def fits(b: int) -> bool:
-        return estimate(config, _with(s, micro_batch=b)).peak <= usable
+        return estimate(config, with_settings(s, micro_batch=b)).peak <= usable
 
     if not fits(1):
         return 0
@@ -415,38 +302,3 @@ def max_micro_batch(config: VideoLlamaConfig, s: Settings, limit: int = 1 << 20)
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
-
-
-def _with(s: Settings, **changes) -> Settings:
-    return Settings(**{**s.__dict__, **changes})
-
-
-def plan(config: VideoLlamaConfig, s: Settings, *, model_name: str | None = None) -> Plan:
-    """Estimate, fit, the largest micro-batch, and what to change when it does not fit."""
-    from videollama.model.plan_report import notes_for, suggestions_for
-
-    est = estimate(config, s)
-    usable = usable_bytes(s)
-    fits = est.peak <= usable
-    p = Plan(model=model_name or config.name, settings=s, params=sum(k for _, _, k in param_table(config)),
-             estimate=est, fits=fits, usable=usable, max_micro_batch=max_micro_batch(config, s))
-    p.notes = notes_for(config, s)
-    if not fits:
-        p.suggestions = suggestions_for(config, s, est)
-    return p
-
-
-def add_arguments(parser) -> None:
-    from videollama.model.plan_report import add_arguments as add
-
-    add(parser)
-
-
-def run(args) -> int:
-    from videollama.model.plan_report import run as run_plan
-
-    return run_plan(args)
-
-
-__all__ = ["GiB", "Estimate", "Plan", "Settings", "estimate", "max_micro_batch", "param_table", "plan",
-           "settings_for", "stage_of"]

@@ -2,9 +2,9 @@
 
 :class:`BatchDecoder` holds one static KV cache of ``max_batch`` rows x ``max_len`` positions.
 :meth:`BatchDecoder.add` prefills a prompt into a free row (alone, exactly as
-:func:`~videollama.model.generate.generate` prefills a one-row batch) and returns its first new
-token; :meth:`BatchDecoder.step` then runs one :func:`~videollama.model.generate.decode_step` for
-every active row at once, whatever each row's length, video or sampling settings.
+:func:`~videollama.inference.generate.generate` prefills a one-row batch) and returns its first new
+token; :meth:`BatchDecoder.step` then runs one :func:`~videollama.inference.generate.decode_step`
+for every active row at once, whatever each row's length, video or sampling settings.
 
 The step's cost follows the number n of ACTIVE rows, not max_batch: active rows are kept
 compacted in the buffers' rows 0..n-1 (when a request leaves, the last active row's cache,
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from videollama.model.decoder import KVCache
-from videollama.model.generate import run_step, sample
+from videollama.inference.generate import prefill, run_step, sample
+from videollama.model.decoder import KVCache, Media
 
 MediaKV = list[tuple[torch.Tensor, torch.Tensor]]  # per cross-attn block (k, v), batch dim 1
 
@@ -135,9 +135,9 @@ class BatchDecoder:
 
         # The prompt alone, into this row's slice of the cache (views: writes land in place).
         row_caches = [KVCache(c.k[r:r + 1], c.v[r:r + 1]) for c in self.caches]
-        hidden = self.model.decoder(ids, positions=torch.arange(n, device=self.device)[None], key_mask=None,
-                                    media=media_kv, kv_caches=row_caches, start=0)
-        logits = self.model.lm_head(hidden[:, -1])  # [1, V]
+        media = Media(kv=media_kv) if media_kv is not None else None
+        logits = prefill(self.model, ids, attention_mask=torch.ones_like(ids), media=media,
+                         kv_caches=row_caches)  # [1, V]
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -181,10 +181,12 @@ class BatchDecoder:
         self.key_mask[:n].scatter_(1, self.write_pos[:n, None], True)  # each row's new token sees itself
         any_media = bool(self.media_rows[:n].any())
         caches = [KVCache(c.k[:nb], c.v[:nb]) for c in self.caches]
-        media_kv = [(k[:nb], v[:nb]) for k, v in self.media_kv] if any_media else None
+        media = None
+        if any_media:
+            media = Media(kv=[(k[:nb], v[:nb]) for k, v in self.media_kv], rows=self.media_rows[:nb])
         logits = run_step(self.compile, self.model, self.tokens[:nb], position=self.position[:nb],
-                          write_pos=self.write_pos[:nb], key_mask=self.key_mask[:nb], media_kv=media_kv,
-                          kv_caches=caches, media_rows=self.media_rows[:nb] if any_media else None)  # [nb, V]
+                          write_pos=self.write_pos[:nb], key_mask=self.key_mask[:nb], media=media,
+                          kv_caches=caches)  # [nb, V]
         new = logits[:n].argmax(dim=-1)  # [n]
         for i, slot in enumerate(self.slot_at):
             row = self.rows[slot]

@@ -1,0 +1,110 @@
+"""``videollama plan`` on the command line: what to plan (a model directory, a preset or a training
+recipe), the flags that change it, and the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from videollama.config import VideoLlamaConfig
+from videollama.model.parts import BLOCK_TYPES
+from videollama.plan.planner import plan, settings_for
+from videollama.plan.report import render
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_argument_group("what to plan (one of)")
+    what.add_argument("--model", type=Path, metavar="DIR", help="a model directory (its config.json only is read)")
+    what.add_argument("--preset", metavar="NAME", help="a preset name (see config.py)")
+    what.add_argument("--config", type=Path, metavar="RECIPE", help="a training recipe (its model, micro_batch, precision, "
+                      "parallel.activation_checkpointing, freeze and data.max_len)")
+    parser.add_argument("--mode", metavar="train|lora|qlora|infer", help="train (default; a recipe with a lora: "
+                        "section: lora, or qlora with lora.quantize nf4), lora, qlora or infer (generate)")
+    parser.add_argument("--lora-r", type=int, dest="lora_r", metavar="R", help="lora/qlora: the adapters' rank "
+                        "(default: the recipe's lora.r, else 16)")
+    parser.add_argument("--gpus", type=int, metavar="N", help="devices; train: FSDP full sharding over them (default 1)")
+    parser.add_argument("--gpu-memory", type=float, dest="gpu_memory_gib", metavar="GIB", help="memory per device in GiB "
+                        "(default 80; an '80 GB' A100 or H100 has 80 GiB); 90%% of it counts as usable")
+    parser.add_argument("--frames", type=int, metavar="F", help="frames per clip (default: the model's preprocess.num_frames)")
+    parser.add_argument("--size", type=int, metavar="S", help="frame size in pixels (default: the model's vision.image_size)")
+    parser.add_argument("--seq", type=int, dest="tokens", metavar="T", help="train: tokens per row (default data.max_len or "
+                        "max_seq_len); infer: prompt tokens (default max_seq_len - new tokens)")
+    parser.add_argument("--new-tokens", type=int, metavar="N", help="infer: tokens generated (default 32)")
+    parser.add_argument("--micro-batch", type=int, metavar="B", help="train: clips per micro-batch; infer: prompts (default 1)")
+    parser.add_argument("--precision", metavar="bf16|fp32", help="bf16 (default; a GPU's) or fp32")
+    parser.add_argument("--activation-checkpointing", nargs="?", const="all", dest="checkpointing",
+                        metavar="KINDS", help="checkpoint every block (no value, or 'all'), the kinds given "
+                        f"(comma-separated: {','.join(BLOCK_TYPES)}) or none")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def resolve(args: argparse.Namespace) -> tuple[VideoLlamaConfig, dict, str]:
+    """The model config, the plan's keyword arguments (recipe values, then the flags) and a name."""
+    given = [k for k in ("model", "preset", "config") if getattr(args, k, None) is not None]
+    if len(given) != 1:
+        raise ValueError("plan needs exactly one of --model DIR, --preset NAME or --config RECIPE"
+                         + (f" (got {', '.join('--' + g for g in given)})" if given else ""))
+    kw: dict = {}
+    notes: list[str] = []
+    if args.model is not None:
+        config, name = VideoLlamaConfig.load(args.model), str(args.model)
+    elif args.preset is not None:
+        config, name = VideoLlamaConfig.from_name(args.preset), args.preset
+    else:
+        config, name, kw, notes = _from_recipe(args.config)
+    if args.size is not None:
+        config = config.with_overrides({"vision.image_size": args.size, "preprocess.size": args.size})
+    for key in ("mode", "lora_r", "gpus", "gpu_memory_gib", "frames", "tokens", "new_tokens", "micro_batch", "precision"):
+        if getattr(args, key, None) is not None:
+            kw[key] = getattr(args, key)
+    if args.checkpointing is not None:
+        value = args.checkpointing.strip()
+        kw["checkpointing"] = (BLOCK_TYPES if value == "all" else () if value == "none"
+                               else tuple(k.strip() for k in value.split(",") if k.strip()))
+    if kw.get("mode") == "infer" and args.tokens is None:
+        kw.pop("tokens", None)   # a recipe's data.max_len is a training length, not a prompt's
+    kw["_notes"] = notes
+    return config, kw, name
+
+
+def _from_recipe(path: Path) -> tuple[VideoLlamaConfig, str, dict, list[str]]:
+    from videollama.train.recipe import TrainConfig
+
+    cfg = TrainConfig.from_yaml(path)
+    if cfg.model.init_from:
+        config = VideoLlamaConfig.load(cfg.model.init_from)
+    else:
+        config = VideoLlamaConfig.from_name(cfg.model.preset)
+        if cfg.model.overrides:
+            config = config.with_overrides(cfg.model.overrides)
+    notes = []
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16"
+        notes.append("recipe precision auto: planned as bf16 (what it means on a GPU)")
+    texts = cfg.data.texts_per_clip
+    if texts == 0:
+        texts = 1
+        notes.append("data.texts_per_clip 0 (every text of a clip): planned as 1 text row per clip")
+    tokens = cfg.data.synthetic_seq_len if cfg.data.kind == "synthetic" else cfg.data.max_len
+    lora = {}
+    if cfg.lora.r:
+        lora = {"mode": "qlora" if cfg.lora.quantize == "nf4" else "lora", "lora_r": cfg.lora.r,
+                "lora_dropout": cfg.lora.dropout, "lora_targets": tuple(cfg.lora.target_modules),
+                "lora_parts": tuple(cfg.lora.parts)}
+    kw = {**lora, "micro_batch": cfg.micro_batch, "precision": precision,
+          "freeze": () if lora else tuple(cfg.freeze),
+          "checkpointing": tuple(cfg.parallel.activation_checkpointing), "texts_per_clip": texts,
+          "tokens": min(tokens or config.decoder.max_seq_len, config.decoder.max_seq_len)}
+    return config, f"{path} ({config.name})", kw, notes
+
+
+def run(args: argparse.Namespace) -> int:
+    config, kw, name = resolve(args)
+    notes = kw.pop("_notes")
+    s = settings_for(config, **kw)
+    p = plan(config, s, model_name=name)
+    p.notes = notes + p.notes
+    print(json.dumps(p.to_dict(), indent=2) if args.json else render(p))
+    return 0

@@ -1,0 +1,50 @@
+"""What a plan is asked about: :class:`Settings` (mode, devices, sizes, precision, checkpointing,
+LoRA) and the constants every planner module shares. Imports nothing of the planner's own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 2**30
+MODES = ("train", "lora", "qlora", "infer")
+TRAINING = ("train", "lora", "qlora")
+LORA_R = 16       # --mode lora without a recipe: configs/lora-videoqa.yaml's rank
+PRECISIONS = ("bf16", "fp32")
+USABLE = 0.9   # of a device's memory: the rest for the CUDA context and the caching allocator's fragmentation
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str = "train"
+    gpus: int = 1
+    gpu_memory_gib: float = 80.0
+    frames: int = 16
+    tokens: int = 2048          # train: tokens per row; infer: prompt tokens
+    new_tokens: int = 32        # infer only
+    micro_batch: int = 1        # train: clips per micro-batch; infer: prompts
+    precision: str = "bf16"
+    checkpointing: tuple[str, ...] = ()
+    freeze: tuple[str, ...] = ()
+    texts_per_clip: int = 1     # train: text rows per clip
+    lora_r: int = 0             # lora/qlora: the adapters' rank
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()   # recipe.LoraSection.target_modules
+    lora_parts: tuple[str, ...] = ()     # recipe.LoraSection.parts
+
+    @property
+    def fsdp(self) -> bool:
+        return self.mode in ("train", "lora") and (self.gpus > 1 or self.precision == "bf16")
+
+    @property
+    def lora(self) -> bool:
+        return self.mode in ("lora", "qlora")
+
+
+def with_settings(s: Settings, **changes) -> Settings:
+    """``s`` with ``changes`` (field=value) applied, unchecked."""
+    return Settings(**{**s.__dict__, **changes})
+
+
+def usable_bytes(s: Settings) -> int:
+    """The bytes of one device a plan may use: USABLE of its memory."""
+    return int(s.gpu_memory_gib * GiB * USABLE)
