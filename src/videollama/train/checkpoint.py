@@ -281,9 +281,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="model directory to write (a LoRA run: its adapter)")
     parser.add_argument("--merged", action="store_true",
                         help="a LoRA run: write a plain model directory with the adapter merged in")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model or adapter directory already "
+                        "in --out (whole: written beside it, then swapped)")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export(args.run_dir, args.out, step=args.step, merged=args.merged)  # a ValueError is one line from the command line
+    from videollama.train.out_dir import check_out, is_adapter_dir, is_model_dir, written_beside
+
+    out = Path(args.out)
+    # `export RUN --out RUN/model` is usual: inside the run is allowed, the run folder itself is not.
+    check_out(out, overwrite=args.overwrite, inputs={"run directory": Path(args.run_dir)}, command="export",
+              replaceable={"a model directory": is_model_dir, "an adapter directory": is_adapter_dir},
+              inside_allowed=("run directory",))
+    with written_beside(out) as staging:  # a ValueError is one line from the command line
+        export(args.run_dir, staging, step=args.step, merged=args.merged)
     print(f"wrote {out}")
     return 0

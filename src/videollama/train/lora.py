@@ -270,16 +270,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, type=Path,
                         help="a peft LoRA adapter (adapter_config.json, adapter_model.safetensors)")
     parser.add_argument("--out", required=True, type=Path, help="plain model directory to write (base + B A)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model directory already in --out (whole: written beside it, then swapped)")
 
 
 def run(args: argparse.Namespace) -> int:
     from videollama.model.videollama import VideoLlama
+    from videollama.train.out_dir import check_out, is_model_dir, written_beside
 
-    if args.out.resolve() == args.model.resolve():
-        raise ValueError(f"--out {args.out} is the base model directory; write the merged model elsewhere")
+    check_out(args.out, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter},
+              command="merge", replaceable={"a model directory": is_model_dir})
     read_adapter_config(args.adapter)  # a bad --adapter fails before the base weights are read
     model = load_adapter(VideoLlama.from_pretrained(args.model, device="cpu"), args.adapter, merge=True)
     tokenizer = args.model / "tokenizer.json"
-    model.save_pretrained(args.out, tokenizer=tokenizer if tokenizer.is_file() else None)
+    with written_beside(args.out) as staging:
+        model.save_pretrained(staging, tokenizer=tokenizer if tokenizer.is_file() else None)
     print(f"wrote {args.out}")
     return 0
