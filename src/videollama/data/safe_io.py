@@ -65,6 +65,40 @@ def read_json_object(path: str | os.PathLike, what: str = "JSON file", *, limit:
     return value
 
 
+def read_yaml_object(path: str | os.PathLike, what: str = "YAML file", *, limit: int = MAX_JSON_BYTES) -> dict:
+    """A regular YAML file of at most ``limit`` bytes holding a mapping (an empty file: ``{}``),
+    with parse_json's depth bound and no aliases (``*name``: a few of them can stand for an
+    exponential amount of data). Errors are ValueError or BadSample naming the file."""
+    import yaml
+
+    data = read_bounded(path, limit, what)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+
+    try:
+        value = yaml.load(text, Loader=NoAliases)  # noqa: S506 - a SafeLoader
+    except RecursionError:
+        raise ValueError(f"{path}: YAML nested too deeply") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if value is None:
+        return {}
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"{path}: YAML nested deeper than {MAX_JSON_DEPTH} levels")
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: the {what} must be a YAML mapping")
+    return value
+
+
 def read_bounded(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes (BadSample(TOO_LARGE) above it)."""
     st = check_regular_file(path, what)

@@ -143,7 +143,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = root / LATEST
     if not pointer.exists():
         return None
-    name = pointer.read_text(errors="replace")[:64].strip()
+    from videollama.data.errors import BadSample
+    from videollama.data.safe_io import read_bounded
+
+    try:  # a regular file of a few bytes: a FIFO or a device here is a bad pointer, not a hang
+        name = read_bounded(pointer, 4096, "checkpoint pointer").decode(errors="replace")[:64].strip()
+    except BadSample as e:
+        raise ValueError(f"{pointer} is not a step name: {e}") from e
     if not _STEP_NAME.fullmatch(name):
         raise ValueError(f"{pointer} must name a step folder of this run (like step-00001000), not {name!r}")
     path = root / name
