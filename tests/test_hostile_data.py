@@ -202,3 +202,24 @@ def test_recipes_and_configs_are_read_bounded(tmp_path, capsys):
     (tmp_path / "m" / "config.json").write_text(" " * (2 << 20) + "{}")
     with pytest.raises(ValueError, match="over the 1048576-byte cap"):
         VideoLlamaConfig.load(tmp_path / "m")
+
+
+def test_a_nul_byte_in_a_data_path_is_a_counted_skip(tmp_path, tok, capsys):
+    # Every os call on such a path raises ValueError ("embedded null byte"), which ended the run.
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "ok.mp4").write_bytes(good_video(seed=5))
+    line = {"video": "ok.mp4", "caption": "fine", "question": "which way?", "answer": "left"}
+    lines = [json.dumps(line), json.dumps({**line, "video": "ok\u0000.mp4"}), json.dumps({**line, "video": "\u0000"}),
+             json.dumps(line)]
+    (root / "m.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["data", "shards", "--input", str(root / "m.jsonl"), "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 2 samples" in printed and "skipped: not_a_file=2" in printed
+    loader = _loader(str(root / "m.jsonl"), tok, task="videoqa")
+    assert len(list(loader)) == 2 and loader.skipped == {"not_a_file": 2}
+    for argv in (["data", "shards", "--input", str(root / "m\0.jsonl"), "--out", str(tmp_path / "o2")],
+                 ["generate", "--model", str(root), "--prompt", "hi", "--video", "clip\0.mp4"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("videollama: error:") and "\n" not in err and "embedded null byte" not in err, err

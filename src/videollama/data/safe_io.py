@@ -25,6 +25,7 @@ from videollama.data.tokenizer import MAX_TEXT_CHARS as MAX_TEXT_CHARS  # re-exp
 MAX_LINE_BYTES = 1 << 20
 MAX_JSON_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
+NUL_IN_PATH = "the path contains a NUL byte, which no file name can hold"
 # MAX_TEXT_CHARS (16,384): characters of a question, answer, caption or prompt, checked before
 # tokenizing (a 2,048-token context holds far fewer characters than this).
 
@@ -38,6 +39,8 @@ def check_regular_file(path: str | os.PathLike, what: str = "file", *, name: str
     ``name`` (default: the path).
     """
     source = str(path) if name is None else name
+    if "\x00" in os.fsdecode(path):  # os.stat would raise ValueError, which no caller expects
+        raise BadSample(errors.NOT_A_FILE, source.replace("\x00", "\\x00"), NUL_IN_PATH)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -194,6 +197,8 @@ def resolve_inside(root: str | os.PathLike, relative: str, *, allow_outside: boo
     that does not say whether the target exists. ``allow_outside`` turns the check off (an
     explicit user choice, e.g. ``eval --allow-outside-root``).
     """
+    if "\x00" in relative:  # every os call on it would raise ValueError, ending the whole run
+        raise BadSample(errors.NOT_A_FILE, relative.replace("\x00", "\\x00"), NUL_IN_PATH)
     base = Path(root).resolve()
     try:
         resolved = (base / relative).resolve()
