@@ -163,3 +163,51 @@ def test_every_file_read_is_bounded_dev_zero_and_fifo_are_one_line_errors(tmp_pa
         assert rc == 2, (case, rc, err[-2000:])
         assert len(lines) == 1 and lines[0].startswith("videollama: error: "), (case, err[-2000:])
         assert "Traceback" not in err, case
+
+
+# ---- numbers on the command line ----------------------------------------------------------------
+
+RECIPE = str(ROOT / "configs/pretrain-tiny.yaml")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["plan", "--preset", "tiny", "--gpu-memory", "inf"], "--gpu-memory must be a finite number of GiB > 0, got inf"),
+    (["plan", "--preset", "tiny", "--gpu-memory", "1e400"], "--gpu-memory must be a finite number"),
+    (["plan", "--preset", "tiny", "--gpu-memory=-inf"], "--gpu-memory must be a finite number"),
+    (["plan", "--preset", "tiny", "--gpu-memory", "nan"], "--gpu-memory must be"),
+    (["plan", "--preset", "tiny", "--micro-batch", "0"], "--micro-batch must be an integer >= 1"),
+    (["train", "--config", RECIPE, "optimizer.lr=.nan"], "optimizer.lr: expected a finite number, got nan"),
+    (["train", "--config", RECIPE, "guards.timeout_s=1e400"], "guards.timeout_s: expected a finite number"),
+    (["train", "--config", RECIPE, "max_steps=.inf"], "max_steps: expected int, got inf"),
+    (["train", "--config", RECIPE, "--max-steps", "-5"], "max_steps >= 0"),
+    (["train", "--config", RECIPE, "micro_batch=0"], "micro_batch and global_batch must be >= 1"),
+])
+def test_bad_numbers_are_one_line_errors(argv, says, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert says in one_line_error(capsys)
+
+
+def test_generate_and_eval_refuse_numbers_they_cannot_use_before_loading(tmp_path, capsys, monkeypatch):
+    from videollama import VideoLlama, VideoLlamaConfig
+    from videollama.data.tokenizer import train_tokenizer
+
+    model_dir = tmp_path / "m"
+    VideoLlama(VideoLlamaConfig.from_name("tiny")).save_pretrained(
+        model_dir, tokenizer=train_tokenizer(["a red square"] * 4, vocab_size=300))
+    monkeypatch.setattr(VideoLlama, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    for argv, says in [
+        (["--temperature", "nan"], "--temperature >= 0 (finite)"),  # was: a RuntimeError from the sampler
+        (["--temperature", "inf"], "--temperature >= 0 (finite)"),
+        (["--temperature", "1e-39"], "too small to sample with"),  # was: NaN probabilities, a RuntimeError
+        (["--top-p", "nan"], "0 < --top-p <= 1"),
+        (["--seed", str(2**70)], "--seed must be in [-2**63, 2**64)"),  # was: "Overflow when unpacking long long"
+    ]:
+        assert main(["generate", "--model", str(model_dir), "--prompt", "hi", *argv]) == 2
+        assert says in one_line_error(capsys), argv
+    (tmp_path / "d.jsonl").write_text('{"video": "x.mp4", "question": "q?", "answer": "a"}\n')
+    for argv, says in [(["--batch-size", "0"], "--batch-size must be >= 1"), (["--limit", "-1"], "--limit must be >= 1"),
+                       (["--frames", "0"], "--frames must be 1")]:
+        assert main(["eval", "--model", str(model_dir), "--task", "videoqa", "--data", str(tmp_path / "d.jsonl"),
+                     "--out", str(tmp_path / "o"), *argv]) == 2
+        assert says in one_line_error(capsys), argv
