@@ -12,10 +12,13 @@ which reports the outcome, the seconds ``load_clip`` took (imports excluded) and
 (``ru_maxrss``; the imports alone take about 240 MB). One run per input: these are outcomes
 and orders of magnitude, not medians.
 
-Usage: python bench/bench_hostile_video.py [--before REF]
+Usage: python bench/bench_hostile_video.py [--before REF] [--only TEXT]
     --before REF: also measure the loader as it is at git revision REF (its src/ is extracted
     to a temporary directory), side by side.
-Writes bench/results/hostile_video.md and prints it.
+    --only TEXT: only the inputs whose description contains TEXT (e.g. "skip frames": the flood);
+    their table replaces the "Subset" section of the results file, the full table stays.
+Writes bench/results/hostile_video.md and prints it. Seconds are wall-clock; "CPU s" is the
+child's own CPU time, the figure to compare on a shared, loaded machine.
 """
 
 from __future__ import annotations
@@ -44,13 +47,14 @@ import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[3]), int(sys.argv[3])))
 from videollama.data.video import load_clip
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-start = time.monotonic()
+start, cpu = time.monotonic(), time.process_time()
 try:
     load_clip(sys.argv[1], **json.loads(sys.argv[2]))
     outcome = "loaded"
 except Exception as error:
     outcome = getattr(error, "reason", type(error).__name__)
-print(json.dumps({"outcome": outcome, "seconds": time.monotonic() - start, "base_mb": before / 1024,
+print(json.dumps({"outcome": outcome, "seconds": time.monotonic() - start, "cpu_seconds": time.process_time() - cpu,
+                  "base_mb": before / 1024,
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -92,10 +96,12 @@ def measure(src: Path, path: Path, kwargs: dict) -> dict:
         done = subprocess.run([sys.executable, "-c", CHILD, str(path), json.dumps(kwargs), str(LIMIT_BYTES)],
                               env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return {"outcome": f"killed at {TIMEOUT_S} s", "seconds": float(TIMEOUT_S), "peak_mb": float("nan")}
+        return {"outcome": f"killed at {TIMEOUT_S} s", "seconds": float(TIMEOUT_S), "cpu_seconds": float("nan"),
+                "peak_mb": float("nan")}
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        return {"outcome": f"died ({done.returncode})", "seconds": float("nan"), "peak_mb": float("nan")}
+        return {"outcome": f"died ({done.returncode})", "seconds": float("nan"), "cpu_seconds": float("nan"),
+                "peak_mb": float("nan")}
     return json.loads(lines[-1])
 
 
@@ -110,21 +116,45 @@ def extract_src(ref: str, into: Path) -> Path:
 
 
 def cell(result: dict) -> list[str]:
-    return [f"`{result['outcome']}`", f"{result['seconds']:.2f}", f"{result['peak_mb']:.0f}"]
+    return [f"`{result['outcome']}`", f"{result['seconds']:.2f}", f"{result.get('cpu_seconds', float('nan')):.2f}",
+            f"{result['peak_mb']:.0f}"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), its logical core count, and the load average at the start."""
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+    except OSError:
+        names = []
+    load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
+    return f"{names[0] if names else platform.processor() or platform.machine()} ({os.cpu_count()} logical cores{load})"
+
+
+def write_results(text: str, subset: bool) -> None:
+    """The full table replaces the file; a subset's replaces only the file's "Subset" section."""
+    path = ROOT / "bench" / "results" / "hostile_video.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if subset and path.exists():
+        full = path.read_text().split("\n## Subset:")[0].rstrip("\n")
+        text = full + "\n\n" + text
+    path.write_text(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", metavar="REF", help="also measure the loader at this git revision")
+    parser.add_argument("--only", metavar="TEXT", help="only the inputs whose description contains TEXT")
     args = parser.parse_args()
+    cpu = cpu_name()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cases = inputs(tmp)
+        cases = [case for case in inputs(tmp) if args.only is None or args.only in case[0]]
         before_src = extract_src(args.before, tmp / "before") if args.before else None
         header = ["input"]
         if before_src:
-            header += [f"before ({args.before}): outcome", "s", "peak RSS MB"]
-        header += ["outcome", "s", "peak RSS MB"]
+            header += [f"before ({args.before}): outcome", "s", "CPU s", "peak RSS MB"]
+        header += ["outcome", "s", "CPU s", "peak RSS MB"]
         rows = []
         for description, path, kwargs in cases:
             row = [description]
@@ -133,10 +163,13 @@ def main() -> None:
             row += cell(measure(ROOT / "src", path, kwargs))
             rows.append(row)
             print(" | ".join(row), flush=True)
+    title = (f"## Subset: the inputs matching {args.only!r}" if args.only
+             else "## Hostile inputs: what they cost `load_clip` (issue: bound the work per video)")
     lines = [
-        "## Hostile inputs: what they cost `load_clip` (issue: bound the work per video)",
+        title,
         "",
-        f"Measured by `bench/bench_hostile_video.py` on {platform.machine()}, Python {platform.python_version()}:",
+        f"Measured by `bench/bench_hostile_video.py{' --only ' + repr(args.only) if args.only else ''}` on {cpu}, "
+        f"{platform.machine()}, Python {platform.python_version()}:",
         "one run per input, each in a fresh process (6 GiB address-space limit, 300 s timeout), "
         "`load_clip` with its default arguments (60 s budget, 3000-frame cap) unless the row says "
         "otherwise; seconds exclude imports; peak RSS includes the ~240 MB of the imports.",
@@ -146,8 +179,7 @@ def main() -> None:
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
     text = "\n".join(lines) + "\n"
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "hostile_video.md").write_text(text)
+    write_results(text, subset=args.only is not None)
     print(text)
 
 

@@ -95,3 +95,88 @@ def test_export_checks_the_run_config_against_the_checkpoint_before_allocating(t
     with pytest.raises(ValueError, match=r"tensor 'model.decoder.embed_tokens.weight' is \(1024, 96\) in the checkpoint"):
         ckpt.export(run, tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+# ---- merge --out and export --out: the rule of `data shards` -------------------------------------
+
+
+def _tiny_model_dir(path, seed: int):
+    torch.manual_seed(seed)
+    VideoLlama(VideoLlamaConfig.from_name("tiny")).save_pretrained(path)
+    return path
+
+
+def _adapter(base, out):
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    model = VideoLlama.from_pretrained(base)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["decoder.layers.0.self_attn.q_proj"], init_lora_weights=False)
+    inject_adapter_in_model(config, model)
+    config.save_pretrained(str(out))
+    save_file(get_peft_model_state_dict(model, save_embedding_layers=False), str(out / "adapter_model.safetensors"))
+    return out
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_merge_refuses_another_model_and_overwrite_replaces_only_a_model_directory(tmp_path, capsys, monkeypatch):
+    base, other = _tiny_model_dir(tmp_path / "base", 0), _tiny_model_dir(tmp_path / "other", 1)
+    adapter = _adapter(base, tmp_path / "adapter")
+    kept = {p: _files(p) for p in (base, other, adapter)}
+
+    def merge(out, *extra):
+        return main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(out), *extra])
+
+    assert merge(other) == 2  # another model's weights were replaced, exit 0
+    assert "is not empty" in capsys.readouterr().err
+    for out, says in [(base, "is, or is inside, the --model input"), (base / "sub", "is, or is inside, the --model"),
+                      (adapter, "is, or is inside, the --adapter input"), (tmp_path, "holds the --model input")]:
+        assert merge(out, "--overwrite") == 2
+        assert says in capsys.readouterr().err, out
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "config.json").write_text("{}")
+    (mixed / "notes.txt").write_text("mine")
+    assert merge(mixed, "--overwrite") == 2
+    assert "is not a model directory" in capsys.readouterr().err
+    assert {p: _files(p) for p in (base, other, adapter)} == kept and (mixed / "notes.txt").read_text() == "mine"
+
+    # A failure while writing leaves the old model as it was, and nothing half-written beside it.
+    def broken_save(self, directory, **kwargs):
+        (directory / "config.json").parent.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(VideoLlama, "save_pretrained", broken_save)
+        assert merge(other, "--overwrite") == 2
+    assert "disk full" in capsys.readouterr().err
+    assert _files(other) == kept[other]
+    assert merge(other, "--overwrite") == 0
+    assert _files(other)["model.safetensors"] != kept[other]["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert merge(tmp_path / "new") == 0 and (tmp_path / "new" / "config.json").is_file()
+
+
+def test_export_refuses_a_full_folder_and_overwrite_replaces_only_its_own_kind(tmp_path, capsys):
+    from videollama.train.loop import train
+
+    run = tmp_path / "run"
+    train(small_cfg(max_steps=2), run)
+    out = tmp_path / "model"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    first = _files(out)
+    (out / "model.safetensors").write_bytes(b"old")
+    assert main(["export", str(run), "--out", str(out)]) == 2  # was: exit 0, the folder rewritten
+    assert "is not empty" in capsys.readouterr().err and (out / "model.safetensors").read_bytes() == b"old"
+    assert main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert _files(out) == first
+    assert main(["export", str(run), "--out", str(run), "--overwrite"]) == 2
+    assert "is, or is inside, the run directory input" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "holds the run directory input" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(run / "model")]) == 0  # inside the run: the usual place
+    assert (run / "model" / "config.json").is_file()

@@ -305,6 +305,28 @@ def test_bad_items_are_counted_and_the_rest_is_evaluated(setup, tmp_path):
     assert all("leaves its root folder" in m and "exist" not in m for m in messages)
 
 
+def test_a_nul_byte_in_a_video_path_is_a_counted_skip(setup, tmp_path, capsys):
+    # Every os call on such a path raises ValueError ("embedded null byte"), which ended the run.
+    from videollama.cli import main
+
+    root, model_dir = setup
+    model, tokenizer = VideoLlama.from_pretrained(model_dir, return_tokenizer=True)
+    good = {"video": "videos/red_right.mp4", "question": "what color is the square?", "answer": "red"}
+    data = root / "nul.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in
+                            [good, {**good, "video": "videos/red\u0000right.mp4"}, {**good, "video": "\u0000"}, good]))
+    metrics = evaluate(model, tokenizer, "videoqa", data, None, tmp_path / "out", batch_size=2, max_new_tokens=2,
+                       progress=False)
+    assert metrics["skipped_by_reason"] == {"not_a_file": 2} and metrics["evaluated"] == 2 and metrics["n"] == 4
+    preds = _read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert [p.get("skip_reason") for p in preds] == [None, "not_a_file", "not_a_file", None]
+    assert "NUL byte" in preds[1]["error"]
+    for argv in (["--data", str(root / "nul\0.jsonl")], ["--data", str(data), "--video-root", str(root) + "\0"]):
+        assert main(["eval", "--model", str(model_dir), "--task", "videoqa", "--out", str(tmp_path / "o"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("videollama: error:") and "\n" not in err, err
+
+
 def test_eval_exits_non_zero_when_nothing_could_be_evaluated(setup, tmp_path, capsys):
     from videollama.cli import main
 

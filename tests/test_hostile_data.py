@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -180,3 +181,45 @@ def test_safe_reader_refuses_a_bytes_item_at_read_time(tmp_path):
     with pytest.raises(CheckpointException, match="'x.lr' is stored as pickled bytes"):  # DCP wraps our refusal
         dcp.load(state, storage_reader=SafeReader(str(tmp_path / "c")), no_dist=True)
     assert state == {"x": {"lr": 0.0}}  # nothing was unpickled into it
+
+
+def test_recipes_and_configs_are_read_bounded(tmp_path, capsys):
+    from videollama.config import VideoLlamaConfig
+    from videollama.train.recipe import TrainConfig
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9))
+    (tmp_path / "bomb.yaml").write_text(bomb)  # 9^10 strings, if expanded
+    (tmp_path / "big.yaml").write_text("# padding\n" * 200_000 + "max_steps: 3\n")  # 2 MB
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "deep.yaml").write_text("a: " + "[" * 200 + "]" * 200 + "\n")
+    for name, says in [("bomb.yaml", "aliases (*name) are not allowed"), ("big.yaml", "over the 1048576-byte cap"),
+                       ("list.yaml", "must be a YAML mapping"), ("deep.yaml", "nested")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            TrainConfig.from_yaml(tmp_path / name)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(" " * (2 << 20) + "{}")
+    with pytest.raises(ValueError, match="over the 1048576-byte cap"):
+        VideoLlamaConfig.load(tmp_path / "m")
+
+
+def test_a_nul_byte_in_a_data_path_is_a_counted_skip(tmp_path, tok, capsys):
+    # Every os call on such a path raises ValueError ("embedded null byte"), which ended the run.
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "ok.mp4").write_bytes(good_video(seed=5))
+    line = {"video": "ok.mp4", "caption": "fine", "question": "which way?", "answer": "left"}
+    lines = [json.dumps(line), json.dumps({**line, "video": "ok\u0000.mp4"}), json.dumps({**line, "video": "\u0000"}),
+             json.dumps(line)]
+    (root / "m.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["data", "shards", "--input", str(root / "m.jsonl"), "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 2 samples" in printed and "skipped: not_a_file=2" in printed
+    loader = _loader(str(root / "m.jsonl"), tok, task="videoqa")
+    assert len(list(loader)) == 2 and loader.skipped == {"not_a_file": 2}
+    for argv in (["data", "shards", "--input", str(root / "m\0.jsonl"), "--out", str(tmp_path / "o2")],
+                 ["generate", "--model", str(root), "--prompt", "hi", "--video", "clip\0.mp4"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("videollama: error:") and "\n" not in err and "embedded null byte" not in err, err

@@ -404,6 +404,41 @@ def test_skip_frame_flood_reads_at_most_the_cap_with_default_arguments(monkeypat
     assert counter[0] == DEFAULT_MAX_DECODED_FRAMES + 1  # the packet past the cap, and no further
 
 
+def test_skip_frame_flood_is_stopped_by_its_pixel_work_with_default_arguments(monkeypatch):
+    # 48 KB of 8192x4880 skip frames and no keyframe: each packet costs a full-size decode and shows
+    # nothing. The frame cap (3000) and the 60 s budget let it decode for 45-60 s; the pixel budget
+    # for decoding that shows no frame stops it after a few dozen packets.
+    data = skip_frame_flood()
+    counter = [0]
+    real_open = av.open
+    monkeypatch.setattr(container.av, "open", lambda *a, **k: CountingContainer(real_open(*a, **k), counter))
+    with pytest.raises(BadSample) as raised:
+        load_clip(data)
+    assert raised.value.reason == errors.TIMEOUT and "without a frame coming out" in str(raised.value)
+    bound = container.WorkBound("x", DEFAULT_MAX_DECODED_FRAMES, None)
+    assert counter[0] <= bound.max_dry_pixels // (8192 * 4880) + 1 < 100
+    # FFmpeg's own probe of the file, which decodes frames too, is shortened in proportion.
+    check_declared(data, "flood", bound)
+    assert bound.declared_pixels == 8192 * 4880
+    assert int(bound.probe_options()["analyzeduration"]) < int(container.PROBE_OPTIONS["analyzeduration"]) / 10
+    small = container.WorkBound("y", DEFAULT_MAX_DECODED_FRAMES, None)
+    check_declared(skip_frame_flood(1920, 1080, frames=3), "full-hd", small)
+    assert small.probe_options() == container.PROBE_OPTIONS  # up to full HD: as before
+
+
+def test_pixel_budgets_leave_full_hd_to_the_frame_cap():
+    bound = container.WorkBound("x", 3000, None)
+    assert bound.max_pixels == 3000 * 1920 * 1080 and bound.max_dry_pixels == bound.max_pixels // 4
+    bound.check_pixels(bound.max_pixels, bound.max_dry_pixels, "decoding")  # at the budgets: fine
+    for pixels, dry, says in [(bound.max_pixels + 1, 0, "decoded more than 6221 megapixels"),
+                              (1, bound.max_dry_pixels + 1, "without a frame coming out")]:
+        with pytest.raises(BadSample, match=says) as raised:
+            bound.check_pixels(pixels, dry, "decoding")
+        assert raised.value.reason == errors.TIMEOUT
+    # A small frame cap still lets 32 frames of the largest allowed size decode (its own cap first).
+    assert container.WorkBound("x", 20, None).max_dry_pixels == 32 * container.MAX_PIXELS
+
+
 # ---- paths that are no regular files ---------------------------------------------------------------
 
 def test_paths_that_are_not_regular_files(tmp_path):

@@ -216,9 +216,14 @@ class VideoLlamaConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+        from videollama.data.errors import BadSample
+        from videollama.data.safe_io import read_json_object
+
+        try:  # bounded: a regular file of at most 1 MiB (never a FIFO or /dev/zero)
+            return cls.from_dict(read_json_object(path, "model config"))
+        except BadSample as e:  # its message names the file and says what it is
+            raise ValueError(str(e)) from e
+        except (OSError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a valid VideoLlama config: {e}") from e
 
     @classmethod

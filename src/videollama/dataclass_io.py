@@ -13,6 +13,7 @@ One builder and one override function for every config of the project: model con
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -47,7 +48,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             # PyYAML reads "2e-4" (no dot) as a string: accept it as the number it means.
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # .nan, .inf, 1e400: no setting of ours means them
+                raise ValueError(f"{where}: expected a finite number, got {value!r}")
+            return number
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -60,7 +64,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             if not isinstance(value, str):
                 raise ValueError
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(f"{where}: "):
+            raise
         raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -154,9 +154,12 @@ def _same_corpus(folder: Path, wanted: dict, complete: bool) -> bool:
     stamp = folder / CORPUS_STAMP
     if not (complete and stamp.is_file()):
         return False
+    from videollama.data.errors import BadSample
+    from videollama.data.safe_io import read_json_object
+
     try:
-        same = json.loads(stamp.read_text()) == wanted
-    except json.JSONDecodeError:
+        same = read_json_object(stamp, "corpus stamp") == wanted
+    except (OSError, ValueError, BadSample):
         return False
     if same:
         print(f"{folder}: corpus with the same parameters already there ({wanted}); kept")

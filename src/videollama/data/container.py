@@ -18,12 +18,14 @@ sample table claims, and a decoder allocates frames of whatever size a parameter
   (``untrusted.parse_h264_sps``) and is refused when one declares a frame above ``MAX_SIDE`` per
   side or ``MAX_PIXELS``, or reference frames that need more than ``MAX_REFERENCE_BYTES``.
 
-FFmpeg then runs with bounded probing (``PROBE_OPTIONS``), with ``max_pixels`` so that no
+FFmpeg then runs with bounded probing (``PROBE_OPTIONS``; its analysis, which decodes frames,
+shortened in proportion for frames declared larger than full HD), with ``max_pixels`` so that no
 decoder allocates a frame above ``MAX_PIXELS`` whatever the container says, and with the clip's
 remaining wall-clock budget as its open and read timeout. Every loop of ours that reads packets
 or decodes frames (decoding.py: finding a stream's time origin and duration, and the one walk over
-its frames that every reader uses) checks one ``WorkBound``: the frame/packet cap per pass, and
-the deadline.
+its frames that every reader uses) checks one ``WorkBound``: the frame/packet cap per pass, the
+decoding work in pixels (each packet at the frame size it decodes at, shown or not), and the
+deadline.
 """
 
 from __future__ import annotations
@@ -74,16 +76,31 @@ MAX_REFERENCE_BYTES = 1 << 30
 # say; they bound the raw and packetised formats (H.264, MPEG-TS), where probing decodes packets
 # until the parameters are known: a stream whose frames never decode is probed to these limits.
 PROBE_OPTIONS = {"probesize": str(2 << 20), "analyzeduration": "2000000", "max_probe_packets": "200"}
+# Decoding work is counted in pixels: each packet decoded costs the frame size it decodes at,
+# whether or not a frame comes out (a skip frame before the first keyframe costs a full-size
+# decode and shows nothing). A clip may decode as many full-HD frames as its frame cap, and at
+# least MIN_PIXEL_BUDGET (32 frames of the largest size allowed); a quarter of that may go to
+# decoding that shows no frame at all (real streams show one at least every group of pictures,
+# a few hundred frames). Videos up to full HD are bounded by the frame cap exactly as before; a
+# 48 KB stream of 8192x4880 skip frames stops after ~40 of them (bench/results/hostile_video.md).
+REFERENCE_PIXELS = 1920 * 1080
+MIN_PIXEL_BUDGET = 32 * MAX_PIXELS
 
 Source = str | os.PathLike | bytes | bytearray | memoryview
 
 
 class WorkBound:
     """The work one clip may cost: ``max_items`` packets (and as many frames) per pass over the
-    stream, and a wall-clock ``deadline`` (``time.monotonic()``; ``None``: none) for all passes."""
+    stream, ``max_pixels`` of decoding (``max_dry_pixels`` of it with no frame coming out) per
+    opening (its frame walks together), and a wall-clock ``deadline`` (``time.monotonic()``; ``None``: none)
+    for all passes. ``declared_pixels``: the largest frame the file's H.264 parameter sets
+    declare (``check_declared``), 0 when unknown; it scales FFmpeg's own probing."""
 
     def __init__(self, name: str, max_items: int, deadline: float | None):
         self.name, self.max_items, self.deadline = name, max_items, deadline
+        self.max_pixels = max(MIN_PIXEL_BUDGET, max_items * REFERENCE_PIXELS)
+        self.max_dry_pixels = max(MIN_PIXEL_BUDGET, self.max_pixels // 4)
+        self.declared_pixels = 0
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -93,6 +110,24 @@ class WorkBound:
         if count > self.max_items:
             raise BadSample(TIMEOUT, self.name, f"more than {self.max_items} packets or frames while {doing}")
         self.check_deadline(doing)
+
+    def check_pixels(self, pixels: int, dry_pixels: int, doing: str) -> None:
+        """Raise ``BadSample(TIMEOUT)`` once ``pixels`` decoded, or ``dry_pixels`` decoded since
+        the last frame came out, pass their budgets."""
+        if dry_pixels > self.max_dry_pixels:
+            raise BadSample(TIMEOUT, self.name, f"decoded {dry_pixels / 1e6:.0f} megapixels without a frame coming "
+                                                f"out (cap {self.max_dry_pixels / 1e6:.0f}) while {doing}")
+        if pixels > self.max_pixels:
+            raise BadSample(TIMEOUT, self.name, f"decoded more than {self.max_pixels / 1e6:.0f} megapixels while "
+                                                f"{doing}")
+
+    def probe_options(self) -> dict[str, str]:
+        """PROBE_OPTIONS, with FFmpeg's analysis (which decodes frames) shortened in proportion for a
+        file that declares frames larger than full HD: its probe then costs what a full-HD one does."""
+        if self.declared_pixels <= REFERENCE_PIXELS:
+            return dict(PROBE_OPTIONS)
+        micros = int(PROBE_OPTIONS["analyzeduration"]) * REFERENCE_PIXELS // self.declared_pixels
+        return {**PROBE_OPTIONS, "analyzeduration": str(max(micros, 100_000))}  # 0 would mean FFmpeg's default
 
     def check_deadline(self, doing: str) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -208,6 +243,8 @@ def check_declared(data, name: str, bound: WorkBound | None = None) -> None:
         except ValueError:
             continue  # a malformed SPS: FFmpeg ignores it too
         check_resolution(sps.coded_width, sps.coded_height, name, "declared (H.264 SPS)")
+        if bound is not None:
+            bound.declared_pixels = max(bound.declared_pixels, sps.coded_width * sps.coded_height)
         if sps.reference_bytes > MAX_REFERENCE_BYTES:
             raise BadSample(ABSURD_RESOLUTION, name, f"H.264 SPS declares {sps.max_num_ref_frames} reference frames "
                                                      f"of {sps.frame_bytes} bytes, more than {MAX_REFERENCE_BYTES} "
@@ -225,7 +262,7 @@ def open_checked(target: str | bytes, bound: WorkBound) -> av.container.InputCon
     timeout = None if remaining is None else (remaining / 2, remaining)
     try:
         return av.open(io.BytesIO(target) if isinstance(target, bytes) else target, mode="r",
-                       options={**PROBE_OPTIONS, "max_pixels": str(MAX_PIXELS)}, timeout=timeout)
+                       options={**bound.probe_options(), "max_pixels": str(MAX_PIXELS)}, timeout=timeout)
     except av.error.ExitError as error:  # only our timeout interrupts FFmpeg
         raise BadSample(TIMEOUT, bound.name, "wall-clock budget for one clip exceeded while FFmpeg "
                                              "opened and probed it") from error

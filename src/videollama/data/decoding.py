@@ -16,6 +16,9 @@ One walk over the frames::
 * every packet read and every frame decoded is counted, and the opening's one ``WorkBound``
   (``video.bound``) is checked at each: TIMEOUT past ``max_packets`` packets or frames (the
   walks of one opening count together), or past the deadline;
+* every packet decoded is charged the pixels of the frame size it decodes at, shown or not:
+  TIMEOUT past ``bound.max_pixels`` in all, or past ``bound.max_dry_pixels`` since the last
+  frame came out (a stream of full-size frames that never show, container.py);
 * every decoded frame's size is checked (ABSURD_RESOLUTION) before the caller sees it;
 * a frame's pts is its own or, when it has none, the previous frame's plus one nominal frame
   interval (``origin`` for the first);
@@ -51,7 +54,9 @@ class OpenedVideo:
     ``origin``: the pts of the first frame in presentation order; ``duration``: seconds from it
     to the end of the last frame; ``timeless``: the frames carry no timestamps at all (raw
     elementary streams), so they are timed by frame count at the nominal rate; ``bound``: the
-    work this opening may cost. ``packets`` and ``decoded`` count the work of its frame walks.
+    work this opening may cost. ``packets``, ``decoded``, ``pixels`` (each packet decoded, at the
+    frame size it decodes at) and ``dry_pixels`` (those since the last frame came out) count the
+    work of its frame walks.
     """
 
     container: av.container.InputContainer
@@ -62,6 +67,8 @@ class OpenedVideo:
     bound: WorkBound
     packets: int = 0
     decoded: int = 0
+    pixels: int = 0
+    dry_pixels: int = 0
 
     @property
     def name(self) -> str:
@@ -136,7 +143,9 @@ class FrameWalk:
         for packet in video.container.demux(stream):
             video.packets += 1
             self._check()
-            for frame in stream.decode(packet):
+            decoded = stream.decode(packet)
+            self._charge(len(decoded) > 0)
+            for frame in decoded:
                 video.decoded += 1
                 self._check()
                 check_resolution(frame.width, frame.height, video.name, "decoded")
@@ -156,6 +165,15 @@ class FrameWalk:
 
     def _check(self) -> None:
         self.video.bound.check(max(self.video.decoded, self.video.packets), self.doing)
+
+    def _charge(self, shown: bool) -> None:
+        """Count one packet's decoding at the frame size the decoder is at (after it: a parameter
+        set in the packet may have changed it), and check the pixel budgets."""
+        video, context = self.video, self.video.stream.codec_context
+        cost = context.width * context.height
+        video.pixels += cost
+        video.dry_pixels = 0 if shown else video.dry_pixels + cost
+        video.bound.check_pixels(video.pixels, video.dry_pixels, self.doing)
 
 
 def open_and_time(source: Source, name: str, threads: int, max_packets: int,

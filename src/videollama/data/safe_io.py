@@ -25,6 +25,7 @@ from videollama.data.tokenizer import MAX_TEXT_CHARS as MAX_TEXT_CHARS  # re-exp
 MAX_LINE_BYTES = 1 << 20
 MAX_JSON_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
+NUL_IN_PATH = "the path contains a NUL byte, which no file name can hold"
 # MAX_TEXT_CHARS (16,384): characters of a question, answer, caption or prompt, checked before
 # tokenizing (a 2,048-token context holds far fewer characters than this).
 
@@ -38,6 +39,8 @@ def check_regular_file(path: str | os.PathLike, what: str = "file", *, name: str
     ``name`` (default: the path).
     """
     source = str(path) if name is None else name
+    if "\x00" in os.fsdecode(path):  # os.stat would raise ValueError, which no caller expects
+        raise BadSample(errors.NOT_A_FILE, source.replace("\x00", "\\x00"), NUL_IN_PATH)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -62,6 +65,40 @@ def read_json_object(path: str | os.PathLike, what: str = "JSON file", *, limit:
     value = parse_json(read_bounded(path, limit, what), str(path))
     if not isinstance(value, dict):
         raise ValueError(f"{path}: the {what} is not a JSON object")
+    return value
+
+
+def read_yaml_object(path: str | os.PathLike, what: str = "YAML file", *, limit: int = MAX_JSON_BYTES) -> dict:
+    """A regular YAML file of at most ``limit`` bytes holding a mapping (an empty file: ``{}``),
+    with parse_json's depth bound and no aliases (``*name``: a few of them can stand for an
+    exponential amount of data). Errors are ValueError or BadSample naming the file."""
+    import yaml
+
+    data = read_bounded(path, limit, what)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+
+    try:
+        value = yaml.load(text, Loader=NoAliases)  # noqa: S506 - a SafeLoader
+    except RecursionError:
+        raise ValueError(f"{path}: YAML nested too deeply") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if value is None:
+        return {}
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"{path}: YAML nested deeper than {MAX_JSON_DEPTH} levels")
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: the {what} must be a YAML mapping")
     return value
 
 
@@ -160,6 +197,8 @@ def resolve_inside(root: str | os.PathLike, relative: str, *, allow_outside: boo
     that does not say whether the target exists. ``allow_outside`` turns the check off (an
     explicit user choice, e.g. ``eval --allow-outside-root``).
     """
+    if "\x00" in relative:  # every os call on it would raise ValueError, ending the whole run
+        raise BadSample(errors.NOT_A_FILE, relative.replace("\x00", "\\x00"), NUL_IN_PATH)
     base = Path(root).resolve()
     try:
         resolved = (base / relative).resolve()

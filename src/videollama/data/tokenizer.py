@@ -35,6 +35,8 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, VIDEO, CAPTION, QUESTION, ANSWER)  # ids 0..6, 
 PAD_ID, BOS_ID, EOS_ID, VIDEO_ID = 0, 1, 2, 3
 # The most texts of one clip trained on in one step (texts_per_clip 0: "all of them").
 MAX_TEXTS_PER_CLIP = 64
+# A tokenizer.json: Llama 3's (128k tokens) is 9 MB.
+MAX_TOKENIZER_BYTES = 64 << 20
 MAX_TEXT_CHARS = 16_384  # as videollama.data.safe_io.MAX_TEXT_CHARS (this module imports nothing of ours)
 IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch cross_entropy's default)
 
@@ -85,8 +87,11 @@ def load_tokenizer(path_or_dir: str | Path) -> Tokenizer:
         path = path / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer file (expected tokenizer.json, see `videollama tokenizer train`)")
+    from videollama.data.safe_io import read_bounded
+
+    data = read_bounded(path, MAX_TOKENIZER_BYTES, "tokenizer file")  # a regular file, of a sane size
     try:
-        tok = Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # the Rust side raises a bare Exception with a serde message
         raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
     _check_special_tokens(tok, str(path))

@@ -9,6 +9,7 @@ file) run before the model is loaded; the model is loaded as ``eval`` and ``serv
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from videollama.inference.load import add_model_arguments, load_for_inference
@@ -30,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the decode step (first call compiles; int8 weights are fast only so)")
 
 
+# Below this, logits / temperature can overflow float32 (a 1e-39 temperature turns every logit
+# into inf and the probabilities into NaN).
+MIN_TEMPERATURE = 1e-6
+
+
 def run(args: argparse.Namespace) -> int:
     # Lazy: the data package (PyAV, tokenizers) is only needed when this command runs.
     from videollama.data.tokenizer import caption_prompt, encode_prompt, videoqa_prompt
@@ -44,8 +50,13 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.prompt) > MAX_TEXT_CHARS:
         raise ValueError(f"--prompt is {len(args.prompt)} characters, over the {MAX_TEXT_CHARS}-character cap")
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ValueError("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1:
+        raise ValueError("need --max-new-tokens >= 1, --temperature >= 0 (finite) and 0 < --top-p <= 1")
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        raise ValueError(f"--temperature {args.temperature} is too small to sample with (the logits divided by it "
+                         f"overflow): use 0 for greedy decoding, or at least {MIN_TEMPERATURE}")
+    if not -(2**63) <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     if args.video is not None:
         check_regular_file(args.video, "video")  # FileNotFoundError / not_a_file, before any weights
     import torch

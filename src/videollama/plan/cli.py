@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from videollama.config import VideoLlamaConfig
@@ -53,6 +54,8 @@ def resolve(args: argparse.Namespace) -> tuple[VideoLlamaConfig, dict, str]:
         config, name = VideoLlamaConfig.from_name(args.preset), args.preset
     else:
         config, name, kw, notes = _from_recipe(args.config)
+    if args.gpu_memory_gib is not None and not 0 < args.gpu_memory_gib < math.inf:  # inf: no integer of bytes
+        raise ValueError(f"--gpu-memory must be a finite number of GiB > 0, got {args.gpu_memory_gib}")
     if args.size is not None:
         config = config.with_overrides({"vision.image_size": args.size, "preprocess.size": args.size})
     for key in ("mode", "lora_r", "gpus", "gpu_memory_gib", "frames", "tokens", "new_tokens", "micro_batch", "precision"):

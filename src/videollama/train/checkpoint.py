@@ -143,7 +143,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = root / LATEST
     if not pointer.exists():
         return None
-    name = pointer.read_text(errors="replace")[:64].strip()
+    from videollama.data.errors import BadSample
+    from videollama.data.safe_io import read_bounded
+
+    try:  # a regular file of a few bytes: a FIFO or a device here is a bad pointer, not a hang
+        name = read_bounded(pointer, 4096, "checkpoint pointer").decode(errors="replace")[:64].strip()
+    except BadSample as e:
+        raise ValueError(f"{pointer} is not a step name: {e}") from e
     if not _STEP_NAME.fullmatch(name):
         raise ValueError(f"{pointer} must name a step folder of this run (like step-00001000), not {name!r}")
     path = root / name
@@ -281,9 +287,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="model directory to write (a LoRA run: its adapter)")
     parser.add_argument("--merged", action="store_true",
                         help="a LoRA run: write a plain model directory with the adapter merged in")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model or adapter directory already "
+                        "in --out (whole: written beside it, then swapped)")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export(args.run_dir, args.out, step=args.step, merged=args.merged)  # a ValueError is one line from the command line
+    from videollama.train.out_dir import check_out, is_adapter_dir, is_model_dir, written_beside
+
+    out = Path(args.out)
+    # `export RUN --out RUN/model` is usual: inside the run is allowed, the run folder itself is not.
+    check_out(out, overwrite=args.overwrite, inputs={"run directory": Path(args.run_dir)}, command="export",
+              replaceable={"a model directory": is_model_dir, "an adapter directory": is_adapter_dir},
+              inside_allowed=("run directory",))
+    with written_beside(out) as staging:  # a ValueError is one line from the command line
+        export(args.run_dir, staging, step=args.step, merged=args.merged)
     print(f"wrote {out}")
     return 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import fnmatch
 from pathlib import Path
 
@@ -188,7 +187,9 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors in peft's format (``...lora_A.weight`` [r, in], ``...lora_B.weight`` [out, r])."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    # save_embedding_layers=False: peft's "auto" would look the config's base model up on the
+    # Hugging Face Hub to see whether the vocabulary was resized; ours never is.
+    return get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
 
 
 def save_adapter(model: nn.Module, section: LoraSection, out: str | Path, *, base: str | None = None) -> Path:
@@ -206,54 +207,55 @@ def save_adapter(model: nn.Module, section: LoraSection, out: str | Path, *, bas
 
 
 def read_adapter_config(adapter_dir: str | Path):
-    """peft's LoraConfig from ``adapter_dir/adapter_config.json`` (bounded JSON; LoRA only)."""
-    from peft import LoraConfig
+    """peft's LoraConfig from ``adapter_dir/adapter_config.json`` (bounded JSON), holding only the
+    fields we understand, each checked (``adapter_check.check_config``: LoRA only, finite positive
+    ranks and alphas, nothing that would make the merge inexact). Reads no weights."""
+    return _read_spec(adapter_dir).lora_config()
 
+
+def _read_spec(adapter_dir: str | Path):
     from videollama.data.safe_io import read_json_object
+    from videollama.train.adapter_check import check_config
 
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"adapter {adapter_dir}: no such folder")
     path = adapter_dir / ADAPTER_CONFIG
-    d = read_json_object(path, "adapter config")
-    if d.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {d.get('peft_type')!r}; only LoRA adapters are supported")
-    known = {f.name for f in dataclasses.fields(LoraConfig)}
-    try:
-        return LoraConfig(**{k: v for k, v in d.items() if k in known})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a valid LoRA config ({e})") from e
+    return check_config(read_json_object(path, "adapter config"), str(path))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, *, merge: bool = True) -> nn.Module:
     """Apply the peft adapter in ``adapter_dir`` to ``model`` (in place) and, with ``merge``,
-    fold it into the base weights (peft's ``merge_and_unload``): returns the model to use."""
+    fold it into the base weights (peft's ``merge_and_unload``): returns the model to use.
+
+    Nothing is allocated for the adapter until its config and the header of its weights file
+    have been checked against this model's layer sizes (``adapter_check``); the tensors are then
+    read and each checked to be finite. Nothing is looked up on the network: the config's
+    ``base_model_name_or_path`` never reaches peft."""
     from peft import set_peft_model_state_dict
     from peft.tuners.lora import LoraModel
-    from safetensors.torch import load_file
 
-    from videollama.data.safe_io import check_regular_file
+    from videollama.train.adapter_check import (
+        check_against_model,
+        expected_shapes,
+        read_checked_tensors,
+        read_safetensors_header,
+    )
 
-    config = read_adapter_config(adapter_dir)
-    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
-    check_regular_file(weights, "adapter weights")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
-        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from e
-    tuner = LoraModel(model, config, ADAPTER_NAME)
-    if _tied(model) and any(k.startswith(("decoder.embed_tokens.", "lm_head.")) for k in adapter_state(model)):
-        raise ValueError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: adapts embed_tokens or lm_head, which this model "
+    spec = _read_spec(adapter_dir)
+    config_path, weights = Path(adapter_dir) / ADAPTER_CONFIG, Path(adapter_dir) / ADAPTER_WEIGHTS
+    header = read_safetensors_header(weights)
+    expected = expected_shapes(model, spec, str(config_path))
+    if _tied(model) and any(k.startswith(("decoder.embed_tokens.", "lm_head.")) for k in expected):
+        raise ValueError(f"{config_path}: adapts embed_tokens or lm_head, which this model "
                          "ties together; merging would change both")
-    expected = {k: tuple(v.shape) for k, v in adapter_state(model).items()}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{weights}: does not fit {Path(adapter_dir) / ADAPTER_CONFIG} on this model "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != shape:
-            raise ValueError(f"{weights}: {k!r} has shape {tuple(state[k].shape)}, the model needs {shape} "
-                             "(an adapter of another base model?)")
+    check_against_model(header, expected, weights, config_path)
+    state = read_checked_tensors(weights, header)
+    tuner = LoraModel(model, spec.lora_config(), ADAPTER_NAME)
+    built = {k: tuple(v.shape) for k, v in adapter_state(model).items()}
+    if built != expected:  # peft matched other layers than we checked: refuse rather than guess
+        raise ValueError(f"{config_path}: peft adapts other layers than the ones checked "
+                         f"({sorted(set(built) ^ set(expected))[:3]})")
     set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
     if not merge:
         return model
@@ -268,16 +270,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, type=Path,
                         help="a peft LoRA adapter (adapter_config.json, adapter_model.safetensors)")
     parser.add_argument("--out", required=True, type=Path, help="plain model directory to write (base + B A)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model directory already in --out (whole: written beside it, then swapped)")
 
 
 def run(args: argparse.Namespace) -> int:
     from videollama.model.videollama import VideoLlama
+    from videollama.train.out_dir import check_out, is_model_dir, written_beside
 
-    if args.out.resolve() == args.model.resolve():
-        raise ValueError(f"--out {args.out} is the base model directory; write the merged model elsewhere")
+    check_out(args.out, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter},
+              command="merge", replaceable={"a model directory": is_model_dir})
     read_adapter_config(args.adapter)  # a bad --adapter fails before the base weights are read
     model = load_adapter(VideoLlama.from_pretrained(args.model, device="cpu"), args.adapter, merge=True)
     tokenizer = args.model / "tokenizer.json"
-    model.save_pretrained(args.out, tokenizer=tokenizer if tokenizer.is_file() else None)
+    with written_beside(args.out) as staging:
+        model.save_pretrained(staging, tokenizer=tokenizer if tokenizer.is_file() else None)
     print(f"wrote {args.out}")
     return 0

@@ -23,7 +23,12 @@ class MetricsLog:
             # Steps after the checkpoint were lost with the crash and will be logged again; so was a
             # line the crash cut short (and a run that never checkpointed starts its log over).
             # Rewritten through a temporary file: a second crash keeps one.
-            kept = [ln for ln in self.path.read_text(errors="replace").splitlines() if _step(ln) < resume_step]
+            from videollama.data.safe_io import iter_lines
+
+            # A regular file, read line by line with each line bounded (a line too long or not
+            # UTF-8 is no step: dropped like one cut short).
+            kept = [ln.rstrip("\r\n") for _, ln in iter_lines(self.path)
+                    if not isinstance(ln, ValueError) and _step(ln) < resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.path)

@@ -16,10 +16,12 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise ValueError(f"{path}: no such file (is {run_dir} a training run directory?)")
+    from videollama.data.safe_io import iter_lines
+
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, line in iter_lines(path):  # a regular file, each line bounded
+        if isinstance(line, ValueError):
+            raise line
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:

@@ -222,15 +222,15 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         """Read a recipe and apply ``key.sub=value`` overrides (values parsed as YAML)."""
-        import yaml
+        from videollama.data.errors import BadSample
+        from videollama.data.safe_io import read_yaml_object
 
         path = Path(path)
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot read recipe: {e}") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: a recipe must be a YAML mapping")
+        try:  # bounded: a regular file of at most 1 MiB (never a FIFO or /dev/zero)
+            d = read_yaml_object(path, "recipe")
+        except (OSError, BadSample, ValueError) as e:
+            why = str(e).removeprefix(f"{path}: ")  # named once, below
+            raise ValueError(f"{path}: cannot read recipe: {why}") from e
         for item in overrides or []:
             apply_override(d, item)
         try:
@@ -243,7 +243,9 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()), where=str(path))
+        from videollama.data.safe_io import read_json_object
+
+        return cls.from_dict(read_json_object(path, "training config"), where=str(path))
 
 
 def apply_override(d: dict[str, Any], item: str) -> None:
