@@ -102,9 +102,9 @@ def test_local_run_against_the_corpus_truth(corpus, local_run):
     for r in rows:
         assert (r["drop_reason"] == "static") == ((r["source_id"], round(r["start_s"], 2)) in static), r
     # Re-uploads: of the clips of a duplicate group still in the running at dedup (not dropped for
-    # another reason first), the one kept has the best score of its caption under the run's metric (a
-    # generated caption has none: lowest), then the most pixels, then the longest duration, then the
-    # first clip id; all the others are duplicates of it.
+    # another reason first), the one kept has the best score of its caption under the run's metric
+    # (rounded to dedup.score_step, 0.1; a generated caption has none: lowest), then the most
+    # pixels, then the longest duration, then the first clip id; all the others are duplicates of it.
     by_scene = {(r["source_id"], round(r["start_s"], 2)): r for r in rows}
     scene_start = {(vid, j): round(s["start_s"], 2) for vid, v in truth["videos"].items()
                    for j, s in enumerate(v["scenes"])}
@@ -112,6 +112,7 @@ def test_local_run_against_the_corpus_truth(corpus, local_run):
     def preference(r):
         caption_score = [s[stats["metric"]] for s in r["scores"] if s["text"] == r["caption"]]
         score = caption_score[0] if r["caption_source"] == "input" and caption_score[0] is not None else -math.inf
+        score = round(score / 0.1) * 0.1 if math.isfinite(score) else score
         return score, r["width"] * r["height"], r["duration_s"]
 
     duplicates = {}

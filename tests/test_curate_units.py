@@ -206,6 +206,10 @@ def test_keep_preference_is_score_then_resolution_then_duration():
     assert keep_preference(row("right", 6.0, 320, 2.0), column) < keep_preference(row("right", 6.0, 320, 2.5), column)
     generated = row("a generated caption", None, 640, 3.0, source="generated")
     assert keep_preference(generated, column)[0] == -math.inf < keep_preference(original, column)[0]
+    # Scores a few hundredths apart (re-encodes of one clip) tie at score_step 0.1: the larger frame wins.
+    assert keep_preference(row("right", 5.0028, 320, 2.0), column) > keep_preference(row("right", 5.0053, 240, 2.0),
+                                                                                      column)
+    assert keep_preference(row("right", 5.3, 240, 2.0), column) > keep_preference(row("right", 5.0, 320, 2.0), column)
     # No metric: every caption ties, the larger frame wins.
     assert keep_preference(original, None) < keep_preference(row("#tags", None, 640, 2.0), None)
 

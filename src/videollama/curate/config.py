@@ -128,11 +128,17 @@ class DedupSection:
 
     ``embedding``: ``pixels`` (the motion frames, mean-removed: re-encodes, rescales and small
     brightness changes of one clip), ``clip`` (mean CLIP image embedding) or ``scorer`` (the
-    scorer's mean visual latent)."""
+    scorer's mean visual latent).
+
+    Each group keeps the clip whose caption scores best under the run's metric, then the largest
+    frame, then the longest (``dedup.keep_preference``); scores are compared rounded to
+    ``score_step``, since re-encodes of one clip score the same text a few hundredths apart and such
+    noise must not outrank a larger frame."""
 
     enabled: bool = True
     embedding: str = "pixels"
     threshold: float = 0.95
+    score_step: float = 0.1
 
 
 @dataclass
@@ -180,6 +186,8 @@ class CurateConfig:
                              "averaged over)")
         if self.dedup.embedding not in ("pixels", "clip", "scorer"):
             raise ValueError(f"dedup.embedding must be pixels, clip or scorer, got {self.dedup.embedding!r}")
+        if not self.dedup.score_step > 0:
+            raise ValueError(f"dedup.score_step must be > 0, got {self.dedup.score_step}")
         if not 0 < self.scenes.min_clip_s <= self.scenes.max_clip_s:
             raise ValueError("need 0 < scenes.min_clip_s <= scenes.max_clip_s")
         for name in ("clip", "scorer", "captioner"):

@@ -29,15 +29,17 @@ def pixel_embedding(frames: np.ndarray) -> np.ndarray:
     return v / norm if norm > 0 else v
 
 
-def keep_preference(row: ClipRow, score_column: str | None) -> tuple[float, int, float]:
+def keep_preference(row: ClipRow, score_column: str | None, score_step: float = 0.1) -> tuple[float, int, float]:
     """Which member of a near-duplicate group to keep, as a key (higher is better): the alignment
-    score of the row's caption in ``score_column`` (the run's metric), then its frame area, then its
-    duration. A generated caption, or an input one without a score, ranks below every scored one;
-    without a metric (no model scored a text) every caption ties and resolution decides."""
+    score of the row's caption in ``score_column`` (the run's metric), rounded to ``score_step``
+    (re-encodes of one clip score a text a few hundredths apart: noise, not a better caption), then
+    its frame area, then its duration. A generated caption, or an input one without a score,
+    ranks below every scored one; without a metric (no model scored a text) every caption ties
+    and resolution decides."""
     score = 0.0 if score_column is None else -math.inf
     if score_column is not None and row.caption_source == "input":
         value = next((s.value(score_column) for s in row.scores if s.text == row.caption), None)
-        score = -math.inf if value is None else float(value)
+        score = -math.inf if value is None else round(float(value) / score_step) * score_step
     return score, row.width * row.height, row.duration_s
 
 

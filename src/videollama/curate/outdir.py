@@ -71,7 +71,8 @@ def _check_not_inside_input(input_path: Path, out: Path) -> None:
 
 
 def staging_dir(out: Path) -> Path:
-    """Where an ``--overwrite`` run is written before it replaces ``out``."""
+    """Where an ``--overwrite`` run is written before it replaces ``out`` (beside it)."""
+    out = out.resolve()  # (``--out .`` has no name of its own)
     return out.with_name(f".{out.name}.curate-new")
 
 
@@ -108,6 +109,7 @@ def choose_target(input_path: Path, out: Path, identity: dict[str, Any], overwri
 def swap_in(staging: Path, out: Path) -> None:
     """Replace ``out`` with the complete run in ``staging`` (two renames; the old output is deleted
     only once the new one is in place)."""
+    out = out.resolve()
     retired = out.with_name(f".{out.name}.curate-old")
     shutil.rmtree(retired, ignore_errors=True)
     os.replace(out, retired)

@@ -305,7 +305,7 @@ def _drop_duplicates(live: list[ClipRow], embeddings: Embeddings, run: CurateCon
             else:
                 stage = "pmi" if cfg.embedding == "scorer" else "clip"
                 vectors = np.array([embeddings[stage][i] for i in ids])
-            preference = [keep_preference(r, run.score_column) for r in live]
+            preference = [keep_preference(r, run.score_column, cfg.score_step) for r in live]
             duplicates = near_duplicates(ids, vectors, cfg.threshold, preference=preference)
             for row in live:
                 if row.clip_id in duplicates:
