@@ -8,6 +8,7 @@ output as an uninterrupted run without redoing the finished videos.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -101,15 +102,26 @@ def test_local_run_against_the_corpus_truth(corpus, local_run):
     for r in rows:
         assert (r["drop_reason"] == "static") == ((r["source_id"], round(r["start_s"], 2)) in static), r
     # Re-uploads: of the clips of a duplicate group still in the running at dedup (not dropped for
-    # another reason first), all but the first by clip id are duplicates of it.
+    # another reason first), the one kept has the best score of its caption under the run's metric
+    # (rounded to dedup.score_step, 0.1; a generated caption has none: lowest), then the most
+    # pixels, then the longest duration, then the first clip id; all the others are duplicates of it.
     by_scene = {(r["source_id"], round(r["start_s"], 2)): r for r in rows}
     scene_start = {(vid, j): round(s["start_s"], 2) for vid, v in truth["videos"].items()
                    for j, s in enumerate(v["scenes"])}
+
+    def preference(r):
+        caption_score = [s[stats["metric"]] for s in r["scores"] if s["text"] == r["caption"]]
+        score = caption_score[0] if r["caption_source"] == "input" and caption_score[0] is not None else -math.inf
+        score = round(score / 0.1) * 0.1 if math.isfinite(score) else score
+        return score, r["width"] * r["height"], r["duration_s"]
+
     duplicates = {}
     for group in truth["duplicate_groups"]:
         members = [by_scene[(m["video"], scene_start[(m["video"], m["scene"])])] for m in group]
-        live = sorted(r["clip_id"] for r in members if r["drop_reason"] in (None, "duplicate"))
-        duplicates.update({c: live[0] for c in live[1:]})
+        live = sorted((r for r in members if r["drop_reason"] in (None, "duplicate")), key=lambda r: r["clip_id"])
+        if live:
+            kept = max(live, key=preference)  # the first of equals: ties go to the first clip id
+            duplicates.update({r["clip_id"]: kept["clip_id"] for r in live if r is not kept})
     assert duplicates, "the corpus must hold a re-upload of a moving scene"
     assert {r["clip_id"]: r["duplicate_of"] for r in rows if r["duplicate_of"]} == duplicates
     # Every clip left is kept, with a caption from its texts or generated: a text captions a clip

@@ -24,6 +24,20 @@ def test_configs_load_and_override(name):
     assert isinstance(cfg, CurateConfig)
 
 
+def test_curate_default_yaml_is_exactly_the_built_in_defaults():
+    """One source of defaults: the YAML spells out every key of CurateConfig with its default value,
+    so `curate` without --config runs what configs/curate-default.yaml says."""
+    import yaml
+
+    written = yaml.safe_load((ROOT / "configs" / "curate-default.yaml").read_text())
+    assert written == CurateConfig().to_dict()
+    assert load_config(ROOT / "configs" / "curate-default.yaml") == load_config(None) == CurateConfig()
+    # What the defaults do: the marginal-prior PMI filter, best span, a text for its best clip only.
+    assert load_config(None, ["scorer.model=m"]).score_column == "pmi_marginal_span"
+    f = CurateConfig().filter
+    assert (f.threshold, f.assign, f.min_width, f.min_height, f.min_motion) == (3.5, "best_clip", 224, 224, 0.05)
+
+
 def test_config_refuses_typos_and_bad_values():
     with pytest.raises(ValueError, match="unknown keys"):
         load_config(None, ["filter.treshold=1"])
@@ -37,12 +51,13 @@ def test_config_refuses_typos_and_bad_values():
     with pytest.raises(ValueError, match="pmi_reduce"):
         load_config(None, ["filter.pmi_reduce=median"])
     for reduce, column in (("mean", "pmi"), ("sum", "pmi_sum"), ("max_span", "pmi_span")):
-        assert load_config(None, ["scorer.model=m", f"filter.pmi_reduce={reduce}"]).score_column == column
+        assert load_config(None, ["scorer.model=m", "filter.pmi_prior=text_only",
+                                  f"filter.pmi_reduce={reduce}"]).score_column == column
     for reduce, column in (("mean", "pmi_marginal"), ("sum", "pmi_marginal_sum"), ("max_span", "pmi_marginal_span")):
         assert load_config(None, ["scorer.model=m", "scorer.reference_clips=8", "filter.pmi_prior=marginal",
                                   f"filter.pmi_reduce={reduce}"]).score_column == column
     with pytest.raises(ValueError, match="reference_clips"):
-        load_config(None, ["scorer.model=m", "filter.pmi_prior=marginal"])
+        load_config(None, ["scorer.model=m", "filter.pmi_prior=marginal", "scorer.reference_clips=0"])
     with pytest.raises(ValueError, match="pmi_prior"):
         load_config(None, ["filter.pmi_prior=uniform"])
     assert load_config(None, ["clip.model=c", "filter.pmi_reduce=sum"]).score_column == "clip"
@@ -161,6 +176,63 @@ def test_near_duplicates_group_transitively_and_keep_the_first():
     assert near_duplicates(ids, e, 0.98) == {"b": "a", "c": "a", "e": "d"}  # c joins through b
     assert near_duplicates(ids, e, 0.999) == {}
     assert near_duplicates(ids, e, 0.95, block=2) == near_duplicates(ids, e, 0.95)
+
+
+def test_near_duplicates_keep_the_preferred_member_of_each_group():
+    e = np.array([[1, 0, 0], [0.99, 0.141, 0], [0.96, 0.28, 0], [0, 0, 1], [0, 0.1, 0.995]], dtype=float)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    ids = ["a", "b", "c", "d", "e"]
+    # a, b, c one group (c preferred); d, e tie: the first is kept
+    preference = [(1.0,), (2.0,), (3.0,), (0.0,), (0.0,)]
+    assert near_duplicates(ids, e, 0.95, preference=preference) == {"a": "c", "b": "c", "e": "d"}
+    assert near_duplicates(ids, e, 0.95, block=2, preference=preference) == {"a": "c", "b": "c", "e": "d"}
+
+
+def test_keep_preference_is_score_then_resolution_then_duration():
+    import math
+
+    from videollama.curate.dedup import keep_preference
+
+    def row(caption, score, width, duration, source="input"):
+        return _row(clip_id="v-0000", source_id="v", texts=["right", "#tags"], width=width, height=width * 3 // 4,
+                    duration_s=duration, caption=caption, caption_source=source,
+                    scores=[ScoreEntry("right", pmi_marginal_span=score), ScoreEntry("#tags", pmi_marginal_span=1.0)])
+
+    column = "pmi_marginal_span"
+    original, reupload = row("right", 6.0, 320, 2.0), row("#tags", None, 640, 3.0)
+    reupload.scores[1].pmi_marginal_span = 4.0
+    assert keep_preference(original, column) > keep_preference(reupload, column)  # the score first
+    assert keep_preference(row("right", 6.0, 320, 2.0), column) < keep_preference(row("right", 6.0, 640, 2.0), column)
+    assert keep_preference(row("right", 6.0, 320, 2.0), column) < keep_preference(row("right", 6.0, 320, 2.5), column)
+    generated = row("a generated caption", None, 640, 3.0, source="generated")
+    assert keep_preference(generated, column)[0] == -math.inf < keep_preference(original, column)[0]
+    # Scores a few hundredths apart (re-encodes of one clip) tie at score_step 0.1: the larger frame wins.
+    assert keep_preference(row("right", 5.0028, 320, 2.0), column) > keep_preference(row("right", 5.0053, 240, 2.0),
+                                                                                      column)
+    assert keep_preference(row("right", 5.3, 240, 2.0), column) > keep_preference(row("right", 5.0, 320, 2.0), column)
+    # No metric: every caption ties, the larger frame wins.
+    assert keep_preference(original, None) < keep_preference(row("#tags", None, 640, 2.0), None)
+
+
+def test_short_scenes_and_pieces_are_counted():
+    from videollama.curate.scenes import clips_between, short_pieces
+
+    cuts, duration = [0.5, 3.0, 3.8, 9.0], 30.0  # scenes 0.5, 2.5, 0.8, 5.2, 21 s
+    kwargs = {"min_clip_s": 2.0, "max_clip_s": 10.0}
+    clips = clips_between(cuts, duration, **kwargs)
+    assert len(clips) == 5 and short_pieces(cuts, duration, **kwargs) == 2  # 21 s: three pieces of 7 s
+    # pieces of a long scene that are shorter than the minimum are counted too (min > max / 2)
+    assert clips_between([], 13.0, min_clip_s=7.0, max_clip_s=10.0) == []
+    assert short_pieces([], 13.0, min_clip_s=7.0, max_clip_s=10.0) == 2
+
+
+def test_stats_png_panel_lists_every_drop_reason():
+    from videollama.curate.output import drop_bars
+
+    stats = {"corrupt": {"empty_file": 1}, "dropped_scenes": {"too_short": 3},
+             "dropped": {"duplicate": 2, "static": 1}}
+    assert drop_bars(stats) == [("source: empty_file", 1), ("scene: too_short", 3), ("clip: duplicate", 2),
+                                ("clip: static", 1)]
 
 
 def test_pixel_embedding_sees_through_brightness_not_content():
@@ -324,4 +396,4 @@ def test_run_stats_sum_stage_seconds_and_report_every_key():
     assert report["corrupt"] == {"empty_file": 2} and list(report["skipped_sources"]) == ["a", "b"]
     assert list(report["dropped"]) == ["duplicate", "static"]
     assert set(report) == {"engine", "resumed_videos", "resumed_batches", "seconds", "metric", "threshold", "counts",
-                           "dropped", "corrupt", "skipped_sources", "shards"}
+                           "dropped", "corrupt", "skipped_sources", "shards", "dropped_scenes", "warnings"}

@@ -1,10 +1,11 @@
 """``videollama curate``: raw videos and candidate texts -> curated clips, shards and a table.
 
-    videollama curate --input INPUT --out OUT [--config configs/curate-*.yaml] [--engine local|ray]
+    videollama curate --input INPUT --out OUT [--overwrite] [--config configs/curate-*.yaml] [--engine local|ray]
                       [--workers N] [--clip HF_CLIP_DIR] [--scorer MODEL_DIR] [--captioner MODEL_DIR]
                       [key=value ...]
 
-The same command resumes a killed run (see ``videollama.curate.pipeline``).
+The same command resumes a killed run (see ``videollama.curate.pipeline``); what ``--out`` may
+hold and replace is ``videollama.curate.outdir``'s rule.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "manifest JSONL ({id, video, texts, ...} a line)")
     parser.add_argument("--out", required=True, help="output folder: shards/, clips.parquet, stats.json, "
                         "stats.png (and .work/, the completion records a resumed run reuses)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous curate output in --out "
+                        "(whole: the new run is written beside it and swapped in when complete); a non-empty "
+                        "--out that is not a curate output is always refused")
     parser.add_argument("--config", help="a curate config YAML (configs/curate-default.yaml, curate-web.yaml)")
     parser.add_argument("--engine", choices=["local", "ray"], help="local process pool (default) or Ray Data "
                         "(RAY_ADDRESS if set, else a local Ray instance)")
@@ -43,14 +47,18 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
-    stats = curate(args.input, args.out, cfg)
+    stats = curate(args.input, args.out, cfg, overwrite=args.overwrite)
     counts = stats["counts"]
     print(f"curated {counts['sources']} sources into {counts['clips']} clips; kept {counts['kept']} in "
           f"{stats['shards']} shards under {args.out}/shards")
     if stats["corrupt"]:
         print("skipped sources: " + ", ".join(f"{r}={n}" for r, n in stats["corrupt"].items()))
+    if stats["dropped_scenes"]:
+        print("dropped scenes: " + ", ".join(f"{r}={n}" for r, n in stats["dropped_scenes"].items()))
     if stats["dropped"]:
         print("dropped clips: " + ", ".join(f"{r}={n}" for r, n in stats["dropped"].items()))
     if stats["resumed_videos"] or any(stats["resumed_batches"].values()):
         print(f"resumed: {stats['resumed_videos']} videos, batches {stats['resumed_batches']}")
+    for warning in stats["warnings"]:
+        print(f"warning: {warning}")
     return 0

@@ -1,8 +1,11 @@
 """The curation config: a typed :class:`CurateConfig` read from YAML, with ``key=value`` overrides.
 
-Imports no torch. ``configs/curate-default.yaml`` is the web-scale starting point,
-``configs/curate-web.yaml`` the settings for the raw web Shapes corpus of the demo. Every
-section maps to one stage of ``videollama curate`` (see ``videollama.curate.pipeline``).
+Imports no torch. The dataclass defaults below ARE the defaults of ``videollama curate``
+without ``--config``; ``configs/curate-default.yaml`` spells out exactly these values, key by key
+(tests/test_curate_units.py checks that the two never drift apart). ``configs/curate-web.yaml``
+holds the settings for the raw web Shapes corpus of the demo. Every section maps to one stage of
+``videollama curate`` (see ``videollama.curate.pipeline``). Config files are read through the
+bounded reader (``data/safe_io.py``: a regular file of at most ``MAX_CONFIG_BYTES``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from videollama.dataclass_io import build, parse_override, set_dotted
+
+MAX_CONFIG_BYTES = 1 << 20  # a curate config is a few KB; anything near this is not one
 
 
 @dataclass
@@ -51,7 +56,7 @@ class ClipSection:
     model: str | None = None
     num_frames: int = 4
     fps: float = 1.0
-    batch_size: int = 16
+    batch_size: int = 32
 
 
 @dataclass
@@ -65,7 +70,7 @@ class ScorerSection:
 
     model: str | None = None
     batch_size: int = 16
-    reference_clips: int = 0
+    reference_clips: int = 32
 
 
 @dataclass
@@ -105,16 +110,16 @@ class FilterSection:
     """
 
     metric: str = "auto"
-    threshold: float = 0.0
+    threshold: float = 3.5
     keep_fraction: float | None = None
     # any: a text may caption any clip of its video; best_clip: only the clip it scores best on.
-    assign: str = "any"
-    pmi_prior: str = "text_only"  # text_only | marginal
-    pmi_reduce: str = "mean"  # mean | sum | max_span
+    assign: str = "best_clip"
+    pmi_prior: str = "marginal"  # text_only | marginal
+    pmi_reduce: str = "max_span"  # mean | sum | max_span
     min_duration_s: float = 2.0
-    min_width: int = 64
-    min_height: int = 64
-    min_motion: float = 0.0  # motion.motion_score below this: a static slideshow
+    min_width: int = 224
+    min_height: int = 224
+    min_motion: float = 0.05  # motion.motion_score below this: a static slideshow
 
 
 @dataclass
@@ -123,11 +128,17 @@ class DedupSection:
 
     ``embedding``: ``pixels`` (the motion frames, mean-removed: re-encodes, rescales and small
     brightness changes of one clip), ``clip`` (mean CLIP image embedding) or ``scorer`` (the
-    scorer's mean visual latent)."""
+    scorer's mean visual latent).
+
+    Each group keeps the clip whose caption scores best under the run's metric, then the largest
+    frame, then the longest (``dedup.keep_preference``); scores are compared rounded to
+    ``score_step``, since re-encodes of one clip score the same text a few hundredths apart and such
+    noise must not outrank a larger frame."""
 
     enabled: bool = True
     embedding: str = "pixels"
     threshold: float = 0.95
+    score_step: float = 0.1
 
 
 @dataclass
@@ -175,6 +186,8 @@ class CurateConfig:
                              "averaged over)")
         if self.dedup.embedding not in ("pixels", "clip", "scorer"):
             raise ValueError(f"dedup.embedding must be pixels, clip or scorer, got {self.dedup.embedding!r}")
+        if not self.dedup.score_step > 0:
+            raise ValueError(f"dedup.score_step must be > 0, got {self.dedup.score_step}")
         if not 0 < self.scenes.min_clip_s <= self.scenes.max_clip_s:
             raise ValueError("need 0 < scenes.min_clip_s <= scenes.max_clip_s")
         for name in ("clip", "scorer", "captioner"):
@@ -205,13 +218,21 @@ class CurateConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> CurateConfig:
-    """A config from a YAML file (None: the defaults) with ``key.sub=value`` overrides applied."""
+    """A config from a YAML file (None: the defaults) with ``key.sub=value`` overrides applied.
+
+    The file is read through the bounded reader: a FIFO, a device (``/dev/zero``) or a directory
+    is refused before it is opened, and a file over ``MAX_CONFIG_BYTES`` before it is read."""
     import yaml
+
+    from videollama.data.safe_io import read_bounded
 
     d: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        d = yaml.safe_load(text) or {}
+        data = read_bounded(path, MAX_CONFIG_BYTES, "curate config")
+        try:
+            d = yaml.safe_load(data.decode("utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: not a valid YAML curate config ({' '.join(str(e).split())})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: a curate config must be a YAML mapping")
     for item in overrides:

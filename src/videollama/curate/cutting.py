@@ -29,6 +29,10 @@ from videollama.curate.onepass import MAX_BUFFER_BYTES, one_pass
 from videollama.curate.probe import MAX_PACKETS, probe_video
 from videollama.data.errors import BadSample
 
+# Why a scene became no clip (stats.json's ``dropped_scenes``; a clip's own reasons are rows.DropReason).
+SCENE_TOO_SHORT = "too_short"  # shorter than scenes.min_clip_s (or a piece of a long scene that is)
+SCENE_NO_FRAMES = "no_frames"  # no decoded frame falls in its span
+
 
 def process_video(source: dict[str, Any], settings: dict[str, Any], work: str) -> dict[str, Any]:
     """Probe one source video, then decode it once (``onepass.one_pass``): scene cuts, each clip
@@ -38,14 +42,16 @@ def process_video(source: dict[str, Any], settings: dict[str, Any], work: str) -
     ``max_frames``, ``specs`` (list of Spec, the first being the motion spec), optionally
     ``max_buffer_bytes`` (``onepass.MAX_BUFFER_BYTES``).
     Returns ``{"source_id", "rows": [clip rows], "error": None | [reason, message],
-    "seconds": {stage: s}, "probe": {...}}``; the stages of the pass are ``decode`` (demuxing and
+    "seconds": {stage: s}, "dropped_scenes": {SCENE_TOO_SHORT: n, SCENE_NO_FRAMES: n}, "probe": {...}}``; the stages of the pass are ``decode`` (demuxing and
     decoding), ``scenes`` (thumbnails, scores, cut decisions), ``cut_encode`` (H.264 encoding and
     writing the MP4s), ``sample_frames`` (resizing and cropping the specs' frames, writing them)
     and ``second_pass`` (a source whose scene outgrew the frame buffer, decoded again).
     """
     work_dir = Path(work)
     seconds: dict[str, float] = {}
-    result: dict[str, Any] = {"source_id": source["source_id"], "rows": [], "error": None, "seconds": seconds}
+    dropped = {SCENE_TOO_SHORT: 0, SCENE_NO_FRAMES: 0}  # scenes that became no clip, by reason
+    result: dict[str, Any] = {"source_id": source["source_id"], "rows": [], "error": None, "seconds": seconds,
+                              "dropped_scenes": dropped}
 
     def timed(name, fn, *args, **kwargs):
         t0 = time.perf_counter()
@@ -70,8 +76,10 @@ def process_video(source: dict[str, Any], settings: dict[str, Any], work: str) -
         seconds["second_pass"] = cpu["second_pass"]
         seconds["scenes"] = time.perf_counter() - t0 - cpu["decode"] - cpu["encode"] - cpu["sample"] - cpu["second_pass"]
         rows = []
+        dropped[SCENE_TOO_SHORT] = decoded["short_scenes"]
         for index, (start, end, mp4, frames) in enumerate(decoded["clips"]):
             if mp4 is None:
+                dropped[SCENE_NO_FRAMES] += 1
                 continue
             clip_id = f"{source['source_id']}-{index:04d}"
             timed("cut_encode", atomic_write, clip_path(work_dir, clip_id), mp4)

@@ -1,6 +1,8 @@
 """Near-duplicate removal: clips whose video embeddings have cosine similarity above a threshold
-form a group (transitively: single linkage); the first clip of a group by ``clip_id`` is kept, the
-others record which clip they duplicate.
+form a group (transitively: single linkage); each group keeps its preferred clip (the pipeline
+prefers the best alignment score of the clip's caption, then the larger frame, then the longer
+clip: ``keep_preference``; ties, and no preference, keep the first by ``clip_id``), the others
+record which clip they duplicate.
 
 Embeddings: any unit vectors per clip (CLIP's mean image embedding, the scorer's mean visual
 latent) or :func:`pixel_embedding` of the clip's sampled frames, which needs no model.
@@ -8,7 +10,11 @@ latent) or :func:`pixel_embedding` of the clip's sampled frames, which needs no 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from videollama.curate.rows import ClipRow
 
 
 def pixel_embedding(frames: np.ndarray) -> np.ndarray:
@@ -23,13 +29,28 @@ def pixel_embedding(frames: np.ndarray) -> np.ndarray:
     return v / norm if norm > 0 else v
 
 
-def near_duplicates(clip_ids: list[str], embeddings: np.ndarray, threshold: float,
-                    block: int = 2048) -> dict[str, str]:
+def keep_preference(row: ClipRow, score_column: str | None, score_step: float = 0.1) -> tuple[float, int, float]:
+    """Which member of a near-duplicate group to keep, as a key (higher is better): the alignment
+    score of the row's caption in ``score_column`` (the run's metric), rounded to ``score_step``
+    (re-encodes of one clip score a text a few hundredths apart: noise, not a better caption), then
+    its frame area, then its duration. A generated caption, or an input one without a score,
+    ranks below every scored one; without a metric (no model scored a text) every caption ties
+    and resolution decides."""
+    score = 0.0 if score_column is None else -math.inf
+    if score_column is not None and row.caption_source == "input":
+        value = next((s.value(score_column) for s in row.scores if s.text == row.caption), None)
+        score = -math.inf if value is None else round(float(value) / score_step) * score_step
+    return score, row.width * row.height, row.duration_s
+
+
+def near_duplicates(clip_ids: list[str], embeddings: np.ndarray, threshold: float, block: int = 2048,
+                    preference: list[tuple] | None = None) -> dict[str, str]:
     """``{clip_id: kept clip_id}`` for every clip that duplicates another (kept clips are absent).
 
     ``clip_ids`` sorted, ``embeddings`` [N, D] unit rows in the same order. Pairs with cosine
-    similarity ``> threshold`` are linked; each connected group keeps its first clip. Compared
-    in blocks of ``block`` rows, so memory is ``block x N``.
+    similarity ``> threshold`` are linked; each connected group keeps the clip with the highest
+    ``preference`` (one comparable key per clip, in the same order; ties and ``None``: its first
+    clip). Compared in blocks of ``block`` rows, so memory is ``block x N``.
     """
     n = len(clip_ids)
     parent = list(range(n))
@@ -51,4 +72,9 @@ def near_duplicates(clip_ids: list[str], embeddings: np.ndarray, threshold: floa
             a, b = find(i), find(j)
             if a != b:
                 parent[max(a, b)] = min(a, b)  # the root is always the group's smallest index
-    return {clip_ids[i]: clip_ids[find(i)] for i in range(n) if find(i) != i}
+    keep: dict[int, int] = {}  # group root -> the member kept
+    for i in range(n):  # in index order: a later member replaces the kept one only when strictly preferred
+        root = find(i)
+        if root not in keep or (preference is not None and preference[i] > preference[keep[root]]):
+            keep[root] = i
+    return {clip_ids[i]: clip_ids[keep[find(i)]] for i in range(n) if keep[find(i)] != i}

@@ -11,7 +11,7 @@ encode is single-threaded, so one process per core); model batches run in this p
 after the other, with ``torch_threads`` threads.
 
 Ray: connects to ``RAY_ADDRESS`` when it is set (a cluster; ``OUT`` must then be on storage that
-every node sees), else starts a local Ray instance. Per-video work is ``Dataset.map`` (one CPU a
+every node sees), else starts a local Ray instance listening on 127.0.0.1 only (``start_local_ray``). Per-video work is ``Dataset.map`` (one CPU a
 task); each model stage is ``map_batches`` over an actor pool (one batch a call), with
 ``num_gpus=1`` per actor when the cluster has GPUs (and ``device`` is then ``cuda``).
 """
@@ -19,12 +19,19 @@ task); each model stage is ``map_batches`` over an actor pool (one batch a call)
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from videollama.curate.records import build_stage_model, run_batch, video_record, write_record
+from videollama.curate.records import build_stage_model, read_record, run_batch, video_record, write_record
+
+log = logging.getLogger(__name__)
+
+# The skip reason (stats.json's ``corrupt``) of a video whose worker process died on it twice.
+WORKER_DIED = "worker_died"
+MAX_IDLE_DEATHS = 3  # pool breaks in a row with no video in flight, before the run gives up
 
 
 def video_job(source: dict[str, Any], settings: dict[str, Any], work: str) -> str:
@@ -42,32 +49,91 @@ def video_job(source: dict[str, Any], settings: dict[str, Any], work: str) -> st
     return source["source_id"]
 
 
+def _started_marker(work: str, source_id: str) -> Path:
+    return video_record(Path(work), source_id).with_name(f".{source_id}.started")
+
+
+def _pool_job(job: Callable[[dict, dict, str], str], source: dict[str, Any], settings: dict[str, Any],
+              work: str) -> str:
+    """``job`` in a pool worker, between a started marker and its removal: when a worker dies, the
+    markers left without a record name the videos it may have been working on."""
+    marker = _started_marker(work, source["source_id"])
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    result = job(source, settings, work)
+    marker.unlink(missing_ok=True)
+    return result
+
+
 class LocalEngine:
+    """``job`` (default :func:`video_job`) per source in a process pool. A worker that dies (kill -9,
+    a crash in a native library) breaks the pool: it is rebuilt for the videos not done, and each
+    video that was in flight is retried alone, once; one that breaks its pool again gets a record
+    with the ``WORKER_DIED`` error (a counted skip), so the run goes on."""
+
     name = "local"
 
-    def __init__(self, workers: int = 0):
+    def __init__(self, workers: int = 0, job: Callable[[dict, dict, str], str] = video_job):
         self.workers = workers or os.cpu_count() or 1
+        self.job = job
 
     def map_videos(self, sources: list[dict], settings: dict, work: str, progress: Callable[[], None]) -> None:
         if not sources:
             return
         if self.workers == 1:
             for source in sources:
-                video_job(source, settings, work)
+                self.job(source, settings, work)
                 progress()
             return
+        pending, idle_deaths = list(sources), 0
+        while pending:
+            for source in pending:  # markers of an earlier, killed run
+                _started_marker(work, source["source_id"]).unlink(missing_ok=True)
+            if not self._pool(pending, settings, work, progress, self.workers):
+                return
+            unfinished = [s for s in pending if read_record(video_record(Path(work), s["source_id"])) is None]
+            suspects = [s for s in unfinished if _started_marker(work, s["source_id"]).exists()]
+            if not suspects:  # a worker died between videos: nothing to blame, rebuild the pool
+                idle_deaths += 1
+                if idle_deaths > MAX_IDLE_DEATHS:
+                    raise RuntimeError(f"curate's worker processes died {idle_deaths} times in a row before "
+                                       "starting a video")
+                log.warning("a curate worker process died between videos; the pool is rebuilt")
+                pending = unfinished
+                continue
+            idle_deaths = 0
+            log.warning("a curate worker process died (killed, or a crash in a native library) during %s; "
+                        "the pool is rebuilt and each of them retried alone", ", ".join(s["source_id"] for s in suspects))
+            for source in suspects:
+                _started_marker(work, source["source_id"]).unlink(missing_ok=True)
+                if self._pool([source], settings, work, progress, 1):
+                    write_record(video_record(Path(work), source["source_id"]), {
+                        "source_id": source["source_id"], "rows": [], "seconds": {},
+                        "error": [WORKER_DIED, f"{source['path']}: the worker process died twice while processing "
+                                               "it (killed, or a crash in a native library)"]})
+                    progress()
+            pending = [s for s in unfinished if s not in suspects]
+
+    def _pool(self, sources: list[dict], settings: dict, work: str, progress: Callable[[], None],
+              workers: int) -> bool:
+        """Run ``sources`` in a fresh process pool; True when a worker died (the pool broke)."""
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures.process import BrokenProcessPool
 
         context = multiprocessing.get_context("forkserver")
         # Imported once in the server, not once per worker (torch, PyAV: seconds each).
         context.set_forkserver_preload(["videollama.curate.cutting", "videollama.data.video",
                                         "videollama.curate.scenes", "videollama.curate.probe"])
-        with ProcessPoolExecutor(max_workers=min(self.workers, len(sources)), mp_context=context) as pool:
-            futures = [pool.submit(video_job, s, settings, work) for s in sources]
-            for future in as_completed(futures):
-                future.result()
-                progress()
+        with ProcessPoolExecutor(max_workers=min(workers, len(sources)), mp_context=context) as pool:
+            futures = [pool.submit(_pool_job, self.job, s, settings, work) for s in sources]
+            try:
+                for future in as_completed(futures):
+                    future.result()
+                    progress()
+            except BrokenProcessPool:
+                return True
+        return False
 
     def map_batches(self, stage: str, settings: dict, batches: list[dict], work: str,
                     progress: Callable[[], None]) -> None:
@@ -113,7 +179,7 @@ class RayEngine:
             if address:
                 ray.init(address=address, **init_kwargs)
             else:
-                ray.init(**({"include_dashboard": False} | init_kwargs))
+                start_local_ray(**init_kwargs)
             self.started = True
         self.workers = workers
         resources = ray.cluster_resources()
@@ -153,6 +219,29 @@ class RayEngine:
             import ray
 
             ray.shutdown()
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """A local Ray instance whose every server listens on 127.0.0.1 only, no dashboard.
+
+    Ray binds its servers (GCS, raylet, object manager, workers, the runtime-env agent) to the
+    loopback address only when the node's IP is 127.0.0.1, and ``ray.init`` turns a loopback
+    ``_node_ip_address`` into the machine's reachable address unless Ray's single-machine mode is
+    on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the mode Ray uses on laptops; read when ray is
+    imported, so it is set in the environment for Ray's own processes and on the already imported
+    constants). The node's address is checked after the start: a Ray that would not bind to
+    loopback is shut down and refused."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(**({"include_dashboard": False, "_node_ip_address": "127.0.0.1"} | init_kwargs))
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != "127.0.0.1":
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray instance took the address {node_ip}, not 127.0.0.1: refusing to run "
+                           "with Ray's unauthenticated ports open beyond this machine (set RAY_ADDRESS to a cluster)")
 
 
 def make_engine(name: str, workers: int = 0):

@@ -15,6 +15,7 @@ counted in stats.json like a corrupt video.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -26,11 +27,20 @@ from videollama.data.safe_io import MAX_TEXT_CHARS, iter_manifest, resolve_insid
 from videollama.data.sources import VIDEO_EXTS, read_sidecar
 
 MAX_TEXTS = 64  # candidate texts of one video; more is a broken manifest
+# A source id's length: its clips' files are named SOURCE_ID-NNNN.mp4 / .npy / .json (and temp names
+# around them), far below the 255 bytes a file name may have.
+MAX_ID_CHARS = 96
 
 
 def source_id(text: str) -> str:
-    """A key-safe id: letters, digits, '_' and '-' only (shard keys allow no dots)."""
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", text) or "_"
+    """A key-safe id: letters, digits, '_' and '-' only (shard keys allow no dots), and at most
+    ``MAX_ID_CHARS`` long. Clip ids, record and clip file names are made of it, so a longer id is
+    cut and given a hash of the whole id (distinct ids stay distinct; shorter ids are unchanged)."""
+    safe = re.sub(r"[^A-Za-z0-9_\-]", "_", text) or "_"
+    if len(safe) <= MAX_ID_CHARS:
+        return safe
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{safe[:MAX_ID_CHARS - len(digest) - 1]}_{digest}"
 
 
 def _texts(value: Any, where: str) -> list[str]:
@@ -99,6 +109,8 @@ def _manifest(manifest: Path, allow_outside_root: bool):
             skips.append((errors.INVALID_JSON, where, str(e)))
             continue
         try:
+            if "\x00" in row["video"]:  # no OS call takes it ("embedded null byte"): a bad line, not the end
+                raise BadSample(errors.INVALID_LINE, where, "the video path holds a NUL byte")
             video = resolve_inside(root, row["video"], allow_outside=allow_outside_root)
         except BadSample as e:
             skips.append((e.reason, where, str(e)))

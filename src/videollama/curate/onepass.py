@@ -58,6 +58,7 @@ from videollama.curate.scenes import (
     clips_between,
     cuts_from_scores,
     scene_windows,
+    short_pieces,
 )
 from videollama.data.container import nominal_rate
 from videollama.data.decoding import OpenedVideo, open_and_time
@@ -245,7 +246,8 @@ def one_pass(path: Path, probe: dict, *, min_clip_s: float, max_clip_s: float, s
     """Decode ``path`` once: its clips, their MP4s and their frames for every spec.
 
     Returns ``{"clips": [(start_s, end_s, mp4 bytes | None, {spec: uint8 [F, S, S, 3]})],
-    "cuts": [s], "cpu": {"decode", "scenes", "encode", "sample", "second_pass": seconds of
+    "cuts": [s], "short_scenes": scenes or pieces dropped as shorter than ``min_clip_s``
+    (``scenes.short_pieces``), "cpu": {"decode", "scenes", "encode", "sample", "second_pass": seconds of
     ``clock``}, "second_pass": bool}`` (``cpu["second_pass"]``: the second pass's demuxing and
     decoding; its encoding and sampling count in ``encode`` and ``sample``); ``clips`` are
     ``scene_clips``' spans, in time order (mp4 None: no frame falls in the span). Raises
@@ -279,7 +281,9 @@ def one_pass(path: Path, probe: dict, *, min_clip_s: float, max_clip_s: float, s
         t0, converting = clock(), cpu["encode"] + cpu["sample"]
         _second_pass(path, rest, scan.clip_times, clips, max_frames, deadline)
         cpu["second_pass"] += clock() - t0 - (cpu["encode"] + cpu["sample"] - converting)  # its decoding
-    return {"clips": clips.done, "cuts": final_cuts, "cpu": cpu, "second_pass": bool(rest and overflow)}
+    short = short_pieces(final_cuts, video.duration, min_clip_s=min_clip_s, max_clip_s=max_clip_s)
+    return {"clips": clips.done, "cuts": final_cuts, "short_scenes": short, "cpu": cpu,
+            "second_pass": bool(rest and overflow)}
 
 
 def _second_pass(path: Path, spans, clip_times: list[float], clips: _Clips, max_frames: int, deadline) -> None:

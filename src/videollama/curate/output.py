@@ -99,8 +99,17 @@ def write_stats(stats: dict[str, Any], path: Path) -> None:
     atomic_write(path, (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
 
 
+def drop_bars(stats: dict[str, Any]) -> list[tuple[str, int]]:
+    """stats.png's drop panel: ``(label, count)`` for every reason anything was dropped, sources
+    (stats.json's ``corrupt``), scenes (``dropped_scenes``) and clips (``dropped``), in that order."""
+    return ([(f"source: {r}", n) for r, n in stats["corrupt"].items()]
+            + [(f"scene: {r}", n) for r, n in stats["dropped_scenes"].items()]
+            + [(f"clip: {r}", n) for r, n in stats["dropped"].items()])
+
+
 def plot_stats(rows: list[ClipRow], stats: dict[str, Any], path: Path) -> None:
-    """Score histograms (one per metric, the threshold marked) and counts per stage."""
+    """Score histograms (one per metric, the threshold marked), counts per stage, and what was
+    dropped, by reason (:func:`drop_bars`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,8 +117,8 @@ def plot_stats(rows: list[ClipRow], stats: dict[str, Any], path: Path) -> None:
 
     metrics = [m for m in dict.fromkeys(("pmi", "clip", stats.get("metric") or "pmi"))
                if any(s.value(m) is not None for r in rows for s in r.scores)]
-    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(5 * (len(metrics) + 1), 3.6))
-    axes = list(axes) if len(metrics) else [axes]
+    fig, axes = plt.subplots(1, len(metrics) + 2, figsize=(5 * (len(metrics) + 2), 3.6))
+    axes = list(axes)
     for ax, metric in zip(axes, metrics):
         values = [s.value(metric) for r in rows for s in r.scores if s.value(metric) is not None]
         ax.hist(values, bins=40, color="#4477aa")
@@ -119,9 +128,14 @@ def plot_stats(rows: list[ClipRow], stats: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{metric} scores of candidate texts")
         ax.set_xlabel(metric)
     counts = stats["counts"]
-    names = ["sources", "sources_ok", "clips", "after_filters", "aligned", "captioned", "kept"]
-    axes[-1].barh(names[::-1], [counts.get(n, 0) for n in names[::-1]], color="#228833")
-    axes[-1].set_title("counts per stage")
+    names = ["sources", "sources_ok", "scenes", "clips", "after_filters", "aligned", "unscored_captions",
+             "captioned", "kept"]
+    axes[-2].barh(names[::-1], [counts.get(n, 0) for n in names[::-1]], color="#228833")
+    axes[-2].set_title("counts per stage" + ("" if stats.get("texts_scored", True) else " (no text scored)"))
+    bars = drop_bars(stats)
+    axes[-1].barh([label for label, _ in bars][::-1] or ["nothing"], [n for _, n in bars][::-1] or [0],
+                  color="#cc3311")
+    axes[-1].set_title("dropped, by reason")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=90)

@@ -1,6 +1,6 @@
 """The curation pipeline, stage by stage, over one list of typed clip rows (``rows.ClipRow``).
 
-    sources (inputs.py)                                                      :func:`_prepare`
+    sources (inputs.py), the --out rule (outdir.py)                          :func:`_prepare`
       -> per video (engine pool / Ray map): probe, scene clips, each clip re-encoded, frames
          sampled for every model's spec, motion score            (cutting.py) :func:`_cut_videos`
       -> cheap filters: duration, resolution, motion             (filters.py) :func:`_cheap_filters`
@@ -8,14 +8,16 @@
       -> PMI per candidate text (--scorer)                          (pmi.py)
       -> alignment filter (threshold or keep-fraction), caption choice,
          automated captions where no candidate passes (--captioner)           :func:`_align_and_caption`
-      -> near-duplicate removal                                   (dedup.py) :func:`_drop_duplicates`
+      -> near-duplicate removal, each group keeping its best-aligned clip
+                                                                  (dedup.py) :func:`_drop_duplicates`
       -> shards, clips.parquet, stats.json, stats.png            (output.py) :func:`_write_outputs`
 
 Every stage fills in its own columns of the rows and reports its counts and timings to the
 run's ``RunStats`` (run_stats.py, what stats.json holds). Per-video and per-batch work leaves
 completion records under ``OUT/.work`` (records.py), read back by this module whatever engine
 ran them; the cheap stages after them are recomputed on every run. So a killed run, rerun with
-the same command, redoes only unfinished work and ends with the same output.
+the same command, redoes only unfinished work and ends with the same output. (An ``--overwrite``
+run works the same way in the staging folder beside ``OUT``, swapped in when complete.)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from videollama.curate.clipfiles import Spec, load_frames
-from videollama.curate.config import PMI_EXTRA_COLUMNS, CurateConfig, DedupSection, FilterSection
+from videollama.curate.config import PMI_EXTRA_COLUMNS, CurateConfig, FilterSection
 from videollama.curate.filters import alignment_threshold, best_clip_of_texts, cheap_filter, choose_caption
 from videollama.curate.records import make_batches, read_record, video_record
 from videollama.curate.rows import ClipRow, DropReason
@@ -39,13 +41,18 @@ log = logging.getLogger(__name__)
 Embeddings = dict[str, dict[str, list[float]]]  # model stage -> clip id -> the clip's embedding
 
 
-def curate(input_path: str | Path, out: str | Path, cfg: CurateConfig) -> dict[str, Any]:
-    """Run (or resume) curation of ``input_path`` into ``out``; returns the stats written to stats.json."""
+def curate(input_path: str | Path, out: str | Path, cfg: CurateConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) curation of ``input_path`` into ``out``; returns the stats written to stats.json.
+
+    ``out`` follows ``outdir.py``'s rule: new or empty, the same run resumed, or with
+    ``overwrite`` a previous curate output replaced whole once the new run is complete."""
     from videollama.curate.engines import make_engine
+    from videollama.curate.outdir import swap_in
 
     stats = RunStats(cfg.engine)
     input_path, out = Path(input_path), Path(out)
-    sources, skips, work = _prepare(input_path, out, cfg)
+    sources, skips, target = _prepare(input_path, out, cfg, overwrite)
+    work = target / ".work"
     specs = _specs(cfg)
     engine = make_engine(cfg.engine, cfg.workers)
     try:
@@ -55,24 +62,32 @@ def curate(input_path: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
         live = _align_and_caption(engine, live, cfg, work, stats)
     finally:
         engine.close()
-    _drop_duplicates(live, embeddings, cfg.dedup, specs["motion"], work, stats)
-    return _write_outputs(rows, sources, out, work, cfg, stats)
+    _drop_duplicates(live, embeddings, cfg, specs["motion"], work, stats)
+    report = _write_outputs(rows, sources, target, work, cfg, stats)
+    if target != out:
+        swap_in(target, out)
+    return report
 
 
 # ---- inputs and checks ----------------------------------------------------------------------
-def _prepare(input_path: Path, out: Path, cfg: CurateConfig) -> tuple[list[dict], list[tuple[str, str, str]], Path]:
+def _prepare(input_path: Path, out: Path, cfg: CurateConfig, overwrite: bool
+             ) -> tuple[list[dict], list[tuple[str, str, str]], Path]:
     """Check the settings and the folders, read the sources; returns (sources, skipped inputs
-    as (reason, where, message), the work folder). Nothing is computed before these checks."""
+    as (reason, where, message), the folder the run writes into). Nothing is computed before
+    these checks."""
     from videollama.curate.inputs import read_inputs
+    from videollama.curate.outdir import choose_target, run_record
+    from videollama.curate.records import write_record
 
     _check_models(cfg)
     sources, skips = read_inputs(input_path, allow_outside_root=cfg.allow_outside_root)
-    if out.resolve() == input_path.resolve() or input_path.resolve().is_relative_to(out.resolve()):
-        raise ValueError(f"--out {out} holds the input {input_path}; write somewhere else")
-    work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    _check_work(work, cfg, input_path)
-    return sources, skips, work
+    identity = json.loads(json.dumps({"input": str(input_path.resolve()), "config": {
+        k: v for k, v in cfg.to_dict().items() if k not in ("engine", "workers")}}))
+    target = choose_target(input_path, out, identity, overwrite)
+    (target / ".work").mkdir(parents=True, exist_ok=True)
+    if read_record(run_record(target)) is None:  # a new run (a resumed one has its record already)
+        write_record(run_record(target), identity)
+    return sources, skips, target
 
 
 def _check_models(cfg: CurateConfig) -> None:
@@ -84,22 +99,6 @@ def _check_models(cfg: CurateConfig) -> None:
         stage = "pmi" if cfg.dedup.embedding == "scorer" else "clip"
         if not need[stage][0]:
             raise ValueError(f"dedup.embedding {cfg.dedup.embedding} needs {need[stage][1]}")
-
-
-def _check_work(work: Path, cfg: CurateConfig, input_path: Path) -> None:
-    """A resumed run must be the same run: refuse an OUT whose records came from other settings."""
-    from videollama.curate.records import write_record
-
-    identity = {"input": str(input_path.resolve()),
-                "config": {k: v for k, v in cfg.to_dict().items() if k not in ("engine", "workers")}}
-    path = work / "run.json"
-    if path.exists():
-        previous = read_record(path)
-        if previous is not None and previous != json.loads(json.dumps(identity)):
-            raise ValueError(f"{work.parent} holds a curate run with other input or settings (see {path}); "
-                             "use another --out, or delete it to start again")
-    else:
-        write_record(path, identity)
 
 
 def _specs(cfg: CurateConfig) -> dict[str, Spec]:
@@ -162,6 +161,8 @@ def _cut_videos(engine, sources: list[dict], skips: list[tuple[str, str, str]], 
             reason, message = record["error"]
             video_errors += 1
             stats.skip_source(source["source_id"], reason, message)
+        for reason, n in record.get("dropped_scenes", {}).items():  # (records of older runs have none)
+            stats.drop_scenes(reason, n)
         rows.extend(ClipRow.from_record(r) for r in record["rows"])
     for reason, where, message in skips:
         stats.skip_source(where, reason, message)
@@ -169,6 +170,7 @@ def _cut_videos(engine, sources: list[dict], skips: list[tuple[str, str, str]], 
     stats.count("sources", len(sources) + len(skips))
     stats.count("sources_ok", len(sources) - video_errors)
     stats.count("corrupt", video_errors + len(skips))
+    stats.count("scenes", len(rows) + sum(stats.dropped_scenes.values()))
     stats.count("clips", len(rows))
     return rows
 
@@ -224,7 +226,10 @@ def _align_and_caption(engine, live: list[ClipRow], cfg: CurateConfig, work: Pat
     metric = cfg.score_column  # the score column thresholded (pmi, pmi_sum, pmi_span or clip)
     threshold = alignment_threshold(live, metric, cfg.filter) if metric else None
     stats.note(metric=metric, threshold=threshold, assign=cfg.filter.assign,
-               pmi_prior=cfg.filter.pmi_prior, pmi_reduce=cfg.filter.pmi_reduce)
+               pmi_prior=cfg.filter.pmi_prior, pmi_reduce=cfg.filter.pmi_reduce, texts_scored=metric is not None)
+    if metric is None:
+        stats.warn("no text was scored (no --scorer or --clip): each clip's first candidate text became its "
+                   "caption unchecked, misaligned texts included; give --scorer MODEL_DIR (or --clip) to filter them")
     assigned = best_clip_of_texts(live, metric) if metric and cfg.filter.assign == "best_clip" else None
     need_caption = []
     for row in live:
@@ -233,7 +238,9 @@ def _align_and_caption(engine, live: list[ClipRow], cfg: CurateConfig, work: Pat
             row.caption, row.caption_source = caption, "input"
         else:
             need_caption.append(row)
-    stats.count("aligned", len(live) - len(need_caption))
+    # Without a metric no caption was checked: they are counted apart, never as aligned.
+    stats.count("aligned", len(live) - len(need_caption) if metric else 0)
+    stats.count("unscored_captions", 0 if metric else len(live) - len(need_caption))
     if cfg.captioner.model:
         results = _run_stage(engine, "caption", _model_settings(cfg, "caption"),
                              [(r.clip_id, []) for r in need_caption], cfg.captioner.batch_size, work, stats)
@@ -282,12 +289,15 @@ def _run_stage(engine, stage: str, settings: dict, clips: list[tuple[str, list[s
 
 
 # ---- near-duplicates and output -------------------------------------------------------------
-def _drop_duplicates(live: list[ClipRow], embeddings: Embeddings, cfg: DedupSection, motion_spec: Spec,
+def _drop_duplicates(live: list[ClipRow], embeddings: Embeddings, run: CurateConfig, motion_spec: Spec,
                      work: Path, stats: RunStats) -> None:
-    """Mark near-duplicates among the live rows (``dedup.py``); every other live row is kept."""
+    """Mark near-duplicates among the live rows (``dedup.py``): each group keeps its best-aligned
+    member (then the largest, then the longest: ``dedup.keep_preference``); every other live row
+    is kept."""
+    cfg = run.dedup
     with stats.timed("dedup"):
         if cfg.enabled and live:
-            from videollama.curate.dedup import near_duplicates, pixel_embedding
+            from videollama.curate.dedup import keep_preference, near_duplicates, pixel_embedding
 
             ids = [r.clip_id for r in live]
             if cfg.embedding == "pixels":
@@ -295,7 +305,8 @@ def _drop_duplicates(live: list[ClipRow], embeddings: Embeddings, cfg: DedupSect
             else:
                 stage = "pmi" if cfg.embedding == "scorer" else "clip"
                 vectors = np.array([embeddings[stage][i] for i in ids])
-            duplicates = near_duplicates(ids, vectors, cfg.threshold)
+            preference = [keep_preference(r, run.score_column, cfg.score_step) for r in live]
+            duplicates = near_duplicates(ids, vectors, cfg.threshold, preference=preference)
             for row in live:
                 if row.clip_id in duplicates:
                     row.drop_reason, row.duplicate_of = DropReason.DUPLICATE, duplicates[row.clip_id]

@@ -4,15 +4,21 @@ Stages time themselves with :meth:`RunStats.timed` (wall seconds of the stage in
 or add the CPU seconds their completion records hold (:meth:`RunStats.add_seconds`, summed over
 videos and batches), count what they passed with :meth:`RunStats.count`, and note the settings
 they decided (the threshold, the reference clips) with :meth:`RunStats.note`. :meth:`RunStats.report`
-is the dict written to stats.json, with the same keys whatever stages ran.
+is the dict written to stats.json, with the same keys whatever stages ran. Every clip dropped is
+in ``dropped`` (by ``rows.DropReason``), every scene that became no clip in ``dropped_scenes``
+(too short, no frames), every unusable source in ``corrupt``; ``warnings`` says what the user must
+know (e.g. that no text was scored).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class RunStats:
@@ -26,6 +32,8 @@ class RunStats:
         self.corrupt: dict[str, int] = {}  # data.errors reason -> sources skipped for it
         self.skipped_sources: dict[str, list[str]] = {}  # source id (or path) -> [reason, message]
         self.notes: dict[str, Any] = {}  # what the run decided: metric, threshold, reference clips, ...
+        self.dropped_scenes: dict[str, int] = {}  # cutting.SCENE_* reason -> scenes that became no clip
+        self.warnings: list[str] = []  # what the user must know about the run (also logged)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -50,10 +58,21 @@ class RunStats:
     def note(self, **facts: Any) -> None:
         self.notes.update(facts)
 
+    def drop_scenes(self, reason: str, n: int) -> None:
+        """``n`` scenes that became no clip for ``reason`` (counted before any clip row exists)."""
+        if n:
+            self.dropped_scenes[reason] = self.dropped_scenes.get(reason, 0) + n
+
+    def warn(self, message: str) -> None:
+        """A warning of the run: logged now, and kept in stats.json's ``warnings``."""
+        log.warning("%s", message)
+        self.warnings.append(message)
+
     def report(self, *, dropped: dict[str, int], shards: int) -> dict[str, Any]:
         """The stats.json dict, ``total_wall`` measured now; ``dropped``: clips per drop reason."""
         self.seconds["total_wall"] = time.perf_counter() - self.started
         return {"engine": self.engine, "resumed_videos": self.resumed_videos, "resumed_batches": self.resumed_batches,
                 "seconds": self.seconds, **self.notes, "counts": self.counts, "dropped": dict(sorted(dropped.items())),
-                "corrupt": dict(sorted(self.corrupt.items())),
+                "dropped_scenes": dict(sorted(self.dropped_scenes.items())),
+                "corrupt": dict(sorted(self.corrupt.items())), "warnings": list(self.warnings),
                 "skipped_sources": dict(sorted(self.skipped_sources.items())), "shards": shards}

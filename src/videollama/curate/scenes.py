@@ -28,7 +28,7 @@ web files cannot allow; its ContentDetector (HSV distance, OpenCV) is used by th
 independent reference on real videos instead.
 
 Clips (``scene_clips``): the scenes are ``[0, c1), [c1, c2), ..., [cn, duration)``. A scene shorter
-than ``min_clip_s`` is dropped; one longer than ``max_clip_s`` is cut into ``n = ceil(L / max_clip_s)``
+than ``min_clip_s`` is dropped (and counted: ``short_pieces``); one longer than ``max_clip_s`` is cut into ``n = ceil(L / max_clip_s)``
 equal windows of ``L / n`` seconds (each longer than ``max_clip_s / 2``, so none is dropped when
 ``min_clip_s <= max_clip_s / 2``; any shorter than ``min_clip_s`` would be). Clips never overlap,
 and with ``min_clip_s = 0`` they tile ``[0, duration)`` exactly.
@@ -159,6 +159,20 @@ def clips_between(cuts: list[float], duration_s: float, *, min_clip_s: float,
     for start, end in zip(bounds[:-1], bounds[1:]):
         clips.extend(scene_windows(start, end, min_clip_s=min_clip_s, max_clip_s=max_clip_s))
     return clips
+
+
+def short_pieces(cuts: list[float], duration_s: float, *, min_clip_s: float, max_clip_s: float) -> int:
+    """How many scenes (or equal pieces of a longer scene) ``clips_between`` drops for being shorter
+    than ``min_clip_s``: what a run counts as scenes dropped ``too_short``."""
+    bounds = [0.0] + [c for c in cuts if 0.0 < c < duration_s] + [float(duration_s)]
+    dropped = 0
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        length = end - start
+        if length <= 0:
+            continue
+        pieces = 1 if length < min_clip_s else max(1, math.ceil(length / max_clip_s - 1e-9))
+        dropped += pieces - len(scene_windows(start, end, min_clip_s=min_clip_s, max_clip_s=max_clip_s))
+    return dropped
 
 
 def scene_windows(start: float, end: float, *, min_clip_s: float, max_clip_s: float) -> list[tuple[float, float]]:
