@@ -17,6 +17,8 @@ parameters excluded; a tensor is attributed to the block that first saves it.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 
@@ -26,9 +28,18 @@ class AllocatorTrace:
         self.end = 0             # the running sum when the block ended
         self.peak_phase = None   # the phase(...) region holding the peak, if any
         self._prof = None
+        self._gc_was_enabled = True
 
     def __enter__(self) -> AllocatorTrace:
         from torch.profiler import ProfilerActivity, profile
+
+        # Garbage from before the block (reference cycles that still hold tensors) must not be
+        # freed inside it: once a profiler has run in the process, such a free is reported with
+        # its size, and would lower the running sum by memory the block never allocated. Collect
+        # it now and keep the cyclic collector off until the block ends.
+        gc.collect()
+        self._gc_was_enabled = gc.isenabled()
+        gc.disable()
 
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         self._prof.__enter__()
@@ -36,6 +47,8 @@ class AllocatorTrace:
 
     def __exit__(self, *exc) -> None:
         self._prof.__exit__(*exc)
+        if self._gc_was_enabled:
+            gc.enable()
         events = self._prof.profiler.kineto_results.events()
         cpu = torch._C._autograd.DeviceType.CPU
         allocations = sorted(((e.start_ns(), e.nbytes()) for e in events
