@@ -85,3 +85,27 @@ def test_no_import_circle_through_model_inference_or_plan():
     graph = import_graph()
     graph["videollama.plan.settings"] = graph["videollama.plan.settings"] | {"videollama.plan.estimate"}
     assert any("videollama.plan.settings" in c for c in cycles(graph))
+
+
+def test_no_import_circle_anywhere_under_src():
+    assert cycles(import_graph()) == []
+
+
+def test_one_definition_of_the_shared_constants():
+    """IGNORE_INDEX and the text/JSON caps are defined once (videollama/constants.py), and no bare
+    -100 stands in for IGNORE_INDEX in code (docstrings may say -100)."""
+    shared = {"IGNORE_INDEX", "MAX_TEXT_CHARS", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_LINE_BYTES",
+              "MAX_TEXTS_PER_CLIP"}
+    defined: dict[str, list[str]] = {}
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in tree.body:
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    if isinstance(target, ast.Name) and target.id in shared:
+                        defined.setdefault(target.id, []).append(path.name)
+        bare = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.UnaryOp)
+                and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant)
+                and node.operand.value == 100]
+        assert not bare or path.name == "constants.py", f"{path}: a bare -100 at lines {bare}"
+    assert defined == dict.fromkeys(shared, ["constants.py"])

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from videollama.constants import IGNORE_INDEX
 from videollama.curate.clipfiles import Spec
 from videollama.curate.config import PMI_EXTRA_COLUMNS
 
@@ -91,7 +92,7 @@ def token_log_probs(logits, labels):
 
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     target = labels[:, 1:]
-    mask = target != -100
+    mask = target != IGNORE_INDEX
     return logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask, mask
 
 
@@ -139,7 +140,7 @@ class PmiScorer(_ModelStage):
         latents, media = reference
         n_ref = latents.shape[0]
         per_pass = max(1, self.MAX_ROWS // n_ref)
-        target_all, mask_all = label_ids[:, 1:], label_ids[:, 1:] != -100
+        target_all, mask_all = label_ids[:, 1:], label_ids[:, 1:] != IGNORE_INDEX
         out = torch.zeros(target_all.shape, dtype=torch.float32, device=input_ids.device)
         for first in range(0, input_ids.shape[0], per_pass):
             ids = input_ids[first:first + per_pass]
@@ -184,7 +185,7 @@ class PmiScorer(_ModelStage):
                 # Right padding: a causal decoder's real tokens never attend to the pads after them.
                 width = max(len(r) for r in rows)
                 input_ids = torch.full((len(rows), width), dec.pad_token_id, dtype=torch.long)
-                label_ids = torch.full((len(rows), width), -100, dtype=torch.long)
+                label_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
                 for i, (r, lab) in enumerate(zip(rows, labels)):
                     input_ids[i, :len(r)] = torch.tensor(r)
                     label_ids[i, :len(lab)] = torch.tensor(lab)

@@ -16,18 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from videollama.data import errors
-from videollama.data.errors import BadSample
-from videollama.data.tokenizer import MAX_TEXT_CHARS as MAX_TEXT_CHARS  # re-exported: the text cap
+# The caps live in videollama.constants; the readers here apply them (and re-export them).
+from videollama.constants import MAX_JSON_BYTES as MAX_JSON_BYTES
+from videollama.constants import MAX_JSON_DEPTH as MAX_JSON_DEPTH
+from videollama.constants import MAX_LINE_BYTES as MAX_LINE_BYTES
+from videollama.constants import MAX_TEXT_CHARS as MAX_TEXT_CHARS
+from videollama.data.errors import NOT_A_FILE, OUTSIDE_ROOT, TOO_LARGE, BadSample
 
-# A JSONL line (one eval item or manifest row) and a JSON sidecar / shard member: far above any
-# real one (a Shapes line is 150 bytes), far below what could hurt.
-MAX_LINE_BYTES = 1 << 20
-MAX_JSON_BYTES = 1 << 20
-MAX_JSON_DEPTH = 32
 NUL_IN_PATH = "the path contains a NUL byte, which no file name can hold"
-# MAX_TEXT_CHARS (16,384): characters of a question, answer, caption or prompt, checked before
-# tokenizing (a 2,048-token context holds far fewer characters than this).
 
 
 def check_regular_file(path: str | os.PathLike, what: str = "file", *, name: str | None = None) -> os.stat_result:
@@ -40,7 +36,7 @@ def check_regular_file(path: str | os.PathLike, what: str = "file", *, name: str
     """
     source = str(path) if name is None else name
     if "\x00" in os.fsdecode(path):  # os.stat would raise ValueError, which no caller expects
-        raise BadSample(errors.NOT_A_FILE, source.replace("\x00", "\\x00"), NUL_IN_PATH)
+        raise BadSample(NOT_A_FILE, source.replace("\x00", "\\x00"), NUL_IN_PATH)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -48,9 +44,9 @@ def check_regular_file(path: str | os.PathLike, what: str = "file", *, name: str
     except OSError as e:  # ELOOP (symlink loop), EACCES, ENAMETOOLONG, ...
         why = ("symlink loop (too many levels of symbolic links)" if e.errno == errno.ELOOP
                else f"cannot stat the {what}: {e.strerror or e}")
-        raise BadSample(errors.NOT_A_FILE, source, why) from e
+        raise BadSample(NOT_A_FILE, source, why) from e
     if not stat.S_ISREG(st.st_mode):
-        raise BadSample(errors.NOT_A_FILE, source, f"the {what} is a {_file_kind(st.st_mode)}, not a regular file")
+        raise BadSample(NOT_A_FILE, source, f"the {what} is a {_file_kind(st.st_mode)}, not a regular file")
     return st
 
 
@@ -106,11 +102,11 @@ def read_bounded(path: str | os.PathLike, limit: int, what: str = "file") -> byt
     """The bytes of a regular file of at most ``limit`` bytes (BadSample(TOO_LARGE) above it)."""
     st = check_regular_file(path, what)
     if st.st_size > limit:
-        raise BadSample(errors.TOO_LARGE, str(path), f"the {what} is {st.st_size} bytes, over the {limit}-byte cap")
+        raise BadSample(TOO_LARGE, str(path), f"the {what} is {st.st_size} bytes, over the {limit}-byte cap")
     with open(path, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:  # grew since the stat
-        raise BadSample(errors.TOO_LARGE, str(path), f"the {what} is over the {limit}-byte cap")
+        raise BadSample(TOO_LARGE, str(path), f"the {what} is over the {limit}-byte cap")
     return data
 
 
@@ -198,13 +194,13 @@ def resolve_inside(root: str | os.PathLike, relative: str, *, allow_outside: boo
     explicit user choice, e.g. ``eval --allow-outside-root``).
     """
     if "\x00" in relative:  # every os call on it would raise ValueError, ending the whole run
-        raise BadSample(errors.NOT_A_FILE, relative.replace("\x00", "\\x00"), NUL_IN_PATH)
+        raise BadSample(NOT_A_FILE, relative.replace("\x00", "\\x00"), NUL_IN_PATH)
     base = Path(root).resolve()
     try:
         resolved = (base / relative).resolve()
     except (OSError, RuntimeError) as e:  # a symlink loop, on some Pythons
-        raise BadSample(errors.NOT_A_FILE, relative, f"cannot resolve the path: {e}") from e
+        raise BadSample(NOT_A_FILE, relative, f"cannot resolve the path: {e}") from e
     if not allow_outside and not resolved.is_relative_to(base):
-        raise BadSample(errors.OUTSIDE_ROOT, relative, f"the path leaves its root folder {root}; refused "
+        raise BadSample(OUTSIDE_ROOT, relative, f"the path leaves its root folder {root}; refused "
                                                        "(absolute path, '..' or a link out)")
     return resolved

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 
 from videollama.config import PreprocessConfig
+from videollama.constants import IGNORE_INDEX
 from videollama.data import errors
 from videollama.data.errors import BadSample
 from videollama.data.sources import SampleRef, Unit, index_units, read_sample
 
-IGNORE_INDEX = -100
 TARGET_TOO_LONG = errors.TARGET_TOO_LONG  # encode_example never cuts a target: such samples are skipped
 
 

@@ -26,6 +26,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from videollama.constants import IGNORE_INDEX as IGNORE_INDEX
+from videollama.constants import MAX_TEXT_CHARS as MAX_TEXT_CHARS
+from videollama.constants import MAX_TEXTS_PER_CLIP as MAX_TEXTS_PER_CLIP
+
 if TYPE_CHECKING:  # tokenizers is imported lazily, inside the functions that need it
     from tokenizers import Tokenizer
 
@@ -33,12 +37,8 @@ PAD, BOS, EOS, VIDEO = "<pad>", "<s>", "</s>", "<video>"
 CAPTION, QUESTION, ANSWER = "<|caption|>", "<|question|>", "<|answer|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, VIDEO, CAPTION, QUESTION, ANSWER)  # ids 0..6, in this order
 PAD_ID, BOS_ID, EOS_ID, VIDEO_ID = 0, 1, 2, 3
-# The most texts of one clip trained on in one step (texts_per_clip 0: "all of them").
-MAX_TEXTS_PER_CLIP = 64
 # A tokenizer.json: Llama 3's (128k tokens) is 9 MB.
 MAX_TOKENIZER_BYTES = 64 << 20
-MAX_TEXT_CHARS = 16_384  # as videollama.data.safe_io.MAX_TEXT_CHARS (this module imports nothing of ours)
-IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch cross_entropy's default)
 
 
 # ---------------------------------------------------------------------------------------

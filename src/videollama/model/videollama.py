@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from videollama.config import VideoLlamaConfig
+from videollama.constants import IGNORE_INDEX
 from videollama.model.decoder import Decoder, KVCache, Media
 from videollama.model.parts import check_layout
 from videollama.model.resampler import PerceiverResampler
@@ -31,7 +32,6 @@ PREPROCESSOR_NAME = "preprocessor.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_NAME = "tokenizer.json"
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from videollama.constants import IGNORE_INDEX
 from videollama.train import checkpoint as ckpt
 from videollama.train.build import build_model, materialize
 from videollama.train.distributed import (
@@ -67,7 +68,7 @@ def train_step(run: Run, data_iter) -> dict:
         # Every rank has its batches: a rank stuck in data loading (or dead) is named here
         # instead of leaving the others blocked in an anonymous all-reduce.
         monitored_barrier(env, cfg.guards.timeout_s, f"step {step} (after loading its batches)")
-    local_label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    local_label_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
     label_tokens = all_reduce_sum([local_label_tokens], env)[0]
     if label_tokens == 0:
         raise TrainingStopped(f"step {step}: the global batch has no label tokens (all -100)")

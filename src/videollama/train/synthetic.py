@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from videollama.config import VideoLlamaConfig
+from videollama.constants import IGNORE_INDEX
 
 
 class SyntheticClips:
@@ -36,7 +37,7 @@ class SyntheticClips:
         video = torch.randn(pre.num_frames, 3, pre.size, pre.size, generator=g)  # [F, 3, H, W]
         ids = torch.randint(3, self.cfg.decoder.vocab_size, (self.seq_len,), generator=g)  # [T]
         labels = ids.clone()
-        labels[: self.seq_len // 4] = -100  # a "prompt" that carries no loss, as in fine-tuning
+        labels[: self.seq_len // 4] = IGNORE_INDEX  # a "prompt" that carries no loss, as in fine-tuning
         return video, ids, labels
 
     def __iter__(self):
