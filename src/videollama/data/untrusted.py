@@ -37,8 +37,8 @@ def load_clip_isolated(source, *, memory_bytes: int = DEFAULT_ISOLATED_MEMORY_BY
         load_clip_kwargs["name"] = name
     if isinstance(source, bytearray | memoryview):
         source = bytes(source)
-    receive, send = _mp_context().Pipe(duplex=False)
-    child = _mp_context().Process(target=_isolated_child, args=(send, source, memory_bytes, load_clip_kwargs),
+    receive, send = mp_context().Pipe(duplex=False)
+    child = mp_context().Process(target=_isolated_child, args=(send, source, memory_bytes, load_clip_kwargs),
                                   daemon=True)
     child.start()
     send.close()
@@ -69,7 +69,7 @@ def load_clip_isolated(source, *, memory_bytes: int = DEFAULT_ISOLATED_MEMORY_BY
     raise payload  # an exception load_clip raises itself (FileNotFoundError, ValueError)
 
 
-def _mp_context():
+def mp_context():
     global _context
     if _context is None:
         import multiprocessing

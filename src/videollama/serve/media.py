@@ -260,11 +260,11 @@ def _time_for(limits: ServeLimits, deadline: float | None) -> tuple[float, bool]
 
 def probe_video(data: bytes, limits: ServeLimits, deadline: float | None = None) -> tuple[int, int, float]:
     """(width, height, duration s) as the file declares them, read in a sandboxed child."""
-    from videollama.data.untrusted import _mp_context
+    from videollama.data.untrusted import mp_context
 
     seconds, by_deadline = _time_for(limits, deadline)
-    receive, send = _mp_context().Pipe(duplex=False)
-    child = _mp_context().Process(target=_probe_child, daemon=True,
+    receive, send = mp_context().Pipe(duplex=False)
+    child = mp_context().Process(target=_probe_child, daemon=True,
                                   args=(send, data, limits.decode_memory_bytes, seconds))
     child.start()
     send.close()
