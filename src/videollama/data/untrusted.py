@@ -70,6 +70,9 @@ def load_clip_isolated(source, *, memory_bytes: int = DEFAULT_ISOLATED_MEMORY_BY
 
 
 def mp_context():
+    """The process context of every sandboxed decode (here and in the server's probe): a fork
+    server with the decoding modules preloaded, so a child starts in milliseconds and shares no
+    state with the parent."""
     global _context
     if _context is None:
         import multiprocessing
