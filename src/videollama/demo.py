@@ -133,8 +133,8 @@ def videollama(*args: str, capture: bool = False, nproc: int = 1, in_process: bo
         if nproc > 1:
             cli = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cli]
         # OpenMP threads that spin while they wait are fast on an idle machine and a disaster on a
-        # busy one: with one other busy process on 2 cores a training step took 5 s instead of
-        # 0.3 s. Sleeping waiters cost nothing measurable when the machine is idle.
+        # busy one (each waiter burns the core another process needs); sleeping waiters cost
+        # nothing measurable when the machine is idle.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1"}
         result = subprocess.run([sys.executable, *cli], stdout=subprocess.PIPE if capture else None, text=True,
                                 env=env)

@@ -232,8 +232,9 @@ def encode_mp4(frames, *, fps: int = FPS, crf: int = 18) -> bytes:
                 stream.width, stream.height = frame.width, frame.height
                 stream.pix_fmt = "yuv420p"
                 stream.codec_context.thread_count = 1
-                # ultrafast: 2x the bytes of `medium` at the same CRF but half the time,
-                # and the files decode faster (no CABAC, no B-frames) in the loader too.
+                # ultrafast: more bytes than slower presets at the same CRF but far less time,
+                # and the files decode faster (no CABAC, no B-frames) in the loader too
+                # (bench/results/shapes_long.md compares presets).
                 stream.options = {"preset": "ultrafast", "crf": str(crf), "threads": "1"}
             frame.pts = i  # what the encoder would number it; a repeated VideoFrame needs it set
             for packet in stream.encode(frame):
