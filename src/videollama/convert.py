@@ -107,35 +107,8 @@ def convert(*, llama: str | Path | None = None, vision: str | Path | None = None
     cfg_over: dict[str, Any] = {}
     imported: dict[str, torch.Tensor] = {}
     if llama is not None:
-        llama = Path(llama)
-        hf = read_hf_config(llama)
-        tensors = read_safetensors_dir(llama)          # first: refuses pickles before anything else
-        cfg_over.update(_checked(llama_overrides, hf, llama, f"--llama {llama / 'config.json'}"))
-        for k, v in tensors.items():
-            new = rename(k, LLAMA_RENAMES)
-            if new is None:
-                continue
-            imported[new] = v
-        if "lm_head.weight" not in imported and not hf.get("tie_word_embeddings", False):
-            raise ValueError(f"{llama}: lm_head.weight missing and tie_word_embeddings is false")
-        ckpt_vocab = hf.get("vocab_size")
-        if isinstance(ckpt_vocab, bool) or not isinstance(ckpt_vocab, int) or ckpt_vocab < 1:
-            raise ValueError(f"{llama / 'config.json'}: vocab_size must be a positive integer, got {ckpt_vocab!r}")
-        target = target_vocab(vocab_size=vocab_size, tokenizer_size=tokenizer_size, checkpoint_vocab=ckpt_vocab,
-                              preset_vocab=preset_decoder.vocab_size)
-        if target != ckpt_vocab:
-            for k in _VOCAB_TENSORS:
-                imported.pop(k, None)
-            log(f"convert: target vocabulary {target} != checkpoint vocabulary {ckpt_vocab}: "
-                "embeddings and output head are RE-INITIALISED (train them with the new tokenizer).")
-        elif tokenizer is not None:
-            log(f"convert: warning: the model has the checkpoint's vocabulary ({ckpt_vocab}), so its embeddings "
-                "are kept: they mean something only with the tokenizer the checkpoint was trained with.")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if isinstance(hf.get(name), int) and target == ckpt_vocab:
-                cfg_over[f"decoder.{name}"] = hf[name]
-        cfg_over["decoder.vocab_size"] = target
-        cfg_over["decoder.max_seq_len"] = min(hf.get("max_position_embeddings", 2048), preset_decoder.max_seq_len)
+        cfg_over.update(_import_llama(Path(llama), imported, vocab_size=vocab_size, tokenizer_size=tokenizer_size,
+                                      preset_decoder=preset_decoder, has_tokenizer=tokenizer is not None, log=log))
     else:
         cfg_over["decoder.vocab_size"] = target_vocab(vocab_size=vocab_size, tokenizer_size=tokenizer_size,
                                                       checkpoint_vocab=None, preset_vocab=preset_decoder.vocab_size)
@@ -147,17 +120,7 @@ def convert(*, llama: str | Path | None = None, vision: str | Path | None = None
             if tokenizer.token_to_id(token) is not None:
                 cfg_over[f"decoder.{name}"] = tokenizer.token_to_id(token)
     if vision is not None:
-        vision = Path(vision)
-        hf_v = read_hf_config(vision)
-        tensors = read_safetensors_dir(vision)
-        cfg_over.update(_checked(clip_overrides, hf_v, vision, vision))
-        for k, v in tensors.items():
-            if k.startswith(CLIP_DROPPED_PREFIXES):
-                continue
-            new = rename(k, CLIP_RENAMES)
-            if new is None:
-                continue
-            imported[new] = v
+        cfg_over.update(_import_clip(Path(vision), imported))
     cfg_over.update(overrides or {})
     cfg = VideoLlamaConfig.from_name(preset).with_overrides(cfg_over)
     cfg.name = f"{preset}-converted"
@@ -169,6 +132,55 @@ def convert(*, llama: str | Path | None = None, vision: str | Path | None = None
     log(f"convert: imported {len(imported)} tensors ({n / 1e6:.1f}M parameters); "
         "temporal aggregation, resampler and cross-attention are freshly initialised with gates at 0.")
     return model
+
+
+def _import_llama(llama: Path, imported: dict, *, vocab_size: int | None, tokenizer_size: int | None,
+                  preset_decoder, has_tokenizer: bool, log) -> dict[str, Any]:
+    """A Hugging Face Llama directory's tensors, renamed into ``imported``; returns the config
+    overrides it implies (shapes, RoPE, vocabulary, special ids, context length)."""
+    hf = read_hf_config(llama)
+    tensors = read_safetensors_dir(llama)          # first: refuses pickles before anything else
+    cfg_over = dict(_checked(llama_overrides, hf, llama, f"--llama {llama / 'config.json'}"))
+    for k, v in tensors.items():
+        new = rename(k, LLAMA_RENAMES)
+        if new is not None:
+            imported[new] = v
+    if "lm_head.weight" not in imported and not hf.get("tie_word_embeddings", False):
+        raise ValueError(f"{llama}: lm_head.weight missing and tie_word_embeddings is false")
+    ckpt_vocab = hf.get("vocab_size")
+    if isinstance(ckpt_vocab, bool) or not isinstance(ckpt_vocab, int) or ckpt_vocab < 1:
+        raise ValueError(f"{llama / 'config.json'}: vocab_size must be a positive integer, got {ckpt_vocab!r}")
+    target = target_vocab(vocab_size=vocab_size, tokenizer_size=tokenizer_size, checkpoint_vocab=ckpt_vocab,
+                          preset_vocab=preset_decoder.vocab_size)
+    if target != ckpt_vocab:
+        for k in _VOCAB_TENSORS:
+            imported.pop(k, None)
+        log(f"convert: target vocabulary {target} != checkpoint vocabulary {ckpt_vocab}: "
+            "embeddings and output head are RE-INITIALISED (train them with the new tokenizer).")
+    elif has_tokenizer:
+        log(f"convert: warning: the model has the checkpoint's vocabulary ({ckpt_vocab}), so its embeddings "
+            "are kept: they mean something only with the tokenizer the checkpoint was trained with.")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(hf.get(name), int) and target == ckpt_vocab:
+            cfg_over[f"decoder.{name}"] = hf[name]
+    cfg_over["decoder.vocab_size"] = target
+    cfg_over["decoder.max_seq_len"] = min(hf.get("max_position_embeddings", 2048), preset_decoder.max_seq_len)
+    return cfg_over
+
+
+def _import_clip(vision: Path, imported: dict) -> dict[str, Any]:
+    """A Hugging Face CLIP (vision) directory's tensors, renamed into ``imported``; returns the
+    config overrides it implies."""
+    hf_v = read_hf_config(vision)
+    tensors = read_safetensors_dir(vision)
+    cfg_over = dict(_checked(clip_overrides, hf_v, vision, vision))
+    for k, v in tensors.items():
+        if k.startswith(CLIP_DROPPED_PREFIXES):
+            continue
+        new = rename(k, CLIP_RENAMES)
+        if new is not None:
+            imported[new] = v
+    return cfg_over
 
 
 def _checked(fn, hf: dict, path: Path, *args):
