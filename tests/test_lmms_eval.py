@@ -57,7 +57,7 @@ def lmms_env():
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """A Shapes evaluation split (3 clips), one more item about a broken video, and a tiny random model."""
-    from videollama.data.shapes import synthesize
+    from videollama.data.shapes_synth import synthesize
 
     root = tmp_path_factory.mktemp("lmms")
     synthesize(root / "shapes", train=0, eval=3, seed=0)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from serving import LiveServer, build_model_dir, data_url
-from videollama.data import shapes
+from videollama.data import shapes_synth
 from videollama.data.tokenizer import load_tokenizer
 from videollama.eval.harness import evaluate
 from videollama.model.videollama import VideoLlama
@@ -23,7 +23,7 @@ MAX_NEW = 8
 
 def test_api_answers_equal_eval_predictions(tmp_path):
     model_dir = build_model_dir(tmp_path / "model")
-    shapes.synthesize(tmp_path / "shapes", train=0, eval=3, seed=0)
+    shapes_synth.synthesize(tmp_path / "shapes", train=0, eval=3, seed=0)
     data = tmp_path / "shapes" / "eval" / "videoqa.jsonl"
     model = VideoLlama.from_pretrained(model_dir)
     metrics = evaluate(model, load_tokenizer(model_dir), "videoqa", data, None, tmp_path / "eval",

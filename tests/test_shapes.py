@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from videollama.data import shapes
+from videollama.data import shapes, shapes_synth
 from videollama.data.shapes import ClipSpec, ObjectSpec
 
 PALETTE = {
@@ -284,12 +284,12 @@ def test_sampling_is_deterministic():
 
 def _synth(out, *, train, eval, workers, shard_size=4, seed=5):
     parser = argparse.ArgumentParser()
-    shapes.add_arguments(parser)
+    shapes_synth.add_arguments(parser)
     args = parser.parse_args(
         ["--out", str(out), "--train", str(train), "--eval", str(eval), "--seed", str(seed),
          "--workers", str(workers), "--shard-size", str(shard_size)]
     )  # fmt: skip
-    assert shapes.run(args) == 0
+    assert shapes_synth.run(args) == 0
 
 
 def test_synth_cli_end_to_end(tmp_path):
@@ -332,8 +332,8 @@ def test_synth_cli_end_to_end(tmp_path):
 
 def test_eval_split_skips_a_clip_that_is_in_train(monkeypatch, tmp_path):
     # Force a collision: make eval clip 0 use train clip 0's seed.
-    real = shapes.clip_seed
-    monkeypatch.setattr(shapes, "clip_seed", lambda s, split, i: real(s, "train", 0) if split == "eval" and i == 0
+    real = shapes_synth.clip_seed
+    monkeypatch.setattr(shapes_synth, "clip_seed", lambda s, split, i: real(s, "train", 0) if split == "eval" and i == 0
                         else real(s, split, i))  # fmt: skip
     _synth(tmp_path, train=2, eval=2, workers=1)
     videos = [json.loads(line)["video"] for line in (tmp_path / "eval" / "caption.jsonl").read_text().splitlines()]

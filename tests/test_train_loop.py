@@ -24,7 +24,7 @@ def losses(run: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     """Six real Shapes clips in two shards, an eval split, and a BPE tokenizer trained on their text."""
-    from videollama.data.shapes import synthesize
+    from videollama.data.shapes_synth import synthesize
     from videollama.data.tokenizer import iter_training_texts, train_tokenizer
 
     root = tmp_path_factory.mktemp("shapes")

@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 VERBS: dict[str, tuple[str, str]] = {
-    "synth": ("videollama.data.shapes", "generate the Shapes corpus (train shards + eval split)"),
+    "synth": ("videollama.data.shapes_synth", "generate the Shapes corpus (train shards + eval split)"),
     "synth-long": ("videollama.data.shapes_long_synth",
                    "generate Shapes-Long (minutes-long videos: needle, order, count, grounding)"),
     "web": ("videollama.data.shapes_web", "generate the raw 'web' Shapes corpus (noisy uploads + truth.json)"),

@@ -9,7 +9,7 @@
         grounding.jsonl              {"video", "question", "segments": [[s, e]], "duration_s", ...}
         caption.jsonl, specs.jsonl   the caption and the full spec of every video
 
-Every video's spec comes from its own seed (``shapes.clip_seed`` of this corpus, its split and
+Every video's spec comes from its own seed (``shapes_synth.clip_seed`` of this corpus, its split and
 index), so the output depends on ``--seed`` alone, never on ``--workers``. An evaluation spec
 that equals a training spec, or one already taken, is skipped and the next index is drawn.
 """
@@ -23,7 +23,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from videollama.data import shapes
+from videollama.data import shapes, shapes_synth
 from videollama.data.shapes_long import (
     FPS,
     SOURCE,
@@ -94,7 +94,7 @@ def _depth_tag(depth: float) -> str:
 
 
 def _seeded(seed: int, split: str, index: int) -> random.Random:
-    return random.Random(shapes.clip_seed(seed, split, index, source=SOURCE))
+    return random.Random(shapes_synth.clip_seed(seed, split, index, source=SOURCE))
 
 
 def train_specs(seed: int, count: int, durations: TrainDurations) -> list[tuple[str, LongSpec]]:
@@ -210,7 +210,7 @@ def synthesize_long(out: str | Path, *, train: int, durations: TrainDurations, e
     stats: dict = {"train_videos": len(train_jobs)}
     try:
         def render(jobs, desc):
-            return shapes._render_all(pool, jobs, desc, make=make_sample, chunksize=1)
+            return shapes_synth.render_all(pool, jobs, desc, make=make_sample, chunksize=1)
 
         shards = write_shards(render(train_jobs, "train"), out / "train", prefix="shapes-long",
                               max_bytes=2**62, max_count=shard_size) if train_jobs else []
