@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from videollama.model.decoder import KVCache, Media
-from videollama.model.videollama import VideoLlama, positions_from_mask
+from videollama.model.videollama import VideoLlama, Windows, positions_from_mask
 
 
 def prefill(model: VideoLlama, input_ids: torch.Tensor, *, attention_mask: torch.Tensor,
@@ -102,11 +102,14 @@ def generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.Tensor | N
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None,
-             visual_latents: torch.Tensor | None = None, compile: bool = False) -> torch.Tensor:
+             visual_latents: torch.Tensor | None = None, compile: bool = False, windows: Windows | None = None,
+             visual_mask: torch.Tensor | None = None, video_index: torch.Tensor | None = None) -> torch.Tensor:
     """New tokens [B, T_new] (T_new <= max_new_tokens) after prompts input_ids [B, T].
 
-    video: [B, F, 3, H, W] or None; visual_latents: [B, L, D_v] instead of video (to ask one
-    video several questions without re-encoding it); attention_mask: [B, T] with 1 for real
+    video: [B, F, 3, H, W] (one clip per row) or, with ``windows``, the windows [N, F, 3, H, W]
+    of whole videos, or None; visual_latents: [V, L, D_v] (and visual_mask [V, L]) instead of
+    video (to ask one video several questions without re-encoding it); video_index: [B], the
+    video each row reads (None: row b reads video b); attention_mask: [B, T] with 1 for real
     tokens, prompts LEFT-padded. A row that has emitted eos_token_id emits the pad id after;
     generation stops early once every row has. compile: run the fixed-shape
     :func:`decode_step` through ``torch.compile`` (the first call compiles).
@@ -128,9 +131,11 @@ def generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.Tensor | N
         raise ValueError("prompts must be LEFT-padded: every row's last token must be real")
     attention_mask = attention_mask.to(input_ids.device).long()
 
-    latents = model.visual_context(input_ids, video, visual_latents)
+    latents, latent_mask = model.visual_context(input_ids, video, visual_latents, video_index, windows=windows,
+                                                visual_mask=visual_mask)
     # Every cross-attention block's keys/values, once per video rather than once per token.
-    media = Media.projected(model.decoder, latents) if latents is not None else None
+    media = (Media.projected(model.decoder, latents, index=video_index, key_mask=latent_mask)
+             if latents is not None else None)
     max_len = t + max_new_tokens
     if compile:  # a cache length rounded up to 64 slots: other lengths reuse the compiled step
         max_len = min(-(-max_len // 64) * 64, max(model.config.decoder.max_seq_len, max_len))
