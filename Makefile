@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install test test-fast lint demo bench clean browser
+.PHONY: install test test-fast lint demo bench clean browser lmms-eval FORCE
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,7 +37,34 @@ browser:
 		     "install them with: sudo apt-get install -y $(BROWSER_PKGS)" >&2; \
 	fi
 
-test: $(STAMP) lint browser
+# lmms-eval (public benchmarks) in its own environment, .venv-lmms: lmms-eval's declared
+# dependencies clash with ours (av<16, torchvision, wandb==0.25.0, ...) and weigh gigabytes. The
+# environment reads LMMS_BASE's packages (torch, PyAV, tokenizers, ...) through a .pth line and adds
+# lmms-eval without its dependencies, the pinned few its evaluation path imports
+# (requirements-lmms.txt), and this checkout, whose entry point registers `--model videollama`.
+# Its own pip is the base's (python -m pip): no pip or setuptools copy shadows the base's.
+LMMS_VENV  := .venv-lmms
+LMMS_BASE  ?= $(VENV)
+LMMS_STAMP := $(LMMS_VENV)/.installed
+LMMS_SITE   = $$($(LMMS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+# Rebuilt when LMMS_BASE names another environment than last time.
+$(LMMS_VENV)/.base: FORCE
+	@mkdir -p $(LMMS_VENV)
+	@echo '$(abspath $(LMMS_BASE))' | cmp -s - $@ || echo '$(abspath $(LMMS_BASE))' > $@
+
+$(LMMS_STAMP): requirements-lmms.txt pyproject.toml $(LMMS_VENV)/.base $(if $(filter $(VENV),$(LMMS_BASE)),$(STAMP))
+	find $(LMMS_VENV) -mindepth 1 -maxdepth 1 ! -name .base -exec rm -rf {} +
+	$(LMMS_BASE)/bin/python -m venv --without-pip $(LMMS_VENV)
+	$(LMMS_BASE)/bin/python -c 'import sysconfig; print("import site; site.addsitedir(%r)" % sysconfig.get_paths()["purelib"])' \
+		> "$(LMMS_SITE)/_videollama_base.pth"
+	$(LMMS_VENV)/bin/python -m pip install -q --no-deps --ignore-installed -r requirements-lmms.txt
+	$(LMMS_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(LMMS_STAMP)
+
+lmms-eval: $(LMMS_STAMP)
+
+test: $(STAMP) lint browser lmms-eval
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -50,4 +77,6 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(LMMS_VENV) runs build *.egg-info
+
+FORCE:

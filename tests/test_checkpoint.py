@@ -25,8 +25,8 @@ def test_crash_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, monk
         raise OSError("disk gone (simulated)")
 
     monkeypatch.setattr(ckpt, "_write_rank_state", crash)
-    with pytest.raises(OSError, match="simulated"):
-        train(small_cfg(max_steps=6), run)
+    with pytest.raises(OSError, match="simulated"):  # extending the run is a recorded change of max_steps
+        train(small_cfg(max_steps=6), run, allow_config_change=True)
     assert (run / "checkpoints" / ".tmp-step-00000006").is_dir()  # the half-written one
     assert not (run / "checkpoints" / "step-00000006").exists()
     latest = ckpt.latest_checkpoint(run)
@@ -35,7 +35,7 @@ def test_crash_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, monk
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
     monkeypatch.undo()
-    summary = train(small_cfg(max_steps=6), run)  # the same command again resumes from step 4
+    summary = train(small_cfg(max_steps=6), run, allow_config_change=True)  # the same command resumes at step 4
     assert summary["start_step"] == 4 and summary["steps"] == 6
     assert ckpt.latest_checkpoint(run).name == "step-00000006"
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the debris is gone

@@ -61,7 +61,7 @@ def test_a_malicious_metadata_pickle_is_refused_and_runs_nothing(tmp_path: Path,
     marker.unlink()
 
     # Resuming passes over the tampered checkpoint for the newest intact one, and says so.
-    summary = train(small_cfg(max_steps=6), run)
+    summary = train(small_cfg(max_steps=6), run, allow_config_change=True)  # a longer run: a recorded change
     assert not marker.exists()
     assert summary["start_step"] == 2 and summary["steps"] == 6
     err = capsys.readouterr().err
@@ -86,7 +86,7 @@ def test_a_pickled_bytes_item_in_the_shards_is_refused_and_runs_nothing(tmp_path
         ckpt.export(run, tmp_path / "model")
     assert not marker.exists()
     with pytest.raises(TrainingStopped, match="no checkpoint could be read"):
-        train(small_cfg(max_steps=4), run)
+        train(small_cfg(max_steps=4), run, allow_config_change=True)  # a longer run: a recorded change
     assert not marker.exists()
     # The input is really hostile: DCP's own reader runs it.
     dcp.load({"model.decoder.norm.weight": None}, checkpoint_id=str(step), no_dist=True)
@@ -101,7 +101,7 @@ def test_latest_must_name_a_step_folder_of_the_run(tmp_path: Path, pointer: str,
     with pytest.raises(ValueError, match="must name a step folder of this run"):
         ckpt.latest_checkpoint(run)
     # The run itself still resumes from its own newest step folder.
-    summary = train(small_cfg(max_steps=3), run)
+    summary = train(small_cfg(max_steps=3), run, allow_config_change=True)  # a longer run: a recorded change
     assert summary["start_step"] == 2
     assert "must name a step folder" in capsys.readouterr().err
 

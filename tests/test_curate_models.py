@@ -203,10 +203,11 @@ def test_marginal_pmi_equals_mean_over_reference_clips(tiny_videollama):
 def test_reference_clips_are_evenly_spaced_and_part_of_the_batch_digest(tmp_path):
     from videollama.curate.pipeline import reference_clips
     from videollama.curate.records import make_batches
+    from videollama.curate.rows import ClipRow
 
-    live = [{"clip_id": f"v-{i:04d}"} for i in range(10)][::-1]
+    live = [ClipRow(f"v-{i:04d}", "v", 0.0, 1.0, 1.0, 64, 64, 1.0, ["t"]) for i in range(10)][::-1]
     assert reference_clips(live, 4) == ["v-0000", "v-0002", "v-0005", "v-0007"]
-    assert reference_clips(live, 20) == sorted(r["clip_id"] for r in live)
+    assert reference_clips(live, 20) == sorted(r.clip_id for r in live)
     assert reference_clips(live, 0) == []
     clips = [(f"v-{i:04d}", ["t"]) for i in range(3)]
     plain = make_batches("pmi", clips, 2, tmp_path)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from badvideos import BAD_VIDEOS, encode_video
-from videollama.curate.cutting import cut_clips, sample_frames
+from curate_reference import cut_clips, sample_frames
 from videollama.curate.onepass import CutStream, one_pass
 from videollama.curate.probe import probe_video
 from videollama.curate.scenes import MIN_SHOT_S, WINDOW, cuts_from_scores, find_cuts, scene_clips

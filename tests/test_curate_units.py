@@ -12,6 +12,7 @@ from videollama.curate.config import CurateConfig, load_config
 from videollama.curate.dedup import near_duplicates, pixel_embedding
 from videollama.curate.filters import alignment_threshold, best_clip_of_texts, cheap_filter, choose_caption
 from videollama.curate.inputs import read_inputs
+from videollama.curate.rows import ClipRow, ScoreEntry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,9 +51,9 @@ def test_config_refuses_typos_and_bad_values():
 def test_refilter_by_another_pmi_reduction():
     """The filter thresholds the column filter.pmi_reduce names: a decorated caption with a low mean
     but a high best span wins under max_span and loses under mean, from the same stored scores."""
-    row = {"clip_id": "v/0", "source_id": "v", "texts": ["watch: a red square lol", "a blue circle"],
-           "scores": [{"text": "watch: a red square lol", "clip": None, "pmi": 1.0, "pmi_sum": 9.0, "pmi_span": 11.0},
-                      {"text": "a blue circle", "clip": None, "pmi": 2.0, "pmi_sum": 4.0, "pmi_span": 4.5}]}
+    row = _row(clip_id="v/0", source_id="v", texts=["watch: a red square lol", "a blue circle"],
+               scores=[ScoreEntry("watch: a red square lol", clip=None, pmi=1.0, pmi_sum=9.0, pmi_span=11.0),
+                       ScoreEntry("a blue circle", clip=None, pmi=2.0, pmi_sum=4.0, pmi_span=4.5)])
     assert choose_caption(row, "pmi", 1.5) == "a blue circle"
     assert choose_caption(row, "pmi_span", 10.0) == "watch: a red square lol"
     assert choose_caption(row, "pmi_sum", 5.0) == "watch: a red square lol"
@@ -92,7 +93,7 @@ def test_cut_clips_reencodes_exactly_the_frames_of_each_span(tmp_path):
     import av
 
     from badvideos import encode_video
-    from videollama.curate.cutting import cut_clips, sample_frames
+    from curate_reference import cut_clips, sample_frames
 
     # 50 frames at 25 FPS, frame k a uniform gray level 5 k: each clip's frames are recognisable.
     data = encode_video(width=64, height=48, num_frames=50, frame_fn=lambda i, w, h: np.full((h, w, 3), 5 * i, np.uint8))
@@ -113,10 +114,11 @@ def test_cut_clips_reencodes_exactly_the_frames_of_each_span(tmp_path):
 
 
 def _row(**kw):
-    row = {"duration_s": 3.0, "width": 320, "height": 240, "motion": 1.0, "texts": ["a", "b"],
-           "scores": [{"text": "a", "clip": None, "pmi": 0.5}, {"text": "b", "clip": None, "pmi": 1.5}]}
+    row = {"clip_id": "v-0000", "source_id": "v", "start_s": 0.0, "end_s": 3.0, "duration_s": 3.0, "width": 320,
+           "height": 240, "motion": 1.0, "texts": ["a", "b"],
+           "scores": [ScoreEntry("a", clip=None, pmi=0.5), ScoreEntry("b", clip=None, pmi=1.5)]}
     row.update(kw)
-    return row
+    return ClipRow(**row)
 
 
 def test_filters_and_caption_choice():
@@ -131,7 +133,7 @@ def test_filters_and_caption_choice():
     assert choose_caption(_row(), "pmi", 1.0) == "b"
     assert choose_caption(_row(), "pmi", 2.0) is None
     assert choose_caption(_row(), None, 0.0) == "a"  # no model: the first text as it is
-    rows = [_row(), _row(scores=[{"text": "c", "clip": None, "pmi": -1.0}, {"text": "d", "clip": None, "pmi": 3.0}])]
+    rows = [_row(), _row(scores=[ScoreEntry("c", clip=None, pmi=-1.0), ScoreEntry("d", clip=None, pmi=3.0)])]
     # scores 3.0, 1.5, 0.5, -1.0: the top half are 3.0 and 1.5
     assert alignment_threshold(rows, "pmi", FilterSection(keep_fraction=0.5)) == 1.5
     assert alignment_threshold(rows, "pmi", FilterSection(keep_fraction=0.1)) == 3.0
@@ -139,10 +141,10 @@ def test_filters_and_caption_choice():
 
 
 def test_a_text_is_assigned_to_the_clip_it_fits_best():
-    a = {"clip_id": "v-0", "source_id": "v", "texts": ["x", "y"],
-         "scores": [{"text": "x", "clip": None, "pmi": 4.0}, {"text": "y", "clip": None, "pmi": 3.0}]}
-    b = {"clip_id": "v-1", "source_id": "v", "texts": ["x", "y"],
-         "scores": [{"text": "x", "clip": None, "pmi": 4.5}, {"text": "y", "clip": None, "pmi": 1.0}]}
+    a = _row(clip_id="v-0", source_id="v", texts=["x", "y"],
+             scores=[ScoreEntry("x", clip=None, pmi=4.0), ScoreEntry("y", clip=None, pmi=3.0)])
+    b = _row(clip_id="v-1", source_id="v", texts=["x", "y"],
+             scores=[ScoreEntry("x", clip=None, pmi=4.5), ScoreEntry("y", clip=None, pmi=1.0)])
     assigned = best_clip_of_texts([a, b], "pmi")
     assert assigned == {("v", "x"): "v-1", ("v", "y"): "v-0"}
     assert choose_caption(a, "pmi", 0.0) == "x" and choose_caption(a, "pmi", 0.0, assigned) == "y"
@@ -259,3 +261,67 @@ def test_quality_figures_against_a_hand_made_truth(tmp_path):
     # A run without a model (no metric) is scored too: its captions are the first texts, taken as they are.
     (tmp_path / "stats.json").write_text(json.dumps({**stats, "metric": None, "threshold": None}))
     assert evaluate(tmp_path, tmp_path)["text_pairs"]["passed_right"] == 0
+
+
+def test_drop_reasons_and_score_columns_keep_their_names():
+    """The drop reasons are stats.json keys and clips.parquet values: their strings must not change;
+    a ScoreEntry has exactly the score columns of the table's struct, in its order."""
+    import dataclasses
+
+    from videollama.curate.output import table_schema
+    from videollama.curate.rows import SCORE_COLUMNS, DropReason
+
+    assert sorted(r.value for r in DropReason) == sorted(["too_short", "low_resolution", "static", "misaligned",
+                                                          "no_text", "empty_caption", "duplicate"])
+    assert DropReason("static") is DropReason.STATIC and str(DropReason.STATIC) == "static"
+    entry_fields = [f.name for f in dataclasses.fields(ScoreEntry)]
+    struct = table_schema().field("scores").type.value_type
+    assert entry_fields == ["text", *SCORE_COLUMNS] == [struct.field(i).name for i in range(struct.num_fields)]
+    with pytest.raises(KeyError, match="no score column"):
+        ScoreEntry("x").value("pmi_median")
+
+
+def test_clip_row_from_a_record_to_the_table_and_back(tmp_path):
+    """A row of a per-video record (the format process_video writes and old runs left on disk) goes
+    into clips.parquet as plain values and reads back as the same typed row."""
+    from videollama.curate.output import COLUMNS, read_rows, read_table, write_table
+    from videollama.curate.rows import DropReason
+
+    record = {"clip_id": "v-0001", "source_id": "v", "start_s": 2.0, "end_s": 4.04, "duration_s": 2.04,
+              "width": 320, "height": 240, "fps": 25.0, "texts": ["a red circle", "hello"], "motion": 0.75,
+              "mp4_bytes": 1234}
+    row = ClipRow.from_record(record)
+    assert [s.text for s in row.scores] == record["texts"] and row.scores[0].pmi is None
+    assert (row.fps, row.mp4_bytes, row.kept, row.drop_reason) == (25.0, 1234, False, None)
+    row.scores[1].set("pmi_marginal_span", 3.5)
+    row.drop_reason, row.duplicate_of = DropReason.DUPLICATE, "u-0000"
+    table_row = row.table_row()
+    assert list(table_row) == list(COLUMNS) and type(table_row["drop_reason"]) is str
+    assert table_row["scores"][1] == {"text": "hello", "clip": None, "pmi": None, "pmi_sum": None, "pmi_span": None,
+                                      "pmi_marginal": None, "pmi_marginal_sum": None, "pmi_marginal_span": 3.5}
+    write_table([table_row], tmp_path / "clips.parquet")
+    assert read_table(tmp_path / "clips.parquet") == [table_row]
+    back = read_rows(tmp_path / "clips.parquet")
+    row.fps = row.mp4_bytes = None  # not columns of the table
+    assert back == [row] and back[0].drop_reason is DropReason.DUPLICATE
+
+
+def test_run_stats_sum_stage_seconds_and_report_every_key():
+    from videollama.curate.run_stats import RunStats
+
+    stats = RunStats("local")
+    stats.add_seconds("decode", 1.5)
+    stats.add_seconds("decode", 2.0)
+    with stats.timed("dedup"):
+        pass
+    stats.count("clips", 3)
+    stats.skip_source("b", "empty_file", "b: zero bytes")
+    stats.skip_source("a", "empty_file", "a: zero bytes")
+    stats.note(metric="pmi", threshold=0.5)
+    report = stats.report(dropped={"static": 1, "duplicate": 2}, shards=1)
+    assert report["seconds"]["decode"] == 3.5 and report["seconds"]["dedup"] >= 0
+    assert report["seconds"]["total_wall"] >= report["seconds"]["dedup"]
+    assert report["corrupt"] == {"empty_file": 2} and list(report["skipped_sources"]) == ["a", "b"]
+    assert list(report["dropped"]) == ["duplicate", "static"]
+    assert set(report) == {"engine", "resumed_videos", "resumed_batches", "seconds", "metric", "threshold", "counts",
+                           "dropped", "corrupt", "skipped_sources", "shards"}

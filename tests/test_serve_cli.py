@@ -39,6 +39,31 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "max_queue must be > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["serve", "chat"])
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-batch", "1000000", "max_batch must be at most 1024"),
+    ("--request-timeout-s", "nan", "request_timeout_s must be a finite number"),
+    ("--fetch-timeout-s", "-1", "fetch_timeout_s must be > 0"),
+    ("--decode-timeout-s", "inf", "decode_timeout_s must be a finite number"),
+    ("--body-timeout-s", "1e9", "body_timeout_s must be at most"),
+    ("--device", "cuda", "CUDA is not available"),
+    ("--device", "tpu", "--device tpu"),
+    ("--allowed-hosts", "a b", "is not a host name"),
+])
+def test_numbers_and_devices_that_cannot_serve_are_one_line_errors(tmp_path, capsys, command, option, value, message):
+    """Before the model loads: no traceback, no server with no deadline, no million-row KV cache."""
+    import torch
+
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    model = build_model_dir(tmp_path / "model") if option == "--device" else tmp_path
+    (model / "config.json").write_text((model / "config.json").read_text() if option == "--device" else "{}")
+    assert main([command, "--model", str(model), option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("videollama: error: ") and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.slow
 def test_serve_starts_on_loopback_and_checks_the_key(tmp_path):
     model_dir = build_model_dir(tmp_path / "model")

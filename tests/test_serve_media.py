@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.server
 import threading
+import time
 
 import pytest
 import torch
@@ -43,6 +44,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # Recorded before anything is sent: the client may read the whole body (and the test check
         # this list) before this thread runs another line.
         self.server.hosts.append(self.headers["Host"])
+        if self.path == "/drip":  # a byte at a time, each well within a per-read timeout
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            for _ in range(100):
+                self.wfile.write(b"v")
+                self.wfile.flush()
+                time.sleep(0.2)
+            return
         if self.path == "/redirect":
             self.send_response(302)
             self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
@@ -94,6 +104,22 @@ def test_fetch_pins_the_address_refuses_redirects_and_caps_size(http_server):
     assert e.value.code == "private_address"
     with pytest.raises(APIError, match="credentials"):
         media.fetch_http("http://user:pw@videos.test/ok", limits, ("videos.test",), resolve=resolve)
+
+
+def test_the_fetch_timeout_is_a_total(http_server):
+    """A server that drips a byte every 0.2 s never trips a per-read timeout; the download's
+    limit is a total, and so is what is left of the request's deadline."""
+    port = http_server.server_address[1]
+    resolve = lambda host, port: ["127.0.0.1"]  # noqa: E731
+    limits = ServeLimits(fetch_timeout_s=1.0, max_video_bytes=1000)
+    with pytest.raises(APIError) as e:
+        media.fetch_http(f"http://videos.test:{port}/drip", limits, ("videos.test",), resolve=resolve, allow_private=True)
+    assert e.value.status == 400 and e.value.code == "fetch_timeout"
+    deadline = time.monotonic() + 0.5  # the request's own deadline comes first: a 504
+    with pytest.raises(APIError) as e:
+        media.fetch_http(f"http://videos.test:{port}/drip", ServeLimits(fetch_timeout_s=30), ("videos.test",),
+                         resolve=resolve, allow_private=True, deadline=deadline)
+    assert e.value.status == 504 and e.value.code == "timeout"
 
 
 def test_sources_other_than_data_file_http_are_refused(tmp_path):

@@ -1,4 +1,4 @@
-"""Curation of raw web video into clips (issue 12), one job a file.
+"""Curation of raw web video into clips, one job a file (pipeline.py draws the stages).
 
 Per source video: probe.py (``probe_video``: duration, fps, size, codec, bounded), scenes.py
 (``find_cuts`` / ``scene_clips``: shot boundaries and the clips between them), motion.py

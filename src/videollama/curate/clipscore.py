@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from videollama.curate.cutting import Spec
+from videollama.curate.clipfiles import Spec
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -9,8 +9,9 @@
 * keeps the frames of the scene that is not final yet in a bounded buffer (references to the
   decoded frames: FFmpeg's frame buffers are reference-counted, so a held frame is never
   overwritten by the decoder), and when a scene is final, feeds the frames of each of its clips
-  (``scenes.scene_windows``) to the H.264 encoder (``cutting._ClipEncoder``, the same bytes as
-  ``cutting.cut_clips``) and converts the frames each frame spec needs.
+  (``scenes.scene_windows``) to the H.264 encoder (``clipfiles.ClipEncoder``; the same bytes as
+  the separate cutting pass that tests/curate_reference.py keeps as the reference) and converts
+  the frames each frame spec needs.
 
 The frames of a spec are those ``load_clip`` in evaluation mode picks from the clip's MP4 (the
 centred window of ``num_frames`` at ``fps``, the frame on screen at each sample time; the MP4
@@ -28,9 +29,9 @@ would exceed ``max_buffer_bytes`` (a scene longer than the memory allows) it is 
 clips not encoded yet are made by a second decoding pass of the source (``second_pass`` in the
 returned counts); curation then decodes that source twice, as before this module.
 
-Bounds: one ``WorkBound`` for the pass (``max_frames`` packets or frames, ``time_budget_s`` of
-wall clock), as ``frame_scores`` and ``cut_clips`` had one each; bad files raise the ``BadSample``
-reasons that ``frame_scores`` raises, from the same checks in the same order.
+Bounds: the pass is one bounded walk over the frames (``data/decoding.py``: ``max_frames``
+packets or frames, ``time_budget_s`` of wall clock), as ``frame_scores``' is; bad files raise the
+``BadSample`` reasons that ``frame_scores`` raises, from the same checks in the same order.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from videollama.curate.cutting import Spec, _ClipEncoder
+from videollama.curate.clipfiles import ClipEncoder, Spec
 from videollama.curate.scenes import (
     DEFAULT_THRESHOLD,
     MIN_SHOT_S,
@@ -56,14 +57,15 @@ from videollama.curate.scenes import (
     ThumbScores,
     clips_between,
     cuts_from_scores,
-    decode_error,
     scene_windows,
 )
-from videollama.data.container import WorkBound, check_resolution, nominal_rate, open_and_time
+from videollama.data.container import nominal_rate
+from videollama.data.decoding import OpenedVideo, open_and_time
 from videollama.data.frames import resize_crop_frame
 
 MAX_BUFFER_BYTES = 512 * 2**20  # decoded frames held for the scene not final yet, per worker
-_EPS = 1e-6  # as cut_clips and load_clip
+_EPS = 1e-6  # as load_clip
+CUTTING = "cutting clips"
 
 
 class CutStream:
@@ -128,7 +130,7 @@ def sample_indices(n_frames: int, rate: Fraction, spec: Spec) -> list[int]:
 
 
 class ClipBuilder:
-    """One clip fed its frames in order: the MP4 (``_ClipEncoder``) and each spec's frames."""
+    """One clip fed its frames in order: the MP4 (``ClipEncoder``) and each spec's frames."""
 
     def __init__(self, n_frames: int, rate: Fraction, crf: int, specs: list[Spec], cpu: dict, clock):
         self.rate, self.crf, self.specs, self.cpu, self.clock = rate, crf, specs, cpu, clock
@@ -139,7 +141,7 @@ class ClipBuilder:
                 self.sizes.setdefault(j, set()).add(size)
         self.rgb: dict[tuple[int, int], np.ndarray] = {}
         self.reformatter = VideoReformatter()
-        self.encoder: _ClipEncoder | None = None
+        self.encoder: ClipEncoder | None = None
         self.count = 0
 
     def add(self, frame: av.VideoFrame) -> None:
@@ -149,8 +151,8 @@ class ClipBuilder:
             turns = round((frame.rotation or 0) / 90) % 4
             self.rgb[self.count, size] = np.ascontiguousarray(np.rot90(rgb, k=-turns)) if turns else rgb
         t1 = self.clock()
-        if self.encoder is None:  # even sides, as cut_clips
-            self.encoder = _ClipEncoder(frame.width // 2 * 2, frame.height // 2 * 2, self.rate, self.crf)
+        if self.encoder is None:  # even sides: 4:2:0 chroma needs them (an odd last row/column is dropped)
+            self.encoder = ClipEncoder(frame.width // 2 * 2, frame.height // 2 * 2, self.rate, self.crf)
         self.encoder.add(frame)
         self.cpu["sample"] += t1 - t0
         self.cpu["encode"] += self.clock() - t1
@@ -166,6 +168,76 @@ class ClipBuilder:
         return mp4, frames
 
 
+class _Clips:
+    """The clips made so far, in time order: ``(start_s, end_s, mp4 | None, {spec: frames})``."""
+
+    def __init__(self, rate: Fraction, crf: int, specs: list[Spec], cpu: dict, clock):
+        self.rate, self.crf, self.specs, self.cpu, self.clock = rate, crf, specs, cpu, clock
+        self.done: list[tuple[float, float, bytes | None, dict]] = []
+
+    def make(self, spans: list[tuple[float, float]], frames_of) -> None:
+        """Encode each span ``(start, end)`` from its frames, ``frames_of(start, end)``."""
+        for start, end in spans:
+            frames = frames_of(start, end)
+            builder = ClipBuilder(len(frames), self.rate, self.crf, self.specs, self.cpu, self.clock)
+            for frame in frames:
+                builder.add(frame)
+            self.done.append((start, end, *builder.finish()))
+
+
+class _SceneBuffer:
+    """The decoded frames of the scene that is not final yet, ``(time, frame, bytes)``, up to
+    ``max_bytes``; past that they are dropped for good (``overflow``: a second pass makes the rest)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.frames: deque[tuple[float, av.VideoFrame, int]] = deque()
+        self.bytes = 0
+        self.overflow = False
+
+    def add(self, t: float, frame: av.VideoFrame) -> None:
+        if self.overflow:
+            return
+        size = sum(p.buffer_size for p in frame.planes)
+        self.frames.append((t, frame, size))
+        self.bytes += size
+        if self.bytes > self.max_bytes:
+            self.overflow, self.bytes = True, 0
+            self.frames.clear()
+
+    def between(self, start: float, end: float) -> list[av.VideoFrame]:
+        return [f for t, f, _ in self.frames if start - _EPS <= t < end - _EPS]
+
+    def drop_before(self, t: float) -> None:
+        while self.frames and self.frames[0][0] < t - _EPS:
+            self.bytes -= self.frames.popleft()[2]
+
+
+class _Scan:
+    """The pass's work on each frame: score it, settle the cuts, and encode the clips of the scenes
+    that became final from the buffer."""
+
+    def __init__(self, video: OpenedVideo, probe: dict, clips: _Clips, *, threshold: float, min_clip_s: float,
+                 max_clip_s: float, max_buffer_bytes: int):
+        self.scorer = ThumbScores(probe, video)
+        self.cuts = CutStream(video.duration, threshold=threshold, min_clip_s=min_clip_s, max_clip_s=max_clip_s)
+        self.buffer = _SceneBuffer(max_buffer_bytes)
+        self.clips = clips
+        self.clip_times: list[float] = []  # every frame's time (which clip it goes in)
+
+    def add(self, t: float, frame: av.VideoFrame) -> None:
+        cpu, clock = self.clips.cpu, self.clips.clock
+        t1 = clock()
+        self.scorer.add(frame)
+        spans = self.cuts.update(self.scorer.times, self.scorer.scores)
+        cpu["scenes"] += clock() - t1
+        self.clip_times.append(t)
+        self.buffer.add(t, frame)
+        if spans and not self.buffer.overflow:
+            self.clips.make(spans, self.buffer.between)
+            self.buffer.drop_before(self.cuts.scene_start)
+
+
 def one_pass(path: Path, probe: dict, *, min_clip_s: float, max_clip_s: float, specs: list[Spec],
              threshold: float = DEFAULT_THRESHOLD, crf: int = 18, max_frames: int = 200_000,
              time_budget_s: float | None = 600.0, max_buffer_bytes: int = MAX_BUFFER_BYTES,
@@ -175,103 +247,52 @@ def one_pass(path: Path, probe: dict, *, min_clip_s: float, max_clip_s: float, s
     Returns ``{"clips": [(start_s, end_s, mp4 bytes | None, {spec: uint8 [F, S, S, 3]})],
     "cuts": [s], "cpu": {"decode", "scenes", "encode", "sample", "second_pass": seconds of
     ``clock``}, "second_pass": bool}`` (``cpu["second_pass"]``: the second pass's demuxing and
-    decoding; its encoding and sampling count in ``encode`` and ``sample``); ``clips`` are ``scene_clips``' spans, in time order (mp4
-    None: no frame falls in the span). Raises ``BadSample`` as ``frame_scores`` does.
+    decoding; its encoding and sampling count in ``encode`` and ``sample``); ``clips`` are
+    ``scene_clips``' spans, in time order (mp4 None: no frame falls in the span). Raises
+    ``BadSample`` as ``frame_scores`` does.
     """
     name = str(path)
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     cpu = dict.fromkeys(("decode", "scenes", "encode", "sample", "second_pass"), 0.0)
-    container, stream, origin, duration, timeless = open_and_time(path, name, 1, max_frames, deadline)
-    bound = WorkBound(name, max_frames, deadline)
-    scorer = ThumbScores(probe, stream, origin, timeless)
-    cuts = CutStream(duration, threshold=threshold, min_clip_s=min_clip_s, max_clip_s=max_clip_s)
-    rate = nominal_rate(stream).limit_denominator(1001)
-    step = 1 / float(rate)
-    clip_times: list[float] = []  # cut_clips' time of every frame (which clip it goes in)
-    buffer: deque[tuple[float, av.VideoFrame, int]] = deque()  # (time, frame, bytes)
-    buffered = 0  # bytes of the frames in ``buffer``
-    overflow = False
-    done: list[tuple[float, float, bytes | None, dict]] = []
-
-    def encode(spans, frames_of) -> None:
-        for start, end in spans:
-            frames = frames_of(start, end)
-            builder = ClipBuilder(len(frames), rate, crf, specs, cpu, clock)
-            for frame in frames:
-                builder.add(frame)
-            done.append((start, end, *builder.finish()))
-
-    def from_buffer(start, end):
-        return [f for t, f, _ in buffer if start - _EPS <= t < end - _EPS]
-
-    packets = 0
-    try:
+    with open_and_time(path, name, 1, max_frames, deadline) as video:
+        clips = _Clips(nominal_rate(video.stream).limit_denominator(1001), crf, specs, cpu, clock)
+        scan = _Scan(video, probe, clips, threshold=threshold, min_clip_s=min_clip_s, max_clip_s=max_clip_s,
+                     max_buffer_bytes=max_buffer_bytes)
         t0 = clock()
-        for packet in container.demux(stream):
-            packets += 1
-            bound.check(max(packets, len(scorer.times)), SCANNING)
-            decoded = stream.decode(packet)
-            cpu["decode"] += clock() - t0
-            for frame in decoded:
-                bound.check(max(packets, len(scorer.times) + 1), SCANNING)
-                check_resolution(frame.width, frame.height, name, "decoded")
-                t1 = clock()
-                scorer.add(frame)
-                spans = cuts.update(scorer.times, scorer.scores)
-                cpu["scenes"] += clock() - t1
-                if frame.pts is not None:
-                    t = float((frame.pts - origin) * stream.time_base)
-                else:  # no timestamp: one nominal frame after the previous one (cut_clips)
-                    t = 0.0 if not clip_times else clip_times[-1] + step
-                clip_times.append(t)
-                if not overflow:
-                    size = sum(p.buffer_size for p in frame.planes)
-                    buffer.append((t, frame, size))
-                    buffered += size
-                    if buffered > max_buffer_bytes:
-                        overflow, buffered = True, 0
-                        buffer.clear()
-                if spans and not overflow:
-                    encode(spans, from_buffer)
-                    while buffer and buffer[0][0] < cuts.scene_start - _EPS:
-                        buffered -= buffer.popleft()[2]
-            t0 = clock()
-    except av.error.FFmpegError as error:
-        bound.check_deadline(SCANNING)
-        raise decode_error(error, name, len(scorer.times)) from error
-    finally:
-        container.close()
-    times, scores = scorer.result(name, duration)
+        with video.frames(SCANNING) as frames:
+            for pts, frame in frames:
+                cpu["decode"] += clock() - t0
+                scan.add(video.seconds(pts), frame)
+                t0 = clock()
+    times, scores = scan.scorer.result(name, video.duration)
     t0 = clock()
     final_cuts = cuts_from_scores(times, scores, threshold=threshold)
-    spans = clips_between(final_cuts, duration, min_clip_s=min_clip_s, max_clip_s=max_clip_s)
+    spans = clips_between(final_cuts, video.duration, min_clip_s=min_clip_s, max_clip_s=max_clip_s)
     cpu["scenes"] += clock() - t0
-    if [(a, b) for a, b, *_ in done] != spans[:len(done)]:
-        done, overflow = [], True  # the streamed decision disagreed: redo every clip (never seen so far)
-    rest = spans[len(done):]
+    overflow = scan.buffer.overflow
+    if [(a, b) for a, b, *_ in clips.done] != spans[:len(clips.done)]:
+        clips.done, overflow = [], True  # the streamed decision disagreed: redo every clip (never seen so far)
+    rest = spans[len(clips.done):]
     if rest and not overflow:
-        encode(rest, from_buffer)
+        clips.make(rest, scan.buffer.between)
     elif rest:
         t0, converting = clock(), cpu["encode"] + cpu["sample"]
-        _second_pass(path, rest, clip_times, encode, max_frames, deadline)
+        _second_pass(path, rest, scan.clip_times, clips, max_frames, deadline)
         cpu["second_pass"] += clock() - t0 - (cpu["encode"] + cpu["sample"] - converting)  # its decoding
-    return {"clips": done, "cuts": final_cuts, "cpu": cpu, "second_pass": bool(rest and overflow)}
+    return {"clips": clips.done, "cuts": final_cuts, "cpu": cpu, "second_pass": bool(rest and overflow)}
 
 
-def _second_pass(path: Path, spans, clip_times: list[float], encode, max_frames: int, deadline) -> None:
+def _second_pass(path: Path, spans, clip_times: list[float], clips: _Clips, max_frames: int, deadline) -> None:
     """Decode ``path`` again and encode ``spans`` from it (frames chosen by ``clip_times``, the
     first pass's times, so that each clip gets the frames the first pass counted for it)."""
     name = str(path)
-    container, stream, *_ = open_and_time(path, name, 1, max_frames, deadline)
-    bound = WorkBound(name, max_frames, deadline)
     first = min(i for i, t in enumerate(clip_times) if t >= spans[0][0] - _EPS) if clip_times else 0
     last_end = spans[-1][1]
     kept: dict[int, av.VideoFrame] = {}
     wanted = {i for i, t in enumerate(clip_times) if any(a - _EPS <= t < b - _EPS for a, b in spans)}
     index = 0
-    try:
-        for frame in container.decode(stream):
-            bound.check(index + 1, "cutting clips")
+    with open_and_time(path, name, 1, max_frames, deadline) as video, video.frames(CUTTING) as frames:
+        for _pts, frame in frames:
             if index >= len(clip_times) or clip_times[index] >= last_end - _EPS:
                 break
             if index >= first and index in wanted:
@@ -281,12 +302,7 @@ def _second_pass(path: Path, spans, clip_times: list[float], encode, max_frames:
             while spans and (index >= len(clip_times) or clip_times[index] >= spans[0][1] - _EPS):
                 start, end = spans[0]
                 ids = [i for i in sorted(kept) if start - _EPS <= clip_times[i] < end - _EPS]
-                encode([spans[0]], lambda a, b, ids=ids: [kept.pop(i) for i in ids])
+                clips.make([spans[0]], lambda a, b, ids=ids: [kept.pop(i) for i in ids])
                 spans = spans[1:]
-    except av.error.FFmpegError as error:
-        bound.check_deadline("cutting clips")
-        raise decode_error(error, name, index) from error
-    finally:
-        container.close()
     for span in spans:  # spans no frame reached
-        encode([span], lambda a, b: [])
+        clips.make([span], lambda a, b: [])

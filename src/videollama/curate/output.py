@@ -17,13 +17,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from videollama.curate.cutting import atomic_write, clip_path
+from videollama.curate.clipfiles import atomic_write, clip_path
+from videollama.curate.rows import ClipRow
 
 COLUMNS = ("clip_id", "source_id", "start_s", "end_s", "duration_s", "width", "height", "motion",
            "texts", "scores", "kept", "drop_reason", "caption", "caption_source", "duplicate_of")
 
 
-def _schema():
+def table_schema():
+    """clips.parquet's fixed schema (one column a ``COLUMNS`` name, the scores a list of structs)."""
     import pyarrow as pa
 
     score = pa.struct([("text", pa.string()), ("clip", pa.float64()), ("pmi", pa.float64()),
@@ -39,11 +41,12 @@ def _schema():
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
-    """``rows`` (sorted by clip_id) -> a Parquet file with the fixed schema above."""
+    """``rows`` (``ClipRow.table_row()`` each, sorted by clip_id) -> a Parquet file with the fixed
+    schema above."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = _schema()
+    schema = table_schema()
     table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pq.write_table(table, tmp)
@@ -56,22 +59,27 @@ def read_table(path: str | Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
-def shard_meta(row: dict[str, Any], source_meta: dict[str, Any]) -> dict[str, Any]:
-    return {"caption": row["caption"], "caption_source": row["caption_source"], "texts": row["scores"],
-            "source": row["source_id"], "clip_id": row["clip_id"], "start_s": row["start_s"],
-            "end_s": row["end_s"], "meta": source_meta}
+def read_rows(path: str | Path) -> list[ClipRow]:
+    """clips.parquet as typed rows (what the filters take)."""
+    return [ClipRow.from_table(row) for row in read_table(path)]
 
 
-def write_shards_of(rows: list[dict[str, Any]], metas: dict[str, dict], out: Path, work: Path, *,
+def shard_meta(row: ClipRow, source_meta: dict[str, Any]) -> dict[str, Any]:
+    return {"caption": row.caption, "caption_source": row.caption_source, "texts": row.scores_table(),
+            "source": row.source_id, "clip_id": row.clip_id, "start_s": row.start_s,
+            "end_s": row.end_s, "meta": source_meta}
+
+
+def write_shards_of(rows: list[ClipRow], metas: dict[str, dict], out: Path, work: Path, *,
                     max_bytes: int, max_count: int | None, prefix: str) -> list[Path]:
     """The kept rows' clips as WebDataset shards in ``out/shards`` (replaced whole)."""
     from videollama.data.writer import write_shards
 
     def samples():
         for row in rows:
-            if row["kept"]:
-                yield row["clip_id"], clip_path(work, row["clip_id"]).read_bytes(), shard_meta(
-                    row, metas.get(row["source_id"], {}))
+            if row.kept:
+                yield row.clip_id, clip_path(work, row.clip_id).read_bytes(), shard_meta(
+                    row, metas.get(row.source_id, {}))
 
     staging = out / f".shards.writing-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -91,18 +99,19 @@ def write_stats(stats: dict[str, Any], path: Path) -> None:
     atomic_write(path, (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
 
 
-def plot_stats(rows: list[dict[str, Any]], stats: dict[str, Any], path: Path) -> None:
+def plot_stats(rows: list[ClipRow], stats: dict[str, Any], path: Path) -> None:
     """Score histograms (one per metric, the threshold marked) and counts per stage."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in dict.fromkeys(("pmi", "clip", stats.get("metric") or "pmi")) if any(s.get(m) is not None for r in rows for s in r["scores"] or [])]
+    metrics = [m for m in dict.fromkeys(("pmi", "clip", stats.get("metric") or "pmi"))
+               if any(s.value(m) is not None for r in rows for s in r.scores)]
     fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(5 * (len(metrics) + 1), 3.6))
     axes = list(axes) if len(metrics) else [axes]
     for ax, metric in zip(axes, metrics):
-        values = [s[metric] for r in rows for s in r["scores"] or [] if s.get(metric) is not None]
+        values = [s.value(metric) for r in rows for s in r.scores if s.value(metric) is not None]
         ax.hist(values, bins=40, color="#4477aa")
         if stats.get("metric") == metric:
             ax.axvline(stats["threshold"], color="#cc3311", label=f"threshold {stats['threshold']:.3g}")

@@ -46,8 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from videollama.curate.clipfiles import Spec
 from videollama.curate.config import PMI_EXTRA_COLUMNS
-from videollama.curate.cutting import Spec
 
 
 def model_spec(model_dir: str | Path) -> tuple[Spec, dict[str, Any]]:
@@ -82,18 +82,6 @@ class _ModelStage:
 
         return normalise(np.stack(frames).reshape(-1, *frames[0].shape[1:]), self.mean, self.std).view(
             len(frames), frames[0].shape[0], 3, self.spec[2], self.spec[2]).to(self.device)
-
-
-def text_log_probs(logits, labels):
-    """Mean log-probability of the labelled tokens per row. logits [B, T, V]; labels [B, T]
-    aligned with the inputs (position t predicts labels[t + 1]; -100 not counted) -> [B]."""
-    import torch
-
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
-    target = labels[:, 1:]
-    mask = target != -100
-    picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return (picked * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 def token_log_probs(logits, labels):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from videollama.curate.cutting import atomic_write, load_frames
+from videollama.curate.clipfiles import atomic_write, load_frames
 
 MODEL_STAGES = ("clip", "pmi", "caption")
 

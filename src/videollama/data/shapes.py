@@ -214,7 +214,9 @@ def render_frames(spec: ClipSpec) -> np.ndarray:
 def encode_mp4(frames, *, fps: int = FPS, crf: int = 18) -> bytes:
     """H.264 (libx264, yuv420p) MP4 bytes from uint8 RGB frames.
 
-    ``frames``: an array ``[T, H, W, 3]`` or an iterable of ``[H, W, 3]`` arrays (H, W even).
+    ``frames``: an array ``[T, H, W, 3]`` or an iterable of ``[H, W, 3]`` arrays (H, W even),
+    or of ``av.VideoFrame`` already in yuv420p; the same VideoFrame may come again for a
+    repeated picture, which spares the colour conversion of mostly still videos.
     One encoder thread: parallelism comes from encoding many clips at once, and a single
     thread keeps the bytes independent of the machine's core count.
     """
@@ -223,24 +225,35 @@ def encode_mp4(frames, *, fps: int = FPS, crf: int = 18) -> bytes:
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = None
-        for i, rgb in enumerate(frames):
-            if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
-                raise ValueError(f"frame {i}: expected uint8 [H, W, 3], got {rgb.dtype} {tuple(rgb.shape)}")
+        for i, item in enumerate(frames):
+            frame = _video_frame(av, item, i)
             if stream is None:
                 stream = container.add_stream("libx264", rate=fps)
-                stream.width, stream.height = rgb.shape[1], rgb.shape[0]
+                stream.width, stream.height = frame.width, frame.height
                 stream.pix_fmt = "yuv420p"
                 stream.codec_context.thread_count = 1
                 # ultrafast: 2x the bytes of `medium` at the same CRF but half the time,
                 # and the files decode faster (no CABAC, no B-frames) in the loader too.
                 stream.options = {"preset": "ultrafast", "crf": str(crf), "threads": "1"}
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+            frame.pts = i  # what the encoder would number it; a repeated VideoFrame needs it set
+            for packet in stream.encode(frame):
                 container.mux(packet)
         if stream is None:
             raise ValueError("encode_mp4: no frames")
         for packet in stream.encode():  # flush the encoder's delayed frames
             container.mux(packet)
     return buf.getvalue()
+
+
+def _video_frame(av, item, i: int):
+    """``item`` as an ``av.VideoFrame``: an RGB array is wrapped, a yuv420p frame passes."""
+    if isinstance(item, av.VideoFrame):
+        if item.format.name != "yuv420p":
+            raise ValueError(f"frame {i}: expected a yuv420p VideoFrame, got {item.format.name}")
+        return item
+    if item.ndim != 3 or item.shape[-1] != 3 or item.dtype != np.uint8:
+        raise ValueError(f"frame {i}: expected uint8 [H, W, 3], got {item.dtype} {tuple(item.shape)}")
+    return av.VideoFrame.from_ndarray(item, format="rgb24")
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,9 +302,9 @@ def questions(spec: ClipSpec) -> list[dict]:
 # ---------------------------------------------------------------------------------------
 
 
-def clip_seed(seed: int, split: str, index: int) -> int:
-    """Per-clip seed, so the output never depends on the number of workers."""
-    digest = hashlib.sha256(f"{SOURCE}/{seed}/{split}/{index}".encode()).digest()
+def clip_seed(seed: int, split: str, index: int, source: str = SOURCE) -> int:
+    """Per-clip seed, so the output never depends on the number of workers (``source``: the corpus)."""
+    digest = hashlib.sha256(f"{source}/{seed}/{split}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
 
@@ -317,11 +330,11 @@ def _make_sample(job: tuple[str, ClipSpec]) -> tuple[str, bytes, dict]:
     return key, mp4, meta
 
 
-def _render_all(pool, jobs: list[tuple[str, ClipSpec]], desc: str):
-    """Yield rendered samples in job order (ordered imap: the output is deterministic)."""
+def _render_all(pool, jobs: list, desc: str, *, make=_make_sample, chunksize: int = 4):
+    """Yield ``make(job)`` for every job, in job order (ordered imap: the output is deterministic)."""
     from tqdm import tqdm
 
-    results = map(_make_sample, jobs) if pool is None else pool.imap(_make_sample, jobs, chunksize=4)
+    results = map(make, jobs) if pool is None else pool.imap(make, jobs, chunksize=chunksize)
     yield from tqdm(results, total=len(jobs), desc=desc, unit="clip")
 
 

@@ -102,12 +102,20 @@ def caption_prompt() -> str:
     return f"{VIDEO}{CAPTION}"
 
 
-def videoqa_prompt(question: str, options: Sequence[str] | None = None) -> str:
-    """Open-ended question, or multiple choice when ``options`` are given (answer = an option's text)."""
+def videoqa_question(question: str, options: Sequence[str] | None = None) -> str:
+    """The text between a VideoQA prompt's markers: the question, and a line of options if any.
+
+    ``videoqa_question(videoqa_question(q, options)) == videoqa_question(q, options)``, so a tool
+    that hands over the whole text (the lmms-eval tasks) gets the prompt the harness builds."""
     question = question.strip()
     if options:
         question += "\noptions: " + " | ".join(o.strip() for o in options)
-    return f"{VIDEO}{QUESTION}{question}{ANSWER}"
+    return question
+
+
+def videoqa_prompt(question: str, options: Sequence[str] | None = None) -> str:
+    """Open-ended question, or multiple choice when ``options`` are given (answer = an option's text)."""
+    return f"{VIDEO}{QUESTION}{videoqa_question(question, options)}{ANSWER}"
 
 
 def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:

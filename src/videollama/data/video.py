@@ -53,15 +53,9 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from videollama.config import IMAGENET_MEAN, IMAGENET_STD
-from videollama.data.container import (
-    MAX_DURATION_S,
-    Source,
-    WorkBound,
-    check_resolution,
-    nominal_rate,
-    open_and_time,
-)
-from videollama.data.errors import ABSURD_DURATION, DECODE_ERROR, ZERO_FRAMES, BadSample
+from videollama.data.container import Source
+from videollama.data.decoding import OpenedVideo, open_and_time
+from videollama.data.errors import DECODE_ERROR, ZERO_FRAMES, BadSample
 from videollama.data.frames import resize_crop_frame
 
 # Work bounds for one clip. A 4 s window of a 60 FPS video with a 10 s keyframe interval needs
@@ -131,57 +125,34 @@ def load_clip(
         name = f"<{len(source)} bytes>" if isinstance(source, bytes | bytearray | memoryview) else str(source)
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
 
-    container, stream, origin, duration, timeless = open_and_time(source, name, threads, max_decoded_frames,
-                                                                  deadline)
-    try:
-        if duration > MAX_DURATION_S:
-            raise BadSample(ABSURD_DURATION, name, f"declared duration {duration:.0f} s exceeds {MAX_DURATION_S:.0f} s")
-
-        # The random draws happen in a fixed order (start, then crop) so that a seeded
-        # generator reproduces the same clip.
-        window = num_frames / fps
-        if start is None:
-            if duration <= window:
-                start = 0.0
-            else:
-                start = (duration - window) * (_uniform(generator) if train else 0.5)
-        crop_fraction = (_uniform(generator), _uniform(generator)) if train else (0.5, 0.5)
+    with open_and_time(source, name, threads, max_decoded_frames, deadline) as video:
+        video.check_duration()
+        start, crop_fraction = _draw_window(video.duration, num_frames / fps, start, train, generator)
         times = start + np.arange(num_frames, dtype=np.float64) / fps
-
         # One swscale context for the whole clip: building one per frame (what
         # ``VideoFrame.to_ndarray(width=...)`` does) costs about as much as the scaling itself.
         reformatter = VideoReformatter()
-        decoder = _WindowDecoder(
-            container, stream, origin=origin, times=times, name=name, can_seek=not timeless,
-            convert=lambda frame: resize_crop_frame(frame, size, crop_fraction=crop_fraction,
-                                                    reformatter=reformatter),
-            max_frames=max_decoded_frames, deadline=deadline,
-        )
+        decoder = _WindowDecoder(video, times, convert=lambda frame: resize_crop_frame(
+            frame, size, crop_fraction=crop_fraction, reformatter=reformatter))
         chosen, latest = decoder.run()
-        # Reaching the end of the stream well before a sample time that the declared duration
-        # covers means the file lost its tail: refuse it rather than repeat a stale frame.
-        if decoder.reached_end and decoder.last_time < min(times[-1], duration) - _TRUNCATION_SLACK_S:
-            raise BadSample(DECODE_ERROR, name, f"stream ends at {decoder.last_time:.2f} s, before its "
-                                                f"declared duration {duration:.2f} s (truncated file?)")
+        decoder.check_complete(times[-1])
+        pixels = _channels_first(chosen, size)  # uint8 (F, 3, S, S)
 
-        # (S, S, 3) per frame -> one contiguous uint8 (F, 3, S, S): channel-first copies of
-        # 150 KB each are cheap; converting a permuted uint8 view to float in torch is not.
-        pixels = np.empty((num_frames, 3, size, size), dtype=np.uint8)
-        for index, rgb in enumerate(chosen):
-            pixels[index] = rgb.transpose(2, 0, 1)
-    finally:
-        container.close()
-
-    frames = torch.from_numpy(pixels).float()  # (F, 3, S, S)
-    if normalize:
-        # (x / 255 - mean) / std  ==  x * (1 / (255 std)) - mean / std
-        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        frames.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
-    else:
-        frames.div_(255.0)
     timestamps = torch.from_numpy(np.minimum(times, latest))
-    return frames, timestamps
+    return _model_input(pixels, normalize, mean, std), timestamps
+
+
+def _draw_window(duration: float, window: float, start: float | None, train: bool,
+                 generator: torch.Generator | random.Random | None) -> tuple[float, tuple[float, float]]:
+    """``(start, crop_fraction)`` of a clip. The random draws happen in a fixed order (start,
+    then crop) so that a seeded generator reproduces the same clip."""
+    if start is None:
+        if duration <= window:
+            start = 0.0
+        else:
+            start = (duration - window) * (_uniform(generator) if train else 0.5)
+    crop_fraction = (_uniform(generator), _uniform(generator)) if train else (0.5, 0.5)
+    return start, crop_fraction
 
 
 def _uniform(generator: torch.Generator | random.Random | None) -> float:
@@ -191,23 +162,39 @@ def _uniform(generator: torch.Generator | random.Random | None) -> float:
     return torch.rand((), generator=generator).item()
 
 
+def _model_input(pixels: np.ndarray, normalize: bool, mean: tuple[float, float, float],
+                 std: tuple[float, float, float]) -> torch.Tensor:
+    """uint8 (F, 3, S, S) -> float32 (F, 3, S, S): normalised by ``mean`` and ``std`` of 0..1
+    values, or plain 0..1 values."""
+    frames = torch.from_numpy(pixels).float()  # (F, 3, S, S)
+    if normalize:
+        # (x / 255 - mean) / std  ==  x * (1 / (255 std)) - mean / std
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        frames.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
+    else:
+        frames.div_(255.0)
+    return frames
+
+
+def _channels_first(chosen: list[np.ndarray], size: int) -> np.ndarray:
+    """(S, S, 3) per frame -> one contiguous uint8 (F, 3, S, S): channel-first copies of 150 KB
+    each are cheap; converting a permuted uint8 view to float in torch is not."""
+    pixels = np.empty((len(chosen), 3, size, size), dtype=np.uint8)
+    for index, rgb in enumerate(chosen):
+        pixels[index] = rgb.transpose(2, 0, 1)
+    return pixels
+
+
 class _WindowDecoder:
     """Seek to the keyframe before the window, decode forward, keep the frame shown at each time."""
 
-    def __init__(self, container, stream, *, origin: int, times: np.ndarray, name: str, can_seek: bool,
-                 convert: Callable[[av.VideoFrame], np.ndarray], max_frames: int, deadline: float | None):
-        self.container, self.stream, self.origin = container, stream, origin
-        self.convert, self.can_seek = convert, can_seek
-        self.name = name
-        self.bound = WorkBound(name, max_frames, deadline)
-        self.time_base = stream.time_base
-        # In time-base units; only to date a frame that has no pts.
-        self.frame_step = max(1, round(1 / (nominal_rate(stream) * self.time_base)))
+    def __init__(self, video: OpenedVideo, times: np.ndarray, *, convert: Callable[[av.VideoFrame], np.ndarray]):
+        self.video, self.convert = video, convert
+        self.time_base = video.stream.time_base
         # Sample time t shows the last frame with (pts - origin) * time_base <= t: as an
         # integer bound per sample, so that the per-frame test is one integer comparison.
-        self.last_pts = [self.origin + math.floor(Fraction(t + _TIME_EPS) / self.time_base) for t in times]
-        self.decoded = 0
-        self.packets = 0
+        self.last_pts = [video.origin + math.floor(Fraction(t + _TIME_EPS) / self.time_base) for t in times]
         self.reached_end = False
         self.last_time = 0.0
 
@@ -215,28 +202,24 @@ class _WindowDecoder:
         """Returns the converted frame chosen for each sample time, and for each sample the latest time it
         may claim: infinity, or for samples past the end of the video, the last frame's time."""
         first_pts = self.last_pts[0]
-        seeked = first_pts > self.origin and self.can_seek
-        if seeked:
-            self._seek(first_pts)
-        result = self._decode(check_overshoot=seeked)
+        seeked = first_pts > self.video.origin and not self.video.timeless
+        result = self._decode(start_pts=first_pts if seeked else None, check_overshoot=seeked)
         if result is None:
             # The seek landed after the first sample time (a demuxer that seeks imprecisely):
-            # fall back to decoding from the start, still bounded by the frame cap.
-            self._seek(self.origin)
-            result = self._decode(check_overshoot=False)
+            # fall back to decoding from the start, still bounded by the frame cap (the frames
+            # of both walks count together).
+            result = self._decode(start_pts=self.video.origin, check_overshoot=False)
         return result
 
-    def _seek(self, pts: int) -> None:
-        try:
-            self.container.seek(pts, stream=self.stream, backward=True)
-        except av.error.FFmpegError as error:
-            raise BadSample(DECODE_ERROR, self.name, f"cannot seek to pts {pts}: {error}") from error
-        self.stream.codec_context.flush_buffers()
+    def check_complete(self, last_sample: float) -> None:
+        """Reaching the end of the stream well before a sample time that the declared duration
+        covers means the file lost its tail: refuse it rather than repeat a stale frame."""
+        duration = self.video.duration
+        if self.reached_end and self.last_time < min(last_sample, duration) - _TRUNCATION_SLACK_S:
+            raise BadSample(DECODE_ERROR, self.video.name, f"stream ends at {self.last_time:.2f} s, before its "
+                                                           f"declared duration {duration:.2f} s (truncated file?)")
 
-    def _seconds(self, pts: int) -> float:
-        return float((pts - self.origin) * self.time_base)  # exact rational, then rounded once
-
-    def _decode(self, *, check_overshoot: bool):
+    def _decode(self, *, start_pts: int | None, check_overshoot: bool):
         last_pts, n = self.last_pts, len(self.last_pts)
         self.reached_end = False
         # Frames are converted as soon as they are chosen, once each (a slow or short video
@@ -245,51 +228,30 @@ class _WindowDecoder:
         chosen: list[np.ndarray] = []
         previous_rgb = None
         previous, previous_pts = None, None
-        try:
-            for packet in self.container.demux(self.stream):
-                self.packets += 1
-                self._check_work()
-                for frame in self.stream.decode(packet):
-                    self.decoded += 1
-                    self._check_work()
-                    check_resolution(frame.width, frame.height, self.name, "decoded")
-                    if frame.pts is not None:
-                        pts = frame.pts
-                    else:  # no timestamp: one nominal frame interval after the previous frame
-                        pts = self.origin if previous_pts is None else previous_pts + self.frame_step
-                    if previous is None and check_overshoot and pts > last_pts[0]:
-                        return None
-                    # Every sample time before this frame was showing the previous frame.
-                    while len(chosen) < n and pts > last_pts[len(chosen)]:
-                        if previous is None:  # a sample before the first frame: show the first
-                            previous, previous_pts, previous_rgb = frame, pts, None
-                        if previous_rgb is None:
-                            previous_rgb = self.convert(previous)
-                        chosen.append(previous_rgb)
-                    if len(chosen) == n:
-                        return chosen, np.full(n, np.inf)
-                    previous, previous_pts, previous_rgb = frame, pts, None
-        except av.error.FFmpegError as error:
-            self.bound.check_deadline("decoding the window")  # FFmpeg interrupted at the deadline
-            if self.decoded == 0:
-                raise BadSample(ZERO_FRAMES, self.name, f"no frame decodes: {error}") from error
-            raise BadSample(DECODE_ERROR, self.name, f"decoding failed after {self.decoded} frames: "
-                                                     f"{error}") from error
+        with self.video.frames("decoding the window", start_pts=start_pts) as frames:
+            for pts, frame in frames:
+                if previous is None and check_overshoot and pts > last_pts[0]:
+                    return None
+                # Every sample time before this frame was showing the previous frame.
+                while len(chosen) < n and pts > last_pts[len(chosen)]:
+                    if previous is None:  # a sample before the first frame: show the first
+                        previous, previous_pts, previous_rgb = frame, pts, None
+                    if previous_rgb is None:
+                        previous_rgb = self.convert(previous)
+                    chosen.append(previous_rgb)
+                if len(chosen) == n:
+                    return chosen, np.full(n, np.inf)
+                previous, previous_pts, previous_rgb = frame, pts, None
         # End of stream: the remaining sample times show the last frame.
         self.reached_end = True
         if previous is None and check_overshoot:
             return None  # the seek went past the last frame that exists: retry from the start
         if previous is None:
-            raise BadSample(ZERO_FRAMES, self.name, "no frame decodes")
-        self.last_time = self._seconds(previous_pts)
+            raise BadSample(ZERO_FRAMES, self.video.name, "no frame decodes")
+        self.last_time = self.video.seconds(previous_pts)
         latest = np.full(n, np.inf)
         latest[len(chosen):] = self.last_time
         if previous_rgb is None:
             previous_rgb = self.convert(previous)
         chosen.extend([previous_rgb] * (n - len(chosen)))
         return chosen, latest
-
-    def _check_work(self) -> None:
-        self.bound.check(max(self.decoded, self.packets), "decoding the window")
-
-

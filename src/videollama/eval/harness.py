@@ -1,4 +1,4 @@
-"""The evaluation harness: ``videollama eval`` and :func:`evaluate`.
+"""The evaluation harness: :func:`evaluate` (``videollama eval``'s command line is eval/cli.py).
 
 Reads an evaluation set (DESIGN.md section 4: a JSONL file plus a video root; the rules are
 ``videollama.data.evalset``'s, the training loader's too), decodes each
@@ -13,22 +13,24 @@ left-padded batches, and writes
 
 ``--frames 1`` feeds only the centre frame, repeated to fill the clip: the gap between that
 score and the full-clip score is what the temporal path adds.
+
+The steps: :func:`read_items` (the set), :func:`group_by_video` (one decode a video), then per
+batch ``_load_batch_videos``, ``_batch_prompts``, ``_generate`` (the model), and at the end
+``_score`` (metrics.json) and ``_write_outputs``; one ``_EvalRun`` carries what they share.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from videollama.data import errors
 from videollama.data.errors import BadSample
-from videollama.data.evalset import TASKS, EvalItem, read_eval_set
+from videollama.data.evalset import EvalItem, read_eval_set
 from videollama.data.safe_io import resolve_inside
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,15 @@ def load_video(path: Path, preprocess: Any, *, single_frame: bool) -> LoadedVide
     return LoadedVideo(frames=frames, timestamps=timestamps)
 
 
+def _load_item_video(root: Path, video: str, preprocess: Any, single_frame: bool, allow_outside_root: bool
+                     ) -> LoadedVideo:
+    try:
+        path = resolve_inside(root, video, allow_outside=allow_outside_root)
+    except BadSample as e:
+        return LoadedVideo(error=str(e), reason=e.reason)
+    return load_video(path, preprocess, single_frame=single_frame)
+
+
 # ---- generation -----------------------------------------------------------------------------
 def _prompt_ids(tokenizer: Any, item: EvalItem, task: str) -> list[int]:
     from videollama.data.tokenizer import caption_prompt, encode_prompt, videoqa_prompt
@@ -119,77 +130,87 @@ def evaluate(
     Returns:
         the metrics dict written to ``metrics.json``.
     """
-    from tqdm import tqdm
-
-    from videollama.eval.metrics import caption_scores, require_java, videoqa_accuracy
-    from videollama.inference.generate import generate_batch
+    from videollama.eval.metrics import require_java
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     preprocess = model.config.preprocess
     if frames not in (None, 1, preprocess.num_frames):
         raise ValueError(f"frames must be 1 (centre frame only) or {preprocess.num_frames} (the full clip)")
-    single_frame = frames == 1
     if task == "caption":
         require_java()  # before hours of generation, not after: the metrics' PTB tokenizer is Java
     data_path = Path(data_path)
-    video_root = Path(video_root) if video_root is not None else data_path.parent
-    items, bad_lines = read_eval_set(data_path, task, limit=limit)
-    for _, message in bad_lines:
-        log.warning("skipping %s", message)
-    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+    run = _EvalRun(model=model, tokenizer=tokenizer, task=task,
+                   video_root=Path(video_root) if video_root is not None else data_path.parent,
+                   single_frame=frames == 1, allow_outside_root=allow_outside_root)
+    items, bad_lines = read_items(data_path, task, limit=limit)
+    run.max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").unlink(missing_ok=True)  # an earlier run's, which would read as this one's
     model.eval()
+    _predict(run, items, batch_size, out_dir, progress=progress)
+    metrics = _score(run, items, bad_lines, str(data_path), meteor=meteor)
+    _write_outputs(out_dir, items, run.records, metrics)
+    return metrics
 
-    # Questions about the same video become neighbours, so that a video is decoded once even
-    # when its questions are spread over the file; output keeps the file's order.
+
+@dataclass
+class _EvalRun:
+    """One evaluation: what every step reads (model, task, where videos are) and what the
+    prediction steps fill in, by item index (each item's predictions.jsonl record, the skipped)."""
+
+    model: Any
+    tokenizer: Any
+    task: str
+    video_root: Path
+    single_frame: bool
+    allow_outside_root: bool
+    max_new_tokens: int = 0
+    records: dict[int, dict] = field(default_factory=dict)
+    skipped: dict[int, tuple[str, str]] = field(default_factory=dict)  # (reason, message)
+
+
+def read_items(data_path: Path, task: str, *, limit: int | None = None
+               ) -> tuple[list[EvalItem], list[tuple[int, str]]]:
+    """The evaluation set's items and its bad lines (``(line, message)``, each logged)."""
+    items, bad_lines = read_eval_set(data_path, task, limit=limit)
+    for _, message in bad_lines:
+        log.warning("skipping %s", message)
+    return items, bad_lines
+
+
+def group_by_video(items: list[EvalItem]) -> list[EvalItem]:
+    """Questions about the same video become neighbours (in the order each video first appears,
+    then the file's), so that a video is decoded once even when its questions are spread out."""
     first_seen: dict[str, int] = {}
     for item in items:
         first_seen.setdefault(item.video, item.index)
-    order = sorted(items, key=lambda it: (first_seen[it.video], it.index))
+    return sorted(items, key=lambda it: (first_seen[it.video], it.index))
 
-    records: dict[int, dict] = {}
-    skipped: dict[int, tuple[str, str]] = {}  # item index -> (reason, message)
+
+def _predict(run: _EvalRun, items: list[EvalItem], batch_size: int, out_dir: Path, *, progress: bool) -> None:
+    """Every item's prediction into ``run.records``, batch by batch in video order. Lines are also
+    written as they are made (in the order of work, with their ``line_index``), so that an
+    interruption keeps what was done; :func:`_write_outputs` rewrites them in the file's order."""
+    from tqdm import tqdm
+
+    order = group_by_video(items)
     loaded: dict[str, LoadedVideo] = {}  # only the videos of the current batch (grouping makes that enough)
-    # Written as they are made (in the order of work), so an interruption keeps what was done;
-    # rewritten in the file's order at the end.
     partial = (out_dir / "predictions.jsonl").open("w", encoding="utf-8")
-    bar = tqdm(total=len(order), desc=f"eval {task}", unit="item", disable=not progress)
+    bar = tqdm(total=len(order), desc=f"eval {run.task}", unit="item", disable=not progress)
     try:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            loaded = {v: loaded[v] for v in {it.video for it in batch} if v in loaded}
-            for item in batch:
-                if item.video not in loaded:
-                    loaded[item.video] = _load_item_video(video_root, item.video, preprocess, single_frame,
-                                                          allow_outside_root)
-                video = loaded[item.video]
-                if video.error is not None:
-                    skipped[item.index] = (video.reason, video.error)
-            ready, prompts = [], []
+            loaded = _load_batch_videos(run, batch, loaded)
+            ready, prompts = _batch_prompts(run, batch)
+            texts = _generate(run, ready, prompts, loaded)
             for it in batch:
-                if it.index in skipped:
-                    continue
-                ids = _prompt_ids(tokenizer, it, task)
-                if len(ids) >= model.config.decoder.max_seq_len:  # not even one new token would fit
-                    skipped[it.index] = (errors.PROMPT_TOO_LONG, f"prompt of {len(ids)} tokens leaves no room in "
-                                                                 f"max_seq_len={model.config.decoder.max_seq_len}")
-                    continue
-                ready.append(it)
-                prompts.append(ids)
-            texts: dict[int, str] = {}
-            if ready:
-                distinct = list(dict.fromkeys(it.video for it in ready))
-                generated = generate_batch(model, tokenizer, prompts, [loaded[v].frames for v in distinct],
-                                           [distinct.index(it.video) for it in ready], max_new_tokens=max_new_tokens)
-                texts = {it.index: text for it, text in zip(ready, generated)}
-            for it in batch:
-                if it.index in skipped:
-                    log.warning("skipping %s (scored as wrong): %s", it.video, skipped[it.index][1])
-                rec = _record(it, task, texts.get(it.index, ""), loaded[it.video].timestamps, skipped.get(it.index))
-                records[it.index] = rec
+                skip = run.skipped.get(it.index)
+                if skip is not None:
+                    log.warning("skipping %s (scored as wrong): %s", it.video, skip[1])
+                rec = _record(it, run.task, texts.get(it.index, ""), loaded[it.video].timestamps, skip)
+                run.records[it.index] = rec
                 partial.write(json.dumps({"line_index": it.index, **rec}) + "\n")
             partial.flush()
             bar.update(len(batch))
@@ -197,52 +218,56 @@ def evaluate(
         bar.close()
         partial.close()
 
-    # ---- score and write ----------------------------------------------------------------
-    preds = [records[it.index]["prediction"] for it in items]
-    by_reason: dict[str, int] = {}
-    for reason, _ in [*skipped.values(), *((errors.INVALID_LINE, m) for _, m in bad_lines)]:
-        by_reason[reason] = by_reason.get(reason, 0) + 1
-    metrics: dict[str, Any] = {
-        "task": task,
-        "data": str(data_path),
-        "model": getattr(model.config, "name", None),
-        "n": len(items),  # items read; a skipped one is scored as wrong
-        "evaluated": len(items) - len(skipped),
-        "skipped": len(skipped) + len(bad_lines),  # items and lines that could not be evaluated
-        "skipped_by_reason": dict(sorted(by_reason.items())),
-        "skipped_videos": {items[i].video: m for i, (r, m) in sorted(skipped.items()) if r != errors.PROMPT_TOO_LONG},
-        "bad_lines": [{"line": n, "error": m} for n, m in bad_lines[:100]],
-        "frames": 1 if single_frame else preprocess.num_frames,
-        "num_frames": preprocess.num_frames,
-        "fps": preprocess.fps,
-        "max_new_tokens": max_new_tokens,
-    }
-    if items and task == "videoqa":
-        metrics.update(videoqa_accuracy(preds, [it.answer for it in items], [it.kind for it in items],
-                                        options=[it.options for it in items]))
-    elif items:
-        # A skipped video's caption is empty: it matches nothing, as a wrong caption would.
-        metrics.update(caption_scores(preds, [it.captions for it in items], meteor=meteor))
-    tmp = out_dir / "predictions.jsonl.tmp"
-    with tmp.open("w", encoding="utf-8") as f:
-        for it in items:
-            f.write(json.dumps(records[it.index]) + "\n")
-    os.replace(tmp, out_dir / "predictions.jsonl")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+
+def _load_batch_videos(run: _EvalRun, batch: list[EvalItem], loaded: dict[str, LoadedVideo]
+                       ) -> dict[str, LoadedVideo]:
+    """The batch's videos by path: kept from the previous batch or decoded now. The items of a
+    video that failed to load are marked skipped."""
+    loaded = {v: loaded[v] for v in {it.video for it in batch} if v in loaded}
+    for item in batch:
+        if item.video not in loaded:
+            loaded[item.video] = _load_item_video(run.video_root, item.video, run.model.config.preprocess,
+                                                  run.single_frame, run.allow_outside_root)
+        video = loaded[item.video]
+        if video.error is not None:
+            run.skipped[item.index] = (video.reason, video.error)
+    return loaded
 
 
-def _load_item_video(root: Path, video: str, preprocess: Any, single_frame: bool, allow_outside_root: bool
-                     ) -> LoadedVideo:
-    try:
-        path = resolve_inside(root, video, allow_outside=allow_outside_root)
-    except BadSample as e:
-        return LoadedVideo(error=str(e), reason=e.reason)
-    return load_video(path, preprocess, single_frame=single_frame)
+def _batch_prompts(run: _EvalRun, batch: list[EvalItem]) -> tuple[list[EvalItem], list[list[int]]]:
+    """The batch's items that can be asked (not skipped, the prompt fits the context) and their
+    prompt token ids; a prompt that leaves no room for one new token is marked skipped."""
+    max_seq_len = run.model.config.decoder.max_seq_len
+    ready, prompts = [], []
+    for it in batch:
+        if it.index in run.skipped:
+            continue
+        ids = _prompt_ids(run.tokenizer, it, run.task)
+        if len(ids) >= max_seq_len:  # not even one new token would fit
+            run.skipped[it.index] = (errors.PROMPT_TOO_LONG,
+                                     f"prompt of {len(ids)} tokens leaves no room in max_seq_len={max_seq_len}")
+            continue
+        ready.append(it)
+        prompts.append(ids)
+    return ready, prompts
+
+
+def _generate(run: _EvalRun, ready: list[EvalItem], prompts: list[list[int]],
+              loaded: dict[str, LoadedVideo]) -> dict[int, str]:
+    """Generated text by item index for the ready items, each distinct video encoded once."""
+    if not ready:
+        return {}
+    distinct = list(dict.fromkeys(it.video for it in ready))
+    from videollama.inference.generate import generate_batch
+
+    generated = generate_batch(run.model, run.tokenizer, prompts, [loaded[v].frames for v in distinct],
+                                [distinct.index(it.video) for it in ready], max_new_tokens=run.max_new_tokens)
+    return {it.index: text for it, text in zip(ready, generated)}
 
 
 def _record(it: EvalItem, task: str, prediction: str, timestamps: list[float] | None,
             skip: tuple[str, str] | None) -> dict:
+    """One line of predictions.jsonl: the item, its prediction and, for a skipped item, why."""
     from videollama.eval.metrics import is_correct
 
     if task == "videoqa":
@@ -258,75 +283,47 @@ def _record(it: EvalItem, task: str, prediction: str, timestamps: list[float] | 
     return rec
 
 
-# ---- command line ---------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from videollama.inference.load import add_model_arguments
+def _score(run: _EvalRun, items: list[EvalItem], bad_lines: list[tuple[int, str]], data: str, *,
+           meteor: bool | None) -> dict[str, Any]:
+    """metrics.json: what was evaluated and skipped (by reason), then accuracy (VideoQA) or the
+    caption metrics over every item (a skipped one scored as wrong)."""
+    from videollama.eval.metrics import caption_scores, videoqa_accuracy
 
-    add_model_arguments(parser)  # --model, --adapter, --quantize
-    parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--data", required=True, type=Path, help="evaluation set (JSONL)")
-    parser.add_argument("--video-root", type=Path, default=None,
-                        help="folder the JSONL's video paths are relative to (default: the JSONL's folder)")
-    parser.add_argument("--out", required=True, type=Path, help="writes predictions.jsonl and metrics.json here")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--frames", type=int, default=None,
-                        help="1: feed only the centre frame (repeated), to measure what motion adds")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help=f"default: {DEFAULT_MAX_NEW_TOKENS['videoqa']} (videoqa), "
-                             f"{DEFAULT_MAX_NEW_TOKENS['caption']} (caption)")
-    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves a Java start)")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--allow-outside-root", action="store_true",
-                        help="let the JSONL's video paths leave --video-root (absolute, '..', links out)")
+    preprocess = run.model.config.preprocess
+    skipped = run.skipped
+    preds = [run.records[it.index]["prediction"] for it in items]
+    by_reason: dict[str, int] = {}
+    for reason, _ in [*skipped.values(), *((errors.INVALID_LINE, m) for _, m in bad_lines)]:
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    metrics: dict[str, Any] = {
+        "task": run.task,
+        "data": data,
+        "model": getattr(run.model.config, "name", None),
+        "n": len(items),  # items read; a skipped one is scored as wrong
+        "evaluated": len(items) - len(skipped),
+        "skipped": len(skipped) + len(bad_lines),  # items and lines that could not be evaluated
+        "skipped_by_reason": dict(sorted(by_reason.items())),
+        "skipped_videos": {items[i].video: m for i, (r, m) in sorted(skipped.items()) if r != errors.PROMPT_TOO_LONG},
+        "bad_lines": [{"line": n, "error": m} for n, m in bad_lines[:100]],
+        "frames": 1 if run.single_frame else preprocess.num_frames,
+        "num_frames": preprocess.num_frames,
+        "fps": preprocess.fps,
+        "max_new_tokens": run.max_new_tokens,
+    }
+    if items and run.task == "videoqa":
+        metrics.update(videoqa_accuracy(preds, [it.answer for it in items], [it.kind for it in items],
+                                        options=[it.options for it in items]))
+    elif items:
+        # A skipped video's caption is empty: it matches nothing, as a wrong caption would.
+        metrics.update(caption_scores(preds, [it.captions for it in items], meteor=meteor))
+    return metrics
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from videollama.inference.load import load_for_inference
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # Everything that can be checked before the model is loaded, is.
-    if not (Path(args.model) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"eval: model directory {args.model} has no tokenizer.json (convert with "
-                                "--tokenizer, or copy the tokenizer the model was trained with into it)")
-    for name in ("batch_size", "max_new_tokens", "limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    from videollama.config import VideoLlamaConfig
-
-    num_frames = VideoLlamaConfig.load(args.model).preprocess.num_frames  # config.json only: cheap
-    if args.frames not in (None, 1, num_frames):
-        raise ValueError(f"--frames must be 1 (centre frame only) or {num_frames} (the full clip), got {args.frames}")
-    if args.task == "caption":  # the metrics' PTB tokenizer is Java, METEOR or not
-        from videollama.eval.metrics import require_java
-
-        require_java()
-    if not args.data.exists():
-        raise FileNotFoundError(f"{args.data}: evaluation set not found")
-    if args.video_root is not None and not args.video_root.is_dir():
-        raise FileNotFoundError(f"--video-root {args.video_root}: no such folder")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file; give a folder for predictions.jsonl and metrics.json")
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not os.access(args.out, os.W_OK):
-        raise PermissionError(f"--out {args.out}: the folder is not writable")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_for_inference(args.model, adapter=args.adapter, quantize=args.quantize, device=device)
-    metrics = evaluate(
-        model, tokenizer, args.task, args.data, args.video_root, args.out,
-        batch_size=args.batch_size, frames=args.frames, limit=args.limit,
-        max_new_tokens=args.max_new_tokens, meteor=False if args.no_meteor else None,
-        allow_outside_root=args.allow_outside_root,
-    )
-    summary = {k: v for k, v in metrics.items() if k not in ("skipped_videos", "bad_lines", "data")}
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {args.out / 'predictions.jsonl'} and {args.out / 'metrics.json'}")
-    if metrics["evaluated"] == 0:
-        print(f"videollama: error: nothing in {args.data} could be evaluated (skipped: "
-              f"{metrics['skipped_by_reason']})", file=sys.stderr)
-        return 1
-    return 0
+def _write_outputs(out_dir: Path, items: list[EvalItem], records: dict[int, dict], metrics: dict[str, Any]) -> None:
+    """predictions.jsonl in the file's order (replacing the partial one whole), then metrics.json."""
+    tmp = out_dir / "predictions.jsonl.tmp"
+    with tmp.open("w", encoding="utf-8") as f:
+        for it in items:
+            f.write(json.dumps(records[it.index]) + "\n")
+    os.replace(tmp, out_dir / "predictions.jsonl")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

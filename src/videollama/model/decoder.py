@@ -33,23 +33,21 @@ class KVCache:
     k: torch.Tensor
     v: torch.Tensor
 
-    def update(self, start: torch.Tensor, k: torch.Tensor,
+    def update(self, slots: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, kv_heads, T, hd] at each row's slots start[b]..start[b]+T-1 (start: [B]
-        long); return the whole cache, [B, kv_heads, max_len, hd] each.
+        """Write k/v [B, kv_heads, T, hd] at the cache slots slots [B, T] (long) of each row;
+        return the whole cache, [B, kv_heads, max_len, hd] each.
 
-        A prompt writes slots 0..T-1 (start all zeros); a decode step one token per row at its
-        own slot. The returned shapes never change from step to step (``torch.compile`` compiles
-        the step once); the key mask hides the slots a row must not see.
+        A prompt writes slots 0..T-1; a decode step one token per row at its own slot. The
+        returned shapes never change from step to step (``torch.compile`` compiles the step
+        once); the key mask hides the slots a row must not see.
         """
-        t = k.shape[2]
-        # k[b, h, j] -> cache[b, h, start[b] + j]: index_put_ rather than scatter_, because
+        # k[b, h, j] -> cache[b, h, slots[b, j]]: index_put_ rather than scatter_, because
         # inductor re-inplaces index_put on a graph input, while a scatter_ became a copy of the
         # whole cache (and a copy back) every compiled step.
         rows = torch.arange(k.shape[0], device=k.device)[:, None, None]  # [B, 1, 1]
         heads = torch.arange(k.shape[1], device=k.device)[None, :, None]  # [1, KV, 1]
-        slots = (start[:, None] + torch.arange(t, device=k.device))[:, None, :]  # [B, 1, T]
-        index = (rows, heads, slots)  # broadcast to [B, KV, T]
+        index = (rows, heads, slots[:, None, :])  # broadcast to [B, KV, T]
         self.k.index_put_(index, k)
         self.v.index_put_(index, v)
         return self.k, self.v
@@ -71,10 +69,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, write_pos: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, D]; mask: None (plain causal) or bool [B, 1, T, S] (True = may attend), see
-        :func:`attention_mask_for`; cache / write_pos [B]: generation's cache of this layer and
-        the slot each row's first token goes to. With a cache, the step reads the cache's slots
+        :func:`attention_mask_for`; cache / slots [B, T]: generation's cache of this layer and
+        the slot each token goes to. With a cache, the step reads the cache's slots
         0..S-1 (S: the mask's key length, else T): a fresh sequence its own T slots, a decode
         step (mask [B, 1, 1, max_len]) the whole cache."""
         b, t, _ = x.shape
@@ -84,7 +82,7 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             keys = mask.shape[-1] if mask is not None else t
-            k, v = cache.update(write_pos, k, v)  # [B, KV, max_len, hd]
+            k, v = cache.update(slots, k, v)  # [B, KV, max_len, hd]
             k, v = k[:, :, :keys], v[:, :, :keys]  # [B, KV, S, hd]
         if t == 1:
             out = one_query_attention(q, k, v, mask)  # [B, H, 1, hd]
@@ -126,8 +124,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, write_pos: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache, write_pos=write_pos)
+                cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache, slots=slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -246,7 +244,7 @@ class Decoder(nn.Module):
         fresh sequence, [B, S] for one new token per row), or None; media: what the
         cross-attention blocks read, or None for text only (every block skipped); kv_caches /
         write_pos [B] long: generation's caches and each row's first slot in them (zeros for a
-        prompt), see :meth:`KVCache.update`.
+        prompt: its T tokens fill slots 0..T-1), see :meth:`KVCache.update`.
         """
         x = self.embed_tokens(input_ids)  # [B, T, D]
         c = self.config
@@ -254,7 +252,11 @@ class Decoder(nn.Module):
                                   factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
                                   high_freq_factor=c.rope_high_freq_factor,
                                   original_max_position_embeddings=c.rope_original_max_position_embeddings)
-        mask = attention_mask_for(key_mask, input_ids.shape[1])
+        t = input_ids.shape[1]
+        mask = attention_mask_for(key_mask, t)
+        slots = None
+        if kv_caches is not None:  # token j of row b goes to cache slot write_pos[b] + j
+            slots = write_pos[:, None] + torch.arange(t, device=write_pos.device)  # [B, T]
         every = self.config.cross_attn_every
         for i, layer in enumerate(self.layers):
             if media is not None and every > 0 and i % every == 0:
@@ -263,5 +265,5 @@ class Decoder(nn.Module):
                                                     key_mask=media.key_mask)
                 x = crossed if media.rows is None else torch.where(media.rows[:, None, None], crossed, x)
             cache = kv_caches[i] if kv_caches is not None else None
-            x = layer(x, cos, sin, mask=mask, cache=cache, write_pos=write_pos)
+            x = layer(x, cos, sin, mask=mask, cache=cache, slots=slots)
         return self.norm(x)

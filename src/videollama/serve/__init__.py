@@ -2,7 +2,8 @@
 ``videollama chat``, a web chat page over the same engine.
 
 engine.py: the scheduler and the in-process API (``Engine``); app.py: the HTTP routes;
+guard.py: what every request passes first (Host, Origin, API key, body limits, errors as JSON);
 media.py: video sources, allowlists and sandboxed decoding; cache.py: the video cache;
-limits.py: every limit and its error; metrics.py: Prometheus text; cli.py: the command;
-ui.py: the Gradio page and ``videollama chat``.
+limits.py: every limit and its error; metrics.py: Prometheus metrics; cli.py: the command;
+ui.py: the Gradio page and ``videollama chat``; uploads.py: the files the page may read.
 """

@@ -36,12 +36,13 @@ import collections
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from videollama.serve import media
 from videollama.serve.cache import VideoCache, VideoEntry, content_hash
-from videollama.serve.limits import APIError, ServeLimits
+from videollama.serve.limits import APIError, ServeLimits, check_sampling, deadline_error
 from videollama.serve.metrics import Metrics
 from videollama.serve.prompt import build_prompt
 
@@ -106,6 +107,11 @@ class Engine:
         self._closing = self._paused = False
         self.in_system = 0  # requests inside chat(), preparing, waiting or decoding
         self._decode_slots = threading.BoundedSemaphore(self.limits.decode_workers)
+        # Reading a video's bytes and decoding it wait on pools of their own (never asyncio's
+        # default one, which every to_thread of the process shares): a queue of videos holds no thread.
+        workers = self.limits.decode_workers
+        self._media_pool = ThreadPoolExecutor(max(2, workers), thread_name_prefix="videollama-media")
+        self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="videollama-decode")
 
     @classmethod
     def from_model_dir(cls, model_dir, *, device=None, adapter=None, quantize=None, **kwargs) -> Engine:
@@ -131,6 +137,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(30)
             self._thread = None
+        for pool in (self._media_pool, self._decode_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def pause(self) -> None:
         """Stop admitting waiting requests (running ones go on): for draining, and for tests."""
@@ -143,7 +151,7 @@ class Engine:
             self._cv.notify_all()
 
     # ---- videos -------------------------------------------------------------------------------
-    def video_from_part(self, part: dict) -> bytes:
+    def video_from_part(self, part: dict, deadline: float | None = None) -> bytes:
         """The bytes of a ``video_url`` (or in-process ``video``) content part; blocking."""
         if part.get("type") == "video":
             data = part.get("video")
@@ -156,17 +164,42 @@ class Engine:
             return bytes(data)
         url = (part.get("video_url") or {}).get("url") if isinstance(part.get("video_url"), dict) else None
         return media.video_bytes(url, self.limits, allowed_local_path=self.allowed_local_path,
-                                 allowed_domains=self.allowed_domains)
+                                 allowed_domains=self.allowed_domains, deadline=deadline)
 
-    def decode(self, data: bytes) -> media.DecodedVideo:
+    def decode(self, data: bytes, deadline: float | None = None) -> media.DecodedVideo:
         """Decode in a sandboxed worker (at most ``decode_workers`` at once); blocking."""
         with self._decode_slots:
-            return media.decode_video(data, self.model.config.preprocess, self.limits)
+            if deadline is not None and time.monotonic() > deadline:
+                raise deadline_error(self.limits)
+            return media.decode_video(data, self.model.config.preprocess, self.limits, deadline)
 
     def preview(self, data: bytes):
         """(uint8 frames [F, S, S, 3] as the model sees them before normalisation, timestamps s)."""
         video = self.decode(data)
         return video.pixels.permute(0, 2, 3, 1).numpy(), video.timestamps
+
+    async def apreview(self, data: bytes):
+        """:meth:`preview` on the decode pool, within ``--request-timeout-s``."""
+        deadline = time.monotonic() + self.limits.request_timeout_s
+        video = await self._off_loop(self._decode_pool, deadline, self.decode, data, deadline)
+        return video.pixels.permute(0, 2, 3, 1).numpy(), video.timestamps
+
+    async def _off_loop(self, pool: ThreadPoolExecutor, deadline: float, fn, *args):
+        """``fn(*args)`` on ``pool``, awaited until ``deadline`` at most (504 after; a job still
+        waiting for a worker then never starts)."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise deadline_error(self.limits)
+        future = pool.submit(fn, *args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), left)
+        except asyncio.TimeoutError:
+            future.cancel()
+            raise deadline_error(self.limits) from None
+
+    def _read_video(self, part: dict, deadline: float) -> tuple[bytes, str]:
+        data = self.video_from_part(part, deadline)
+        return data, content_hash(data)
 
     # ---- prompts ------------------------------------------------------------------------------
     def build_prompt(self, messages: list) -> tuple[list[int], list[dict]]:
@@ -219,8 +252,7 @@ class Engine:
         if max_tokens is not None and not 1 <= max_tokens <= lim.max_tokens:
             raise APIError(400, f"max_tokens must be 1 to {lim.max_tokens} (--max-tokens), got {max_tokens}",
                            param="max_tokens")
-        if temperature < 0 or temperature > 2 or not 0 < top_p <= 1:
-            raise APIError(400, "need 0 <= temperature <= 2 and 0 < top_p <= 1", param="temperature")
+        temperature, top_p, seed = check_sampling(temperature, top_p, seed)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stop) > 4 or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop):
             raise APIError(400, "stop: at most 4 non-empty strings of up to 64 characters", param="stop")
@@ -230,17 +262,15 @@ class Engine:
             raise APIError(400, f"the prompt is {len(ids)} tokens, which leaves no room in the server's context of "
                            f"{self.max_seq_len} tokens (--max-model-len)", param="messages", code="context_length_exceeded")
         video, key = None, None
-        if videos:
-            blobs = [await asyncio.to_thread(self.video_from_part, part) for part in videos]
-            keys = {content_hash(b) for b in blobs}
-            if len(keys) > 1:
-                raise APIError(400, "a conversation may be about one video only", param="messages")
-            key = keys.pop()
-            video = self.cache.get(key) or await asyncio.to_thread(self.decode, blobs[0])
+        if videos:  # one video (build_prompt refused two different ones): read once, decode once
+            blob, key = await self._off_loop(self._media_pool, deadline, self._read_video, videos[0], deadline)
+            video = self.cache.get(key) or await self._off_loop(self._decode_pool, deadline, self.decode, blob,
+                                                                deadline)
+            del blob
         request = _Request(ids, video, key, min(max_tokens or lim.max_tokens, budget), float(temperature),
                            float(top_p), seed, stop, deadline, asyncio.get_running_loop(), asyncio.Queue())
         if time.monotonic() > deadline:
-            raise _deadline_error(lim)
+            raise deadline_error(lim)
         with self._cv:
             if self._closing:
                 raise APIError(503, "the server is shutting down")
@@ -268,12 +298,8 @@ class Engine:
                 for request in admit:
                     self._admit(request)
                 if self._active:
-                    try:
-                        tokens = self.decoder.step()
-                    except Exception as e:  # noqa: BLE001 - a bug must fail the rows, not hang them
-                        log.exception("decode step failed")
-                        for request in list(self._active.values()):
-                            self._finish(request, error=APIError(500, f"decode step failed: {type(e).__name__}"))
+                    tokens = self._step()
+                    if tokens is None:
                         continue
                     self.metrics.tokens_generated(len(tokens))
                     for slot, token in tokens.items():
@@ -283,11 +309,29 @@ class Engine:
         for request in [*self._active.values(), *self._waiting]:
             self._finish(request, error=APIError(503, "the server is shutting down"))
 
+    def _step(self) -> dict[int, int] | None:
+        """One decode step of every row, or None when every row failed.
+
+        A step that raises advances no row (the decoder moves its rows on only once each has its
+        token), so it can be tried again without the row at fault. Which row that is the step
+        does not say: the likeliest goes first (a sampled row before a greedy one, the lowest
+        temperature and top_p first), failing only its own request, until the step goes through.
+        """
+        suspects = sorted(self._active.values(), key=lambda r: (r.temperature == 0.0, r.temperature, r.top_p))
+        for request in suspects:
+            try:
+                return self.decoder.step()
+            except Exception as e:  # noqa: BLE001 - one row's failure must not end the others
+                log.exception("a decode step failed; taking out one row")
+                self._finish(request, error=APIError(500, f"decoding this request failed: {type(e).__name__}: {e}",
+                                                     code="decode_failed"))
+        return None  # every row was taken out
+
     def _expire_waiting(self) -> None:
         now = time.monotonic()
         for request in [r for r in self._waiting if r.cancelled or now > r.deadline]:
             self._waiting.remove(request)
-            self._finish(request, error=None if request.cancelled else _deadline_error(self.limits))
+            self._finish(request, error=None if request.cancelled else deadline_error(self.limits))
 
     def _admit(self, request: _Request) -> None:
         try:
@@ -323,7 +367,7 @@ class Engine:
             return self._finish(request)
         request.generated += 1
         if time.monotonic() > request.deadline:
-            return self._finish(request, error=_deadline_error(self.limits))
+            return self._finish(request, error=deadline_error(self.limits))
         if token == self.eos_id:
             return self._finish(request, reason="stop")
         request.tokens.append(token)
@@ -374,11 +418,6 @@ class Engine:
             request.loop.call_soon_threadsafe(request.queue.put_nowait, event)
         except RuntimeError:  # the request's event loop has closed
             pass
-
-
-def _deadline_error(limits: ServeLimits) -> APIError:
-    return APIError(504, f"the request took longer than the server's deadline of {limits.request_timeout_s:g} s "
-                    "(--request-timeout-s)", code="timeout")
 
 
 def _default_decoder(model, *, max_batch: int, max_len: int, compile: bool = False):

@@ -12,6 +12,10 @@ Sources (anything else is refused with a 400):
   header and TLS SNI keep the name), redirects are refused, the download is capped in bytes and
   time. That is the SSRF defence of CVE-2025-6242.
 
+A URL that does not parse (a NUL byte, port 99999, ``http://[::1/x``) is a 400 like any other
+refusal. The download's time limit is a total, connect to last byte, never longer than what is
+left of the request's deadline (a server that drips a byte at a time cannot stretch it).
+
 Decoding (:func:`decode_video`) never runs in the server process: a first sandboxed child
 (``videollama.data.untrusted``'s forkserver, with a memory limit and a wall-clock timeout) reads
 the declared resolution and duration, which are checked against the server's limits (400 naming
@@ -21,15 +25,17 @@ directory's own preprocessing spec. A hostile file costs one child, never the se
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import os
 import socket
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from videollama.serve.limits import APIError, ServeLimits, too_large
+from videollama.serve.limits import APIError, ServeLimits, deadline_error, too_large
 
 
 def _bad(message: str, code: str = "invalid_video_url") -> APIError:
@@ -39,17 +45,21 @@ def _bad(message: str, code: str = "invalid_video_url") -> APIError:
 # ---- bytes ------------------------------------------------------------------------------------
 
 def video_bytes(url: str, limits: ServeLimits, *, allowed_local_path: Path | None = None,
-                allowed_domains: tuple[str, ...] = (), resolve=None) -> bytes:
-    """The bytes a ``video_url`` names, within the server's allowlists and ``max_video_bytes``."""
+                allowed_domains: tuple[str, ...] = (), resolve=None, deadline: float | None = None) -> bytes:
+    """The bytes a ``video_url`` names, within the server's allowlists and ``max_video_bytes``;
+    ``deadline``: the request's (``time.monotonic()``), which a download never outlasts."""
     if not isinstance(url, str) or not url:
         raise _bad("video_url.url must be a non-empty string")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme == "data":
-        return _data_url(url, limits)
-    if scheme == "file":
-        return _file_url(url, limits, allowed_local_path)
-    if scheme in ("http", "https"):
-        return fetch_http(url, limits, allowed_domains, resolve=resolve)
+    try:
+        if scheme == "data":
+            return _data_url(url, limits)
+        if scheme == "file":
+            return _file_url(url, limits, allowed_local_path)
+        if scheme in ("http", "https"):
+            return fetch_http(url, limits, allowed_domains, resolve=resolve, deadline=deadline)
+    except (ValueError, UnicodeError) as e:  # what urllib and os say of a malformed URL or path
+        raise _bad(f"the video URL is malformed: {e}") from None
     raise _bad(f"video_url scheme {scheme or '(none)'!r} is not supported: use data:, file: or http(s):")
 
 
@@ -79,7 +89,9 @@ def _file_url(url: str, limits: ServeLimits, root: Path | None) -> bytes:
     parsed = urllib.parse.urlsplit(url)
     if parsed.netloc not in ("", "localhost"):
         raise _bad(f"file URL with a host ({parsed.netloc!r}) is not supported")
-    path = Path(urllib.parse.unquote(parsed.path))
+    path = Path(urllib.parse.unquote(parsed.path, errors="strict"))
+    if "\x00" in str(path):
+        raise _bad("a file:// URL may not hold a NUL byte")
     if not path.is_absolute():
         raise _bad("a file:// URL needs an absolute path")
     real, real_root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
@@ -123,14 +135,13 @@ def _resolve(host: str, port: int) -> list[str]:
 
 
 def fetch_http(url: str, limits: ServeLimits, allowed_domains: tuple[str, ...], *, resolve=None,
-               allow_private: bool = False) -> bytes:
-    """GET an allowlisted http(s) URL at one pinned public address; no redirects, capped size.
+               allow_private: bool = False, deadline: float | None = None) -> bytes:
+    """GET an allowlisted http(s) URL at one pinned public address; no redirects, capped size,
+    at most ``--fetch-timeout-s`` in all (and never past ``deadline``, the request's).
 
     ``resolve(host, port) -> [address]`` replaces DNS (tests); ``allow_private`` only for tests
     of the transfer itself against a loopback server.
     """
-    import httpx
-
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname
     if not host:
@@ -141,6 +152,12 @@ def fetch_http(url: str, limits: ServeLimits, allowed_domains: tuple[str, ...], 
         raise _bad(f"fetching videos from {host!r} is not allowed on this server (--allowed-media-domains)",
                    code="domain_not_allowed")
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    budget = limits.fetch_timeout_s
+    by_deadline = deadline is not None and deadline - time.monotonic() < budget
+    if by_deadline:
+        budget = deadline - time.monotonic()
+        if budget <= 0:
+            raise deadline_error(limits)
     try:
         addresses = (resolve or _resolve)(host, port)
     except OSError as e:
@@ -154,11 +171,24 @@ def fetch_http(url: str, limits: ServeLimits, allowed_domains: tuple[str, ...], 
     netloc = f"[{pinned}]:{port}" if ":" in pinned else f"{pinned}:{port}"
     target = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
     extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    headers = {"Host": parts.netloc.rsplit("@", 1)[-1]}
+    # The transfer runs on an event loop of its own, so that one timer bounds all of it: httpx's
+    # own timeouts are per read, and a byte every few seconds would reset them forever.
+    try:
+        return asyncio.run(asyncio.wait_for(_download(url, target, headers, extensions, limits), budget))
+    except asyncio.TimeoutError:
+        if by_deadline:
+            raise deadline_error(limits) from None
+        raise _bad(f"fetching {url} took over {budget:g} s (--fetch-timeout-s)", "fetch_timeout") from None
+
+
+async def _download(url: str, target: str, headers: dict, extensions: dict, limits: ServeLimits) -> bytes:
+    import httpx
+
     cap = limits.max_video_bytes
     try:
-        with httpx.Client(follow_redirects=False, timeout=limits.fetch_timeout_s, trust_env=False) as client:
-            with client.stream("GET", target, headers={"Host": parts.netloc.rsplit("@", 1)[-1]},
-                               extensions=extensions) as response:
+        async with httpx.AsyncClient(follow_redirects=False, timeout=limits.fetch_timeout_s, trust_env=False) as client:
+            async with client.stream("GET", target, headers=headers, extensions=extensions) as response:
                 if response.is_redirect:
                     raise _bad(f"{url} redirects; redirects are not followed")
                 if response.status_code != 200:
@@ -167,7 +197,7 @@ def fetch_http(url: str, limits: ServeLimits, allowed_domains: tuple[str, ...], 
                 if declared and declared.isdigit() and int(declared) > cap:
                     raise too_large(url, int(declared), cap, "--max-video-bytes", "messages")
                 chunks, size = [], 0
-                for chunk in response.iter_bytes():
+                async for chunk in response.aiter_bytes():
                     size += len(chunk)
                     if size > cap:
                         raise too_large(url, size, cap, "--max-video-bytes", "messages")
@@ -193,16 +223,15 @@ class DecodedVideo:
 def _probe_child(send, data: bytes, memory_bytes: int, time_budget_s: float) -> None:
     import resource
 
-    from videollama.data.container import open_and_time
+    from videollama.data.decoding import open_and_time
 
     resource.setrlimit(resource.RLIMIT_AS, (_mapped() + memory_bytes,) * 2)
     try:
         import time
 
-        container, stream, _, duration, _ = open_and_time(data, f"<{len(data)} bytes>", 1, 3000,
-                                                          time.monotonic() + time_budget_s)
-        width, height = stream.codec_context.width, stream.codec_context.height
-        container.close()
+        with open_and_time(data, f"<{len(data)} bytes>", 1, 3000, time.monotonic() + time_budget_s) as video:
+            width, height = video.stream.codec_context.width, video.stream.codec_context.height
+            duration = video.duration
         send.send(("ok", (int(width), int(height), float(duration))))
     except BaseException as e:  # noqa: BLE001 - reported to the parent as a bad video
         send.send(("bad", f"{type(e).__name__}: {e}"))
@@ -219,17 +248,30 @@ def _mapped() -> int:
         return 0
 
 
-def probe_video(data: bytes, limits: ServeLimits) -> tuple[int, int, float]:
+def _time_for(limits: ServeLimits, deadline: float | None) -> tuple[float, bool]:
+    """(seconds a decode step may take, whether the request's deadline is what sets them)."""
+    if deadline is None or deadline - time.monotonic() >= limits.decode_timeout_s:
+        return limits.decode_timeout_s, False
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise deadline_error(limits)
+    return left, True
+
+
+def probe_video(data: bytes, limits: ServeLimits, deadline: float | None = None) -> tuple[int, int, float]:
     """(width, height, duration s) as the file declares them, read in a sandboxed child."""
     from videollama.data.untrusted import _mp_context
 
+    seconds, by_deadline = _time_for(limits, deadline)
     receive, send = _mp_context().Pipe(duplex=False)
     child = _mp_context().Process(target=_probe_child, daemon=True,
-                                  args=(send, data, limits.decode_memory_bytes, limits.decode_timeout_s))
+                                  args=(send, data, limits.decode_memory_bytes, seconds))
     child.start()
     send.close()
     try:
-        if not receive.poll(limits.decode_timeout_s + 1):
+        if not receive.poll(seconds + (0 if by_deadline else 1)):
+            if by_deadline:
+                raise deadline_error(limits)
             raise _bad(f"reading the video's header took over {limits.decode_timeout_s:g} s "
                        "(--decode-timeout-s)", "invalid_video")
         try:
@@ -246,27 +288,35 @@ def probe_video(data: bytes, limits: ServeLimits) -> tuple[int, int, float]:
     return payload
 
 
-def decode_video(data: bytes, preprocess, limits: ServeLimits) -> DecodedVideo:
+def decode_video(data: bytes, preprocess, limits: ServeLimits, deadline: float | None = None) -> DecodedVideo:
     """Check the declared size and duration against the limits, then decode the model's frames
-    (centred window, ``preprocess``'s frames, fps and size) in a sandboxed child."""
+    (centred window, ``preprocess``'s frames, fps and size) in a sandboxed child.
+
+    Each child gets ``--decode-timeout-s`` or what is left of ``deadline`` (the request's), the
+    shorter; past the deadline the request ends with a 504. The decoder's own bound on the work a
+    file may cost (``time_budget_s``, and any work bound ``load_clip`` adds) is applied in the child.
+    """
     import torch
 
-    from videollama.data.errors import BadSample
+    from videollama.data.errors import TIMEOUT, BadSample
     from videollama.data.untrusted import load_clip_isolated
 
-    width, height, duration = probe_video(data, limits)
+    width, height, duration = probe_video(data, limits, deadline)
     if width * height > limits.max_video_pixels:
         raise _bad(f"the video's frames are {width}x{height} = {width * height} pixels, over the server's "
                    f"limit of {limits.max_video_pixels} (--max-video-pixels)", "video_too_large")
     if duration > limits.max_video_duration_s:
         raise _bad(f"the video lasts {duration:.1f} s, over the server's limit of {limits.max_video_duration_s:g} s "
                    "(--max-video-duration-s)", "video_too_long")
+    seconds, by_deadline = _time_for(limits, deadline)
     try:
         frames, timestamps = load_clip_isolated(
-            data, memory_bytes=limits.decode_memory_bytes, timeout_s=limits.decode_timeout_s,
+            data, memory_bytes=limits.decode_memory_bytes, timeout_s=seconds,
             num_frames=preprocess.num_frames, fps=preprocess.fps, size=preprocess.size, start=None, train=False,
-            normalize=False, time_budget_s=limits.decode_timeout_s)
+            normalize=False, time_budget_s=seconds)
     except (BadSample, ValueError, OSError) as e:
+        if by_deadline and getattr(e, "reason", None) == TIMEOUT:
+            raise deadline_error(limits) from None
         raise _bad(f"the video could not be decoded: {e}", "invalid_video") from None
     # load_clip's own normalisation, on the same uint8 values: bit-identical to what eval feeds.
     pixels = (frames * 255.0).round_().to(torch.uint8)  # [F, 3, S, S]

@@ -5,6 +5,9 @@ functions ``videollama eval --task videoqa`` builds its prompts with): one user 
 and a question gives exactly eval's prompt, ``<s><video><|question|>Q<|answer|>``. Later turns
 append the assistant's answer and ``</s>``, then ``<|question|>Q<|answer|>``; system text comes
 first, as plain text. Message text may not contain the special tokens' strings (no injection).
+
+A request is about one video at most, counted here, before any video is read: its parts must all
+name the same source (the same URL, or the same bytes in process); two different ones are a 400.
 """
 
 from __future__ import annotations
@@ -12,8 +15,17 @@ from __future__ import annotations
 from videollama.serve.limits import APIError, ServeLimits
 
 
+def video_source(part: dict):
+    """What a video part names, to compare without reading it: its URL, or its bytes."""
+    if part.get("type") == "video":
+        return ("bytes", part.get("video"))
+    video_url = part.get("video_url")
+    return ("url", video_url.get("url") if isinstance(video_url, dict) else video_url)
+
+
 def build_prompt(tokenizer, messages: list, limits: ServeLimits) -> tuple[list[int], list[dict]]:
-    """Token ids of the conversation, ending ready for the answer, and its video parts."""
+    """Token ids of the conversation, ending ready for the answer, and its video part ([] or one:
+    repeats of the same source count once)."""
     from videollama.data.tokenizer import (
         ANSWER,
         QUESTION,
@@ -41,7 +53,10 @@ def build_prompt(tokenizer, messages: list, limits: ServeLimits) -> tuple[list[i
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif kind in ("video_url", "video") and role == "user":
-                videos.append(part)
+                if videos and video_source(part) != video_source(videos[0]):
+                    raise APIError(400, "a conversation may be about one video only (every video part must "
+                                   "name the same source)", param=f"messages[{i}].content", code="one_video_only")
+                videos[:] = videos or [part]
             else:
                 raise APIError(400, f"messages[{i}]: unsupported content part {kind!r} (text, or video_url "
                                "in a user message)", param=f"messages[{i}].content")

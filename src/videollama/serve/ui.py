@@ -9,6 +9,11 @@ process, one model and one batch serve both. There is no second generation path 
 Offline by construction: Gradio's analytics are switched off before it is imported, there is
 no share link, no server-side rendering (no Node), and the page's theme uses the fonts that
 Gradio ships, so the browser loads nothing but this server's own assets.
+
+Hostile clients: the page's handlers read only files the page received as uploads
+(serve/uploads.py); the whole server, page and API, sits behind the request guard (serve/guard.py:
+Host, Origin, body limits); with an API key the API asks for it as ``serve`` does and the page
+asks for it once, as the password of Gradio's login form.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import argparse
 import asyncio
 import contextlib
 import faulthandler
-import inspect
+import hmac
+import math
 import os
 import random
 import signal
@@ -30,8 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from videollama.serve.limits import APIError
+from videollama.serve.uploads import read_upload, read_video, refuse_url_inputs
+
+__all__ = ["build_ui", "mount_ui", "serving", "read_video", "read_upload", "engine_messages", "video_message"]
 
 STOP_TIMEOUT_S = 45.0  # Ctrl-C to exit, at most
+PAGE_EVENT_BYTES = 1 << 20  # the body of one of the page's events (uploads excepted)
 
 # Before Gradio is imported anywhere in this process: no telemetry, no version check.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -72,7 +82,8 @@ def video_message(video: bytes, text: str) -> dict:
 def engine_messages(history: Sequence[dict], video: bytes | None, question: str) -> list[dict]:
     """The OpenAI-format messages for ``question`` after ``history`` (the chatbot's messages,
     ``{"role", "content"}`` with string content): the video rides on the first user turn."""
-    turns = [(m["role"], _text_of(m["content"])) for m in history if m["role"] in ("user", "assistant")]
+    turns = [(m["role"], _text_of(m.get("content"))) for m in history
+             if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
     turns.append(("user", question))
     messages: list[dict] = []
     for i, (role, text) in enumerate(turns):
@@ -95,28 +106,27 @@ def _text_of(content: Any) -> str:
     return str(content)
 
 
-def read_video(path: str | Path, cap: int) -> bytes:
-    """The bytes of an uploaded video, refusing one over ``cap`` bytes before reading it."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size > cap:
-        raise ValueError(f"{path.name}: {size} bytes, over the server's {cap}-byte cap for a video "
-                         "(--max-video-bytes)")
-    with open(path, "rb") as f:
-        data = f.read(cap + 1)
-    if len(data) > cap:  # it grew meanwhile
-        raise ValueError(f"{path.name}: over the server's {cap}-byte cap for a video (--max-video-bytes)")
-    return data
+def sampling_options(max_tokens, temperature, top_p, seed) -> dict[str, Any]:
+    """The engine's options from the page's controls, whatever a client sent for them (the
+    engine checks the ranges; a value that is no finite number is a ValueError here)."""
+    values = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if max_tokens != int(max_tokens) or seed != int(seed):
+        raise ValueError("max tokens and seed must be whole numbers")
+    options: dict[str, Any] = {"max_tokens": int(max_tokens), "temperature": float(temperature),
+                               "top_p": float(top_p)}
+    if temperature > 0:
+        options["seed"] = int(seed)
+    return options
 
 
 async def preview_frames(engine, video: bytes) -> tuple[list[tuple[Any, str]], list[float]]:
     """The gallery items for a video, ``(uint8 [H, W, 3] frame, caption)`` per frame the model
     sees, and the frames' times in seconds; from the engine's own preprocessing
     (``engine.preview``), decoded off the event loop."""
-    if inspect.iscoroutinefunction(engine.preview):
-        frames, timestamps = await engine.preview(video)
-    else:
-        frames, timestamps = await asyncio.to_thread(engine.preview, video)
+    frames, timestamps = await engine.apreview(video)
     seconds = [float(t) for t in timestamps]
     return [(frames[i], frame_caption(i, seconds[i])) for i in range(len(frames))], seconds
 
@@ -125,6 +135,9 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
     """The Gradio Blocks page over ``engine`` (which must be started by the caller)."""
     gr = _gradio()
     limits = engine.limits
+
+    async def read(path) -> bytes:  # an upload of this page, off the event loop
+        return await asyncio.to_thread(read_upload, path, video.GRADIO_CACHE, limits.max_video_bytes)
 
     def on_new_video(path: str | None):
         """A new video (upload, example or clear): a fresh chat at once, the frames to come."""
@@ -135,7 +148,7 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
         if not path:
             return [], "Upload a video or pick an example."
         try:
-            data = read_video(path, limits.max_video_bytes)
+            data = await read(path)
             items, seconds = await preview_frames(engine, data)
         except (APIError, ValueError, OSError) as e:  # a bad video is the user's to fix: say so on the page
             return [], f"Cannot use this video: {e}"
@@ -148,22 +161,22 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
         if not question:
             yield "", history
             return
-        video = read_video(path, limits.max_video_bytes) if path else None
-        messages = engine_messages(history, video, question)
-        history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        yield "", history
-        options: dict[str, Any] = {"max_tokens": int(max_tokens), "temperature": float(temperature),
-                                   "top_p": float(top_p)}
-        if temperature > 0:
-            options["seed"] = int(seed)
+        history = [m for m in history or [] if isinstance(m, dict)]
+        turn = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         answer = ""
         try:
+            options = sampling_options(max_tokens, temperature, top_p, seed)
+            video = await read(path) if path else None
+            messages = engine_messages(history, video, question)
+            history = turn
+            yield "", history
             async for event in engine.chat(messages, **options):
                 if isinstance(event, str):  # a text delta; the final ChatResult repeats the whole text
                     answer += event
                     history[-1] = {"role": "assistant", "content": answer}
                     yield "", history
         except (APIError, ValueError, OSError) as e:  # the request's fault (too long, bad video...): say so
+            history = turn
             history[-1] = {"role": "assistant", "content": f"{answer}\n[error: {e}]".lstrip()}
             yield "", history
 
@@ -174,6 +187,7 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
         with gr.Row():
             with gr.Column(scale=1):
                 video = gr.Video(label="Video", sources=["upload"], format=None, elem_id="video")
+                refuse_url_inputs(video)
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[video], label="Examples",
                                 elem_id="examples")
@@ -205,37 +219,58 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
     return page
 
 
-def mount_ui(app, engine, *, examples: Sequence[str | Path] = ()):
-    """Mount the page at ``/`` of a FastAPI ``app`` (e.g. the API's), serving local assets only."""
+def mount_ui(app, engine, *, examples: Sequence[str | Path] = (), api_key: str | None = None):
+    """Mount the page at ``/`` of a FastAPI ``app`` (e.g. the API's), serving local assets only.
+    With ``api_key`` the page asks for it (any user name, the key as password)."""
     gr = _gradio()
     page = build_ui(engine, examples=examples)
     theme = gr.themes.Default()  # fonts from Gradio's own static folder, not Google Fonts
     allowed = sorted({str(Path(p).resolve().parent) for p in examples})
+    auth = None
+    if api_key:
+        def auth(user: str, password: str) -> bool:
+            return hmac.compare_digest(str(password).encode(), api_key.encode())
     # allowed_paths: the examples' folder only (a scratch copy, see example_videos), so that
     # nothing else of the machine is served.
-    return gr.mount_gradio_app(app, page, path="/", ssr_mode=False, mcp_server=False, pwa=False,
-                               allowed_paths=allowed, max_file_size=engine.limits.max_video_bytes,
-                               theme=theme, css=CSS, footer_links=[])
-
-
-def _api_app(engine):
-    """The OpenAI-compatible API's FastAPI app (serve/app.py) over the same ``engine``."""
-    from videollama.serve.app import create_app
-
-    # No API key here: serve/app.py's key check covers every route, the page's included.
-    return create_app(engine)
+    mounted = gr.mount_gradio_app(app, page, path="/", ssr_mode=False, mcp_server=False, pwa=False,
+                                  allowed_paths=allowed, max_file_size=engine.limits.max_video_bytes,
+                                  theme=theme, css=CSS, footer_links=[], auth=auth,
+                                  auth_message="The server's API key is the password (any user name).")
+    # Gradio checks an event's input files against its upload folder only once an app has been
+    # launched, and a mounted app never is: without this, a client could name any file.
+    page.has_launched = True
+    # Gradio switches matplotlib's backend around every event, importing matplotlib (when it is
+    # installed) on the event loop at the first one: a stall of seconds for every client. Now instead.
+    with gr.utils.MatplotlibBackendMananger():
+        pass
+    return mounted
 
 
 @contextlib.contextmanager
 def serving(engine, *, host: str = "127.0.0.1", port: int = 0, examples: Sequence[str | Path] = (),
-            with_api: bool = True, start_timeout_s: float = 60.0) -> Iterator[str]:
+            with_api: bool = True, start_timeout_s: float = 60.0, api_key: str | None = None,
+            allowed_hosts: Sequence[str] = ()) -> Iterator[str]:
     """Serve the page (and the API beside it) on a background thread; yields the base URL.
 
-    ``port=0`` takes a free port. The server is stopped on exit, whatever happened inside."""
+    ``port=0`` takes a free port. The server is stopped on exit, whatever happened inside.
+    ``api_key``: asked of the API (Bearer) and of the page (its login); ``allowed_hosts``: Host
+    names answered besides the local ones and ``host`` (serve/guard.py)."""
     import uvicorn
     from fastapi import FastAPI
 
-    app = mount_ui(_api_app(engine) if with_api else FastAPI(), engine, examples=examples)
+    from videollama.serve import guard
+    from videollama.serve.app import api_paths, create_api, create_app
+
+    inner = mount_ui(create_api(engine) if with_api else FastAPI(), engine, examples=examples, api_key=api_key)
+    whole = engine.limits.max_body_bytes
+
+    def body_cap(path: str) -> int:
+        # Gradio parses an event's JSON on the event loop, whole: the page's events (a question,
+        # the chat so far, file references) get a small cap; uploads and the API their own.
+        return whole if api_paths(path) or path == "/gradio_api/upload" else min(whole, PAGE_EVENT_BYTES)
+
+    app = create_app(engine, api_key=api_key, hosts=guard.allowed_hosts(host, allowed_hosts), inner=inner,
+                     needs_key=api_paths, body_cap=body_cap)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
                                             timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, name="videollama-ui", daemon=True)
@@ -289,6 +324,7 @@ def example_videos(folder: Path | None, scratch: Path, cap: int) -> list[Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from videollama.inference.load import add_model_arguments
+    from videollama.serve.cli import add_access_arguments
     from videollama.serve.limits import add_limit_arguments
 
     add_model_arguments(parser)  # --model, --adapter, --quantize: as serve, generate and eval
@@ -299,19 +335,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder of example videos to offer (default: a few Shapes clips)")
     parser.add_argument("--no-api", action="store_true",
                         help="serve only the page, not the OpenAI-compatible API beside it at /v1")
+    add_access_arguments(parser, key_help="required as 'Authorization: Bearer KEY' by the API at /v1 and "
+                         "/metrics, and once by the page (its login form, any user name)")
     add_limit_arguments(parser)
 
 
 def load_engine(args: argparse.Namespace):
     """The serving engine for ``args``: the same class and loader ``videollama serve`` uses."""
-    import torch
-
+    from videollama.serve.cli import pick_device
     from videollama.serve.engine import Engine
     from videollama.serve.limits import limits_from_args
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Engine.from_model_dir(args.model, device=device, adapter=args.adapter, quantize=args.quantize,
-                                 limits=limits_from_args(args))
+    return Engine.from_model_dir(args.model, device=pick_device(args.device), adapter=args.adapter,
+                                 quantize=args.quantize, limits=limits_from_args(args))
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
@@ -319,14 +355,22 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from videollama.serve import guard
+    from videollama.serve.cli import api_key, pick_device
+    from videollama.serve.limits import limits_from_args
+
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0 to 65535, got {args.port}")
+    limits_from_args(args)  # a bad limit is a one-line error before anything loads
+    key = api_key(args)
+    guard.allowed_hosts(args.host, args.allowed_hosts)
+    pick_device(args.device)
     if not (args.model / "config.json").is_file():
         raise FileNotFoundError(f"chat: {args.model} is not a model directory (no config.json)")
     if args.examples is not None and not args.examples.is_dir():
         raise NotADirectoryError(f"--examples {args.examples}: not a folder")
     _gradio()  # a missing optional dependency fails before any weights are read
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"videollama chat: warning: listening on {args.host}: the page and the API ask for no key, "
               "anyone who can reach this address can use the model", file=sys.stderr)
     # Ctrl-C and SIGTERM stop the page, installed explicitly as uvicorn does for `serve`: a process
@@ -339,8 +383,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="videollama-chat-") as scratch:
             examples = example_videos(args.examples, Path(scratch), engine.limits.max_video_bytes)
-            with serving(engine, host=args.host, port=args.port, examples=examples,
-                         with_api=not args.no_api) as url:
+            with serving(engine, host=args.host, port=args.port, examples=examples, with_api=not args.no_api,
+                         api_key=key, allowed_hosts=args.allowed_hosts) as url:
                 api = "" if args.no_api else f" (API at {url}v1)"
                 print(f"videollama chat: serving {args.model} at {url}{api}; Ctrl-C stops", flush=True)
                 try:

@@ -21,22 +21,21 @@ A restart with the same command resumes from RUN_DIR/checkpoints/latest by itsel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from videollama.config import VideoLlamaConfig
 from videollama.train import checkpoint as ckpt
-from videollama.train.build import build_loader, build_model, check_same_model, materialize, resolve_tokenizer
+from videollama.train.build import build_model, materialize
 from videollama.train.distributed import (
     DistEnv,
     TrainingStopped,
@@ -44,155 +43,13 @@ from videollama.train.distributed import (
     monitored_barrier,
     setup_distributed,
 )
-from videollama.train.metrics import MetricsLog, SpikeDetector
-from videollama.train.optim import build_optimizer, freeze
-from videollama.train.parallel import build_mesh, parallelize
+from videollama.train.metrics import MetricsLog, ProgressBar, SpikeDetector
 from videollama.train.recipe import TrainConfig
-from videollama.train.rng import rng_state, seed_everything, set_rng_state
-from videollama.train.schedule import build_scheduler
+from videollama.train.record import json_ready, write_summary
+from videollama.train.rng import rng_state
+from videollama.train.run import Run, setup_run
 
-__all__ = ["TrainingStopped", "build_model", "materialize", "train"]
-
-
-# ---- set-up --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """Everything one training run holds between steps."""
-
-    cfg: TrainConfig
-    env: DistEnv
-    run_dir: Path
-    model: torch.nn.Module
-    model_cfg: VideoLlamaConfig
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    loader: object
-    mesh: object
-    use_fsdp: bool
-    accumulation: int
-    trainable: list[torch.Tensor]
-    n_params: int
-    frozen_params: int
-    step: int = 0
-    start_step: int = 0
-    bad_in_row: int = 0
-    bad_total: int = 0
-    last_loss: float = float("nan")
-    preempted: dict = field(default_factory=lambda: {"flag": False})
-    flops_per_sample: float = 0.0
-
-
-def setup_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
-    """Build the model, shard it, make optimizer, schedule and loader, and resume if a checkpoint exists."""
-    world = env.world_size
-    accum = cfg.accumulation(world)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-        if torch.cuda.is_available():
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
-
-    meta = cfg.parallel.meta_init
-    if meta is None:
-        meta = env.device.type == "cuda" and not cfg.model.init_from
-    qlora = cfg.lora.r > 0 and cfg.lora.quantize == "nf4"
-    if qlora:  # NF4 weights compute in bf16 themselves; FSDP cannot shard them
-        from videollama.train.lora import require_qlora
-
-        require_qlora()
-        if world > 1 or cfg.parallel.fsdp or not cfg.model.init_from:
-            raise ValueError("lora.quantize nf4 (QLoRA) runs in one process without FSDP, from model.init_from")
-        meta, bf16 = False, False
-    model, model_cfg = build_model(cfg, meta=meta)
-    if cfg.lora.r:
-        from videollama.train.lora import apply_lora, frozen_count
-
-        apply_lora(model, cfg.lora, base=cfg.model.init_from, seed=cfg.seed)  # before fully_shard
-        frozen = frozen_count(model)
-    else:
-        frozen = freeze(model, cfg.freeze)
-    n_params = sum(p.numel() for p in model.parameters())
-    tokenizer_path = resolve_tokenizer(cfg)
-    check_same_model(run_dir, model_cfg)  # before anything in run_dir is overwritten
-    if env.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "train_config.json")
-        model_cfg.save(run_dir / "model_config.json")
-        if tokenizer_path:
-            shutil.copyfile(tokenizer_path, run_dir / "tokenizer.json")
-
-    # bf16 compute (with fp32 master weights) comes from FSDP's MixedPrecisionPolicy.
-    use_fsdp = cfg.parallel.fsdp if cfg.parallel.fsdp is not None else (world > 1 or bf16)
-    if not use_fsdp and (world > 1 or bf16):
-        raise ValueError("parallel.fsdp=false works only on a single rank in fp32")
-    mesh = build_mesh(env.device.type, world, env.local_world_size) if use_fsdp else None
-    if not meta:
-        model.to(env.device)
-    parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                compile=cfg.parallel.compile, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward)
-    if meta and cfg.lora.r:
-        from videollama.train.lora import reset_lora, without_adapters
-
-        model.to_empty(device=env.device)  # the adapters too
-        with without_adapters(model):  # the base weights drawn as without LoRA
-            materialize(model, env.device, cfg.seed)
-        reset_lora(model)  # then the adapters, as peft draws them (B = 0)
-    elif meta:
-        materialize(model, env.device, cfg.seed)
-    # After fully_shard: it replaces every parameter by a sharded DTensor parameter.
-    optimizer = build_optimizer(model, cfg.optimizer)
-    scheduler = build_scheduler(optimizer, peak_lr=cfg.optimizer.lr, warmup_steps=cfg.schedule.warmup_steps,
-                                max_steps=cfg.max_steps, min_lr=cfg.schedule.min_lr)
-    loader = build_loader(cfg, model_cfg, env, tokenizer_path)
-    run = Run(cfg=cfg, env=env, run_dir=run_dir, model=model, model_cfg=model_cfg, optimizer=optimizer,
-              scheduler=scheduler, loader=loader, mesh=mesh, use_fsdp=use_fsdp, accumulation=accum,
-              trainable=[p for p in model.parameters() if p.requires_grad], n_params=n_params,
-              frozen_params=frozen, flops_per_sample=_flops_per_sample(model_cfg))
-    seed_everything(cfg.seed, env.rank)
-    resume(run)
-    return run
-
-
-def resume(run: Run) -> None:
-    """Continue from RUN_DIR/checkpoints/latest, if there is one: weights, optimizer, schedule,
-    and (same world size) this rank's data position and RNG state. An unreadable checkpoint
-    (damaged, tampered) is passed over for the newest intact one before it, and the run says so."""
-    try:
-        latest = ckpt.latest_checkpoint(run.run_dir)
-    except ValueError as e:  # a bad `latest` pointer: the step folders themselves may be fine
-        print(f"rank {run.env.rank}: {e}; looking for the newest intact checkpoint", file=sys.stderr)
-        latest = None
-    candidates = ckpt.intact_checkpoints(run.run_dir)
-    if latest is not None:
-        candidates = [latest] + [c for c in candidates if c != latest]
-    elif not candidates:
-        return
-    for path in candidates:
-        try:
-            meta, rank_state = ckpt.load_checkpoint(path, model=run.model, optimizer=run.optimizer,
-                                                    scheduler=run.scheduler)
-            if rank_state is not None:
-                run.loader.load_state_dict(rank_state["loader"])
-                set_rng_state(rank_state["rng"])
-            failed = 0.0
-        except Exception as e:  # noqa: BLE001 - any damage: try the one before it
-            print(f"rank {run.env.rank}: cannot resume from {path}: {e}; trying an older checkpoint",
-                  file=sys.stderr)
-            failed = 1.0
-        # Every rank takes the same checkpoint: one rank's damaged state file moves them all on.
-        if all_reduce_sum([failed], run.env)[0] == 0:
-            break
-    else:
-        raise TrainingStopped(f"{run.run_dir}: no checkpoint could be read (tried {[p.name for p in candidates]}); "
-                              "move the checkpoints/ folder away to start over")
-    run.step = run.start_step = meta["step"]
-    if rank_state is None:
-        print(f"rank {run.env.rank}: {path} has no state for this rank (written by {meta['world_size']} ranks); "
-              "the data loader starts over", file=sys.stderr)
-    if run.env.rank == 0:
-        print(f"resumed from {path} at step {run.start_step}", file=sys.stderr)
+__all__ = ["Run", "TrainingStopped", "build_model", "materialize", "setup_run", "train"]
 
 
 # ---- one optimizer step --------------------------------------------------------------------------
@@ -278,41 +135,39 @@ def checkpoint_if_due(run: Run, *, stop: bool) -> None:
 # ---- the loop ------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
-    """Train (or resume) a run in ``run_dir``; returns a summary. Raises TrainingStopped on a guard."""
+def train(cfg: TrainConfig, run_dir: str | Path, *, allow_config_change: bool = False) -> dict:
+    """Train (or resume) a run in ``run_dir``; returns a summary. Raises TrainingStopped on a guard, and
+    ValueError (naming the keys) when ``run_dir`` holds checkpoints trained with other settings, unless
+    ``allow_config_change`` (then both recipes are kept: train/record.py)."""
     env = setup_distributed(cfg.guards.timeout_s)
     try:
-        return _train(cfg, Path(run_dir), env)
+        return _train(cfg, Path(run_dir), env, allow_config_change)
     finally:
         if env.owns_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
-    run = setup_run(cfg, run_dir, env)
+def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv, allow_config_change: bool) -> dict:
+    run = setup_run(cfg, run_dir, env, allow_config_change=allow_config_change)
+    if env.rank == 0:
+        for warning in run.warnings:
+            print(f"videollama train: warning: {warning}", file=sys.stderr)
+        if run.config_change is not None:
+            print(f"videollama train: settings changed from step {run.config_change['step']} "
+                  f"({', '.join(run.config_change['changes'])}); the recorded ones are kept in "
+                  f"{run_dir / run.config_change['previous']}", file=sys.stderr)
     log = MetricsLog(run_dir, enabled=env.rank == 0, tensorboard=cfg.log.tensorboard, resume_step=run.start_step)
     spikes = SpikeDetector(cfg.guards.spike_factor, cfg.guards.spike_window)
     # SIGTERM (preemption) and SIGINT (Ctrl-C) both finish the step, checkpoint and stop.
     handlers = {sig: signal.signal(sig, lambda signum, _: run.preempted.update(flag=signal.Signals(signum).name))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
-    progress = _progress(cfg, env.rank, run.start_step)
+    progress = ProgressBar.start(cfg, env.rank, run.start_step)
     data_iter = iter(run.loader)
+    # A skipped sample's warning (logging) goes on a line of its own above the progress bar.
+    redirect = logging_redirect_tqdm() if progress is not None else contextlib.nullcontext()
     try:
-        while run.step < cfg.max_steps:
-            record = train_step(run, data_iter)
-            stop = record.pop("stop_requested")
-            record["spike"] = (not record["bad_step"]) and spikes.check(record["loss"])
-            log.write(record)
-            _report(progress, record, cfg)
-            if run.bad_in_row >= cfg.guards.max_bad_steps:
-                raise TrainingStopped(f"{run.bad_in_row} non-finite steps in a row (last at step {record['step']}); "
-                                      "weights are unchanged since the last good step")
-            checkpoint_if_due(run, stop=stop)
-            if stop:
-                if env.rank == 0:
-                    why = run.preempted["flag"] or "a signal on another rank"
-                    print(f"{why}: checkpoint written at step {run.step}; stopping", file=sys.stderr)
-                break
+        with redirect:
+            _loop(run, data_iter, log, spikes, progress)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -324,10 +179,33 @@ def _train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
                "trainable_params": sum(p.numel() for p in run.trainable), "accumulation": run.accumulation,
                "world_size": env.world_size,
                "mesh": dict(zip(run.mesh.mesh_dim_names, run.mesh.shape)) if run.mesh is not None else None,
-               "preempted": bool(run.preempted["flag"])}
+               "preempted": bool(run.preempted["flag"]),
+               "skipped_by_reason": _skipped_by_reason(run), "warnings": run.warnings,
+               "config_change": run.config_change}
     if env.rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        write_summary(run_dir, summary)
+    return json_ready(summary)
+
+
+def _loop(run: Run, data_iter, log: MetricsLog, spikes: SpikeDetector, progress) -> None:
+    """Steps until max_steps, a guard, or a stop signal (checkpointed first)."""
+    cfg, env = run.cfg, run.env
+    while run.step < cfg.max_steps:
+        record = train_step(run, data_iter)
+        stop = record.pop("stop_requested")
+        record["spike"] = (not record["bad_step"]) and spikes.check(record["loss"])
+        log.write(record)
+        if progress is not None:
+            progress.report(record)
+        if run.bad_in_row >= cfg.guards.max_bad_steps:
+            raise TrainingStopped(f"{run.bad_in_row} non-finite steps in a row (last at step {record['step']}); "
+                                  "weights are unchanged since the last good step")
+        checkpoint_if_due(run, stop=stop)
+        if stop:
+            if env.rank == 0:
+                why = run.preempted["flag"] or "a signal on another rank"
+                print(f"{why}: checkpoint written at step {run.step}; stopping", file=sys.stderr)
+            break
 
 
 def _micro_step(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
@@ -352,36 +230,18 @@ def _skipped(loader) -> float:
     return float(sum(getattr(loader, "skipped", {}).values()))
 
 
-def _flops_per_sample(model_cfg: VideoLlamaConfig) -> float:
-    from videollama.plan.info import train_flops_per_sample
-
-    return float(train_flops_per_sample(model_cfg))
-
-
-def _progress(cfg: TrainConfig, rank: int, start_step: int):
-    if rank != 0 or not cfg.log.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
-
-
-def _report(progress, record: dict, cfg: TrainConfig) -> None:
-    if progress is None:
-        return
-    step, loss = record["step"], _nan_if_none(record["loss"])
-    progress.update(1)
-    if (step + 1) % cfg.log.every == 0:
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
-                             gnorm=f"{_nan_if_none(record['grad_norm']):.2f}")
-    if record["spike"]:
-        progress.write(f"step {step}: loss spike {loss:.4f} (> {cfg.guards.spike_factor}x recent mean)")
-    if record["bad_step"]:
-        progress.write(f"step {step}: non-finite loss or gradient norm; update skipped")
-
-
-def _nan_if_none(x: float | None) -> float:
-    return float("nan") if x is None else x
+def _skipped_by_reason(run: Run) -> dict[str, int]:
+    """The loader's skip counts by reason, summed over every rank (collective)."""
+    mine = dict(getattr(run.loader, "skipped", {}))
+    if run.env.world_size == 1 or not dist.is_initialized():
+        return dict(sorted(mine.items()))
+    every: list[dict] = [{} for _ in range(run.env.world_size)]
+    dist.all_gather_object(every, mine)  # plain str -> int dicts from our own ranks
+    total: dict[str, int] = {}
+    for counts in every:
+        for reason, n in counts.items():
+            total[reason] = total.get(reason, 0) + int(n)
+    return dict(sorted(total.items()))
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -393,6 +253,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "(default runs/<recipe name>)")
     parser.add_argument("--data", help="data source (shard folder/glob or eval JSONL); replaces data.sources")
     parser.add_argument("--max-steps", type=int, help="replaces max_steps")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume a run's checkpoints with settings other than those they were trained with "
+                             "(both recipes are kept; config_history.json says from which step)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="recipe overrides, values parsed as YAML (e.g. optimizer.lr=1e-4)")
 
@@ -406,10 +269,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     try:
-        summary = train(cfg, run_dir)
+        summary = train(cfg, run_dir, allow_config_change=args.allow_config_change)
     except TrainingStopped as e:
         print(f"videollama train: stopped: {e}", file=sys.stderr)
         return 3
     if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(summary))
+        print(json.dumps(summary, allow_nan=False))
     return 0

@@ -19,9 +19,10 @@ class MetricsLog:
         self.tb = None
         if not enabled:
             return
-        if resume_step > 0 and self.path.exists():
+        if self.path.exists():
             # Steps after the checkpoint were lost with the crash and will be logged again; so was a
-            # line the crash cut short. Rewritten through a temporary file: a second crash keeps one.
+            # line the crash cut short (and a run that never checkpointed starts its log over).
+            # Rewritten through a temporary file: a second crash keeps one.
             kept = [ln for ln in self.path.read_text(errors="replace").splitlines() if _step(ln) < resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
@@ -67,3 +68,37 @@ class SpikeDetector:
         spike = full and loss > self.factor * (sum(self.recent) / len(self.recent))
         self.recent.append(loss)
         return spike
+
+
+class ProgressBar:
+    """The rank-0 progress bar: loss, LR and gradient norm every ``log.every`` steps; spikes and
+    skipped updates as lines of their own."""
+
+    def __init__(self, bar, cfg) -> None:
+        self.bar, self.cfg = bar, cfg
+
+    @classmethod
+    def start(cls, cfg, rank: int, start_step: int) -> ProgressBar | None:
+        if rank != 0 or not cfg.log.progress:
+            return None
+        from tqdm import tqdm
+
+        return cls(tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True), cfg)
+
+    def report(self, record: dict) -> None:
+        step, loss = record["step"], _nan_if_none(record["loss"])
+        self.bar.update(1)
+        if (step + 1) % self.cfg.log.every == 0:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
+                                 gnorm=f"{_nan_if_none(record['grad_norm']):.2f}")
+        if record["spike"]:
+            self.bar.write(f"step {step}: loss spike {loss:.4f} (> {self.cfg.guards.spike_factor}x recent mean)")
+        if record["bad_step"]:
+            self.bar.write(f"step {step}: non-finite loss or gradient norm; update skipped")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _nan_if_none(x: float | None) -> float:
+    return float("nan") if x is None else x
