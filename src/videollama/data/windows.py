@@ -107,14 +107,16 @@ class WholeVideo:
             raise ValueError(f"windows_per_chunk must be >= 1, got {windows_per_chunk}")
         walker = _SampleWalker(self.video, self.times, self.pre.size)
         pixels: dict[int, np.ndarray] = {}  # flat sample index -> uint8 [S, S, 3], until its chunk leaves
-        f = self.pre.num_frames
-        first = 0
+        f, total = self.pre.num_frames, self.num_windows
+        have = [0] * total  # samples decoded per window
+        first = complete = 0  # the next window to hand out; every window before `complete` is whole
         for index, rgb in walker.run():
             pixels[index] = rgb
-            while first < self.num_windows and all(k in pixels for k in range(first * f, (first + 1) * f)):
-                last = min(first + windows_per_chunk, self.num_windows)
-                if last < self.num_windows and not all(k in pixels for k in range(first * f, last * f)):
-                    break
+            have[index // f] += 1
+            while complete < total and have[complete] == f:
+                complete += 1
+            while first < total and complete >= min(first + windows_per_chunk, total):
+                last = min(first + windows_per_chunk, total)
                 yield self._chunk(first, last, pixels, walker.latest)
                 for k in range(first * f, last * f):
                     pixels.pop(k)
