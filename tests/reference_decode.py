@@ -38,7 +38,7 @@ def reference_generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(input_ids.device).long()
-    latents = model.visual_context(input_ids, video, visual_latents)
+    latents, _ = model.visual_context(input_ids, video, visual_latents)
     media = Media.projected(model.decoder, latents) if latents is not None else None
     kv_caches = model.decoder.new_kv_cache(b, t + max_new_tokens)
     pad_id = model.config.decoder.pad_token_id

@@ -54,11 +54,17 @@ def test_demo_writes_model_report_and_predictions(demo):
         hits = [c for c, q in zip(correct, questions) if q["kind"] == kind]
         assert report["accuracy_by_kind"][kind] == pytest.approx(sum(hits) / len(hits))
     num_frames = json.loads((out / "model" / "config.json").read_text())["preprocess"]["num_frames"]
-    assert all(len(p["timestamps"]) == num_frames for p in preds)
+    # Each clip is seen whole (issue 21; it was one centred window before): a 5 s Shapes clip is two
+    # windows of num_frames frames, 0-4 s and 1-5 s, exactly the frames load_windows gives.
+    assert all([len(w) for w in p["timestamps"]] == [num_frames, num_frames] for p in preds)
+    from videollama.data.windows import load_windows
 
-    # The ablation really saw one frame.
+    _, times = load_windows(data / "eval" / preds[0]["video"], VideoLlama.from_pretrained(out / "model").config.preprocess)
+    assert preds[0]["timestamps"] == [[round(float(t), 4) for t in w] for w in times]
+
+    # The ablation really saw one frame: the same time in every frame of both windows.
     single = [json.loads(line) for line in (out / "eval-videoqa-1frame" / "predictions.jsonl").read_text().splitlines()]
-    assert all(len(p["timestamps"]) == 1 for p in single)
+    assert all(len(p["timestamps"]) == 2 and len({t for w in p["timestamps"] for t in w}) == 1 for p in single)
     assert set(report["single_frame_accuracy_by_kind"]) == {"static", "temporal"}
 
     # Caption metrics, curves, timings, examples.

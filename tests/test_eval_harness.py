@@ -1,8 +1,10 @@
 """The evaluation harness end to end: a tiny random model, a trained tokenizer, real MP4 clips.
 
 Predictions are checked against :func:`videollama.inference.generate.generate` called directly on
-one unpadded prompt and one clip decoded by ``load_clip``: batching, left padding and the
-per-video latent cache must not change a single answer.
+one unpadded prompt and the whole video as ``load_windows`` decodes it (every window at once,
+through the model's own windows path): batching, left padding, chunked encoding and latents
+shared between questions must not change a single answer. Since issue 21 a video is seen whole:
+the 4.5 s clips here are two 4 s windows (0-4 s and 0.5-4.5 s), no longer one centred window.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from videollama.data.tokenizer import (
     train_tokenizer,
     videoqa_prompt,
 )
+from videollama.data.windows import load_windows
 from videollama.eval import harness
 from videollama.eval.harness import evaluate
 from videollama.eval.metrics import is_correct
 from videollama.inference import generate as inference_generate
 from videollama.inference.generate import generate
-from videollama.model.videollama import VideoLlama
+from videollama.model.videollama import VideoLlama, Windows
 
 WORDS = ("a red green blue square circle triangle moves left right up down stays still what color shape "
          "is the which way does object how many objects are there one two three")
@@ -77,15 +80,23 @@ def setup(tmp_path_factory):
     return root, model_dir
 
 
+def _middle_frame(video_path, pre, seconds=4.5):
+    """The frame on screen at half the clip's duration, as ``load_clip`` shows it: [1, 3, S, S]."""
+    frame, _ = load_clip(video_path, num_frames=1, fps=pre.fps, size=pre.size, mean=pre.mean, std=pre.std,
+                         start=seconds / 2)
+    return frame
+
+
 def _reference_prediction(model, tokenizer, prompt_ids, video_path, *, max_new_tokens, single_frame=False):
-    """One item alone: no padding, no batching, no latent cache."""
+    """One item alone: no padding, no batching, no chunks, no shared latents; the whole video's
+    windows from ``load_windows``, through the model's own windows path (``Windows``)."""
     pre = model.config.preprocess
-    frames, _ = load_clip(video_path, num_frames=pre.num_frames, fps=pre.fps, size=pre.size,
-                          mean=pre.mean, std=pre.std)
-    if single_frame:
-        frames = frames[pre.num_frames // 2].expand_as(frames)
+    frames, times = load_windows(video_path, pre)  # [W, F, 3, S, S], [W, F]
+    if single_frame:  # one frame for the whole video, in every frame of every window
+        frames = _middle_frame(video_path, pre).expand_as(frames)
     eos = model.config.decoder.eos_token_id
-    new = generate(model, torch.tensor([prompt_ids]), frames[None], max_new_tokens=max_new_tokens,
+    windows = Windows(times=times, video=torch.zeros(frames.shape[0], dtype=torch.long))
+    new = generate(model, torch.tensor([prompt_ids]), frames, windows=windows, max_new_tokens=max_new_tokens,
                    temperature=0.0, eos_token_id=eos)[0].tolist()
     new = new[: new.index(eos)] if eos in new else new
     return tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -134,7 +145,8 @@ def test_videoqa_end_to_end(setup, tmp_path, monkeypatch, caplog):
     real_load_video, real_encode = harness.load_video, model.encode_video
     monkeypatch.setattr(harness, "load_video", lambda path, *a, **k: decoded.append(path.name)
                         or real_load_video(path, *a, **k))
-    monkeypatch.setattr(model, "encode_video", lambda video: encoded.append(video.shape[0]) or real_encode(video))
+    monkeypatch.setattr(model, "encode_video",
+                        lambda video, times=None: encoded.append(video.shape[0]) or real_encode(video, times))
 
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="videollama.eval.harness"):
@@ -142,8 +154,9 @@ def test_videoqa_end_to_end(setup, tmp_path, monkeypatch, caplog):
                            progress=False)
 
     assert sorted(decoded) == ["blue_left.mp4", "broken.mp4", "red_right.mp4"]
-    # One latent set per good video: grouping puts the three red questions in one batch of 3.
-    assert encoded == [1, 1]
+    # One encoding per good video, whole (its two windows in one chunk): grouping puts the three red
+    # questions in one batch of 3.
+    assert encoded == [2, 2]
     assert any("broken.mp4" in r.getMessage() and "skipping" in r.getMessage() for r in caplog.records)
 
     preds = _read_jsonl(out / "predictions.jsonl")
@@ -156,9 +169,13 @@ def test_videoqa_end_to_end(setup, tmp_path, monkeypatch, caplog):
             assert "error" in p
         else:
             assert p["prediction"] == ref  # batching and padding change nothing
-            assert len(p["timestamps"]) == 16 and p["timestamps"] == sorted(p["timestamps"])
-            # Centred 4 s window of a 4.5 s clip at 4 FPS: frames 0.25 s apart, starting near 0.25 s.
-            assert np.diff(p["timestamps"]) == pytest.approx([0.25] * 15, abs=0.07)
+            # The whole 4.5 s clip (issue 21): two 4 s windows at 0 and 0.5 s, 16 frames each 0.25 s
+            # apart, exactly the frames load_windows gives.
+            _, times = load_windows(root / it["video"], model.config.preprocess)
+            assert p["timestamps"] == [[round(float(t), 4) for t in window] for window in times]
+            assert [window[0] for window in p["timestamps"]] == [0.0, 0.5]
+            for window in p["timestamps"]:
+                assert len(window) == 16 and np.diff(window) == pytest.approx([0.25] * 15, abs=0.07)
             assert p["correct"] == is_correct(ref, it["answer"], it.get("options"))
     assert preds[0]["correct"] is True
     n_correct = sum(p["correct"] for p in preds)
@@ -181,15 +198,21 @@ def test_single_frame_and_limit(setup, tmp_path, monkeypatch):
 
     seen = []
     real_encode = model.encode_video
-    monkeypatch.setattr(model, "encode_video", lambda video: seen.append(video.clone()) or real_encode(video))
+    monkeypatch.setattr(model, "encode_video",
+                        lambda video, times=None: seen.append(video.clone()) or real_encode(video, times))
     metrics = evaluate(model, tokenizer, "videoqa", data, root, tmp_path, batch_size=2, frames=1, limit=2,
                        max_new_tokens=4, progress=False)
     assert metrics["frames"] == 1 and metrics["n"] == 2 and metrics["skipped"] == 0
-    # The model saw one frame repeated: all 16 frames of every clip are identical.
-    for video in seen:
+    # The model saw one frame repeated: all 16 frames of every clip are identical; and since issue 21
+    # it is ONE frame for the whole video (the one at half its duration) in both of its windows.
+    assert len(seen) == 2
+    for video, item in zip(seen, _videoqa_items()[:2]):
         assert video.shape[1] == 16 and torch.equal(video, video[:, 8:9].expand_as(video))
+        assert video.shape[0] == 2 and torch.equal(video, video[:1, :1].expand_as(video))
+        assert torch.equal(video[0, 0], _middle_frame(root / item["video"], model.config.preprocess)[0])
     preds = _read_jsonl(tmp_path / "predictions.jsonl")
-    assert len(preds) == 2 and all(len(p["timestamps"]) == 1 for p in preds)
+    assert len(preds) == 2 and all(len({t for window in p["timestamps"] for t in window}) == 1 for p in preds)
+    assert all(len(p["timestamps"]) == 2 and p["timestamps"][0][0] == 2.25 for p in preds)
     item = _videoqa_items()[1]
     prompt = encode_prompt(tokenizer, videoqa_prompt(item["question"]))
     assert preds[1]["prediction"] == _reference_prediction(model, tokenizer, prompt, root / item["video"],

@@ -184,36 +184,55 @@ def test_cli_generate_text_only(tmp_path, capsys):
     assert printed  # a random model still says something (special tokens aside)
 
 
-def test_cli_generate_with_video(tmp_path, capsys):
+def _sweep_clip(path):
+    """A bright bar sweeping right: 30 frames at 25 FPS (1.2 s, more than a 1 s window at 4 FPS)."""
     import av
     import numpy as np
 
-    model, tok = make_model_dir(tmp_path, **{"preprocess.num_frames": 4})
-    path = tmp_path / "clip.mp4"
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=25)
         stream.width = stream.height = 64
         stream.pix_fmt = "yuv420p"
-        for i in range(30):  # a bright bar sweeping right: 1.2 s, more than 4 frames at 4 fps
+        for i in range(30):
             rgb = np.full((64, 64, 3), 40, dtype=np.uint8)
             rgb[:, 2 * i:2 * i + 6] = 230
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def test_cli_generate_with_video(tmp_path, capsys):
+    """The video is seen whole (issue 21; it was one centred window before): the 1.2 s clip is two
+    1 s windows (at 0 and 0.2 s) under the policy, and the answer is generate() on exactly the
+    windows load_windows gives, through the model's own windows path."""
+    from videollama.data.tokenizer import encode_prompt, videoqa_prompt
+    from videollama.data.windows import load_windows
+    from videollama.model.videollama import Windows
+
+    model, tok = make_model_dir(tmp_path, **{"preprocess.num_frames": 4})
+    path = tmp_path / "clip.mp4"
+    _sweep_clip(path)
     args = ["generate", "--model", str(tmp_path), "--prompt", "which way?", "--template", "videoqa",
             "--max-new-tokens", "5"]
     assert main(args + ["--video", str(path)]) == 0
     with_video = capsys.readouterr().out.strip()
 
-    from videollama.data import load_clip
-    from videollama.data.tokenizer import encode_prompt, videoqa_prompt
-
-    pre = model.config.preprocess
-    frames, _ = load_clip(path, num_frames=4, fps=pre.fps, size=pre.size, mean=pre.mean, std=pre.std)
+    frames, times = load_windows(path, model.config.preprocess)  # [W, F, 3, S, S], [W, F]
+    assert times.flatten().tolist() == pytest.approx([0.0, 0.25, 0.5, 0.75, 0.2, 0.45, 0.7, 0.95])
     x = torch.tensor([encode_prompt(tok, videoqa_prompt("which way?"))])
-    new = generate(model, x, frames[None], max_new_tokens=5, eos_token_id=2)[0].tolist()
+    windows = Windows(times=times, video=torch.zeros(2, dtype=torch.long))
+    new = generate(model, x, frames, windows=windows, max_new_tokens=5, eos_token_id=2)[0].tolist()
     assert with_video == tok.decode([i for i in new if i != 2], skip_special_tokens=True).strip()
+
+    # --show-frames: every frame time the model saw, a line per window, then the same answer.
+    assert main(args + ["--video", str(path), "--show-frames"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "frames (s) of 2 window(s) over 1.20 s:"
+    assert lines[1:3] == [f"  window {w + 1}: " + " ".join(f"{t:.2f}" for t in times[w].tolist()) for w in range(2)]
+    assert lines[3:] == [with_video]
+    assert main(args + ["--show-frames"]) == 2  # nothing to show without a video
+    assert "--show-frames needs --video" in capsys.readouterr().err
 
 
 def test_generate_in_bfloat16(model):

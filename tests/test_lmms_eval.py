@@ -10,8 +10,8 @@ video) and a tiny random model:
 - ``shapes_mc_ppl`` (lmms-eval's own ``multiple_choice`` scoring) picks, for every question, the
   option with the largest sum of token log-probabilities computed directly, one unpadded option at
   a time, and reports those sums (negated);
-- the model encodes each video once however its requests are spread, and answers each request in
-  its place.
+- the model encodes each video once, whole (its windows as ``load_windows`` gives them), however
+  its requests are spread, and answers each request in its place.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from test_eval_harness import WORDS
 from videollama.config import VideoLlamaConfig
 from videollama.data import load_clip
 from videollama.data.tokenizer import encode_prompt, train_tokenizer, videoqa_prompt
+from videollama.data.windows import load_windows
 from videollama.eval.harness import evaluate
 from videollama.eval.likelihood import encode_videos, score_continuations
 from videollama.eval.lmms_export import export_tasks, multiple_choice, question_family
@@ -143,11 +144,12 @@ def test_lmms_eval_command_line_matches_videollama_eval(lmms_env, shapes, tmp_pa
             assert values == [float("inf")] * len(row["options"])
             right.append(sample["acc"])
             continue
-        if row["video"] not in latents:
-            frames, _ = load_clip(row["video_path"], num_frames=pre.num_frames, fps=pre.fps, size=pre.size,
-                                  mean=pre.mean, std=pre.std)
+        if row["video"] not in latents:  # the whole video (issue 21): its windows as load_windows gives them
+            frames, times = load_windows(row["video_path"], pre)  # [W, F, 3, S, S], [W, F]
             with torch.no_grad():
-                latents[row["video"]] = model.encode_video(frames[None])  # [1, L, D_v]
+                whole, _ = model.gather_videos(model.encode_video(frames, times),
+                                               torch.zeros(frames.shape[0], dtype=torch.long))
+                latents[row["video"]] = whole  # [1, W * L, D_v]
         prompt = encode_prompt(tokenizer, videoqa_prompt(row["question"]))
         direct = []
         for option in row["options"]:
@@ -183,7 +185,7 @@ docs = [{"v": video_a}, {"v": video_b}, {"v": video_a}, {"v": video_a}, {"v": vi
 lm.task_dict = {"t": {"test": docs}}
 encoded = []
 encode = lm.model.encode_video
-lm.model.encode_video = lambda video: encoded.append(video.shape[0]) or encode(video)
+lm.model.encode_video = lambda video, times=None: encoded.append(video.shape[0]) or encode(video, times)
 visual = lambda doc: [doc["v"]]
 questions = [json.loads(q) for q in sys.argv[4:]]
 answers = lm.generate_until([SimpleNamespace(args=(q, {"max_new_tokens": 3, "until": []}, visual, i, "t", "test"))
@@ -217,8 +219,9 @@ def test_each_video_is_encoded_once_and_answers_keep_their_places(lmms_env, shap
                            *map(json.dumps, questions)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-6000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    # Five requests, batches of 2, about a, b, a, a, b: grouped as a a | a b | b, each video encoded once.
-    assert sum(out["generation_encodes"]) == 2 and sum(out["likelihood_encodes"]) == 2
+    # Five requests, batches of 2, about a, b, a, a, b: grouped as a a | a b | b, each video encoded once,
+    # whole (issue 21): its two 4 s windows (a 5 s Shapes clip) in one chunk.
+    assert out["generation_encodes"] == [2, 2] and out["likelihood_encodes"] == [2, 2]
 
     # Each answer is the harness's answer to its own question (same order of work, same batches).
     videos = [video_a, video_b, video_a, video_a, video_b]

@@ -42,13 +42,18 @@ def test_readme_quick_start_runs_verbatim(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(quick_start_block(), "README.md quick start", "exec"), {"__name__": "__readme__"})
     printed = capsys.readouterr().out.strip()
-    # The window the model's spec asks for: 4 frames at 1 FPS, centred in the 5 s clip.
-    assert printed.startswith("frames at [0.5, 1.5, 2.5, 3.5] s -> "), printed
+    # The whole 5 s clip under the model's policy (issue 21; it was one centred window before): two
+    # windows of 4 frames at 1 FPS, at 0 s and 1 s, exactly the frames load_windows gives.
+    from videollama.data.windows import load_windows
+
+    _, times = load_windows(videos / "eval-0000000.mp4", cfg.preprocess)
+    assert times.tolist() == [[0.0, 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]]
+    assert printed.startswith(f"frames at {times.tolist()} s -> "), printed
 
 
 def test_public_api_is_importable_and_lazy():
     code = ("import sys, videollama; assert 'torch' not in sys.modules, 'import videollama pulled torch'; "
-            "from videollama import VideoLlama, VideoLlamaConfig, generate, load_clip, load_tokenizer; "
+            "from videollama import VideoLlama, VideoLlamaConfig, encode_whole_video, generate, load_clip, load_tokenizer; "
             "from videollama.model.videollama import VideoLlama as V; assert VideoLlama is V; "
             "print(sorted(videollama.__all__))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -2,7 +2,7 @@
 
 The public API, imported lazily so that ``import videollama`` stays cheap (no torch, no PyAV)::
 
-    from videollama import VideoLlama, VideoLlamaConfig, generate, load_clip, load_tokenizer
+    from videollama import VideoLlama, VideoLlamaConfig, encode_whole_video, generate, load_clip, load_tokenizer
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ _EXPORTS = {
     "VideoLlamaConfig": "videollama.config",
     "PreprocessConfig": "videollama.config",
     "generate": "videollama.inference.generate",
+    "encode_whole_video": "videollama.inference.whole_video",
     "load_clip": "videollama.data.video",
     "load_tokenizer": "videollama.data.tokenizer",
 }

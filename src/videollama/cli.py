@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("videollama.train.loop", "pre-train or fine-tune (one process or under torchrun)"),
     "export": ("videollama.train.checkpoint", "export a training checkpoint as a model directory"),
     "merge": ("videollama.train.lora", "merge a LoRA adapter into its base model: a plain model directory"),
-    "eval": ("videollama.eval.cli", "evaluate a model on VideoQA or captioning"),
+    "eval": ("videollama.eval.cli", "evaluate a model on VideoQA, grounding or captioning, whole videos"),
     "plot": ("videollama.train.plot", "plot the loss and LR curves of a run"),
     "serve": ("videollama.serve.cli", "serve a model directory over an OpenAI-compatible HTTP API"),
     "chat": ("videollama.serve.ui", "a web chat page (Gradio) over a model directory, the API beside it"),

@@ -39,6 +39,10 @@ class PreprocessConfig:
     """How a video becomes the model's input tensor ``[F, 3, size, size]``.
 
     The reference recipe: 16 frames at 4 FPS (a 4 s window), 224x224, ImageNet mean/std.
+
+    A whole video is a sequence of such windows (``videollama.data.windows``): they tile the video
+    while it needs at most ``max_windows`` of them, and are spread evenly over it when it needs
+    more. Every stage reads this one policy (curation, training, evaluation, serving).
     """
 
     num_frames: int = 16
@@ -46,9 +50,15 @@ class PreprocessConfig:
     size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    max_windows: int = 64
+
+    @property
+    def window_s(self) -> float:
+        """Seconds one window spans: ``num_frames`` frames ``1 / fps`` apart."""
+        return self.num_frames / self.fps
 
     def __post_init__(self) -> None:
-        _positive("preprocess", self, "num_frames", "fps", "size")
+        _positive("preprocess", self, "num_frames", "fps", "size", "max_windows")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"preprocess.mean and .std need 3 values each (std > 0), got {self.mean}, {self.std}")
 
@@ -146,6 +156,10 @@ class DecoderConfig:
     # Start value of the cross-attention tanh gates: 0 keeps a loaded language model exact; a
     # decoder trained from scratch with its encoder needs them open to pass the encoder any gradient.
     cross_attn_gate_init: float = 0.0
+    # Periods (s) of the sines and cosines that stamp every visual latent with its absolute time
+    # (model/resampler.py: MediaTime). Powers of ten: each decimal digit of a time is a phase, so
+    # times never seen in training are still told apart; 10,000 s also orders times within 40 min.
+    media_time_periods: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0)
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
@@ -167,6 +181,8 @@ class DecoderConfig:
         if self.rope_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
             raise ValueError(f"decoder.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
                              f"rope_low_freq_factor ({self.rope_low_freq_factor}) > 0")
+        if not self.media_time_periods or min(self.media_time_periods) <= 0:
+            raise ValueError(f"decoder.media_time_periods must be positive seconds, got {self.media_time_periods}")
         if self.head_dim % 2:
             raise ValueError(f"decoder head_dim (hidden_size / num_heads = {self.head_dim}) must be even for rotary")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -246,7 +262,7 @@ SHAPES_MEAN = (0.189, 0.189, 0.183)
 SHAPES_STD = (0.110, 0.106, 0.093)
 
 # The tiny and small presets see the Shapes corpus (SHAPES.md) at 64x64 and 96x96.
-_SHAPES_PRE = PreprocessConfig(num_frames=16, fps=4.0, size=64)
+_SHAPES_PRE = PreprocessConfig(num_frames=16, fps=4.0, size=64, max_windows=8)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests and the CPU demo: under 1M parameters.
@@ -280,7 +296,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         DecoderConfig(vocab_size=1024, hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                       intermediate_size=256, max_seq_len=128, cross_attn_every=1, cross_attn_ff_mult=2,
                       cross_attn_gate_init=1.0),
-        PreprocessConfig(num_frames=4, fps=1.0, size=64, mean=SHAPES_MEAN, std=SHAPES_STD),
+        # 4 s windows: 160 of them tile a video of up to 10 min 40 s (Shapes-Long's longest is 10 min).
+        PreprocessConfig(num_frames=4, fps=1.0, size=64, mean=SHAPES_MEAN, std=SHAPES_STD, max_windows=160),
         initializer_range=0.1,
     ),
     # CPU benchmarks: 20M-50M parameters.
@@ -291,7 +308,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ResamplerConfig(num_latents=32, depth=2, num_heads=8, head_dim=32, ff_mult=4),
         DecoderConfig(vocab_size=8192, hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=6,
                       intermediate_size=1024, max_seq_len=512, cross_attn_every=4),
-        PreprocessConfig(num_frames=16, fps=4.0, size=96),
+        PreprocessConfig(num_frames=16, fps=4.0, size=96, max_windows=64),
     ),
     # One-GPU scale: about 1B parameters.
     "1b": _preset(
@@ -301,6 +318,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ResamplerConfig(num_latents=64, depth=2, num_heads=12, head_dim=64),
         DecoderConfig(vocab_size=65536, hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8,
                       intermediate_size=5632, max_seq_len=2048, cross_attn_every=4),
+        PreprocessConfig(max_windows=256),  # 17 minutes tiled
     ),
     # The reference model: 3.5B vision side + 9.5B decoder side = 13B.
     "videollama-13b": _preset(
@@ -310,6 +328,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ResamplerConfig(num_latents=64, depth=2, num_heads=20, head_dim=128),
         DecoderConfig(vocab_size=65536, hidden_size=5120, num_layers=24, num_heads=40, num_kv_heads=40,
                       intermediate_size=14336, max_seq_len=2048, cross_attn_every=4, cross_attn_ff_mult=1),
+        PreprocessConfig(max_windows=900),  # an hour tiled: 900 x 64 = 57,600 latents
     ),
 }
 

@@ -3,6 +3,8 @@
     VideoQA line:    {"video": "rel/path.mp4", "question": "...", "answer": "...", "kind": "static"}
                      (optional "options": [...] for multiple choice; the answer must be one of them)
     captioning line: {"video": "rel/path.mp4", "captions": ["...", "..."]}
+    grounding line:  {"video": "rel/path.mp4", "question": "when does ...?", "segments": [[s, e], ...]}
+                     (seconds, 0 <= s <= e; the model answers "from S to E seconds")
 
 Both readers use :func:`parse_eval_line`, and for both a bad line is a counted skip whose
 message names ``FILE:LINE``: the evaluation harness through :func:`read_eval_set`, the training
@@ -12,6 +14,7 @@ UTF-8, text lengths). Other keys of a line are kept as metadata. Imports no torc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +22,10 @@ from typing import Any
 
 from videollama.data.safe_io import MAX_TEXT_CHARS, iter_lines, parse_json
 
-TASKS = ("videoqa", "caption")
-_ITEM_KEYS = ("video", "question", "answer", "kind", "options", "captions")
+TASKS = ("videoqa", "caption", "grounding")
+_ITEM_KEYS = ("video", "question", "answer", "kind", "options", "captions", "segments")
+# Far more than any video has events: a line with more is a hostile one, not a long video.
+MAX_SEGMENTS = 1000
 
 
 @dataclass
@@ -34,10 +39,13 @@ class EvalItem:
     kind: str | None = None
     options: list[str] | None = None
     captions: list[str] | None = None
+    segments: list[list[float]] | None = None  # grounding: [[start, end], ...] seconds
     extra: dict[str, Any] = field(default_factory=dict)  # the line's other keys
 
     @property
     def task(self) -> str:
+        if self.segments is not None:
+            return "grounding"
         return "videoqa" if self.question is not None else "caption"
 
     def training_meta(self) -> dict[str, Any]:
@@ -45,6 +53,11 @@ class EvalItem:
         extra = {"video": self.video, **self.extra}
         if self.options is not None:
             extra["options"] = self.options
+        if self.segments is not None:  # the answer the model is taught: the first segment's range
+            from videollama.eval.grounding import format_time_range
+
+            qa = {"question": self.question, "answer": format_time_range(*self.segments[0]), "kind": "grounding"}
+            return {**extra, "caption": "", "qa": [qa], "segments": self.segments}
         if self.question is not None:
             qa = {"question": self.question, "answer": self.answer, "kind": self.kind}
             return {**extra, "caption": "", "qa": [qa]}
@@ -70,14 +83,15 @@ def _short(value: Any) -> str:
 
 
 def parse_eval_line(obj: Any, where: str, *, task: str | None = None, index: int = 0) -> EvalItem:
-    """Validate one parsed line. ``task`` None: VideoQA if it has a question, else captioning.
+    """Validate one parsed line. ``task`` None: grounding if it has segments, VideoQA if it has a
+    question, else captioning.
 
     Raises ValueError starting with ``where`` (``FILE:LINE``) and saying what is wrong.
     """
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if task is None:
-        task = "videoqa" if "question" in obj else "caption"
+        task = "grounding" if "segments" in obj else "videoqa" if "question" in obj else "caption"
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     item = EvalItem(index=index, video=_require_str(obj, "video", where),
@@ -100,6 +114,9 @@ def parse_eval_line(obj: Any, where: str, *, task: str | None = None, index: int
             if choose_option(item.answer, options) is None:
                 raise ValueError(f"{where}: answer {item.answer!r} is not one of the options {options}")
             item.options = options
+    elif task == "grounding":
+        item.question = _require_str(obj, "question", where)
+        item.segments = _segments(obj.get("segments"), where)
     else:
         captions = obj.get("captions")
         if not (isinstance(captions, list) and captions and all(isinstance(c, str) for c in captions)):
@@ -108,6 +125,22 @@ def parse_eval_line(obj: Any, where: str, *, task: str | None = None, index: int
             _check_length(caption, "captions", where)
         item.captions = captions
     return item
+
+
+def _segments(value: Any, where: str) -> list[list[float]]:
+    """A grounding line's ``segments``: a non-empty list of ``[start, end]`` seconds, 0 <= start <= end."""
+    def is_time(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+    if not (isinstance(value, list) and 0 < len(value) <= MAX_SEGMENTS):
+        raise ValueError(f"{where}: 'segments' must be a list of 1 to {MAX_SEGMENTS} [start, end] pairs, "
+                         f"got {_short(value)}")
+    for segment in value:
+        if not (isinstance(segment, list) and len(segment) == 2 and all(map(is_time, segment))
+                and segment[0] <= segment[1]):
+            raise ValueError(f"{where}: each segment must be [start, end] seconds with 0 <= start <= end, "
+                             f"got {_short(segment)}")
+    return [[float(a), float(b)] for a, b in value]
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
@@ -143,8 +176,8 @@ def iter_eval_lines(path: str | Path, *, task: str | None = None) -> Iterator[tu
 
 def read_eval_set(path: str | Path, task: str, *, limit: int | None = None
                   ) -> tuple[list[EvalItem], list[tuple[int, str]]]:
-    """The items of a VideoQA or captioning JSONL file, and ``(line, message)`` for each line that
-    is not one (each message starts with ``FILE:LINE``): counted by the caller, never fatal."""
+    """The items of a VideoQA, captioning or grounding JSONL file, and ``(line, message)`` for each
+    line that is not one (each message starts with ``FILE:LINE``): counted by the caller, never fatal."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     path = Path(path)

@@ -1,5 +1,6 @@
-"""``videollama eval``: a model directory on a VideoQA or captioning set -> predictions.jsonl and
-metrics.json (the harness: :func:`videollama.eval.harness.evaluate`).
+"""``videollama eval``: a model directory on a VideoQA, captioning or grounding set ->
+predictions.jsonl and metrics.json (the harness: :func:`videollama.eval.harness.evaluate`). Every
+video is seen whole, under the model's own window policy.
 
 Everything that can be checked before the model is loaded is checked first, so a wrong flag or
 path costs a one-line error, not a model load.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from videollama.data.evalset import TASKS
 from videollama.eval.harness import DEFAULT_MAX_NEW_TOKENS, evaluate
+from videollama.inference.whole_video import DEFAULT_WINDOWS_PER_CHUNK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="writes predictions.jsonl and metrics.json here")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--frames", type=int, default=None,
-                        help="1: feed only the centre frame (repeated), to measure what motion adds")
+                        help="1: one frame of each video (at half its duration) in every frame of every "
+                             "window, to measure what motion adds")
+    parser.add_argument("--windows-per-chunk", type=int, default=DEFAULT_WINDOWS_PER_CHUNK,
+                        help="windows decoded and encoded at a time (memory holds one chunk of frames)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help=f"default: {DEFAULT_MAX_NEW_TOKENS['videoqa']} (videoqa), "
-                             f"{DEFAULT_MAX_NEW_TOKENS['caption']} (caption)")
+                             f"{DEFAULT_MAX_NEW_TOKENS['caption']} (caption), "
+                             f"{DEFAULT_MAX_NEW_TOKENS['grounding']} (grounding)")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves a Java start)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--allow-outside-root", action="store_true",
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if not (Path(args.model) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"eval: model directory {args.model} has no tokenizer.json (convert with "
                                 "--tokenizer, or copy the tokenizer the model was trained with into it)")
-    for name in ("batch_size", "max_new_tokens", "limit"):
+    for name in ("batch_size", "max_new_tokens", "limit", "windows_per_chunk"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -59,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     num_frames = VideoLlamaConfig.load(args.model).preprocess.num_frames  # config.json only: cheap
     if args.frames not in (None, 1, num_frames):
-        raise ValueError(f"--frames must be 1 (centre frame only) or {num_frames} (the full clip), got {args.frames}")
+        raise ValueError(f"--frames must be 1 (one frame for the whole video) or {num_frames} (every frame), "
+                         f"got {args.frames}")
     if args.task == "caption":  # the metrics' PTB tokenizer is Java, METEOR or not
         from videollama.eval.metrics import require_java
 
@@ -79,11 +86,12 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, args.task, args.data, args.video_root, args.out,
         batch_size=args.batch_size, frames=args.frames, limit=args.limit,
         max_new_tokens=args.max_new_tokens, meteor=False if args.no_meteor else None,
-        allow_outside_root=args.allow_outside_root,
+        allow_outside_root=args.allow_outside_root, windows_per_chunk=args.windows_per_chunk,
     )
     summary = {k: v for k, v in metrics.items() if k not in ("skipped_videos", "bad_lines", "data")}
     print(json.dumps(summary, indent=2))
-    print(f"wrote {args.out / 'predictions.jsonl'} and {args.out / 'metrics.json'}")
+    extra = f" and {args.out / 'niah.png'}" if "niah" in metrics else ""
+    print(f"wrote {args.out / 'predictions.jsonl'}, {args.out / 'metrics.json'}{extra}")
     if metrics["evaluated"] == 0:
         print(f"videollama: error: nothing in {args.data} could be evaluated (skipped: "
               f"{metrics['skipped_by_reason']})", file=sys.stderr)

@@ -45,6 +45,15 @@ def parse_time_range(text: str) -> tuple[float, float] | None:
     return (a, b) if a <= b else (b, a)
 
 
+def format_time_range(start: float, end: float) -> str:
+    """The answer the model is taught for a segment (Shapes-Long's wording): "from 12.0 to 16.5 seconds".
+
+    >>> parse_time_range(format_time_range(12, 16.5))
+    (12.0, 16.5)
+    """
+    return f"from {start:.1f} to {end:.1f} seconds"
+
+
 def temporal_iou(predicted: Sequence[float], segment: Sequence[float]) -> float:
     """IoU of two intervals ``(start, end)``: overlap / (sum of lengths - overlap)."""
     (p0, p1), (s0, s1) = sorted(predicted), sorted(segment)
@@ -126,6 +135,7 @@ def grounding_report(records: Sequence[Mapping], *, fields=("duration_s", "depth
 __all__ = [
     "THRESHOLDS",
     "field_key",
+    "format_time_range",
     "grounding_iou",
     "grounding_metrics",
     "grounding_report",

@@ -1,22 +1,27 @@
 """The evaluation harness: :func:`evaluate` (``videollama eval``'s command line is eval/cli.py).
 
 Reads an evaluation set (DESIGN.md section 4: a JSONL file plus a video root; the rules are
-``videollama.data.evalset``'s, the training loader's too), decodes each
-video with the model's own preprocessing spec, generates answers or captions greedily in
-left-padded batches, and writes
+``videollama.data.evalset``'s, the training loader's too), sees each video WHOLE under the
+model's own policy (``model.config.preprocess``: the windows that tile or spread over it,
+``videollama.data.windows``), decoded and encoded a chunk of windows at a time so that memory is
+bounded by latents, never by frames (``inference/whole_video.py``), generates answers or captions
+greedily in left-padded batches (the questions about one video share its latents), and writes
 
 - ``OUT/predictions.jsonl``: one line per item, in the order of the input file, with the
-  prediction, the reference(s), whether it is correct (VideoQA) and the frame timestamps the
-  model saw;
-- ``OUT/metrics.json``: accuracy overall and by kind (VideoQA) or BLEU / METEOR / ROUGE-L /
-  CIDEr (captioning), plus how many items were skipped because their video failed to load.
+  prediction, the reference(s), whether it is correct (VideoQA) or its IoU (grounding), and
+  ``timestamps``: every frame the model saw, per window (seconds from the video's start);
+- ``OUT/metrics.json``: accuracy overall, by kind and by ``duration_s`` / ``depth`` when the
+  lines carry them (VideoQA), with the needle-in-a-haystack table when needle lines carry both
+  (and ``OUT/niah.png``); R@0.3/0.5/0.7, mIoU and parse failures (grounding, by duration too);
+  BLEU / METEOR / ROUGE-L / CIDEr (captioning); how many items were skipped, by reason.
 
-``--frames 1`` feeds only the centre frame, repeated to fill the clip: the gap between that
-score and the full-clip score is what the temporal path adds.
+``--frames 1`` feeds ONE frame for the whole video (the one at half its duration) in every frame
+of every window: the gap between that score and the full score is what motion adds.
 
-The steps: :func:`read_items` (the set), :func:`group_by_video` (one decode a video), then per
-batch ``_load_batch_videos``, ``_batch_prompts``, ``_generate`` (the model), and at the end
-``_score`` (metrics.json) and ``_write_outputs``; one ``_EvalRun`` carries what they share.
+The steps: :func:`read_items` (the set), :func:`group_by_video` (one encoding a video), then per
+batch :func:`encode_batch_videos`, ``_batch_prompts``, ``_generate`` (the model), and at the end
+:func:`score` (metrics.json, eval/scoring.py) and ``_write_outputs``; one ``_EvalRun`` carries
+what they share.
 """
 
 from __future__ import annotations
@@ -32,65 +37,64 @@ from videollama.data import errors
 from videollama.data.errors import BadSample
 from videollama.data.evalset import EvalItem, read_eval_set
 from videollama.data.safe_io import resolve_inside
+from videollama.inference.whole_video import DEFAULT_WINDOWS_PER_CHUNK, EncodedVideo
 
 log = logging.getLogger(__name__)
 
-# Shapes answers are at most a few words, captions up to three clauses; both leave room for BPE.
-DEFAULT_MAX_NEW_TOKENS = {"videoqa": 16, "caption": 48}
+# Shapes answers are at most a few words, captions up to three clauses, time ranges
+# ("from 123.4 to 130.0 seconds") about a dozen tokens; all leave room for BPE.
+DEFAULT_MAX_NEW_TOKENS = {"videoqa": 16, "caption": 48, "grounding": 24}
 
 
-# ---- video loading --------------------------------------------------------------------------
+# ---- videos -----------------------------------------------------------------------------------
 @dataclass
 class LoadedVideo:
-    """A decoded clip ``frames`` [F, 3, S, S] with the timestamps (s) of the frames the model
-    sees, or the reason it could not be loaded (``frames`` is None then)."""
+    """A whole video encoded under the model's policy, or the reason it could not be loaded
+    (``encoded`` is None then)."""
 
-    frames: Any = None
-    timestamps: list[float] | None = None
+    encoded: EncodedVideo | None = None
     error: str | None = None
     reason: str | None = None  # a videollama.data.errors code, with error
 
+    @property
+    def timestamps(self) -> list[list[float]] | None:
+        """Every frame time the model saw, per window (None: the video failed to load)."""
+        return None if self.encoded is None else self.encoded.frame_times_list()
 
-def load_video(path: Path, preprocess: Any, *, single_frame: bool) -> LoadedVideo:
-    """Decode one evaluation video with the model's preprocessing spec (centred window).
 
-    With ``single_frame`` the centre frame is repeated ``num_frames`` times, so that the model
-    gets its usual input shape but no motion. Never raises for a bad video: evaluation counts
-    it and goes on.
+def load_video(path: Path, model: Any, *, single_frame: bool,
+               windows_per_chunk: int = DEFAULT_WINDOWS_PER_CHUNK) -> LoadedVideo:
+    """Decode and encode one evaluation video whole (``inference.whole_video.encode_whole_video``).
+
+    With ``single_frame`` one frame (at half the duration) fills every frame of every window, so
+    that the model gets its usual input but no motion. A bad video never raises: evaluation counts
+    it and goes on (the model's own errors do raise).
     """
-    from videollama.data import load_clip
+    from videollama.inference.whole_video import encode_whole_video
 
     try:
-        frames, timestamps = load_clip(
-            path, num_frames=preprocess.num_frames, fps=preprocess.fps, size=preprocess.size,
-            mean=preprocess.mean, std=preprocess.std, start=None, train=False,
-        )
-    except Exception as e:  # noqa: BLE001 - a broken file of any kind must not end a long evaluation
-        reason = (e.reason if isinstance(e, BadSample) else errors.MISSING_VIDEO
-                  if isinstance(e, FileNotFoundError) else errors.DECODE_ERROR)
-        return LoadedVideo(error=f"{type(e).__name__}: {e}", reason=reason)
-    timestamps = [round(float(t), 4) for t in timestamps]
-    if single_frame:
-        centre = frames.shape[0] // 2
-        frames = frames[centre : centre + 1].expand_as(frames).contiguous()  # [F, 3, S, S], all equal
-        timestamps = [timestamps[centre]]
-    return LoadedVideo(frames=frames, timestamps=timestamps)
+        encoded = encode_whole_video(model, path, single_frame=single_frame, windows_per_chunk=windows_per_chunk)
+    except BadSample as e:
+        return LoadedVideo(error=f"{type(e).__name__}: {e}", reason=e.reason)
+    except FileNotFoundError as e:
+        return LoadedVideo(error=f"{type(e).__name__}: {e}", reason=errors.MISSING_VIDEO)
+    return LoadedVideo(encoded=encoded)
 
 
-def _load_item_video(root: Path, video: str, preprocess: Any, single_frame: bool, allow_outside_root: bool
-                     ) -> LoadedVideo:
+def _load_item_video(run: _EvalRun, video: str) -> LoadedVideo:
     try:
-        path = resolve_inside(root, video, allow_outside=allow_outside_root)
+        path = resolve_inside(run.video_root, video, allow_outside=run.allow_outside_root)
     except BadSample as e:
         return LoadedVideo(error=str(e), reason=e.reason)
-    return load_video(path, preprocess, single_frame=single_frame)
+    return load_video(path, run.model, single_frame=run.single_frame, windows_per_chunk=run.windows_per_chunk)
 
 
 # ---- generation -----------------------------------------------------------------------------
 def _prompt_ids(tokenizer: Any, item: EvalItem, task: str) -> list[int]:
     from videollama.data.tokenizer import caption_prompt, encode_prompt, videoqa_prompt
 
-    prompt = videoqa_prompt(item.question, item.options) if task == "videoqa" else caption_prompt()
+    # A grounding question is asked as any question is; its answer is a time range.
+    prompt = caption_prompt() if task == "caption" else videoqa_prompt(item.question, item.options)
     return list(encode_prompt(tokenizer, prompt))
 
 
@@ -110,20 +114,22 @@ def evaluate(
     meteor: bool | None = None,
     progress: bool = True,
     allow_outside_root: bool = False,
+    windows_per_chunk: int = DEFAULT_WINDOWS_PER_CHUNK,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on a VideoQA or captioning set; write predictions and metrics.
+    """Evaluate ``model`` on a VideoQA, captioning or grounding set; write predictions and metrics.
 
     Args:
-        model: a VideoLlama (its ``config.preprocess`` decides how videos are decoded).
+        model: a VideoLlama (its ``config.preprocess`` decides how videos are windowed and decoded).
         tokenizer: the model's tokenizer (``videollama.data.tokenizer.load_tokenizer``).
-        task: "videoqa" or "caption".
+        task: "videoqa", "caption" or "grounding".
         data_path: the JSONL evaluation set; ``video_root``: folder its ``video`` paths are
             relative to (default: the JSONL file's folder).
-        out_dir: receives ``predictions.jsonl`` and ``metrics.json``.
-        frames: None for the full clip, 1 for the centre frame only (repeated).
+        out_dir: receives ``predictions.jsonl``, ``metrics.json`` (and ``niah.png``).
+        frames: None for every frame, 1 for one frame of the whole video (repeated everywhere).
         limit: evaluate only the first ``limit`` items.
         meteor: caption METEOR (a Java process); default: when Java is installed.
         allow_outside_root: let ``video`` paths leave ``video_root`` (refused by default).
+        windows_per_chunk: windows decoded and encoded at a time (memory: one chunk of frames).
     A line that is not a valid item, a video that does not load or lies outside the root, a
     question that does not fit the context: each is counted in ``skipped_by_reason`` and the
     evaluation goes on; an item of a skipped video or question is scored as wrong.
@@ -131,26 +137,29 @@ def evaluate(
         the metrics dict written to ``metrics.json``.
     """
     from videollama.eval.metrics import require_java
+    from videollama.eval.scoring import score
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     preprocess = model.config.preprocess
     if frames not in (None, 1, preprocess.num_frames):
-        raise ValueError(f"frames must be 1 (centre frame only) or {preprocess.num_frames} (the full clip)")
+        raise ValueError(f"frames must be 1 (one frame for the whole video) or {preprocess.num_frames} (every frame)")
     if task == "caption":
         require_java()  # before hours of generation, not after: the metrics' PTB tokenizer is Java
     data_path = Path(data_path)
     run = _EvalRun(model=model, tokenizer=tokenizer, task=task,
                    video_root=Path(video_root) if video_root is not None else data_path.parent,
-                   single_frame=frames == 1, allow_outside_root=allow_outside_root)
+                   single_frame=frames == 1, allow_outside_root=allow_outside_root,
+                   windows_per_chunk=windows_per_chunk)
     items, bad_lines = read_items(data_path, task, limit=limit)
     run.max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").unlink(missing_ok=True)  # an earlier run's, which would read as this one's
+    for stale in ("metrics.json", "niah.png"):  # an earlier run's, which would read as this one's
+        (out_dir / stale).unlink(missing_ok=True)
     model.eval()
     _predict(run, items, batch_size, out_dir, progress=progress)
-    metrics = _score(run, items, bad_lines, str(data_path), meteor=meteor)
+    metrics = score(run, items, bad_lines, str(data_path), out_dir, meteor=meteor)
     _write_outputs(out_dir, items, run.records, metrics)
     return metrics
 
@@ -166,6 +175,7 @@ class _EvalRun:
     video_root: Path
     single_frame: bool
     allow_outside_root: bool
+    windows_per_chunk: int = DEFAULT_WINDOWS_PER_CHUNK
     max_new_tokens: int = 0
     records: dict[int, dict] = field(default_factory=dict)
     skipped: dict[int, tuple[str, str]] = field(default_factory=dict)  # (reason, message)
@@ -182,7 +192,7 @@ def read_items(data_path: Path, task: str, *, limit: int | None = None
 
 def group_by_video(items: list[EvalItem]) -> list[EvalItem]:
     """Questions about the same video become neighbours (in the order each video first appears,
-    then the file's), so that a video is decoded once even when its questions are spread out."""
+    then the file's), so that a video is encoded once even when its questions are spread out."""
     first_seen: dict[str, int] = {}
     for item in items:
         first_seen.setdefault(item.video, item.index)
@@ -202,7 +212,7 @@ def _predict(run: _EvalRun, items: list[EvalItem], batch_size: int, out_dir: Pat
     try:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            loaded = _load_batch_videos(run, batch, loaded)
+            loaded = encode_batch_videos(run, batch, loaded)
             ready, prompts = _batch_prompts(run, batch)
             texts = _generate(run, ready, prompts, loaded)
             for it in batch:
@@ -219,15 +229,15 @@ def _predict(run: _EvalRun, items: list[EvalItem], batch_size: int, out_dir: Pat
         partial.close()
 
 
-def _load_batch_videos(run: _EvalRun, batch: list[EvalItem], loaded: dict[str, LoadedVideo]
-                       ) -> dict[str, LoadedVideo]:
-    """The batch's videos by path: kept from the previous batch or decoded now. The items of a
-    video that failed to load are marked skipped."""
+def encode_batch_videos(run: _EvalRun, batch: list[EvalItem], loaded: dict[str, LoadedVideo]
+                        ) -> dict[str, LoadedVideo]:
+    """The batch's videos by path, each encoded whole: kept from the previous batch (only the last
+    video of a batch can continue into the next, since grouping keeps a video's questions together)
+    or encoded now. The items of a video that failed to load are marked skipped."""
     loaded = {v: loaded[v] for v in {it.video for it in batch} if v in loaded}
     for item in batch:
         if item.video not in loaded:
-            loaded[item.video] = _load_item_video(run.video_root, item.video, run.model.config.preprocess,
-                                                  run.single_frame, run.allow_outside_root)
+            loaded[item.video] = _load_item_video(run, item.video)
         video = loaded[item.video]
         if video.error is not None:
             run.skipped[item.index] = (video.reason, video.error)
@@ -254,20 +264,26 @@ def _batch_prompts(run: _EvalRun, batch: list[EvalItem]) -> tuple[list[EvalItem]
 
 def _generate(run: _EvalRun, ready: list[EvalItem], prompts: list[list[int]],
               loaded: dict[str, LoadedVideo]) -> dict[int, str]:
-    """Generated text by item index for the ready items, each distinct video encoded once."""
+    """Generated text by item index for the ready items; each distinct video's latents are read
+    by all of its questions (shared by index, not copied per question)."""
     if not ready:
         return {}
     distinct = list(dict.fromkeys(it.video for it in ready))
     from videollama.inference.generate import generate_batch
 
-    generated = generate_batch(run.model, run.tokenizer, prompts, [loaded[v].frames for v in distinct],
-                                [distinct.index(it.video) for it in ready], max_new_tokens=run.max_new_tokens)
+    generated = generate_batch(run.model, run.tokenizer, prompts, [loaded[v].encoded for v in distinct],
+                               [distinct.index(it.video) for it in ready], max_new_tokens=run.max_new_tokens)
     return {it.index: text for it, text in zip(ready, generated)}
 
 
-def _record(it: EvalItem, task: str, prediction: str, timestamps: list[float] | None,
+# Line fields the scores group by (eval/long_video.py, eval/grounding.py): copied into predictions.
+_GROUP_FIELDS = ("duration_s", "depth")
+
+
+def _record(it: EvalItem, task: str, prediction: str, timestamps: list[list[float]] | None,
             skip: tuple[str, str] | None) -> dict:
     """One line of predictions.jsonl: the item, its prediction and, for a skipped item, why."""
+    from videollama.eval.grounding import grounding_iou
     from videollama.eval.metrics import is_correct
 
     if task == "videoqa":
@@ -275,48 +291,16 @@ def _record(it: EvalItem, task: str, prediction: str, timestamps: list[float] | 
                "kind": it.kind, "correct": skip is None and is_correct(prediction, it.answer, it.options)}
         if it.options is not None:
             rec["options"] = it.options
+    elif task == "grounding":
+        rec = {"video": it.video, "question": it.question, "prediction": prediction, "segments": it.segments,
+               "iou": grounding_iou(prediction, it.segments)}  # None: the answer holds no time range
     else:
         rec = {"video": it.video, "references": it.captions, "prediction": prediction}
-    rec["timestamps"] = timestamps  # None: the video failed to load
+    rec.update({k: it.extra[k] for k in _GROUP_FIELDS if k in it.extra})
+    rec["timestamps"] = timestamps  # per window, every frame's time; None: the video failed to load
     if skip is not None:
         rec["error"], rec["skip_reason"] = skip[1], skip[0]
     return rec
-
-
-def _score(run: _EvalRun, items: list[EvalItem], bad_lines: list[tuple[int, str]], data: str, *,
-           meteor: bool | None) -> dict[str, Any]:
-    """metrics.json: what was evaluated and skipped (by reason), then accuracy (VideoQA) or the
-    caption metrics over every item (a skipped one scored as wrong)."""
-    from videollama.eval.metrics import caption_scores, videoqa_accuracy
-
-    preprocess = run.model.config.preprocess
-    skipped = run.skipped
-    preds = [run.records[it.index]["prediction"] for it in items]
-    by_reason: dict[str, int] = {}
-    for reason, _ in [*skipped.values(), *((errors.INVALID_LINE, m) for _, m in bad_lines)]:
-        by_reason[reason] = by_reason.get(reason, 0) + 1
-    metrics: dict[str, Any] = {
-        "task": run.task,
-        "data": data,
-        "model": getattr(run.model.config, "name", None),
-        "n": len(items),  # items read; a skipped one is scored as wrong
-        "evaluated": len(items) - len(skipped),
-        "skipped": len(skipped) + len(bad_lines),  # items and lines that could not be evaluated
-        "skipped_by_reason": dict(sorted(by_reason.items())),
-        "skipped_videos": {items[i].video: m for i, (r, m) in sorted(skipped.items()) if r != errors.PROMPT_TOO_LONG},
-        "bad_lines": [{"line": n, "error": m} for n, m in bad_lines[:100]],
-        "frames": 1 if run.single_frame else preprocess.num_frames,
-        "num_frames": preprocess.num_frames,
-        "fps": preprocess.fps,
-        "max_new_tokens": run.max_new_tokens,
-    }
-    if items and run.task == "videoqa":
-        metrics.update(videoqa_accuracy(preds, [it.answer for it in items], [it.kind for it in items],
-                                        options=[it.options for it in items]))
-    elif items:
-        # A skipped video's caption is empty: it matches nothing, as a wrong caption would.
-        metrics.update(caption_scores(preds, [it.captions for it in items], meteor=meteor))
-    return metrics
 
 
 def _write_outputs(out_dir: Path, items: list[EvalItem], records: dict[int, dict], metrics: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """The log-likelihood of a continuation given a prompt and a video: multiple choice by option likelihood.
 
 One teacher-forced forward pass scores a batch of ``(prompt, continuation)`` rows about a few
-videos; each video's visual latents are computed once (by the caller, :func:`encode_videos`) and
-shared by every row about it. A row's score is the SUM of the log-probabilities of its
+videos; each video's visual latents are computed once (by the caller: :func:`encode_videos` for
+clips, ``inference.whole_video.encode_whole_video`` for whole videos) and shared by every row
+about it. A row's score is the SUM of the log-probabilities of its
 continuation tokens, each given the prompt and the continuation tokens before it (no EOS is
 added: the continuation is scored as given); the token count comes with it, so that a caller may
 take the mean instead.
@@ -39,11 +40,14 @@ def encode_videos(model: Any, videos: list[torch.Tensor]) -> torch.Tensor:
 
 
 def score_continuations(model: Any, prompts: list[list[int]], continuations: list[list[int]],
-                        latents: torch.Tensor | None, video_index: list[int]) -> list[ContinuationScore]:
+                        latents: torch.Tensor | None, video_index: list[int], *,
+                        visual_mask: torch.Tensor | None = None) -> list[ContinuationScore]:
     """Score B rows in one left-padded forward pass.
 
     prompts: B token lists (BOS included); continuations: B non-empty token lists; latents: U
-    videos' visual latents [U, L, D_v] (None: text only); video_index: for each row, which video.
+    videos' visual latents [U, L, D_v] (None: text only), with ``visual_mask`` [U, L] for whole
+    videos padded to the longest (``inference.whole_video.pad_videos``); video_index: for each row,
+    which video (the rows of a video read its latents, never copied per row).
     Raises ValueError when a row does not fit the model's context (``max_seq_len``).
     """
     from videollama.inference.generate import left_pad
@@ -60,11 +64,9 @@ def score_continuations(model: Any, prompts: list[list[int]], continuations: lis
     input_ids, attention_mask = left_pad(rows, dec.pad_token_id)  # [B, T] each
     param = next(model.parameters())
     with torch.inference_mode():
-        row_latents = None
-        if latents is not None:
-            row_latents = latents[torch.tensor(video_index, device=latents.device)]  # [B, L, D_v]
+        index = None if latents is None else torch.tensor(video_index, device=latents.device)  # [B]
         logits = model(input_ids.to(param.device), attention_mask=attention_mask.to(param.device),
-                       visual_latents=row_latents).logits  # [B, T, V]
+                       visual_latents=latents, visual_mask=visual_mask, video_index=index).logits  # [B, T, V]
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     width = input_ids.shape[1]
     scores = []

@@ -13,8 +13,9 @@ lmms-eval reads at start-up: no fork or patch of lmms-eval. ``--model_args``:
 ``--batch_size N`` is the number of prompts (or scored options) per forward pass.
 
 Everything a request carries is answered the way ``videollama eval`` answers it: each video is
-decoded with the model directory's own preprocessing spec, decoded and encoded once however many
-requests ask about it (requests are grouped by video, and batched in the harness's order, so the
+seen whole under the model directory's own window policy
+(``inference.whole_video.encode_whole_video``), decoded and encoded once however many requests ask
+about it (requests are grouped by video, and batched in the harness's order, so the
 batches are the harness's batches), the task's text becomes our VideoQA prompt
 (``videoqa_prompt``), and answers come from the same greedy generation and the same text
 post-processing. A video that fails to load answers "" (scored wrong, as the harness scores a
@@ -35,7 +36,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from lmms_eval.api.model import lmms
@@ -105,9 +106,8 @@ class VideoLlamaLmms(lmms):
 
     def loglikelihood(self, requests: list) -> list:
         """Per request ``(minus the log-likelihood, is_greedy)``, as lmms-eval 0.7 can take it (see ``_as_response``)."""
-        import torch
-
         from videollama.eval.likelihood import score_continuations
+        from videollama.inference.whole_video import pad_videos
 
         works = [self._work(i, req, generation=False) for i, req in enumerate(requests)]
         # A video that did not load, or a row that does not fit the context: the worst score.
@@ -120,9 +120,9 @@ class VideoLlamaLmms(lmms):
             if not ready:
                 continue
             distinct = list(dict.fromkeys(w.video for w in ready))
-            stacked = torch.stack([latents[v] for v in distinct])  # [U, L, D_v]
+            stacked, mask = pad_videos([latents[v] for v in distinct])  # [U, L_max, D_v], [U, L_max] or None
             scores = score_continuations(self.model, [w.prompt for w in ready], [w.payload for w in ready],
-                                         stacked, [distinct.index(w.video) for w in ready])
+                                         stacked, [distinct.index(w.video) for w in ready], visual_mask=mask)
             for w, s in zip(ready, scores):
                 value = s.logprob if self.reduction == "sum" else s.logprob / s.num_tokens
                 results[w.position] = (-value, s.greedy)
@@ -173,20 +173,19 @@ class VideoLlamaLmms(lmms):
                 yield batch, latents
 
     def _encode(self, paths: list[str]) -> dict[str, Any]:
-        """Decode with the model directory's preprocessing spec, encode the ones that loaded together."""
-        from videollama.data import load_clip
-        from videollama.eval.likelihood import encode_videos
+        """Each video whole under the model directory's policy (an ``EncodedVideo``), or None when
+        it does not load (``encode_whole_video`` says so with BadSample or FileNotFoundError)."""
+        from videollama.data.errors import BadSample
+        from videollama.inference.whole_video import encode_whole_video
 
-        frames, out = {}, {}
+        out = {}
         for path in paths:
             try:
-                frames[path], _ = load_clip(path, **asdict(self.model.config.preprocess))
-            except Exception as e:  # noqa: BLE001 - a broken file of any kind must not end a long evaluation
+                out[path] = encode_whole_video(self.model, path)
+            except (BadSample, FileNotFoundError) as e:
                 log.warning("videollama: %s did not load, its requests are answered as wrong: %s: %s",
                             path, type(e).__name__, e)
                 out[path] = None
-        if frames:
-            out.update(zip(frames, encode_videos(self.model, list(frames.values()))))
         return out
 
     def _fits(self, w: _Work, room: int) -> bool:
@@ -199,11 +198,13 @@ class VideoLlamaLmms(lmms):
         return False
 
     # ---- generation -------------------------------------------------------------------------
-    def _generate(self, prompts: list[list[int]], row_latents: list[Any], gen_kwargs: dict) -> list[str]:
-        """Greedy (unless the task asks to sample) in one left-padded batch, decoded as the harness decodes."""
+    def _generate(self, prompts: list[list[int]], row_videos: list[Any], gen_kwargs: dict) -> list[str]:
+        """Greedy (unless the task asks to sample) in one left-padded batch, decoded as the harness
+        decodes; the rows about one video share its latents (``row_videos``: each row's EncodedVideo)."""
         import torch
 
         from videollama.inference.generate import answer_text, generate, left_pad  # generation, imported once
+        from videollama.inference.whole_video import pad_videos
 
         dec = self.model.config.decoder
         input_ids, attention_mask = left_pad(prompts, dec.pad_token_id)  # [B, T] each
@@ -211,12 +212,15 @@ class VideoLlamaLmms(lmms):
         budget = dec.max_seq_len - input_ids.shape[1]  # the prompt plus new tokens must fit max_seq_len
         sample = bool(gen_kwargs.get("do_sample")) and float(gen_kwargs.get("temperature") or 0.0) > 0
         device = next(self.model.parameters()).device
+        distinct = list({id(v): v for v in row_videos}.values())
+        latents, mask = pad_videos(distinct)  # [U, L_max, D_v], [U, L_max] or None
+        index = torch.tensor([next(i for i, v in enumerate(distinct) if v is row) for row in row_videos])
         new_tokens = generate(
             self.model, input_ids.to(device), max_new_tokens=min(max_new, budget),
             temperature=float(gen_kwargs["temperature"]) if sample else 0.0,
             top_p=float(gen_kwargs.get("top_p") or 1.0) if sample else 1.0,
             eos_token_id=dec.eos_token_id, attention_mask=attention_mask.to(device),
-            visual_latents=torch.stack(row_latents),  # [B, L, D_v]
+            visual_latents=latents, visual_mask=mask, video_index=index.to(latents.device),
         )  # [B, T_new]
         return [answer_text(self.tokenizer, row, eos_id=dec.eos_token_id, pad_id=dec.pad_token_id)
                 for row in new_tokens.tolist()]

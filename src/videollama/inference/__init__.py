@@ -3,7 +3,8 @@ and int8 weights.
 
 load.py (``load_for_inference`` and the ``--model/--adapter/--quantize`` options every inference
 command shares), generate.py (prefill, the static-shape decode step and its compiled form,
-sampling, ``generate``, ``generate_batch``), batch.py (``BatchDecoder``: requests join and leave a
-running decode), quantize.py (weight-only int8/int4, the fused ``Int8Linear``), cli.py (the
-``videollama generate`` command).
+sampling, ``generate``, ``generate_batch``), whole_video.py (``encode_whole_video``: a whole
+video under the model's window policy -> its latents, a chunk of windows at a time), batch.py
+(``BatchDecoder``: requests join and leave a running decode), quantize.py (weight-only
+int8/int4, the fused ``Int8Linear``), cli.py (the ``videollama generate`` command).
 """

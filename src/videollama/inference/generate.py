@@ -7,20 +7,22 @@ mask, per-row write positions as a tensor), so ``torch.compile`` compiles it onc
 (:func:`compiled_decode_step`). The visual latents and every cross-attention block's
 keys/values are computed once per video, before the prompt. Greedy when ``temperature == 0``,
 else temperature + nucleus sampling. :func:`generate` decodes a batch of prompts;
-:func:`generate_batch` turns token prompts about a few clips into text (evaluation and
-curation's captioner); :class:`~videollama.inference.batch.BatchDecoder` runs the same step for
+:func:`generate_batch` turns token prompts about a few videos into text (evaluation's whole
+videos, curation's captioner's clips); :class:`~videollama.inference.batch.BatchDecoder` runs the same step for
 requests that join and leave (serving).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from videollama.inference.whole_video import EncodedVideo, pad_videos
 from videollama.model.decoder import KVCache, Media
-from videollama.model.videollama import VideoLlama, positions_from_mask
+from videollama.model.videollama import VideoLlama, Windows, positions_from_mask
 
 
 def prefill(model: VideoLlama, input_ids: torch.Tensor, *, attention_mask: torch.Tensor,
@@ -102,11 +104,14 @@ def generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.Tensor | N
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None,
-             visual_latents: torch.Tensor | None = None, compile: bool = False) -> torch.Tensor:
+             visual_latents: torch.Tensor | None = None, compile: bool = False, windows: Windows | None = None,
+             visual_mask: torch.Tensor | None = None, video_index: torch.Tensor | None = None) -> torch.Tensor:
     """New tokens [B, T_new] (T_new <= max_new_tokens) after prompts input_ids [B, T].
 
-    video: [B, F, 3, H, W] or None; visual_latents: [B, L, D_v] instead of video (to ask one
-    video several questions without re-encoding it); attention_mask: [B, T] with 1 for real
+    video: [B, F, 3, H, W] (one clip per row) or, with ``windows``, the windows [N, F, 3, H, W]
+    of whole videos, or None; visual_latents: [V, L, D_v] (and visual_mask [V, L]) instead of
+    video (to ask one video several questions without re-encoding it); video_index: [B], the
+    video each row reads (None: row b reads video b); attention_mask: [B, T] with 1 for real
     tokens, prompts LEFT-padded. A row that has emitted eos_token_id emits the pad id after;
     generation stops early once every row has. compile: run the fixed-shape
     :func:`decode_step` through ``torch.compile`` (the first call compiles).
@@ -128,9 +133,11 @@ def generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.Tensor | N
         raise ValueError("prompts must be LEFT-padded: every row's last token must be real")
     attention_mask = attention_mask.to(input_ids.device).long()
 
-    latents = model.visual_context(input_ids, video, visual_latents)
+    latents, latent_mask = model.visual_context(input_ids, video, visual_latents, video_index, windows=windows,
+                                                visual_mask=visual_mask)
     # Every cross-attention block's keys/values, once per video rather than once per token.
-    media = Media.projected(model.decoder, latents) if latents is not None else None
+    media = (Media.projected(model.decoder, latents, index=video_index, key_mask=latent_mask)
+             if latents is not None else None)
     max_len = t + max_new_tokens
     if compile:  # a cache length rounded up to 64 slots: other lengths reuse the compiled step
         max_len = min(-(-max_len // 64) * 64, max(model.config.decoder.max_seq_len, max_len))
@@ -163,7 +170,7 @@ def generate(model: VideoLlama, input_ids: torch.Tensor, video: torch.Tensor | N
     return torch.stack(new_tokens, dim=1)
 
 
-# ---- token prompts about a few clips -> text (evaluation, curation's captioner) -----------------
+# ---- token prompts about a few videos -> text (evaluation, curation's captioner) ----------------
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> ``input_ids`` [B, T] left-padded with ``pad_id`` and ``attention_mask`` [B, T]."""
@@ -184,12 +191,17 @@ def answer_text(tokenizer: Any, ids: list[int], *, eos_id: int, pad_id: int) -> 
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def generate_batch(model: VideoLlama, tokenizer: Any, prompts: list[list[int]], videos: list[torch.Tensor],
-                   video_index: list[int], *, max_new_tokens: int) -> list[str]:
-    """Greedy generation for one batch of B prompts about U distinct videos.
+def generate_batch(model: VideoLlama, tokenizer: Any, prompts: list[list[int]],
+                   videos: Sequence[torch.Tensor] | Sequence[EncodedVideo], video_index: list[int], *,
+                   max_new_tokens: int) -> list[str]:
+    """Greedy generation for one batch of B prompts about U distinct videos; returns B strings.
 
-    ``videos``: U clips [F, 3, S, S]; ``video_index``: for each prompt, which clip. Each clip
-    is encoded once into visual latents, however many questions ask about it. Returns B strings.
+    ``videos``: U clips [F, 3, S, S], each one window at time 0, encoded here once (curation's
+    captioner, short clips); or U whole videos already encoded
+    (:func:`~videollama.inference.whole_video.encode_whole_video`), padded to the longest with a
+    key mask. ``video_index``: for each prompt, which video. Whole videos are shared by index:
+    the questions about one video read its latents and cross-attention keys/values once, with no
+    per-row copies.
     """
     dec = model.config.decoder
     input_ids, attention_mask = left_pad(prompts, dec.pad_token_id)
@@ -197,15 +209,21 @@ def generate_batch(model: VideoLlama, tokenizer: Any, prompts: list[list[int]], 
     budget = dec.max_seq_len - input_ids.shape[1]
     if budget < 1:
         raise ValueError(f"prompt of {input_ids.shape[1]} tokens leaves no room in max_seq_len={dec.max_seq_len}")
+    if len(video_index) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(video_index)} video indices")
     param = next(model.parameters())
     with torch.inference_mode():
-        video = torch.stack(videos).to(device=param.device, dtype=param.dtype)  # [U, F, 3, S, S]
-        latents = model.encode_video(video)  # [U, L, D_v]
-        latents = latents[torch.tensor(video_index, device=latents.device)]  # [B, L, D_v]
+        if videos and isinstance(videos[0], EncodedVideo):
+            latents, mask = pad_videos(list(videos))  # [U, L_max, D_v], [U, L_max] or None
+            visual = {"visual_latents": latents, "visual_mask": mask,
+                      "video_index": torch.tensor(video_index, device=latents.device)}
+        else:
+            video = torch.stack(list(videos)).to(device=param.device, dtype=param.dtype)  # [U, F, 3, S, S]
+            latents = model.encode_video(video)  # [U, L, D_v]
+            visual = {"visual_latents": latents[torch.tensor(video_index, device=latents.device)]}  # [B, L, D_v]
         new_tokens = generate(
             model, input_ids.to(param.device), max_new_tokens=min(max_new_tokens, budget), temperature=0.0,
-            eos_token_id=dec.eos_token_id, attention_mask=attention_mask.to(param.device),
-            visual_latents=latents,
+            eos_token_id=dec.eos_token_id, attention_mask=attention_mask.to(param.device), **visual,
         )  # [B, T_new]
     return [answer_text(tokenizer, row, eos_id=dec.eos_token_id, pad_id=dec.pad_token_id)
             for row in new_tokens.tolist()]

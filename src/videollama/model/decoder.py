@@ -23,7 +23,7 @@ from torch import nn
 
 from videollama.config import DecoderConfig
 from videollama.model.layers import RMSNorm, SwiGLU, apply_rotary, rotary_cos_sin
-from videollama.model.resampler import GatedCrossAttentionBlock
+from videollama.model.resampler import GatedCrossAttentionBlock, MediaTime
 
 
 @dataclass
@@ -164,26 +164,31 @@ class Media:
     rows about one clip share its latents). ``rows`` bool [B]: only the rows marked True read a
     video, every other row passes each cross-attention block unchanged, exactly as with no media
     (continuous batching mixes rows with and without a video in one step); None: every row.
+    ``key_mask`` bool [V, L]: True at each video's real latents, when videos of different lengths
+    (numbers of windows) are padded to the longest; None: every latent is real.
     """
 
     latents: torch.Tensor | None = None
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     index: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.latents is None) == (self.kv is None):
             raise ValueError("Media holds either the visual latents or their projected keys/values")
 
     @classmethod
-    def from_latents(cls, latents: torch.Tensor, *, index: torch.Tensor | None = None) -> Media:
+    def from_latents(cls, latents: torch.Tensor, *, index: torch.Tensor | None = None,
+                     key_mask: torch.Tensor | None = None) -> Media:
         """The latents [V, L, D_v] themselves, projected inside each block (training)."""
-        return cls(latents=latents, index=index)
+        return cls(latents=latents, index=index, key_mask=key_mask)
 
     @classmethod
-    def projected(cls, decoder: Decoder, latents: torch.Tensor, *, index: torch.Tensor | None = None) -> Media:
+    def projected(cls, decoder: Decoder, latents: torch.Tensor, *, index: torch.Tensor | None = None,
+                  key_mask: torch.Tensor | None = None) -> Media:
         """Every cross-attention block's keys/values of latents [V, L, D_v], projected now, once."""
-        return cls(kv=decoder.project_media(latents), index=index)
+        return cls(kv=decoder.project_media(latents), index=index, key_mask=key_mask)
 
     def for_block(self, k: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """What cross-attention block ``k`` reads: the latents, or its own (k, v)."""
@@ -210,6 +215,8 @@ class Decoder(nn.Module):
                                      gate_init=config.cross_attn_gate_init)
             for _ in range(num_cross))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Absolute time on every visual latent (zero at first: a model without it is unchanged).
+        self.media_time = MediaTime(media_dim, config.media_time_periods)
 
     def project_media(self, latents: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """latents: [B, L, D_v] -> per cross-attention block, its (k, v), each [B, H, L, hd].
@@ -254,7 +261,8 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             if media is not None and every > 0 and i % every == 0:
                 k = i // every
-                crossed = self.cross_attn_layers[k](x, media.for_block(k), media_index=media.index)
+                crossed = self.cross_attn_layers[k](x, media.for_block(k), media_index=media.index,
+                                                    key_mask=media.key_mask)
                 x = crossed if media.rows is None else torch.where(media.rows[:, None, None], crossed, x)
             cache = kv_caches[i] if kv_caches is not None else None
             x = layer(x, cos, sin, mask=mask, cache=cache, slots=slots)

@@ -7,7 +7,8 @@ Parts (each parameter belongs to exactly one):
     temporal     what we add for time: temporal attention blocks, temporal embedding, frame difference
     resampler    the Perceiver resampler (or, with num_latents 0, only its time embedding)
     decoder      the Llama blocks and the final norm
-    cross_attn   the gated cross-attention blocks
+    cross_attn   the gated cross-attention blocks, and the time stamps of the latents they read
+                 (``decoder.media_time``)
     embeddings   the token embedding and the output head
 
 The vision side is ``vision + temporal + resampler``, the decoder side the other three. Recipes
@@ -42,13 +43,18 @@ def part_of(name: str) -> str:
         return "vision" if name[len("vision."):].startswith(CLIP_MODULES) else "temporal"
     if name.startswith("resampler."):
         return "resampler"
-    if name.startswith("decoder.cross_attn_layers."):
+    if name.startswith(("decoder.cross_attn_layers.", "decoder.media_time.")):
         return "cross_attn"
     if name.startswith(("decoder.embed_tokens.", "lm_head.")):
         return "embeddings"
     if name.startswith("decoder."):
         return "decoder"
     raise ValueError(f"parameter {name!r} belongs to no known part")
+
+
+# Parameters a model directory written before they existed lacks: such a directory loads with
+# them at their initial value, zero, which leaves what the model computes unchanged.
+ADDED_ZERO_INIT = ("decoder.media_time.proj.weight",)
 
 
 def check_names(names: list[str], allowed: tuple[str, ...], what: str, noun: str = "") -> None:

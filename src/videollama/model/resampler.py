@@ -10,6 +10,8 @@ attends to 64 latents, which is what keeps cross-modal attention cheap at infere
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -121,17 +123,20 @@ class CrossAttention(nn.Module):
         return k, v
 
     def forward(self, x: torch.Tensor, media_kv: tuple[torch.Tensor, torch.Tensor],
-                media_index: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, D] -> [B, T, D]. Every text position sees every latent: no mask.
+                media_index: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]. Every text position sees every latent of its video.
 
         media_kv: (k, v), each [B, H, L, hd]; or [V, H, L, hd] with ``media_index`` [B] saying
         which video row b reads. Since no text position attends to another here, the rows of
         one video are laid end to end as one query sequence against that video's keys: the
         keys and values are never copied per row (for a clip with ten questions and hundreds of
-        latents, the copies cost more than the attention)."""
+        latents, the copies cost more than the attention). key_mask: bool [B or V, L], True at
+        the real latents of a video whose windows are padded to the batch's longest (None: all real).
+        """
+        mask = key_mask[:, None, None, :] if key_mask is not None else None  # [V, 1, 1, L]
         if media_index is None:
             q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.num_heads)
-            out = F.scaled_dot_product_attention(q, *media_kv)  # [B, H, T, hd]
+            out = F.scaled_dot_product_attention(q, *media_kv, attn_mask=mask)  # [B, H, T, hd]
             return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
         b, t, _ = x.shape
         videos = media_kv[0].shape[0]
@@ -142,9 +147,44 @@ class CrossAttention(nn.Module):
         grouped = x.new_zeros(videos, per_video, t, x.shape[-1])
         grouped[media_index, slot] = x  # [V, S, T, D]; empty slots stay zero and are dropped below
         q = rearrange(self.q_proj(grouped), "v s t (h d) -> v h (s t) d", h=self.num_heads)
-        out = F.scaled_dot_product_attention(q, *media_kv)  # [V, H, S*T, hd]
+        out = F.scaled_dot_product_attention(q, *media_kv, attn_mask=mask)  # [V, H, S*T, hd]
         out = rearrange(out, "v h (s t) d -> v s t (h d)", t=t)[media_index, slot]  # [B, T, H*hd]
         return self.o_proj(out)
+
+
+class MediaTime(nn.Module):
+    """Stamps visual latents with their absolute time: latents + W [sin(2 pi t / P), cos(2 pi t / P)]_P.
+
+    ``t`` is seconds from the start of the video, per group of latents (a frame's tokens, or a
+    window's resampled latents). Not a table indexed by window number: every time has a code,
+    and with periods 1, 10, 100, 1000 s each decimal digit of t is one phase pair, so a time never
+    seen in training reads as the digits it has. W starts at zero, so a fresh (or loaded older)
+    model computes exactly what it computed without it, as the tanh gates do.
+    """
+
+    def __init__(self, dim: int, periods: tuple[float, ...]) -> None:
+        super().__init__()
+        # A plain tuple, not a buffer: a meta-device build allocated with to_empty must not lose it.
+        self.frequencies = tuple(2 * math.pi / p for p in periods)
+        self.proj = nn.Linear(2 * len(periods), dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, latents: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """latents: [W, L, D]; times: [W, G] seconds with L a multiple of G (group g is latents
+        g*L/G .. (g+1)*L/G - 1) -> [W, L, D]."""
+        w, length, d = latents.shape
+        groups = times.shape[1]
+        if times.shape[0] != w or length % groups:
+            raise ValueError(f"times {tuple(times.shape)} do not group latents {tuple(latents.shape)}")
+        # float64 phases: 2 pi t / 1 s at t = 3600 s keeps its fractional part exact to 1e-12.
+        frequencies = torch.tensor(self.frequencies, dtype=torch.float64, device=times.device)
+        phase = times.to(torch.float64)[..., None] * frequencies  # [W, G, P]
+        features = torch.cat([phase.sin(), phase.cos()], dim=-1).to(latents.dtype)  # [W, G, 2P]
+        code = self.proj(features)  # [W, G, D]
+        return (latents.view(w, groups, length // groups, d) + code[:, :, None, :]).view(w, length, d)
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -173,11 +213,12 @@ class GatedCrossAttentionBlock(nn.Module):
         return self.attn.project_media(latents)
 
     def forward(self, x: torch.Tensor, media: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                media_index: torch.Tensor | None = None) -> torch.Tensor:
+                media_index: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, D] -> [B, T, D]. media: the latents [B, L, D_v] (training: projected here, inside
         this forward, where FSDP has the weights gathered) or their (k, v) from :meth:`project_media`
         (generation: projected once per video). media_index: [B], optional: row b reads video
-        ``media_index[b]`` of latents [V, L, D_v], projected once per video and then gathered."""
+        ``media_index[b]`` of latents [V, L, D_v], projected once per video and then gathered;
+        key_mask: bool [V, L] or None, the real latents of each video (CrossAttention.forward)."""
         media_kv = self.project_media(media) if isinstance(media, torch.Tensor) else media
-        x = x + torch.tanh(self.attn_gate) * self.attn(self.attn_norm(x), media_kv, media_index)
+        x = x + torch.tanh(self.attn_gate) * self.attn(self.attn_norm(x), media_kv, media_index, key_mask)
         return x + torch.tanh(self.ff_gate) * self.ff(self.ff_norm(x))

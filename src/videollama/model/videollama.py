@@ -23,7 +23,7 @@ from torch import nn
 from videollama.config import VideoLlamaConfig
 from videollama.constants import IGNORE_INDEX
 from videollama.model.decoder import Decoder, KVCache, Media
-from videollama.model.parts import check_layout
+from videollama.model.parts import ADDED_ZERO_INIT, check_layout
 from videollama.model.resampler import PerceiverResampler
 from videollama.model.vision import VisionEncoder
 
@@ -32,6 +32,25 @@ PREPROCESSOR_NAME = "preprocessor.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_NAME = "tokenizer.json"
+
+
+@dataclass
+class Windows:
+    """Where the windows of a batch's whole videos lie in time (the rows of ``video`` [N, F, 3, H, W]).
+
+    times: [N, F] seconds, from the start of its video, of every frame of window n; video: [N]
+    long, the video (0..V-1) window n belongs to, non-decreasing (a video's windows are
+    consecutive rows, in time order). See ``videollama.data.windows`` for how they are chosen.
+    """
+
+    times: torch.Tensor
+    video: torch.Tensor
+
+    def check(self, frames: torch.Tensor) -> None:
+        n, f = frames.shape[:2]
+        if self.times.shape != (n, f) or self.video.shape != (n,):
+            raise ValueError(f"windows must give times [{n}, {f}] and video [{n}] for video {tuple(frames.shape)}, "
+                             f"got {tuple(self.times.shape)} and {tuple(self.video.shape)}")
 
 
 @dataclass
@@ -145,59 +164,116 @@ class VideoLlama(nn.Module):
             raise ValueError(f"token ids must be in [0, {d.vocab_size}), got values in [{lo}, {hi}]")
 
     # ---- forward ----------------------------------------------------------------------
-    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """video: [B, F, 3, H, W] normalised pixels -> visual latents [B, L, D_v]."""
+    def encode_video(self, video: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
+        """video: [N, F, 3, H, W] normalised pixels, N windows -> visual latents [N, L, D_v], each
+        stamped with its absolute time. times: [N, F] seconds from its video's start of every frame;
+        None: every row is a window at time 0 (a clip), frames ``1 / fps`` apart."""
+        return self.stamp(self.window_latents(video), times if times is not None else self.clip_times(video))
+
+    def window_latents(self, video: torch.Tensor) -> torch.Tensor:
+        """The vision side alone: video [N, F, 3, H, W] -> latents [N, L, D_v], not yet stamped with
+        time (what a frozen encoder's latent cache keeps: :meth:`stamp` is trained after it)."""
         self.check_video(video)
-        tokens = self.vision(video, apply_post_layernorm=True)  # [B, F, 1+N, D_v]
+        tokens = self.vision(video, apply_post_layernorm=True)  # [N, F, 1+P, D_v]
         return self.resampler(tokens)
 
+    def stamp(self, latents: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """latents [N, L, D_v] of N windows + their frames' times [N, F] -> stamped latents. Without a
+        resampler each frame's tokens get their frame's time; resampled latents their window's start."""
+        if times.dim() != 2 or times.shape[0] != latents.shape[0]:
+            raise ValueError(f"times must be [windows, frames] = [{latents.shape[0]}, F], got {tuple(times.shape)}")
+        groups = times if not self.config.resampler.num_latents else times[:, :1]
+        return self.decoder.media_time(latents, groups)
+
+    def clip_times(self, video: torch.Tensor) -> torch.Tensor:
+        """[N, F] frame times of N clips, each one window at time 0: 0, 1/fps, 2/fps, ..."""
+        n, f = video.shape[:2]
+        fps = self.config.preprocess.fps
+        return (torch.arange(f, dtype=torch.float64, device=video.device) / fps).expand(n, f)
+
+    @staticmethod
+    def gather_videos(latents: torch.Tensor, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Window latents [N, L, D] -> each video's windows end to end: [V, W_max * L, D], and the
+        key mask [V, W_max * L] (True at real latents; None when every video has W_max windows).
+        video: [N] long, non-decreasing: the video of each window (0..V-1, its windows in time order)."""
+        n, length, d = latents.shape
+        counts = torch.bincount(video)  # [V] windows per video
+        if video.shape != (n,) or bool((video[1:] < video[:-1]).any()) or bool((counts == 0).any()):
+            raise ValueError("windows must be grouped by video: video [N] non-decreasing, every video with a window")
+        most = int(counts.max())
+        slot = torch.arange(n, device=latents.device) - (counts.cumsum(0) - counts)[video]  # window's place in its video
+        out = latents.new_zeros(len(counts), most, length, d)
+        out[video, slot] = latents
+        out = out.view(len(counts), most * length, d)
+        if bool((counts == most).all()):
+            return out, None
+        mask = torch.zeros(len(counts), most, length, dtype=torch.bool, device=latents.device)
+        mask[video, slot] = True
+        return out, mask.view(len(counts), most * length)
+
     def visual_context(self, input_ids: torch.Tensor, video: torch.Tensor | None,
-                       visual_latents: torch.Tensor | None, video_index: torch.Tensor | None = None
-                       ) -> torch.Tensor | None:
-        """The checked visual latents [B, L, D_v] for this batch (encoded from video if given, one
-        row per text row when ``video_index`` maps rows to videos), or None for text only."""
+                       visual_latents: torch.Tensor | None, video_index: torch.Tensor | None = None, *,
+                       windows: Windows | None = None, visual_mask: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The checked visual latents [V, L, D_v] of this batch's videos and their key mask [V, L] (or
+        None: every latent real), or (None, None) for text only.
+
+        video: [N, F, 3, H, W]: one window per video (a clip at time 0) or, with ``windows``, the
+        windows of V whole videos; visual_latents [V, L, D_v] (with ``visual_mask``) instead of video.
+        video_index [B]: the video each text row reads (None: row b reads video b)."""
         if video is not None and visual_latents is not None:
             raise ValueError("pass either video or visual_latents, not both")
-        if video_index is not None:
-            if video is None:
-                raise ValueError("video_index needs video")
-            if video_index.shape != (input_ids.shape[0],):
-                raise ValueError(f"video_index must be [{input_ids.shape[0]}] (one entry per row of input_ids), "
-                                 f"got shape {tuple(video_index.shape)}")
-            if video.dim() == 5 and ((video_index < 0) | (video_index >= video.shape[0])).any():
-                raise ValueError(f"video_index values must be in [0, {video.shape[0]}) (the videos given)")
+        if windows is not None and video is None:
+            raise ValueError("windows describe the rows of video: pass video with them")
         if video is not None:
-            if video.dim() == 5 and video_index is None and video.shape[0] != input_ids.shape[0]:
-                raise ValueError(f"batch size mismatch: input_ids has {input_ids.shape[0]} rows, "
-                                 f"video has {video.shape[0]}")
-            visual_latents = self.encode_video(video)
+            if windows is None:
+                visual_latents, visual_mask = self.encode_video(video), None
+            else:
+                windows.check(video)
+                visual_latents, visual_mask = self.gather_videos(self.encode_video(video, windows.times),
+                                                                 windows.video)
         if visual_latents is None:
-            return None
+            if video_index is not None:
+                raise ValueError("video_index needs video or visual_latents")
+            return None, None
+        self._check_latents(input_ids, visual_latents, visual_mask, video_index)
+        return visual_latents, visual_mask
+
+    def _check_latents(self, input_ids: torch.Tensor, latents: torch.Tensor, mask: torch.Tensor | None,
+                       video_index: torch.Tensor | None) -> None:
         d_v, n_latents = self.config.vision.hidden_size, self.config.resampler.num_latents
-        tokens_per_frame = self.config.vision.num_patches + 1
-        if n_latents:
-            ok = visual_latents.dim() == 3 and tuple(visual_latents.shape[1:]) == (n_latents, d_v)
-            wanted = f"[batch, {n_latents}, {d_v}]"
-        else:  # no resampler: every token of every frame
-            ok = (visual_latents.dim() == 3 and visual_latents.shape[2] == d_v and visual_latents.shape[1] > 0
-                  and visual_latents.shape[1] % tokens_per_frame == 0)
-            wanted = f"[batch, frames x {tokens_per_frame}, {d_v}]"
+        per_window = n_latents or self.config.vision.num_patches + 1  # latents, or tokens of one frame
+        ok = (latents.dim() == 3 and latents.shape[2] == d_v and latents.shape[1] > 0
+              and latents.shape[1] % per_window == 0)
         if not ok:
-            raise ValueError(f"visual_latents must be {wanted}, got {tuple(visual_latents.shape)}")
-        if video_index is None and visual_latents.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"batch size mismatch: input_ids has {input_ids.shape[0]} rows, "
-                             f"visual_latents has {visual_latents.shape[0]}")
-        return visual_latents
+            wanted = (f"[batch, windows x {n_latents}, {d_v}]" if n_latents
+                      else f"[batch, frames x {per_window}, {d_v}]")
+            raise ValueError(f"visual_latents must be {wanted}, got {tuple(latents.shape)}")
+        if mask is not None and (mask.shape != latents.shape[:2] or mask.dtype != torch.bool):
+            raise ValueError(f"visual_mask must be bool {tuple(latents.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+        videos = latents.shape[0]
+        if video_index is None:
+            if videos != input_ids.shape[0]:
+                raise ValueError(f"batch size mismatch: input_ids has {input_ids.shape[0]} rows, "
+                                 f"the videos give {videos}")
+            return
+        if video_index.shape != (input_ids.shape[0],):
+            raise ValueError(f"video_index must be [{input_ids.shape[0]}] (one entry per row of input_ids), "
+                             f"got shape {tuple(video_index.shape)}")
+        if bool(((video_index < 0) | (video_index >= videos)).any()):
+            raise ValueError(f"video_index values must be in [0, {videos}) (the videos given)")
 
     def forward(self, input_ids: torch.Tensor, video: torch.Tensor | None = None, *,
                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                visual_latents: torch.Tensor | None = None, video_index: torch.Tensor | None = None
-                ) -> VideoLlamaOutput:
-        """input_ids: [B, T]; video: [B, F, 3, H, W] or None (text only); labels: [B, T] aligned
-        with input_ids (shifted inside, -100 ignored); attention_mask: [B, T], 1 = real token,
-        for left-padded batches; visual_latents: [B, L, D_v] from :meth:`encode_video` instead of video.
-        video_index: [B] long, optional: row b of input_ids is about video ``video_index[b]`` of
-        ``video`` [V, F, 3, H, W], so several texts about one clip share one pass of the encoder.
+                visual_latents: torch.Tensor | None = None, video_index: torch.Tensor | None = None,
+                windows: Windows | None = None, visual_mask: torch.Tensor | None = None) -> VideoLlamaOutput:
+        """input_ids: [B, T]; video: [V, F, 3, H, W] (one 4-second window per video) or None (text
+        only), or with ``windows`` the windows [N, F, 3, H, W] of V whole videos; labels: [B, T]
+        aligned with input_ids (shifted inside, -100 ignored); attention_mask: [B, T], 1 = real
+        token, for left-padded batches; visual_latents [V, L, D_v] (and visual_mask [V, L]) from
+        :meth:`encode_video` / :meth:`gather_videos` instead of video. video_index: [B] long,
+        optional: row b of input_ids is about video ``video_index[b]``, so several texts about one
+        video share one pass of the encoder.
         """
         self.check_tokens(input_ids)
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -205,13 +281,15 @@ class VideoLlama(nn.Module):
                              f"input_ids {tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}")
-        latents = self.visual_context(input_ids, video, visual_latents, video_index)
+        latents, latent_mask = self.visual_context(input_ids, video, visual_latents, video_index, windows=windows,
+                                                   visual_mask=visual_mask)
         positions = positions_from_mask(attention_mask, input_ids)
         # An all-ones mask changes nothing: drop it so attention takes the plain causal fast path.
         key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         # With video_index each video is encoded, and each cross-attention block projects its
         # latents, once; the text rows of a video then gather that video's keys and values.
-        media = Media.from_latents(latents, index=video_index) if latents is not None else None
+        media = (Media.from_latents(latents, index=video_index, key_mask=latent_mask)
+                 if latents is not None else None)
         logits = self.decode(input_ids, positions=positions, key_mask=key_mask, media=media)
         loss = lm_loss(logits, labels) if labels is not None else None
         return VideoLlamaOutput(logits=logits, loss=loss)
@@ -309,6 +387,10 @@ class VideoLlama(nn.Module):
                                          f"({directory / CONFIG_NAME}) needs {tuple(expected[name].shape)}")
                     state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
                     where[name] = file
+        for name in ADDED_ZERO_INIT:  # newer than the directory: zero changes nothing (model/parts.py)
+            if name in expected and name not in state:
+                state[name] = torch.zeros(expected[name].shape, device=device,
+                                          dtype=dtype or state["decoder.embed_tokens.weight"].dtype)
         missing = sorted(set(expected) - set(state))
         if missing:
             raise ValueError(f"{directory}: missing tensors {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
