@@ -85,6 +85,7 @@ def load_clip(
     threads: int = 1,
     max_decoded_frames: int = DEFAULT_MAX_DECODED_FRAMES,
     time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
+    max_windows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode ``num_frames`` frames at ``fps`` from a video and turn them into model input.
 
@@ -107,6 +108,10 @@ def load_clip(
             duration, the passes that find them.
         time_budget_s: wall-clock cap for this clip, opening and probing included (``None``: no
             wall-clock cap).
+        max_windows: the whole-video policy's window budget (``PreprocessConfig.max_windows``);
+            one clip is one window and does not use it. Taken so that a model's preprocessing
+            spec passes straight through (``load_clip(src, **asdict(model.config.preprocess))``);
+            ``videollama.data.windows`` reads whole videos.
 
     Returns:
         ``(frames, timestamps)``: float32 ``[num_frames, 3, size, size]`` and float64
