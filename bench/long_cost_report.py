@@ -73,19 +73,20 @@ def cost_section(result: dict, info: dict, png: str) -> str:
              "vision encoder and resampler weights.", "",
              "Time to first token: from the latents to the first new token's logits (ours: projecting the keys/values "
              "+ prefill; in-sequence: projecting the latents + prefill of latents and question), median of 3 runs "
-             "(1 for a point over half the budget). **With encoding** adds the vision side, the same for both "
+             "(fewer where a run takes over a quarter of the budget: the `runs` column). **With encoding** adds the vision side, the same for both "
              f"designs: {f'{enc:.3f} s per window' if enc else 'n/a'}, measured over "
              f"{result['encode_windows']} windows of random frames in chunks of 8, times the windows (each window is "
              "encoded alone: linear by construction). Per token: the median decode step. Peak: torch's CPU "
              "allocator (`AllocatorTrace`, from before the model is built, weights included) and the process's peak "
-             "RSS growth from after the imports. Held: what grows with the video, from the shapes (ours: k/v of "
+             "RSS growth during `generate` (over its RSS once the models and the latents exist; malloc returns "
+             "freed blocks at once, `MALLOC_MMAP_THRESHOLD_=65536`). Held: what grows with the video, from the shapes (ours: k/v of "
              f"the latents in 2 blocks; in-sequence: the KV cache in 8 layers). Budget {info['budget_s']:.0f} s per "
              "point; `(extrap.)`: the design did not finish the point within it, the value is the growth fitted on "
              "the points that ran (time to first token: quadratic in the latents for the in-sequence design, "
              "linear otherwise; memory and per-token time linear), extrapolated.", "",
-             "| video | windows | latents | design | first token from latents (s) | with encoding (s) | "
-             "per token (ms) | peak, allocator (MiB) | peak RSS growth (MiB) | held for the video (MiB) |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| video | windows | latents | design | runs | first token from latents (s) | with encoding (s) | "
+             "per token (ms) | peak, allocator (MiB) | RSS growth in generate (MiB) | held for the video (MiB) |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for i, p in enumerate(points):
         for design, name in DESIGNS.items():
             d = result["designs"][design]
@@ -94,7 +95,7 @@ def cost_section(result: dict, info: dict, png: str) -> str:
             with_enc = f"{ttft + enc * p['windows']:.2f}" if ttft is not None and enc else "n/a"
             if row is None and ttft is not None:
                 with_enc = "~" + with_enc
-            lines.append(f"| {_duration(p['seconds'])} | {p['windows']} | {n:,} | {name} | "
+            lines.append(f"| {_duration(p['seconds'])} | {p['windows']} | {n:,} | {name} | {row['runs'] if row else 0} | "
                          f"{_cell(row, fits['ttft_s'], 'ttft_s', n, 1, '.3f')} | {with_enc} | "
                          f"{_cell(row, fits['per_token_s'], 'per_token_s', n, 1000, '.1f')} | "
                          f"{_cell(row, fits['allocator_peak'], 'allocator_peak', n, 1 / MiB, '.1f')} | "
