@@ -192,6 +192,10 @@ def decoder_stages(cfg, *, clips: int, frames: int, rows: int, tokens: int, act:
             stages.append(_named(cross, f"cross_attn.{k // every}"))
             if k == 0:   # the visual latents: every cross-attention block's k_proj/v_proj saves them
                 stages[-1].shared = lat * v.hidden_size * act
+                # and the time stamp's sines and cosines [B, groups, 2P] (media_time.proj's input), a frame's
+                # group without a resampler, a window's with one
+                groups = clips * (1 if r.num_latents else frames)
+                stages[-1].internal += groups * 2 * len(c.media_time_periods) * act
         stages.append(_named(llama, f"decoder.{k}"))
     stages.append(Stage("decoder.norm", "root", input=hd, saves_input=act == F32, internal=norm_saved,
                         fwd_transient=0, no_grad=norm_peak, bwd_transient=2 * hd))

@@ -87,6 +87,11 @@ def suggestions_for(config: VideoLlamaConfig, s, est) -> list[str]:
     tokens = _largest(lambda t: verdict(with_settings(s, tokens=t))[0], 2 if s.mode != "infer" else 1, s.tokens - 1)
     if tokens:
         suggest(f"shorter text: {tokens} tokens (--seq {tokens})", with_settings(s, tokens=tokens))
+    if s.whole_video:
+        windows = _largest(lambda w: verdict(with_settings(s, windows=w))[0], 1, s.windows - 1)
+        if windows:
+            suggest(f"fewer windows: {windows} (preprocess.max_windows {windows}: the video spread over them)",
+                    with_settings(s, windows=windows))
     if s.mode in ("train", "lora") and not any(fitting):   # no single change is enough: several together
         for batch in sorted({s.micro_batch, 1}, reverse=True):
             both = with_settings(s, checkpointing=BLOCK_TYPES, precision="bf16", micro_batch=batch)

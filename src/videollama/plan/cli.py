@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, dest="tokens", metavar="T", help="train: tokens per row (default data.max_len or "
                         "max_seq_len); infer: prompt tokens (default max_seq_len - new tokens)")
     parser.add_argument("--new-tokens", type=int, metavar="N", help="infer: tokens generated (default 32)")
+    parser.add_argument("--video-seconds", type=float, metavar="S", help="infer: each prompt about a whole video of "
+                        "S seconds, in windows by the model's policy (preprocess.max_windows), encoded a chunk at a time")
+    parser.add_argument("--windows-per-chunk", type=int, metavar="N", help="infer with --video-seconds: windows "
+                        "decoded and encoded at a time (default 8)")
     parser.add_argument("--micro-batch", type=int, metavar="B", help="train: clips per micro-batch; infer: prompts (default 1)")
     parser.add_argument("--precision", metavar="bf16|fp32", help="bf16 (default; a GPU's) or fp32")
     parser.add_argument("--activation-checkpointing", nargs="?", const="all", dest="checkpointing",
@@ -58,7 +62,8 @@ def resolve(args: argparse.Namespace) -> tuple[VideoLlamaConfig, dict, str]:
         raise ValueError(f"--gpu-memory must be a finite number of GiB > 0, got {args.gpu_memory_gib}")
     if args.size is not None:
         config = config.with_overrides({"vision.image_size": args.size, "preprocess.size": args.size})
-    for key in ("mode", "lora_r", "gpus", "gpu_memory_gib", "frames", "tokens", "new_tokens", "micro_batch", "precision"):
+    for key in ("mode", "lora_r", "gpus", "gpu_memory_gib", "frames", "tokens", "new_tokens", "micro_batch", "precision",
+                "video_seconds", "windows_per_chunk"):
         if getattr(args, key, None) is not None:
             kw[key] = getattr(args, key)
     if args.checkpointing is not None:

@@ -16,7 +16,12 @@ of the two largest blocks (the current one and the prefetched next) are added; i
 block's unsharded gradient and its fp32 reduce-scatter buffer. Inference is ``generate``: the
 weights, the visual latents and every cross-attention block's keys/values, the static KV cache
 (batch x layers x 2 x kv_heads x head_dim x (prompt + new tokens)) and the largest transient of
-encoding, prefill or a decode step; each device holds a whole replica.
+encoding, prefill or a decode step; each device holds a whole replica. A whole video per prompt
+(``Settings.windows``, from ``--video-seconds`` by the model's window policy) is decoded and encoded
+``windows_per_chunk`` windows at a time into one buffer of its latents [W, L, D_v], the chunk's frames
+dropped after it, then given to ``generate`` as ``visual_latents``: the encoder's transients are one
+chunk's, while the latents [W * L, D_v] and every cross-attention block's keys and values
+[H, W * L, hd] x 2 grow with the video; the text's KV cache does not.
 
 LoRA (``--mode lora``, train/lora.py): every base weight frozen, stored as the training loop stores
 it (fp32 on one device in fp32; under FSDP2 the sharded fp32 parameters and the gathered bf16 copies,
@@ -121,7 +126,9 @@ def _train(config, s: Settings, table, act: int) -> Estimate:
               "largest_transient": max(m["transient"] for _, m in moments if "transient" in m),
               "trainable_params": train_total, "frozen_params": total - train_total,
               "base_weight_bytes": weights if s.lora else 0, "nf4_weight_bytes": nf4,
-              "adapter_bytes": F32 * adapter_total, "adapted_layers": len(adapters)}
+              "adapter_bytes": F32 * adapter_total, "adapted_layers": len(adapters), "encoding_peak": 0,
+              "generation_peak": 0,
+              **_video_totals(config, s, 0, _cross_kv(config, b, s.frames, act))}
     return Estimate(sum(at_peak.values()), phase, at_peak, totals)
 
 
@@ -231,27 +238,47 @@ def _infer(config, s: Settings, table, act: int) -> Estimate:
     b, d = s.micro_batch, config.decoder
     total = sum(k for _, _, k in table)
     length = s.tokens + s.new_tokens
-    base = {"parameters": act * total, "inputs": b * s.frames * config.vision.num_channels
-            * config.vision.image_size ** 2 * F32 + b * length * I64}   # video; prompt ids and new tokens
-    stages, latents = _stages(config, s, act, clips=b, rows=b, tokens=s.tokens)
-    encode = [st for st in stages if not st.name.startswith(("decoder", "cross_attn"))]
-    prefill = [st for st in stages if st.name.startswith(("decoder", "cross_attn"))]
+    whole = s.whole_video
+    # windows per pass of the encoder, and windows whose latents are held for the decoder
+    clips, held_windows = (min(s.windows_per_chunk, s.windows), b * s.windows) if whole else (b, b)
+    frames = clips * s.frames * config.vision.num_channels * config.vision.image_size ** 2 * F32
+    # a clip's frames are the caller's for the whole run; a whole video's chunk lives while it is encoded
+    base = {"parameters": act * total, "inputs": b * length * I64 + (0 if whole else frames)}
+    encode = vision_stages(config, clips=clips, frames=s.frames, act=act)
+    res, chunk_latents = resampler_stage(config, clips=clips, frames=s.frames, act=act)
+    prefill = decoder_stages(config, clips=held_windows, frames=s.frames, rows=b, tokens=s.tokens, act=act)
+    cross = _any_cross(config)
+    latents = held_windows * _latents_per_window(config, s.frames) * config.vision.hidden_size * act * cross
     kv_cache = d.num_layers * 2 * b * d.kv_heads * d.head_dim * length * act
-    visual = latents + _cross_kv(config, b, s.frames, act) if _any_cross(config) else 0
-    moments = [(f"encoding, {st.name}", {"transient": st.input + st.no_grad}) for st in encode]
+    visual = latents + _cross_kv(config, held_windows, s.frames, act) * cross
+    # a whole video's latents are written chunk by chunk into one buffer [W, L, D_v], there from the start
+    encoding = {"visual_latents_and_cross_kv": latents, "inputs": frames} if whole else {}
+    moments = [(f"encoding, {st.name}", {**encoding, "transient": st.input + st.no_grad}) for st in encode + [res]]
+    moments.append(("encoding, time stamps", {**encoding, "transient": 2 * chunk_latents}))  # unstamped, stamped
     held = {"visual_latents_and_cross_kv": visual, "kv_cache": kv_cache}
     moments += [(f"prefill, {st.name}", {**held, "transient": st.input + st.no_grad}) for st in prefill]
     step = d.num_heads * d.head_dim * length * act * 2 * b if d.kv_heads != d.num_heads else 0
     moments.append(("decode step", {**held, "transient": step + b * d.vocab_size * F32}))
     at_peak, phase = _peak(moments, base)
+    encoding_peak = sum(_peak([m for m in moments if m[0].startswith("encoding")], base)[0].values())
     totals = {**base, "gradients": 0, "optimizer_state": 0, "gathered_parameters": 0, "activations": 0,
+              "encoding_peak": encoding_peak,
+              "generation_peak": sum(_peak([m for m in moments if not m[0].startswith("encoding")], base)[0].values()),
               "activations_without_checkpointing": 0, "activations_with_checkpointing": 0, "activations_by_kind": {},
-              "visual_latents_and_cross_kv": visual, "visual_latents": latents * _any_cross(config),
-              "cross_attn_kv": _cross_kv(config, b, s.frames, act), "kv_cache": kv_cache,
+              "visual_latents_and_cross_kv": visual, "visual_latents": latents,
+              "cross_attn_kv": visual - latents, "kv_cache": kv_cache,
               "largest_transient": max(m["transient"] for _, m in moments),   # the same keys as training's
               "trainable_params": 0, "frozen_params": total, "base_weight_bytes": 0, "nf4_weight_bytes": 0,
-              "adapter_bytes": 0, "adapted_layers": 0}
+              "adapter_bytes": 0, "adapted_layers": 0, **_video_totals(config, s, frames if whole else 0, visual - latents)}
     return Estimate(sum(at_peak.values()), phase, at_peak, totals)
+
+
+def _video_totals(config, s: Settings, frame_chunk: int, cross_kv: int) -> dict[str, int]:
+    """The report's whole-video lines (windows, latents and the chunk of frames: 0 for a clip)."""
+    windows = s.windows if s.whole_video else 0
+    blocks = _cross_blocks(config)
+    return {"video_windows": windows, "video_latents": windows * _latents_per_window(config, s.frames),
+            "frame_chunk": frame_chunk, "cross_attn_blocks": blocks, "cross_attn_kv_per_block": cross_kv // max(blocks, 1)}
 
 
 def _peak(moments: list[tuple[str, dict]], base: dict) -> tuple[dict, str]:
@@ -266,14 +293,22 @@ def _peak(moments: list[tuple[str, dict]], base: dict) -> tuple[dict, str]:
 
 
 def _any_cross(config) -> int:
-    return int(config.decoder.cross_attn_every > 0)
+    return int(_cross_blocks(config) > 0)
+
+
+def _cross_blocks(config) -> int:
+    d = config.decoder
+    return len(range(0, d.num_layers, d.cross_attn_every)) if d.cross_attn_every else 0
+
+
+def _latents_per_window(config, frames: int) -> int:
+    """The resampler's latents, or without one every frame token."""
+    return config.resampler.num_latents or frames * (config.vision.num_patches + 1)
 
 
 def _cross_kv(config, clips: int, frames: int, act: int) -> int:
-    d, r, v = config.decoder, config.resampler, config.vision
-    n_cross = len(range(0, d.num_layers, d.cross_attn_every)) if d.cross_attn_every else 0
-    lat = r.num_latents or frames * (v.num_patches + 1)
-    return n_cross * 2 * clips * lat * d.hidden_size * act
+    """Every cross-attention block's keys and values of ``clips`` windows' latents."""
+    return _cross_blocks(config) * 2 * clips * _latents_per_window(config, frames) * config.decoder.hidden_size * act
 
 
 def _by_kind(stages: list[Stage]) -> dict[str, int]:

@@ -31,6 +31,8 @@ def stage_of(name: str) -> str:
         return "vision.post_layernorm"
     if name.startswith("vision."):
         return "vision.embed"
+    if name.startswith("decoder.media_time."):   # stamps the latents the first cross-attention block reads
+        return "cross_attn.0"
     return {"decoder.embed_tokens.weight": "decoder.embed", "decoder.norm.weight": "decoder.norm",
             "lm_head.weight": "loss"}[name]
 

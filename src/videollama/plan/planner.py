@@ -11,7 +11,17 @@ from videollama.model.parts import BLOCK_TYPES, check_names
 from videollama.plan.advice import notes_for, suggestions_for
 from videollama.plan.estimate import Estimate, estimate, max_micro_batch
 from videollama.plan.params import lora_table, param_table
-from videollama.plan.settings import LORA_R, MODES, PRECISIONS, TRAINING, GiB, Settings, usable_bytes
+from videollama.plan.settings import (
+    LORA_R,
+    MODES,
+    PRECISIONS,
+    TRAINING,
+    WINDOWS_PER_CHUNK,
+    GiB,
+    Settings,
+    usable_bytes,
+    with_settings,
+)
 
 
 @dataclass
@@ -73,9 +83,11 @@ def settings_for(config: VideoLlamaConfig, **kw) -> Settings:
                  lora_r=_value(kw, "lora_r", LORA_R) if lora else 0,
                  lora_dropout=float(_value(kw, "lora_dropout", defaults.dropout)) if lora else 0.0,
                  lora_targets=tuple(_value(kw, "lora_targets", defaults.target_modules)) if lora else (),
-                 lora_parts=tuple(_value(kw, "lora_parts", defaults.parts)) if lora else ())
+                 lora_parts=tuple(_value(kw, "lora_parts", defaults.parts)) if lora else (),
+                 windows_per_chunk=_value(kw, "windows_per_chunk", WINDOWS_PER_CHUNK))
     for name, value in (("--gpus", s.gpus), ("--micro-batch", s.micro_batch), ("--frames", s.frames),
-                        ("--seq", s.tokens), ("--new-tokens", s.new_tokens), ("texts_per_clip", s.texts_per_clip)):
+                        ("--seq", s.tokens), ("--new-tokens", s.new_tokens), ("texts_per_clip", s.texts_per_clip),
+                        ("--windows-per-chunk", s.windows_per_chunk)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not s.gpu_memory_gib > 0:
@@ -100,7 +112,25 @@ def settings_for(config: VideoLlamaConfig, **kw) -> Settings:
     if s.tokens + (s.new_tokens if mode == "infer" else 0) > d.max_seq_len:
         extra = f" + {s.new_tokens} new tokens" if mode == "infer" else ""
         raise ValueError(f"--seq {s.tokens}{extra} is longer than the model's max_seq_len {d.max_seq_len}")
-    return s
+    return _whole_video(config, s, kw.get("video_seconds"))
+
+
+def _whole_video(config: VideoLlamaConfig, s: Settings, seconds) -> Settings:
+    """``s`` with the windows the model's policy (``data.windows.window_starts``) takes from a video of
+    ``seconds`` (None: none; a clip per prompt), each window ``s.frames`` frames at the model's fps."""
+    if seconds is None:
+        return s
+    from videollama.data.container import MAX_DURATION_S
+
+    if s.mode != "infer":
+        raise ValueError(f"--video-seconds plans generation with a whole video: it needs --mode infer, not {s.mode}")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_DURATION_S:
+        raise ValueError(f"--video-seconds must be > 0 and at most {MAX_DURATION_S:.0f} (24 hours), got {seconds!r}")
+    from videollama.data.windows import window_starts
+
+    pre = config.preprocess
+    windows = len(window_starts(float(seconds), s.frames / pre.fps, pre.max_windows))
+    return with_settings(s, windows=windows, video_seconds=float(seconds))
 
 
 def _value(kw: dict, key: str, default):

@@ -32,6 +32,9 @@ def render(p) -> str:
     if s.mode != "infer":
         ac = ", ".join(s.checkpointing) if s.checkpointing else "none"
         lines.append(f"  micro-batch {s.micro_batch} x {size}, {s.tokens} tokens; activation checkpointing: {ac}")
+    elif s.whole_video:
+        lines.append(f"  batch {s.micro_batch} x a video of {s.video_seconds:g} s: {t['video_windows']} windows of {size}, "
+                     f"{t['video_latents']:,} latents; {s.tokens} prompt + {s.new_tokens} new tokens")
     else:
         lines.append(f"  batch {s.micro_batch} x {size}, {s.tokens} prompt + {s.new_tokens} new tokens")
     if s.lora:
@@ -63,6 +66,8 @@ def render(p) -> str:
                      f"largest transient {format_bytes(t['largest_transient'])}")
     lines.append(f"  visual latents {format_bytes(t['visual_latents'])}, cross-attention k/v "
                  f"{format_bytes(t['cross_attn_kv'])}" + (" (recomputed when checkpointed)" if s.mode != "infer" else ""))
+    if s.whole_video:
+        lines += _whole_video_lines(p)
     verdict = "fits" if p.fits else "does NOT fit"
     what = "micro-batch" if s.mode != "infer" else "batch"
     lines.append(f"  {verdict} in {s.gpu_memory_gib:g} GiB per device ({format_bytes(p.usable)} usable, 90%); "
@@ -71,3 +76,20 @@ def render(p) -> str:
         lines.append("  what would make it fit, one change at a time:")
         lines += [f"    - {x}" for x in p.suggestions]
     return "\n".join(lines)
+
+
+def _whole_video_lines(p) -> list[str]:
+    """Generation with a whole video: each item, whether or not it is alive at the peak."""
+    s, t = p.settings, p.estimate.totals
+    chunk = min(s.windows_per_chunk, s.windows)
+    return [
+        "  the video, item by item:",
+        f"    {'weights':<32}{format_bytes(t['parameters']):>11}",
+        f"    {'visual latents':<32}{format_bytes(t['visual_latents']):>11}   [{s.micro_batch} x {t['video_latents']:,}, "
+        "vision width]",
+        f"    {'cross-attention k/v':<32}{format_bytes(t['cross_attn_kv']):>11}   {t['cross_attn_blocks']} blocks x "
+        f"{format_bytes(t['cross_attn_kv_per_block'])} (k and v, [heads, {t['video_latents']:,}, head_dim] each)",
+        f"    {'chunk of frames being encoded':<32}{format_bytes(t['frame_chunk']):>11}   {chunk} windows x {s.frames} "
+        "frames, fp32, while they are encoded",
+        f"    {'KV cache':<32}{format_bytes(t['kv_cache']):>11}   {s.tokens + s.new_tokens} text positions",
+        f"  while encoding {format_bytes(t['encoding_peak'])}, while generating {format_bytes(t['generation_peak'])}"]

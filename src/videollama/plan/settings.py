@@ -11,6 +11,7 @@ TRAINING = ("train", "lora", "qlora")
 LORA_R = 16       # --mode lora without a recipe: configs/lora-videoqa.yaml's rank
 PRECISIONS = ("bf16", "fp32")
 USABLE = 0.9   # of a device's memory: the rest for the CUDA context and the caching allocator's fragmentation
+WINDOWS_PER_CHUNK = 8   # windows decoded and encoded at a time: data.windows.WholeVideo.chunks' default
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,19 @@ class Settings:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ()   # recipe.LoraSection.target_modules
     lora_parts: tuple[str, ...] = ()     # recipe.LoraSection.parts
+    # infer, a whole video per prompt (--video-seconds): its windows under the model's policy, decoded
+    # and encoded windows_per_chunk at a time; windows 0: one clip per prompt, given as frames
+    windows: int = 0
+    windows_per_chunk: int = WINDOWS_PER_CHUNK
+    video_seconds: float = 0.0
 
     @property
     def fsdp(self) -> bool:
         return self.mode in ("train", "lora") and (self.gpus > 1 or self.precision == "bf16")
+
+    @property
+    def whole_video(self) -> bool:
+        return self.mode == "infer" and self.windows > 0
 
     @property
     def lora(self) -> bool:
