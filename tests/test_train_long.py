@@ -200,7 +200,7 @@ def test_the_latent_cache_stays_within_its_bytes_least_recently_used_first_out()
     cache.latents(model, frames[:3], "cpu")
     cache.latents(model, frames[:1], "cpu")  # window 0 is now the most recently used
     cache.latents(model, frames[3:4], "cpu")  # evicts window 1, the least recently used
-    assert cache._bytes <= 3 * one and model.encoded == 4
+    assert cache.bytes_held <= 3 * one and model.encoded == 4
     cache.latents(model, frames[[0, 2, 3]], "cpu")
     assert model.encoded == 4
     cache.latents(model, frames[1:2], "cpu")

@@ -119,6 +119,11 @@ class LatentCache:
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         return int(most)
 
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of latents kept in memory (at most ``max_bytes``)."""
+        return self._bytes
+
     # ---- the two tiers -------------------------------------------------------------------
     def _lookup(self, key: str, device: torch.device) -> torch.Tensor | None:
         if key in self._memory:
@@ -176,8 +181,8 @@ class LatentCache:
         os.replace(tmp, path)
 
     def record(self) -> dict[str, float | int | None]:
-        """Counts since the start for a metrics line: windows asked for, windows encoded, and the
-        hit rate (windows not encoded / windows asked for)."""
+        """Counts since this process started, for a metrics line: windows asked for, windows encoded,
+        and the hit rate (windows not encoded / windows asked for)."""
         s = self.stats
         return {"latent_windows": s["windows"], "latent_encoded": s["encoded"],
                 "latent_hit_rate": 1.0 - s["encoded"] / s["windows"] if s["windows"] else None}

@@ -31,6 +31,9 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted VideoLlamaConfig keys
 
 
+WINDOW_MODES = ("clip", "whole")  # data.windows
+
+
 @dataclass
 class DataSection:
     """Where batches come from.
@@ -104,7 +107,6 @@ class ParallelSection:
 # Every projection of the Llama blocks and the cross-attention blocks (Hugging Face's names).
 LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_QUANTIZE = ("none", "nf4")
-WINDOW_MODES = ("clip", "whole")
 
 
 @dataclass

@@ -74,10 +74,11 @@ class SyntheticVideos(SyntheticClips):
         from videollama.data.windows import sample_times
 
         pre = self.cfg.preprocess
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 1_000_000_007 * (self.batches_taken * self.world_size
-                                                                                    + self.rank + 1))
+        index = self.batches_taken * self.world_size + self.rank  # the global micro-batch
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 999_983 * (index + 1))
         self.batches_taken += 1
-        videos, left = int(torch.randint(1, self.batch_size + 1, (1,), generator=g)), self.window_budget
+        left = self.window_budget
+        videos = int(torch.randint(1, min(self.batch_size, left) + 1, (1,), generator=g))
         counts = []
         for v in range(videos):
             most = min(pre.max_windows, left - (videos - v - 1))  # leave every later video a window
