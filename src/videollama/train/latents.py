@@ -15,6 +15,9 @@ video repeat byte-identical windows: the encoder's cost follows the distinct win
   latents of the batch in hand are held until its step is done whatever the bound.
 * Disk (``data.latent_cache_dir``): ``DIR/<encoder digest>/<key[:2]>/<key>.safetensors``, written
   under a temporary name and renamed; read back only when its size and shape are plausible.
+  A resumed run starts with an empty memory tier and encodes again: the same function, though
+  the last bits of a float may differ where the encoder sees other batches; with the disk tier it
+  reads the very latents it used before, and continues bitwise.
 * Ranks: under FSDP2 every encoder call all-gathers the encoder's shards, a collective each rank
   must join, and ranks miss different windows. So the ranks agree first (an all-reduce of the
   most calls any rank needs for this micro-batch) and a rank with fewer runs one-window calls
