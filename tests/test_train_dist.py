@@ -111,6 +111,49 @@ def test_two_ranks_match_one_rank_loss_curve(recipe: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_long_videos_with_a_latent_cache_train_the_same_curve_on_one_and_two_ranks(recipe: Path, tmp_path: Path):
+    """Whole videos (synthetic: windows drawn from 8 fixed ones, so they repeat as still video does),
+    a frozen vision side: the plain step on one rank, and the latent-cache step sharded over one
+    and two ranks, give one curve. On two ranks the ranks miss different windows, so their encoder
+    calls (FSDP collectives) differ until the ranks agree on a count: this would hang without it."""
+    from videollama.config import VideoLlamaConfig
+    from videollama.train.latents import window_key
+    from videollama.train.synthetic import SyntheticVideos
+
+    long = ["data.windows=whole", "data.window_budget=6", "freeze=[vision,temporal,resampler]",
+            "model.overrides.decoder.cross_attn_gate_init=0.5", "max_steps=12"]
+    cached = ["data.latent_cache=true"]
+    one, one_fsdp, two = tmp_path / "one", tmp_path / "one_fsdp", tmp_path / "two"
+    run_ok(train_cmd(recipe, one, *long))
+    run_ok(train_cmd(recipe, one_fsdp, *long, *cached, "parallel.fsdp=true"))
+    run_ok(train_cmd(recipe, two, *long, *cached, nproc=2), timeout=240)
+    a, b, c = losses(one), losses(two), losses(one_fsdp)
+    assert sorted(a) == sorted(b) == sorted(c) == list(range(12))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+        assert abs(a[step] - c[step]) < 1e-5, (step, a[step], c[step])
+    assert max(a.values()) - min(a.values()) > 1e-2
+    last = records(two)[-1]
+    assert 0 < last["latent_encoded"] < last["latent_windows"]  # rank 0's cache: hits after the first steps
+
+    # The data did make the ranks' encoder calls differ at some step (one rank all hits, the other not).
+    cfg = VideoLlamaConfig.from_name("tiny").with_overrides(
+        {"preprocess.num_frames": 4, "preprocess.size": 32, "vision.image_size": 32, "vision.max_frames": 4})
+    ranks = [SyntheticVideos(model_cfg=cfg, batch_size=2, seq_len=16, seed=3, rank=r, world_size=2, window_budget=6)
+             for r in range(2)]
+    known: list[set[str]] = [set(), set()]
+    differ = False
+    for _ in range(12):
+        misses = []
+        for r in range(2):
+            keys = {window_key(w) for w in next(ranks[r])["video"]}
+            misses.append(len(keys - known[r]))
+            known[r] |= keys
+        differ |= min(misses) == 0 < max(misses)
+    assert differ
+
+
+@pytest.mark.slow
 def test_kill_9_then_rerun_resumes_bitwise(recipe: Path, tmp_path: Path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     overrides = ["max_steps=12", "checkpoint.every=2", "checkpoint.at_end=true"]

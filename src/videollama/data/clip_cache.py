@@ -19,6 +19,27 @@ CACHE_MAX_WINDOWS = 4
 CACHE_SUBSTEPS = 4
 
 
+def entry_path(cache_dir: str, identity: tuple[str, str], spec: str) -> Path:
+    """The cache file of one video: keyed by its file (path, size, mtime), its sample key and
+    ``spec`` (the preprocessing that shaped the stored pixels), so that a regenerated corpus or
+    another preprocessing never reads a stale entry."""
+    source, key = identity
+    stat = os.stat(source)
+    ident = f"{os.path.abspath(source)}|{stat.st_size}|{stat.st_mtime_ns}|{key}|{spec}"
+    return Path(cache_dir) / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.npz"
+
+
+def write_entry(path: Path, **arrays) -> None:
+    """Write one ``.npz`` entry under a temporary name and rename it: a concurrent reader never
+    sees half a file."""
+    import numpy as np
+
+    os.makedirs(path.parent, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def cached_clip(
     video_source: str | bytes, *, cache_dir: str, identity: tuple[str, str], preprocess: PreprocessConfig,
     train: bool, generator: torch.Generator, name: str,
@@ -41,11 +62,8 @@ def cached_clip(
 
     from videollama.data.video import load_clip
 
-    source, key = identity
-    stat = os.stat(source)
     pre = preprocess
-    ident = f"{os.path.abspath(source)}|{stat.st_size}|{stat.st_mtime_ns}|{key}|{pre.size}|{pre.fps}|{pre.num_frames}"
-    path = Path(cache_dir) / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.npz"
+    path = entry_path(cache_dir, identity, f"{pre.size}|{pre.fps}|{pre.num_frames}")
     try:
         with np.load(path, allow_pickle=False) as stored:
             # [G, 3, S, S] uint8, [G] seconds, grid steps per frame interval, evaluation's start
@@ -75,11 +93,7 @@ def cached_clip(
                                        train=False, normalize=False, name=name)
         pixels = (frames * 255.0).round_().to(torch.uint8).numpy()
         grid_times = grid_times.numpy()
-        os.makedirs(cache_dir, exist_ok=True)
-        # Written under a temporary name and renamed: a concurrent reader never sees half a file.
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, pixels=pixels, timestamps=grid_times, substeps=sub, eval_start=eval_start)
-        os.replace(tmp, path)
+        write_entry(path, pixels=pixels, timestamps=grid_times, substeps=sub, eval_start=eval_start)
     span = (pre.num_frames - 1) * sub + 1
     starts = len(pixels) - span  # the last grid index a window may start at
     if train:

@@ -27,6 +27,7 @@ OUTSIDE_ROOT = "outside_root"          # a path from a data file that leaves its
 TOO_LARGE = "too_large"                # a file or line over its size cap
 INVALID_LINE = "invalid_line"          # a JSONL line that is not a usable item (bad JSON, UTF-8, fields)
 PROMPT_TOO_LONG = "prompt_too_long"    # a question that does not fit the context
+OVER_WINDOW_BUDGET = "over_window_budget"  # whole-video training: more windows than a micro-batch holds
 
 
 class SkipBudgetExceeded(RuntimeError):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from videollama.config import PreprocessConfig
 from videollama.data.errors import SkipBudgetExceeded
 from videollama.data.sources import expand_sources
-from videollama.data.stages import ReaderPlan, Sample, Skip, collate, reader_stream
+from videollama.data.stages import ReaderPlan, Sample, Skip, collate, collate_windows, reader_stream
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,17 @@ class VideoTextLoader:
     ``skipped``; ``SkipBudgetExceeded`` is raised once more than ``skip_budget`` of at least
     ``skip_budget_min_samples`` seen samples were unusable. ``cache_dir``: decode each video once
     and draw later windows from a uint8 cache there (see :func:`cached_clip`).
+
+    ``windows="whole"``: each sample is its whole video, every window the model's policy picks
+    (``preprocess.max_windows``; :func:`videollama.data.window_cache.whole_video`), and a batch
+    holds at most ``window_budget`` windows (0: ``max_windows``) of at most ``batch_size`` videos,
+    taken in sequence order: a sample that does not fit starts the next batch, so long and short
+    videos mix. A video with more windows than the budget is skipped and counted
+    (``over_window_budget``): a batch never exceeds the budget, which is what bounds a step's
+    memory. Batches are then ``{"video": [N, F, 3, S, S] (every window), "windows": {"times":
+    [N, F], "video": [N]}, "input_ids", "labels", "video_index": [R] (row -> video), "keys": [V]}``
+    (:func:`collate_windows`). The position is the first sample of the next batch, so resuming
+    is exact here too.
     """
 
     def __init__(
@@ -170,6 +181,8 @@ class VideoTextLoader:
         cache_dir: str | None = None,
         texts_per_clip: int = 1,
         allow_outside_root: bool = False,
+        windows: str = "clip",
+        window_budget: int = 0,
     ):
         from videollama.data.tokenizer import PAD_ID, TASKS, load_tokenizer
 
@@ -177,6 +190,8 @@ class VideoTextLoader:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
         if texts_per_clip < 0:
             raise ValueError(f"texts_per_clip must be >= 0 (0: every text of a clip), not {texts_per_clip}")
+        if windows not in ("clip", "whole") or window_budget < 0:
+            raise ValueError(f"windows must be clip or whole and window_budget >= 0, not {windows!r}, {window_budget}")
 
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)
@@ -186,7 +201,8 @@ class VideoTextLoader:
             units=self.units, preprocess=preprocess, seed=seed, rank=rank, world_size=world_size, train=train,
             shuffle_buffer=shuffle_buffer, video_root=video_root, tokenizer=tokenizer, task=task,
             max_len=max_len, cache_dir=None if cache_dir is None else str(cache_dir), texts_per_clip=texts_per_clip,
-            allow_outside_root=allow_outside_root,
+            allow_outside_root=allow_outside_root, windows=windows,
+            window_budget=(window_budget or preprocess.max_windows) if windows == "whole" else 0,
         )
         self.batch_size, self.num_workers, self.epochs = batch_size, num_workers, epochs
         self.pad_id, self.drop_last, self.worker_timeout_s = pad_id, drop_last, worker_timeout_s
@@ -268,14 +284,18 @@ class VideoTextLoader:
                 self.plan, epoch, position, num_workers=self.num_workers, timeout_s=self.worker_timeout_s,
                 prefetch=-(-self.batch_size // max(1, self.num_workers)),
             ):
+                if isinstance(item, Sample) and batch and not self._fits(batch, item):
+                    commit()  # the batch ends before this item: the position is this item's
+                    yield self._collate(batch)
+                    batch = []
                 position = item.index + 1
                 accounting.count(item)
                 if isinstance(item, Sample):
                     usable += 1
                     batch.append(item)
-                    if len(batch) == self.batch_size:
+                    if self._full(batch):
                         commit()
-                        yield collate(batch, pad_id=self.pad_id)
+                        yield self._collate(batch)
                         batch = []
             if self.epochs is None and first == 0 and usable == 0:
                 raise RuntimeError(
@@ -285,5 +305,26 @@ class VideoTextLoader:
             epoch, position = epoch + 1, 0
         if batch and not self.drop_last:
             commit()
-            yield collate(batch, pad_id=self.pad_id)
+            yield self._collate(batch)
         commit()
+
+    # ---- batching: batch_size clips, or whole videos within a window budget -----------
+    def _windows(self, batch: list[Sample]) -> int:
+        return sum(s.video.shape[0] for s in batch)  # whole-video samples: video [W, F, 3, S, S]
+
+    def _fits(self, batch: list[Sample], item: Sample) -> bool:
+        """Whether ``item`` joins ``batch`` (a clip always does: a full batch has already left)."""
+        if self.plan.windows == "clip":
+            return True
+        return (len(batch) < self.batch_size
+                and self._windows(batch) + item.video.shape[0] <= self.plan.window_budget)
+
+    def _full(self, batch: list[Sample]) -> bool:
+        if self.plan.windows == "clip":
+            return len(batch) == self.batch_size
+        return len(batch) == self.batch_size or self._windows(batch) == self.plan.window_budget
+
+    def _collate(self, batch: list[Sample]) -> dict[str, Any]:
+        if self.plan.windows == "clip":
+            return collate(batch, pad_id=self.pad_id)
+        return collate_windows(batch, pad_id=self.pad_id)

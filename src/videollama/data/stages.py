@@ -9,9 +9,11 @@
     6 shuffle_refs       a bounded shuffle buffer over SampleRefs, from (seed, epoch, rank)
     7 split_by_worker    worker w of W takes indices start+w, start+w+W, ... of the rank's sequence
     8 decode_sample      read the bytes, parse JSON, load_clip -> Sample, or Skip(reason);
-                         with a clip cache: decode each video once, then draw windows from it
+                         with a clip cache: decode each video once, then draw windows from it;
+                         whole-video mode: every window under the model's policy (window_cache.py)
     9 tokenize_sample    make_examples + encode_example -> input_ids, labels (one row per text)
-   10 collate            stack video, pad text rows right with pad_id (labels -100 on pads), video_index
+   10 collate            stack video, pad text rows right with pad_id (labels -100 on pads), video_index;
+                         whole-video mode: collate_windows (the loader batches by a window budget)
 
 Each rank's sample *sequence* (stages 1-6, skips included) is a pure function of (sources,
 seed, epoch, rank, world_size), independent of the number of workers; the loader (loader.py)
@@ -40,8 +42,9 @@ TARGET_TOO_LONG = errors.TARGET_TOO_LONG  # encode_example never cuts a target: 
 
 @dataclass
 class Sample:
-    """A decoded sample. video: [F, 3, S, S] float32; timestamps: [F] seconds; input_ids/labels: one
-    list of token ids per text of the clip (after tokenize_sample).
+    """A decoded sample. video: [F, 3, S, S] float32; timestamps: [F] seconds (whole-video mode:
+    every window, [W, F, 3, S, S] and [W, F]); input_ids/labels: one list of token ids per text of
+    the clip (after tokenize_sample).
 
     Token ids stay Python lists until ``collate``: a worker process hands each tensor to the main
     process through its own shared-memory file descriptor, and with eight texts a clip those
@@ -86,6 +89,8 @@ class ReaderPlan:
     cache_dir: str | None = None
     texts_per_clip: int = 1
     allow_outside_root: bool = False  # JSONL video paths may leave their root (an explicit choice)
+    windows: str = "clip"  # clip: one window per sample; whole: every window (window_cache.whole_video)
+    window_budget: int = 0  # whole: a video with more windows is skipped (OVER_WINDOW_BUDGET)
 
 
 def reader_stream(plan: ReaderPlan, epoch: int, start: int, *, worker_id: int = 0,
@@ -104,7 +109,7 @@ def reader_stream(plan: ReaderPlan, epoch: int, start: int, *, worker_id: int = 
         refs = shuffle_refs(refs, buffer_size=p.shuffle_buffer, rng=random.Random(f"{p.seed}/{epoch}/{p.rank}/refs"))
     for index, ref in split_by_worker(refs, start=start, worker_id=worker_id, num_workers=num_workers):  # 7
         item = decode_sample(index, ref, preprocess=p.preprocess, train=p.train, seed=p.seed,  # 8
-                             epoch=epoch, cache_dir=p.cache_dir)
+                             epoch=epoch, cache_dir=p.cache_dir, windows=p.windows, window_budget=p.window_budget)
         if p.tokenizer is not None:                                                         # 9
             item = tokenize_sample(item, tokenizer=p.tokenizer, task=p.task, max_len=p.max_len, seed=p.seed,
                                    epoch=epoch, texts_per_clip=p.texts_per_clip)
@@ -163,15 +168,18 @@ def sample_seed(seed: int, epoch: int, source: str, key: str) -> int:
 
 def decode_sample(
     index: int, ref: SampleRef, *, preprocess: PreprocessConfig, train: bool, seed: int, epoch: int,
-    cache_dir: str | None = None,
+    cache_dir: str | None = None, windows: str = "clip", window_budget: int = 0,
 ) -> Sample | Skip:
     """Stage 8. Read the sample's bytes, parse its JSON and decode the clip; never raises for bad data.
 
     With ``cache_dir`` the clip comes from :func:`videollama.data.clip_cache.cached_clip` (decoded
-    once, windows drawn from the cache) instead of a fresh ``load_clip``.
+    once, windows drawn from the cache) instead of a fresh ``load_clip``. ``windows`` "whole":
+    every window of the video instead (:func:`videollama.data.window_cache.whole_video`: no
+    random start, the same pixels every epoch; cached with ``cache_dir``).
     """
     from videollama.data.clip_cache import cached_clip
     from videollama.data.video import load_clip
+    from videollama.data.window_cache import whole_video
 
     if ref.error is not None:
         return Skip(index, ref.key, ref.source, *ref.error)
@@ -180,7 +188,12 @@ def decode_sample(
         generator = torch.Generator().manual_seed(sample_seed(seed, epoch, ref.source, ref.key))
         name = f"{ref.source}:{ref.key}" if ref.video_path is None else ref.video_path
         try:
-            if cache_dir is not None:
+            if windows == "whole":
+                frames, timestamps = whole_video(
+                    video_source, preprocess=preprocess, name=name, window_budget=window_budget,
+                    cache_dir=cache_dir, identity=(ref.video_path or ref.source, ref.key),
+                )
+            elif cache_dir is not None:
                 frames, timestamps = cached_clip(
                     video_source, cache_dir=cache_dir, identity=(ref.video_path or ref.source, ref.key),
                     preprocess=preprocess, train=train, generator=generator, name=name,
@@ -234,15 +247,40 @@ def collate(samples: list[Sample], *, pad_id: int) -> dict[str, Any]:
     """Stage 10. -> video [B, F, 3, S, S]; input_ids/labels [R, T] (right-padded), one row per text;
     video_index [R]: the clip each row belongs to (R == B, and video_index == 0..B-1, with one text
     per clip); timestamps [B, F]."""
-    rows = [(i, ids, lab) for i, s in enumerate(samples) for ids, lab in zip(s.input_ids, s.labels)]
-    length = max(len(ids) for _, ids, _ in rows)
-    input_ids = torch.tensor([list(ids) + [pad_id] * (length - len(ids)) for _, ids, _ in rows], dtype=torch.long)
-    labels = torch.tensor([list(lab) + [IGNORE_INDEX] * (length - len(lab)) for _, _, lab in rows], dtype=torch.long)
+    input_ids, labels, video_index = _text_rows(samples, pad_id)
     return {
         "video": torch.stack([s.video for s in samples]),  # [B, F, 3, S, S]
         "input_ids": input_ids,
         "labels": labels,
-        "video_index": torch.tensor([i for i, _, _ in rows], dtype=torch.long),  # [R]
+        "video_index": video_index,  # [R]
         "keys": [s.key for s in samples],
         "timestamps": torch.stack([s.timestamps for s in samples]),  # [B, F]
     }
+
+
+def collate_windows(samples: list[Sample], *, pad_id: int) -> dict[str, Any]:
+    """Stage 10 of whole-video mode. -> video [N, F, 3, S, S]: every window of the V videos, each
+    video's windows consecutive and in time order; windows: {"times" [N, F] float64 seconds from
+    its video's start, "video" [N] long (0..V-1)} (``videollama.model.videollama.Windows``);
+    input_ids/labels [R, T] and video_index [R] (row -> video) as :func:`collate`; keys [V]."""
+    input_ids, labels, video_index = _text_rows(samples, pad_id)
+    counts = torch.tensor([s.video.shape[0] for s in samples])  # [V] windows per video
+    return {
+        "video": torch.cat([s.video for s in samples]),  # [N, F, 3, S, S]
+        "windows": {"times": torch.cat([s.timestamps for s in samples]),  # [N, F]
+                    "video": torch.repeat_interleave(torch.arange(len(samples)), counts)},  # [N]
+        "input_ids": input_ids,
+        "labels": labels,
+        "video_index": video_index,  # [R]
+        "keys": [s.key for s in samples],
+    }
+
+
+def _text_rows(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every text of every sample as a row, right-padded: input_ids, labels [R, T] (labels -100 on
+    pads) and video_index [R], the sample each row belongs to."""
+    rows = [(i, ids, lab) for i, s in enumerate(samples) for ids, lab in zip(s.input_ids, s.labels)]
+    length = max(len(ids) for _, ids, _ in rows)
+    input_ids = torch.tensor([list(ids) + [pad_id] * (length - len(ids)) for _, ids, _ in rows], dtype=torch.long)
+    labels = torch.tensor([list(lab) + [IGNORE_INDEX] * (length - len(lab)) for _, _, lab in rows], dtype=torch.long)
+    return input_ids, labels, torch.tensor([i for i, _, _ in rows], dtype=torch.long)

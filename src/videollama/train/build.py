@@ -68,10 +68,13 @@ def resolve_tokenizer(cfg: TrainConfig) -> str | None:
 
 def build_loader(cfg: TrainConfig, model_cfg: VideoLlamaConfig, env: DistEnv, tokenizer_path: str | None):
     if cfg.data.kind == "synthetic":
-        from videollama.train.synthetic import SyntheticClips
+        from videollama.train.synthetic import SyntheticClips, SyntheticVideos
 
-        return SyntheticClips(model_cfg=model_cfg, batch_size=cfg.micro_batch, seq_len=cfg.data.synthetic_seq_len,
-                              seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+        common = dict(model_cfg=model_cfg, batch_size=cfg.micro_batch, seq_len=cfg.data.synthetic_seq_len,
+                      seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+        if cfg.data.windows == "whole":
+            return SyntheticVideos(window_budget=cfg.data.window_budget, **common)
+        return SyntheticClips(**common)
     from videollama.data.loader import VideoTextLoader
     from videollama.data.tokenizer import load_tokenizer
 
@@ -82,4 +85,5 @@ def build_loader(cfg: TrainConfig, model_cfg: VideoLlamaConfig, env: DistEnv, to
                            max_len=cfg.data.max_len or model_cfg.decoder.max_seq_len, seed=cfg.seed,
                            rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers,
                            train=True, skip_budget=cfg.data.skip_budget, cache_dir=cfg.data.cache_dir,
-                           texts_per_clip=cfg.data.texts_per_clip, allow_outside_root=cfg.data.allow_outside_root)
+                           texts_per_clip=cfg.data.texts_per_clip, allow_outside_root=cfg.data.allow_outside_root,
+                           windows=cfg.data.windows, window_budget=cfg.data.window_budget)

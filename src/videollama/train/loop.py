@@ -79,7 +79,7 @@ def train_step(run: Run, data_iter) -> dict:
         # Reduce-scatter gradients once per step, on the last micro-batch only.
         if run.use_fsdp:
             model.set_requires_gradient_sync(m == accum - 1)
-        summed = _micro_step(model, batch, env.device)
+        summed = _micro_step(model, batch, env.device, run.latents)
         if step in cfg.guards.inject_nan_steps and env.rank == cfg.guards.inject_rank:
             summed = summed * float("nan")  # test hook: a poisoned batch on one rank
         # FSDP averages gradients over ranks; the x world undoes that, so the gradient
@@ -87,7 +87,7 @@ def train_step(run: Run, data_iter) -> dict:
         (summed * (world / label_tokens)).backward()
         loss_sum += summed.detach().float()
         input_tokens += batch["input_ids"].numel()
-        clips += batch["video"].shape[0] if batch.get("video") is not None else batch["input_ids"].shape[0]
+        clips += _videos(batch)
 
     grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.clip_grad)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -109,7 +109,7 @@ def train_step(run: Run, data_iter) -> dict:
     run.step += 1
     dt, cpu_dt = time.perf_counter() - t0, time.process_time() - c0
     flops = run.flops_per_sample
-    return {
+    record = {
         "step": step, "loss": loss if math.isfinite(loss) else None, "lr": lr,
         "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
         "tokens_per_s": totals[1] / dt, "clips_per_s": totals[2] / dt,
@@ -118,6 +118,9 @@ def train_step(run: Run, data_iter) -> dict:
         "stop_requested": totals[4] > 0,
         "mfu": flops * totals[2] / dt / (cfg.log.peak_flops * world) if cfg.log.peak_flops > 0 else None,
     }
+    if run.latents is not None:  # this rank's cache: windows asked for, encoded, hit rate
+        record.update(run.latents.record())
+    return record
 
 
 def checkpoint_if_due(run: Run, *, stop: bool) -> None:
@@ -209,15 +212,34 @@ def _loop(run: Run, data_iter, log: MetricsLog, spikes: SpikeDetector, progress)
             break
 
 
-def _micro_step(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-    """Forward one micro-batch; returns the loss summed over its label tokens (fp32 scalar)."""
-    from videollama.model.videollama import lm_loss
+def _micro_step(model: torch.nn.Module, batch: dict, device: torch.device, latents=None) -> torch.Tensor:
+    """Forward one micro-batch; returns the loss summed over its label tokens (fp32 scalar).
 
-    video, video_index = batch.get("video"), batch.get("video_index")
-    out = model(input_ids=batch["input_ids"].to(device),
-                video=video.to(device) if video is not None else None,
-                video_index=video_index.to(device) if video_index is not None and video is not None else None)
+    A batch of whole videos carries ``windows`` (times [N, F], video [N]) for the rows of
+    ``video``; with a frozen encoder's ``latents`` cache the videos come in as cached latents
+    (train/latents.py) and only the time code, cross-attention and decoder run with gradients."""
+    from videollama.model.videollama import Windows, lm_loss
+    from videollama.train.latents import visual_inputs
+
+    video, video_index, windows = batch.get("video"), batch.get("video_index"), batch.get("windows")
+    input_ids = batch["input_ids"].to(device)
+    if latents is not None and video is not None:
+        out = model(input_ids=input_ids, **visual_inputs(model, batch, device, latents))
+    elif windows is not None:
+        out = model(input_ids=input_ids, video=video.to(device), video_index=video_index.to(device),
+                    windows=Windows(windows["times"].to(device), windows["video"].to(device)))
+    else:
+        out = model(input_ids=input_ids,
+                    video=video.to(device) if video is not None else None,
+                    video_index=video_index.to(device) if video_index is not None and video is not None else None)
     return lm_loss(out.logits.float(), batch["labels"].to(device), reduction="sum")
+
+
+def _videos(batch: dict) -> int:
+    """The videos (clips, or whole videos) of a micro-batch, for the clips_per_s figure."""
+    if batch.get("windows") is not None:
+        return len(batch["keys"])
+    return batch["video"].shape[0] if batch.get("video") is not None else batch["input_ids"].shape[0]
 
 
 def _next_batch(data_iter, cfg: TrainConfig) -> dict:

@@ -14,6 +14,7 @@ the fast intra-node links and only the gradient all-reduce crosses nodes.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -63,28 +64,44 @@ def build_mesh(device_type: str, world_size: int, local_world_size: int | None =
 
 
 def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None,
-               reduce_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> nn.Module:
+               reduce_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
+               encoder_outside_forward: bool = False) -> nn.Module:
     """``fully_shard`` each block, then the root. A 2-D mesh gives hybrid sharding (HSDP).
 
     ``param_dtype`` bf16 computes in bf16 while the sharded master weights and optimizer
     state stay fp32; ``reduce_dtype`` fp32 keeps the gradient reduction exact enough.
+
+    ``encoder_outside_forward``: the training step calls ``model.window_latents`` (no gradient)
+    and ``model.stamp`` itself, outside ``model.forward`` (a frozen encoder's latent cache,
+    train/latents.py). FSDP then must know ``window_latents`` as a forward method (it gathers the
+    root's parameters, the ViT's embeddings among them), and the time code is sharded on its own:
+    in the root's group its gradient, which backward computes after the decoder's, would come
+    after the root had already reduced its gradients, and with every window cached it would be
+    called while the root's parameters are still sharded.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block_type in BLOCK_TYPES:
         for _, _, block in blocks(model, block_type):
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if encoder_outside_forward:
+        # MediaTime returns a view of its input; nothing modifies it in place (FSDP warns of that case).
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPMediaTime\) returned a view")
+        fully_shard(model.decoder.media_time, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     # The root keeps its parameters gathered after forward: backward needs them at once.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    if encoder_outside_forward:
+        register_fsdp_forward_method(model, "window_latents")
     return model
 
 
 def parallelize(model: nn.Module, mesh, *, activation_checkpointing: list[str], compile: bool,
-                bf16: bool, reshard_after_forward: bool = True) -> nn.Module:
+                bf16: bool, reshard_after_forward: bool = True, encoder_outside_forward: bool = False) -> nn.Module:
     """Apply checkpointing, compile and FSDP2 to ``model`` (in place), in that order.
 
-    ``mesh`` None: no FSDP (a single rank), checkpointing and compile only.
+    ``mesh`` None: no FSDP (a single rank), checkpointing and compile only. ``encoder_outside_forward``:
+    see :func:`apply_fsdp`.
     """
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
@@ -95,4 +112,4 @@ def parallelize(model: nn.Module, mesh, *, activation_checkpointing: list[str], 
         return model
     return apply_fsdp(model, mesh, param_dtype=torch.bfloat16 if bf16 else None,
                       reduce_dtype=torch.float32 if bf16 else None,
-                      reshard_after_forward=reshard_after_forward)
+                      reshard_after_forward=reshard_after_forward, encoder_outside_forward=encoder_outside_forward)

@@ -19,7 +19,7 @@ from typing import Any
 
 from videollama.data.tokenizer import TASKS
 from videollama.dataclass_io import build, parse_override, set_dotted
-from videollama.model.parts import BLOCK_TYPES, PARTS, check_names
+from videollama.model.parts import BLOCK_TYPES, PARTS, VISION_SIDE, check_names
 
 
 @dataclass
@@ -29,6 +29,9 @@ class ModelSection:
     preset: str | None = "tiny"
     init_from: str | None = None  # a model directory (config.json + model.safetensors)
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted VideoLlamaConfig keys
+
+
+WINDOW_MODES = ("clip", "whole")  # data.windows
 
 
 @dataclass
@@ -53,6 +56,19 @@ class DataSection:
     allow_outside_root: bool = False  # JSONL video paths may leave the JSONL's folder (off: refused)
     cache_dir: str | None = None  # decode each video once, keep uint8 frames here (data.clip_cache.cached_clip)
     synthetic_seq_len: int = 32  # kind: synthetic only
+    # What a sample's video becomes. clip: one window (a random start in training), as the model
+    # was first trained; whole: every window of the video under the model's sampling policy
+    # (preprocess.max_windows; videollama.data.windows), with its times.
+    windows: str = "clip"
+    # whole: at most this many windows per micro-batch (and at most micro_batch videos), so long
+    # and short videos mix; a video with more windows than this is skipped and counted
+    # (reason over_window_budget). 0: the model's max_windows (no video is ever over it).
+    window_budget: int = 0
+    # With the whole vision side frozen (freeze: [vision, temporal, resampler]): compute each
+    # distinct window's latents once (train/latents.py) and train what comes after them.
+    latent_cache: bool = False
+    latent_cache_bytes: int = 2**30  # in memory, least recently used evicted first
+    latent_cache_dir: str | None = None  # also keep them on disk here (later runs of the same encoder)
 
 
 @dataclass
@@ -189,12 +205,32 @@ class TrainConfig:
             raise ValueError(f"data.task must be one of {', '.join(TASKS)}, not {self.data.task!r}")
         if self.data.texts_per_clip < 0:
             raise ValueError(f"data.texts_per_clip must be >= 0 (0: every text of a clip), not {self.data.texts_per_clip}")
+        self._validate_windows()
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
         if self.micro_batch < 1 or self.global_batch < 1 or self.max_steps < 0:
             raise ValueError("micro_batch and global_batch must be >= 1, max_steps >= 0")
         if self.schedule.warmup_steps < 0 or self.checkpoint.keep < 1:
             raise ValueError("schedule.warmup_steps must be >= 0 and checkpoint.keep >= 1")
+
+    def _validate_windows(self) -> None:
+        data = self.data
+        if data.windows not in WINDOW_MODES:
+            raise ValueError(f"data.windows must be one of {', '.join(WINDOW_MODES)}, not {data.windows!r}")
+        if data.window_budget < 0:
+            raise ValueError(f"data.window_budget must be >= 0 (0: the model's max_windows), not {data.window_budget}")
+        if data.latent_cache_dir is not None and not data.latent_cache:
+            raise ValueError("data.latent_cache_dir is set but data.latent_cache is false")
+        if not data.latent_cache:
+            return
+        if data.latent_cache_bytes < 0:
+            raise ValueError(f"data.latent_cache_bytes must be >= 0, not {data.latent_cache_bytes}")
+        trained = [part for part in VISION_SIDE if part not in self.freeze]
+        if trained or self.lora.r:
+            # Cached latents are only right while the encoder that made them stays as it was.
+            why = f"{trained} would train" if trained else "LoRA may adapt the vision side"
+            raise ValueError(f"data.latent_cache needs the whole vision side frozen (freeze: {list(VISION_SIDE)}, "
+                             f"lora.r 0): {why}")
 
     def _validate_lora(self) -> None:
         lora = self.lora

@@ -17,6 +17,7 @@ from videollama.config import VideoLlamaConfig
 from videollama.train import checkpoint as ckpt
 from videollama.train.build import build_loader, build_model, check_same_model, materialize, resolve_tokenizer
 from videollama.train.distributed import DistEnv, TrainingStopped, all_reduce_sum
+from videollama.train.latents import build_latent_cache
 from videollama.train.optim import build_optimizer, freeze
 from videollama.train.parallel import build_mesh, parallelize
 from videollama.train.recipe import TrainConfig
@@ -52,6 +53,7 @@ class Run:
     flops_per_sample: float = 0.0
     warnings: list[str] = field(default_factory=list)
     config_change: dict | None = None  # the history entry of an allowed change of settings
+    latents: object = None  # a frozen encoder's LatentCache (train/latents.py), with data.latent_cache
 
 
 def setup_run(cfg: TrainConfig, run_dir: Path, env: DistEnv, *, allow_config_change: bool = False) -> Run:
@@ -103,7 +105,8 @@ def setup_run(cfg: TrainConfig, run_dir: Path, env: DistEnv, *, allow_config_cha
     if not meta:
         model.to(env.device)
     parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                compile=cfg.parallel.compile, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward)
+                compile=cfg.parallel.compile, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward,
+                encoder_outside_forward=cfg.data.latent_cache)
     if meta and cfg.lora.r:
         from videollama.train.lora import reset_lora, without_adapters
 
@@ -126,6 +129,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path, env: DistEnv, *, allow_config_cha
                                          max_steps=cfg.max_steps, min_lr=cfg.schedule.min_lr))
     seed_everything(cfg.seed, env.rank)
     resume(run)
+    run.latents = build_latent_cache(cfg, model, env, precision="bf16" if bf16 else "fp32", sharded=use_fsdp)
     return run
 
 

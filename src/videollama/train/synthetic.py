@@ -49,3 +49,49 @@ class SyntheticClips:
         self.batches_taken += 1
         video, ids, labels = (torch.stack(x) for x in zip(*samples))
         return {"video": video, "input_ids": ids, "labels": labels}
+
+
+class SyntheticVideos(SyntheticClips):
+    """Whole videos made of random windows, batched as the loader's whole-video mode batches them
+    (``data.windows: whole``; ``videollama.data.stages.collate_windows``).
+
+    Global micro-batch ``g`` (``n * w + r``, as :class:`SyntheticClips`) holds 1 to ``batch_size``
+    videos of 1 to ``max_windows`` windows, at most ``window_budget`` in all, with one or two text
+    rows each. Every window is one of ``palette`` fixed random windows, so windows repeat within a
+    video (a still stretch) and across batches and ranks, as real static video does: what a
+    latent cache keyed by content meets.
+    """
+
+    def __init__(self, *, window_budget: int, palette: int = 8, **kwargs):
+        super().__init__(**kwargs)
+        self.window_budget, self.palette = window_budget or self.cfg.preprocess.max_windows, palette
+
+    def window(self, k: int) -> torch.Tensor:
+        pre = self.cfg.preprocess
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * (k + 1))
+        return torch.randn(pre.num_frames, 3, pre.size, pre.size, generator=g)  # [F, 3, S, S]
+
+    def __next__(self) -> dict:
+        from videollama.data.windows import sample_times
+
+        pre = self.cfg.preprocess
+        index = self.batches_taken * self.world_size + self.rank  # the global micro-batch
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 999_983 * (index + 1))
+        self.batches_taken += 1
+        left = self.window_budget
+        videos = int(torch.randint(1, min(self.batch_size, left) + 1, (1,), generator=g))
+        counts = []
+        for v in range(videos):
+            most = min(pre.max_windows, left - (videos - v - 1))  # leave every later video a window
+            counts.append(int(torch.randint(1, max(1, most) + 1, (1,), generator=g)))
+            left -= counts[-1]
+        picks = torch.randint(0, self.palette, (sum(counts),), generator=g).tolist()
+        times = torch.cat([torch.from_numpy(sample_times([k * pre.window_s for k in range(n)], pre.num_frames, pre.fps))
+                           for n in counts])  # [N, F]
+        rows = [v for v in range(videos) for _ in range(1 + v % 2)]  # odd videos get two texts
+        ids = torch.randint(3, self.cfg.decoder.vocab_size, (len(rows), self.seq_len), generator=g)  # [R, T]
+        labels = ids.clone()
+        labels[:, : self.seq_len // 4] = -100
+        return {"video": torch.stack([self.window(k) for k in picks]),  # [N, F, 3, S, S]
+                "windows": {"times": times, "video": torch.repeat_interleave(torch.arange(videos), torch.tensor(counts))},
+                "input_ids": ids, "labels": labels, "video_index": torch.tensor(rows), "keys": [f"v{v}" for v in range(videos)]}
