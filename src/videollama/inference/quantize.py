@@ -6,16 +6,24 @@ one scale per output row. The vision encoder and resampler stay in float32 (they
 video, not once per token, and are a small part of the per-token weight traffic); so do the
 embedding (a lookup: one row per token) and the norms and gates.
 
-The matrix products: torchao 0.18's weight-only int8 linear computes
-``mm(x, int8_weight.t().to(float32)) * scale``, which on a CPU first writes the whole
-dequantized float32 weight, then reads it again: at batch 1 it is several times *slower* than
-the float32 linear, eager or through ``torch.compile`` (bench/results/quantize.md measures
-it). So by default (``kernel="fused"``) each quantized linear becomes an :class:`Int8Linear`
-holding torchao's int8 values and scales, whose forward, inside a compiled decode step
-(``generate(..., compile=True)``, ``BatchDecoder(compile=True)``), is written as a reduction
-that inductor fuses into one loop reading the int8 weight once: a quarter of the float32
-bytes. Outside ``torch.compile`` it dequantizes like torchao (correct, not fast).
-``kernel="torchao"`` keeps torchao's own tensor subclass, for comparison.
+Each quantized linear becomes an :class:`Int8Linear` (torchao's int8 values and scales) whose
+product is computed by one of several implementations; which one is fastest depends on the CPU's
+instruction set and on how the code for it was generated, so it is measured, not assumed
+(bench/results/int8.md has the figures on the machines we had):
+
+* ``kernel``: our C kernel (:mod:`videollama.inference.int8_kernel`), built at first use for the
+  host's ISA and called as the custom op ``videollama::int8_linear`` (eagerly and, opaque,
+  inside ``torch.compile``);
+* ``aten``: ``torch.ops.aten._weight_int8pack_mm``, ATen's int8 weight-pack matmul;
+* ``fused``: inside a compiled step, the product written as a reduction that inductor fuses into
+  one loop over the int8 weight (:func:`_fused`); eagerly, ``dequant``;
+* ``dequant``: ``x @ weight.to(float).T * scale``, torchao's own formula (writes the float weight).
+
+``kernel="auto"`` (the default) times the eager ones on each weight shape at one and at eight
+rows (decoding) and at 64 rows (a prompt), and keeps the fastest for each; the compiled decode
+step later offers ``fused`` too (:func:`videollama.inference.tuning.prepare_compiled`). The
+choices are kept per host and shape in our cache directory (:mod:`videollama.inference.host`),
+so a second load measures nothing. ``kernel="torchao"`` keeps torchao's tensor subclass.
 
 int4: torchao 0.18 has no int4 weight-only kernel for a float32 CPU model (its formats need
 the mslk package, an XPU/NPU device, or CUDA bfloat16 tinygemm); on such a platform the
@@ -30,47 +38,79 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("none", "int8", "int4")
-KERNELS = ("fused", "torchao")
-# Rows (batch x tokens) up to which a compiled Int8Linear uses the fused reduction; above it
-# (prefill) the dequantize-then-matmul form, whose matmul is compute-bound anyway.
-FUSED_MAX_ROWS = 16
+IMPLS = ("kernel", "aten", "fused", "dequant")
+KERNELS = ("auto", *IMPLS, "torchao")
+# Rows (batch x tokens) up to which a linear counts as decoding: one impl for decode steps, one
+# for prompts (whose products are compute-bound, where a float matmul can win).
+DECODE_MAX_ROWS = 16
+FUSED_MAX_ROWS = DECODE_MAX_ROWS
 
 
 class Int8Linear(nn.Module):
-    """y = (x @ weight.T) * scale with weight int8 [N, K] and scale float [N] (no bias)."""
+    """y = (x @ weight.T) * scale with weight int8 [N, K] and scale float [N] (no bias).
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+    ``impl`` computes rows <= DECODE_MAX_ROWS eagerly, ``compiled_impl`` (default: impl) inside
+    torch.compile, ``prefill_impl`` (default: impl) more rows; each one of IMPLS."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, *, impl: str = "fused",
+                 compiled_impl: str | None = None, prefill_impl: str | None = None) -> None:
         super().__init__()
         if weight.dtype != torch.int8 or weight.dim() != 2 or scale.numel() != weight.shape[0]:
             raise ValueError(f"Int8Linear needs an int8 [N, K] weight and N scales, got {weight.dtype} "
                              f"{tuple(weight.shape)} and {scale.numel()} scales")
+        for name in (impl, compiled_impl, prefill_impl):
+            if name is not None and name not in IMPLS:
+                raise ValueError(f"Int8Linear impl must be one of {', '.join(IMPLS)}, not {name!r}")
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.impl, self.compiled_impl, self.prefill_impl = impl, compiled_impl or impl, prefill_impl or impl
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scale", scale.reshape(-1).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., K] -> [..., N] in x's dtype."""
-        if torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS:
-            # [..., 1, K] * [N, K] summed over K: inductor emits one loop over the int8 weight,
-            # converting in registers; nothing [..., N, K] is ever written. A reduction longer
-            # than 4096 makes inductor's C++ backend switch to cascade summation, several times
-            # slower: such a K is summed as g chunks of K / g.
-            # (The int8 weight is viewed before the conversion: a view of the converted weight
-            # makes inductor write the whole float32 weight out.)
-            x = _written(x)
-            g = _chunks(self.in_features)
-            if g == 1:
-                y = (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1)
-            else:
-                k = self.in_features // g
-                xs = x.reshape(*x.shape[:-1], 1, g, k)
-                y = (xs * self.weight.view(self.out_features, g, k).to(x.dtype)).sum(-1).sum(-1)
+        rows = x.numel() // x.shape[-1]
+        if rows > DECODE_MAX_ROWS:
+            impl = self.prefill_impl
         else:
-            y = F.linear(x, self.weight.to(x.dtype))
-        return y * self.scale.to(x.dtype)
+            impl = self.compiled_impl if torch.compiler.is_compiling() else self.impl
+        return product(impl, x, self.weight, self.scale)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only, "
+                f"impl={self.impl}, compiled={self.compiled_impl}, prefill={self.prefill_impl}")
+
+
+def product(impl: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(x [..., K] @ weight [N, K].T) * scale [N] by implementation ``impl`` (one of IMPLS)."""
+    if impl == "kernel":
+        from videollama.inference import int8_kernel
+
+        if torch.compiler.is_compiling():
+            return torch.ops.videollama.int8_linear(x, weight, scale)
+        return int8_kernel.int8_linear_eager(x, weight, scale)  # the op's body, without the dispatch
+    if impl == "aten":
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scale.to(x.dtype))  # [M, N]
+        return y.view(*x.shape[:-1], weight.shape[0])
+    if impl == "fused" and torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS:
+        return _fused(x, weight, scale)
+    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+
+
+def _fused(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The product as a reduction inductor fuses: [..., 1, K] * [N, K] summed over K, one loop over
+    the int8 weight converting in registers; nothing [..., N, K] is ever written. A reduction
+    longer than 4096 makes inductor's C++ backend switch to cascade summation, several times
+    slower: such a K is summed as g chunks of K / g. (The int8 weight is viewed before the
+    conversion: a view of the converted weight makes inductor write the whole float weight out.)"""
+    n, k = weight.shape
+    x = _written(x)
+    g = _chunks(k)
+    if g == 1:
+        y = (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
+    else:
+        xs = x.reshape(*x.shape[:-1], 1, g, k // g)  # [..., 1, g, K/g]
+        y = (xs * weight.view(n, g, k // g).to(x.dtype)).sum(-1).sum(-1)
+    return y * scale.to(x.dtype)
 
 
 @torch.library.custom_op("videollama::written", mutates_args=())
@@ -114,13 +154,14 @@ def _int4_unavailable(model: nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str, *, kernel: str = "fused") -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, *, kernel: str = "auto") -> nn.Module:
     """Quantize ``model`` (a VideoLlama) in place for inference and return it.
 
     mode: "none" (unchanged), "int8" (weight-only, per output row) or "int4" (CUDA bfloat16 only,
-    else ValueError). kernel, for int8: "fused" (:class:`Int8Linear`, fast inside a compiled decode
-    step) or "torchao" (torchao's own Int8Tensor weights). A tied lm_head is untied: it gets its
-    int8 copy and the embedding keeps its float32 table.
+    else ValueError). kernel, for int8: "auto" (each weight shape's fastest implementation on this
+    host, measured once and kept), one of IMPLS for every linear (ValueError where it cannot run),
+    or "torchao" (torchao's own Int8Tensor weights). A tied lm_head is untied: it gets its int8
+    copy and the embedding keeps its float32 table.
     """
     if mode not in MODES:
         raise ValueError(f"quantize mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -150,16 +191,54 @@ def quantize_model(model: nn.Module, mode: str, *, kernel: str = "fused") -> nn.
     else:
         config = Int8WeightOnlyConfig(set_inductor_config=False)
     quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in targets)
-    if mode == "int8" and kernel == "fused":
-        for name in sorted(targets):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            lin = getattr(parent, child)
-            w = lin.weight
-            if lin.bias is not None or not hasattr(w, "qdata"):
-                raise ValueError(f"{name}: torchao did not give an int8 weight-only tensor ({type(w).__name__})")
-            setattr(parent, child, Int8Linear(w.qdata.detach().clone(), w.scale.detach().float().clone()))
+    if mode == "int8" and kernel != "torchao":
+        _to_int8_linears(model, targets, kernel)
     return model
+
+
+def _to_int8_linears(model: nn.Module, targets: set[str], kernel: str) -> None:
+    """Replace each of torchao's int8 linears named in ``targets`` by an :class:`Int8Linear`
+    computing with ``kernel`` (or, "auto", what :func:`~videollama.inference.tuning.choose_int8`
+    measured fastest for its shape)."""
+    from videollama.inference import tuning
+
+    if kernel == "kernel":
+        from videollama.inference import int8_kernel
+
+        if not int8_kernel.available():
+            raise ValueError(f"quantize kernel 'kernel': our int8 kernel {int8_kernel.kernel_status()}")
+    for name in sorted(targets):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lin = getattr(parent, child)
+        w = lin.weight
+        if lin.bias is not None or not hasattr(w, "qdata"):
+            raise ValueError(f"{name}: torchao did not give an int8 weight-only tensor ({type(w).__name__})")
+        qdata, scale = w.qdata.detach().contiguous(), w.scale.detach().float().reshape(-1).contiguous()
+        if kernel == "auto":
+            dtype = w.scale.dtype  # the model's compute dtype
+            choice = tuning.choose_int8(qdata, scale, dtype, candidates(qdata.device, dtype))
+            impls = {"impl": choice["decode"], "prefill_impl": choice["prefill"]}
+        else:
+            impls = {"impl": kernel}
+        setattr(parent, child, Int8Linear(qdata.clone(), scale.clone(), **impls))
+
+
+def candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The implementations that can run eagerly for inputs of ``dtype`` on ``device``."""
+    out = []
+    if device.type == "cpu" and dtype == torch.float32:
+        from videollama.inference import int8_kernel
+
+        if int8_kernel.available():
+            out.append("kernel")
+    try:  # ATen has it for some devices and dtypes only
+        product("aten", torch.ones(1, 8, device=device, dtype=dtype), torch.ones(8, 8, device=device,
+                dtype=torch.int8), torch.ones(8, device=device, dtype=dtype))
+        out.append("aten")
+    except (RuntimeError, NotImplementedError):
+        pass
+    return [*out, "dequant"]
 
 
 def weight_bytes(module: nn.Module) -> int:
