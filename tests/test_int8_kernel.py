@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from videollama.config import VideoLlamaConfig
 from videollama.inference import host, int8_kernel, tuning
 from videollama.inference.generate import generate
-from videollama.inference.quantize import Int8Linear, product, quantize_model
+from videollama.inference.int8_impls import product
+from videollama.inference.quantize import Int8Linear, quantize_model
 from videollama.model import VideoLlama
 
 pytest.importorskip("torchao")

@@ -7,22 +7,14 @@ video, not once per token, and are a small part of the per-token weight traffic)
 embedding (a lookup: one row per token) and the norms and gates.
 
 Each quantized linear becomes an :class:`Int8Linear` (torchao's int8 values and scales) whose
-product is computed by one of several implementations; which one is fastest depends on the CPU's
-instruction set and on how the code for it was generated, so it is measured, not assumed
-(bench/results/int8.md has the figures on the machines we had):
-
-* ``kernel``: our C kernel (:mod:`videollama.inference.int8_kernel`), built at first use for the
-  host's ISA and called as the custom op ``videollama::int8_linear`` (eagerly and, opaque,
-  inside ``torch.compile``);
-* ``aten``: ``torch.ops.aten._weight_int8pack_mm``, ATen's int8 weight-pack matmul;
-* ``fused``: inside a compiled step, the product written as a reduction that inductor fuses into
-  one loop over the int8 weight (:func:`_fused`); eagerly, ``dequant``;
-* ``dequant``: ``x @ weight.to(float).T * scale``, torchao's own formula (writes the float weight).
-
+product is computed by one of the implementations of :mod:`videollama.inference.int8_impls` (our
+C kernel, ATen's int8 weight-pack matmul, inductor's fused reduction, dequantize-then-matmul).
+Which one is fastest depends on the CPU's instruction set and on the code generated for it, so it
+is measured, not assumed (bench/results/int8.md has the figures on the machines we had):
 ``kernel="auto"`` (the default) times the eager ones on each weight shape at one and at eight
 rows (decoding) and at 64 rows (a prompt), and keeps the fastest for each; the compiled decode
-step later offers ``fused`` too (:func:`videollama.inference.tuning.prepare_compiled`). The
-choices are kept per host and shape in our cache directory (:mod:`videollama.inference.host`),
+step later offers the fused reduction too (:func:`videollama.inference.tuning.prepare_compiled`).
+The choices are kept per host and shape in our cache directory (:mod:`videollama.inference.host`),
 so a second load measures nothing. ``kernel="torchao"`` keeps torchao's tensor subclass.
 
 int4: torchao 0.18 has no int4 weight-only kernel for a float32 CPU model (its formats need
@@ -34,16 +26,12 @@ tinygemm format (``tile_packed_to_4d``, groups of 128) is used.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from videollama.inference.int8_impls import DECODE_MAX_ROWS, IMPLS, candidates, product
+
 MODES = ("none", "int8", "int4")
-IMPLS = ("kernel", "aten", "fused", "dequant")
 KERNELS = ("auto", *IMPLS, "torchao")
-# Rows (batch x tokens) up to which a linear counts as decoding: one impl for decode steps, one
-# for prompts (whose products are compute-bound, where a float matmul can win).
-DECODE_MAX_ROWS = 16
-FUSED_MAX_ROWS = DECODE_MAX_ROWS
 
 
 class Int8Linear(nn.Module):
@@ -78,59 +66,6 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only, "
                 f"impl={self.impl}, compiled={self.compiled_impl}, prefill={self.prefill_impl}")
-
-
-def product(impl: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(x [..., K] @ weight [N, K].T) * scale [N] by implementation ``impl`` (one of IMPLS)."""
-    if impl == "kernel":
-        from videollama.inference import int8_kernel
-
-        if torch.compiler.is_compiling():
-            return torch.ops.videollama.int8_linear(x, weight, scale)
-        return int8_kernel.int8_linear_eager(x, weight, scale)  # the op's body, without the dispatch
-    if impl == "aten":
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scale.to(x.dtype))  # [M, N]
-        return y.view(*x.shape[:-1], weight.shape[0])
-    if impl == "fused" and torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS:
-        return _fused(x, weight, scale)
-    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
-
-
-def _fused(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The product as a reduction inductor fuses: [..., 1, K] * [N, K] summed over K, one loop over
-    the int8 weight converting in registers; nothing [..., N, K] is ever written. A reduction
-    longer than 4096 makes inductor's C++ backend switch to cascade summation, several times
-    slower: such a K is summed as g chunks of K / g. (The int8 weight is viewed before the
-    conversion: a view of the converted weight makes inductor write the whole float weight out.)"""
-    n, k = weight.shape
-    x = _written(x)
-    g = _chunks(k)
-    if g == 1:
-        y = (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
-    else:
-        xs = x.reshape(*x.shape[:-1], 1, g, k // g)  # [..., 1, g, K/g]
-        y = (xs * weight.view(n, g, k // g).to(x.dtype)).sum(-1).sum(-1)
-    return y * scale.to(x.dtype)
-
-
-@torch.library.custom_op("videollama::written", mutates_args=())
-def _written(x: torch.Tensor) -> torch.Tensor:
-    """A copy of x that inductor cannot inline: an Int8Linear's input is computed once, not
-    recomputed inside its reduction loop once per output row. Without it, the RMSNorm that feeds
-    the q/k/v, gate/up and lm_head projections (a per-element rsqrt and divide) is inlined into
-    them, and recomputed for every output row: several times slower."""
-    return x.clone()
-
-
-@_written.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-def _chunks(k: int, longest: int = 4096) -> int:
-    """The fewest equal chunks g that split a reduction of length k into chunks <= longest (1 if
-    none divides evenly: one cascade-summed loop, slower but exact)."""
-    return next((g for g in range(1, k // 2 + 1) if k % g == 0 and k // g <= longest), 1)
 
 
 def _targets(model: nn.Module) -> set[str]:
@@ -222,23 +157,6 @@ def _to_int8_linears(model: nn.Module, targets: set[str], kernel: str) -> None:
         else:
             impls = {"impl": kernel}
         setattr(parent, child, Int8Linear(qdata.clone(), scale.clone(), **impls))
-
-
-def candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """The implementations that can run eagerly for inputs of ``dtype`` on ``device``."""
-    out = []
-    if device.type == "cpu" and dtype == torch.float32:
-        from videollama.inference import int8_kernel
-
-        if int8_kernel.available():
-            out.append("kernel")
-    try:  # ATen has it for some devices and dtypes only
-        product("aten", torch.ones(1, 8, device=device, dtype=dtype), torch.ones(8, 8, device=device,
-                dtype=torch.int8), torch.ones(8, device=device, dtype=dtype))
-        out.append("aten")
-    except (RuntimeError, NotImplementedError):
-        pass
-    return [*out, "dequant"]
 
 
 def weight_bytes(module: nn.Module) -> int:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from videollama.inference.host import Store, aten_isa, cpu_model, isa
+from videollama.inference.int8_impls import product
 
 ROWS = {"decode": (1, 8), "prefill": (64,)}
 # A compiled step must beat the eager one by this fraction to be kept: a tie stays eager (no
@@ -90,8 +91,6 @@ def _cached(key: str, valid: Callable[[dict], bool], measure: Callable[[], dict]
 def choose_int8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, names: list[str]) -> dict:
     """{"decode": impl, "prefill": impl, "ms": {rows: {impl: ms}}} for an int8 weight [N, K]: the
     fastest of ``names`` at ROWS["decode"] (by the product of its times there) and at ROWS["prefill"]."""
-    from videollama.inference.quantize import product
-
     n, k = weight.shape
     key = f"int8/{n}x{k}/{weight.device.type}/{str(dtype).removeprefix('torch.')}/{','.join(names)}"
 
@@ -118,11 +117,10 @@ def _prod(values) -> float:
 def prepare_compiled(model: torch.nn.Module) -> None:
     """Set each Int8Linear's ``compiled_impl``: inductor's fused reduction where, compiled, it beats
     the linear's eager choice at one row, else that choice (measured once per host and shape)."""
-    from videollama.inference.quantize import Int8Linear
-
     if model in _PREPARED:
         return
-    linears = [m for m in model.modules() if isinstance(m, Int8Linear) and m.impl != "fused"]
+    # Int8Linear's, by what they hold (quantize.py imports this module, not the other way round).
+    linears = [m for m in model.modules() if hasattr(m, "compiled_impl") and m.impl != "fused"]
     shapes = sorted({(m.out_features, m.in_features, m.impl) for m in linears}, key=lambda s: -s[0] * s[1])
     decided: dict[tuple, str] = {}
     largest = None
@@ -146,7 +144,6 @@ def prepare_compiled(model: torch.nn.Module) -> None:
 def _measure_fused(lin) -> dict:
     """Inductor's fused reduction, compiled, against ``lin.impl`` eagerly, at one row."""
     from videollama.inference.host import use_compile_cache
-    from videollama.inference.quantize import product
 
     use_compile_cache()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
