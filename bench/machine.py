@@ -99,11 +99,16 @@ def stamp() -> str:
             f"{m['load']:.1f}); {not_run(m)}; torch {m['torch']}, {m['date']}._")
 
 
+def stamped(text: str) -> str:
+    """``text`` (a results section) ending with the machine line."""
+    return text.rstrip("\n") + "\n\n" + stamp() + "\n"
+
+
 def write_result(name: str, text: str) -> Path:
     """bench/results/<name>.md: ``text`` and the machine line."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.md"
-    out.write_text(text.rstrip("\n") + "\n\n" + stamp() + "\n")
+    out.write_text(stamped(text))
     return out
 
 
