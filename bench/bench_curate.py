@@ -278,7 +278,8 @@ def write_report(results, decode_rows, quality, sweep, args, captioner) -> None:
         ]
         lines += [f"| {p['threshold']:g} | {p['precision']:.3f} | {p['recall']:.3f} |" for p in sweep]
     out = ROOT / "bench" / "results" / "curate.md"
-    out.write_text("\n".join(lines) + "\n")
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    out.write_text(stamped("\n".join(lines) + "\n"))
     print(f"wrote {out}")
 
 

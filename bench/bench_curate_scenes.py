@@ -198,7 +198,8 @@ def main() -> int:
         "artifact burst (score 3.5, 4.7x its neighbours), which the Shapes-level threshold (its weakest "
         "cut scores about 2) cannot tell from a cut by size alone.",
     ]
-    (ROOT / "bench" / "results" / "curate_scenes.md").write_text("\n".join(lines) + "\n")
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    (ROOT / "bench" / "results" / "curate_scenes.md").write_text(stamped("\n".join(lines) + "\n"))
     print("\n".join(lines))
     return 0 if precision >= 0.98 and recall >= 0.98 and reasons_ok == len(truth["corrupt"]) else 1
 

@@ -230,7 +230,8 @@ def write_results(r: dict, path: Path) -> None:
         f"VideoQA: {raw['n_questions']} held-out questions. Wall seconds per step of the run: "
         + ", ".join(f"{k} {v}" for k, v in r["wall_s"].items()) + ".",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    path.write_text(stamped("\n".join(lines) + "\n"))
 
 
 if __name__ == "__main__":

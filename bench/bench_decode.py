@@ -10,10 +10,13 @@ Rows:
   the tests' reference in tests/reference_decode.py);
 * videollama, static cache, eager / compiled: :func:`decode_step` with fixed shapes, eager or
   through ``torch.compile(dynamic=False)`` (compile time reported separately, not in tokens/s);
+* --compile (as chosen): ``generate(compile=True)`` as the commands run it: the compiled or the
+  eager step, whichever the start-up measurement found faster on this host (a fresh cache
+  directory, so the warm-up holds the first start's compile and measurement);
 * transformers: ``LlamaForCausalLM.generate`` with our decoder's shapes and weights (text-only,
   our model skips every cross-attention block, so both run the same Llama);
-* videollama int8: ``quantize_model(model, "int8")`` (torchao int8 weight-only, fused kernel)
-  with the compiled step.
+* videollama int8: ``quantize_model(model, "int8")`` (each weight shape's fastest implementation
+  on this host, measured at load), eager, as chosen and compiled.
 
 The bound: a decode step at batch 1 must stream every weight it uses once; the copy bandwidth
 of a 512 MiB tensor (bytes read + written per second, best of 5, measured in this run) over the
@@ -24,10 +27,11 @@ decode step minus the time of the same matrix-vector products alone (each linear
 
 from __future__ import annotations
 
+import contextlib
 import os
-import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,11 +42,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import machine  # noqa: E402
 import reference_decode  # noqa: E402
 from videollama.config import VideoLlamaConfig  # noqa: E402
 from videollama.inference import generate as gen  # noqa: E402
-from videollama.inference.quantize import quantize_model, weight_bytes  # noqa: E402
+from videollama.inference.quantize import Int8Linear, quantize_model, weight_bytes  # noqa: E402
 from videollama.model.videollama import VideoLlama  # noqa: E402
 
 PROMPT = 16
@@ -184,6 +190,18 @@ def measure(preset: str) -> dict:
 
     # A warm-up in the same 64-slot cache bucket as the timed run compiles the same graph.
     warm = 4 if -(-(PROMPT + 4) // 64) == -(-(PROMPT + new) // 64) else new
+
+    def compiled_rows(label, b):
+        """The step as --compile chooses it on this host (the warm-up holds the compile and the
+        measurement), then the compiled step forced (the graph is compiled already)."""
+        with step_policy("auto"):
+            row(f"{label}, --compile (as chosen)", b, ours(b, compile=True), warm)
+        key = (b, -(-(PROMPT + new) // 64) * 64)
+        chosen = [r for r in gen.step_report() if (r["rows"], r["cache_len"]) == key and not r["media"]]
+        res["rows"][-1]["chosen"] = chosen[-1] if chosen else None
+        with step_policy("compiled"):
+            row(f"{label}, compiled", b, ours(b, compile=True), warm)
+
     hf = hf_twin(model)
     for b in BATCHES:
         x = prompts(b, vocab)
@@ -196,20 +214,39 @@ def measure(preset: str) -> dict:
         row("transformers LlamaForCausalLM.generate", b, hf_fn, 4)
         row("videollama, dynamic cache (before)", b, before(b), 4)
         row("videollama, static cache, eager", b, ours(b), 4)
-        row("videollama, static cache, compiled", b, ours(b, compile=True), warm)
+        compiled_rows("videollama, static cache", b)
     hf = None  # frees nothing of ours: it shared our tensors
-    res["overhead"] = step_overhead(model) if preset == "small" else None
+    with step_policy("compiled"):
+        res["overhead"] = step_overhead(model) if preset == "small" else None
     res["compile_failed"] = gen._COMPILED.get("failed")
 
     torch._dynamo.reset()
     gen._COMPILED.clear()
-    quantize_model(model, "int8")
+    t = time.perf_counter()
+    quantize_model(model, "int8")  # kernel="auto": each shape's implementation measured here
+    res["int8_choose_s"] = time.perf_counter() - t
+    impls = sorted({m.impl for m in model.modules() if isinstance(m, Int8Linear)})
+    res["int8_impls"] = ", ".join(impls)
     res["int8_bytes"] = weight_bytes(model.decoder) + weight_bytes(model.lm_head)
     res["int8_bytes_per_token"] = bytes_per_token(model)
     for b in BATCHES:
-        row("videollama int8 (fused), compiled", b, ours(b, compile=True), warm)
+        row("videollama int8, eager", b, ours(b), 4)
+        compiled_rows("videollama int8", b)
+    res["int8_compiled_impls"] = ", ".join(sorted({m.compiled_impl for m in model.modules()
+                                                   if isinstance(m, Int8Linear)}))
     res["compile_failed"] = res["compile_failed"] or gen._COMPILED.get("failed")
     return res
+
+
+@contextlib.contextmanager
+def step_policy(value: str):
+    """Run with $VIDEOLLAMA_STEP=value: "auto" (as --compile does), "compiled" (forced)."""
+    before = os.environ.get(gen.STEP_ENV)
+    os.environ[gen.STEP_ENV] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(gen.STEP_ENV) if before is None else os.environ.__setitem__(gen.STEP_ENV, before)
 
 
 def report(results: list[dict], samples: list[tuple[float, float]]) -> str:
@@ -220,91 +257,110 @@ def report(results: list[dict], samples: list[tuple[float, float]]) -> str:
         "",
         "`bench/bench_decode.py`: greedy generation after a 16-token prompt, fp32 unless marked, "
         "`torch.set_num_threads(1)`; tokens/s = batch x new tokens / process CPU seconds of the whole "
-        "`generate` call (prefill included), median of the runs given, after one warm-up run (for "
-        "compiled rows the warm-up holds the compile, shown as warm-up s). The machine's 2 cores were "
-        "shared with other work (other builds and a training demo) during the run, which perturbs caches and "
-        "memory bandwidth: compare the rows of one table (measured side by side), not across runs. "
+        "`generate` call (prefill included), median of the runs given, after one warm-up run (warm-up s: "
+        "page-in, and for compiled rows the compile; for `--compile (as chosen)` rows also the start-up "
+        "measurement that chose the compiled or the eager step, in a fresh cache directory: a first start). "
+        "`--compile (as chosen)` is what `generate --compile`, `serve --compile` and `BatchDecoder(compile=True)` "
+        "run; `compiled` forces the compiled step. int8 rows: `quantize_model(model, \"int8\")`, each weight "
+        "shape's implementation measured at load (bench/results/int8.md). The machine's cores may be shared "
+        "with other work: compare the rows of one table (measured side by side), not across runs. "
         "Bandwidth, measured before, between and after the presets (512 MiB tensor, one thread, best of 5 each "
         "time): copy (bytes read + written per second) "
         + ", ".join(f"{c / 1e9:.1f}" for c, _ in samples) + " GB/s, read-only (a sum) "
         + ", ".join(f"{r / 1e9:.1f}" for _, r in samples) + " GB/s. Weight streaming only reads, so the bound "
-        f"below is the best read-only figure, **{read_bw / 1e9:.1f} GB/s** (the machine when least loaded in "
-        f"this run; a loaded moment gives less); the bound at the best copy figure ({bw / 1e9:.1f} GB/s, "
-        "read + write) is shown beside it.",
+        f"below is the best read-only figure, **{read_bw / 1e9:.1f} GB/s**; the bound at the best copy figure "
+        f"({bw / 1e9:.1f} GB/s, read + write) is shown beside it.",
         "",
     ]
     for r in results:
-        rows = {(x["name"], x["batch"]): x for x in r["rows"]}
-        bound = read_bw / r["bytes_per_token"]
-        lines += [f"### `{r['preset']}` preset: {r['new']} new tokens, "
-                  f"{r['reps']} timed run{'s' if r['reps'] > 1 else ''} per row", "",
-                  "| implementation | batch | tokens/s (CPU) | per row | wall s | warm-up s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for x in r["rows"]:
-            lines.append(f"| {x['name']} | {x['batch']} | {x['tps']:.1f} | {x['tps'] / x['batch']:.1f} | "
-                         f"{x['wall']:.2f} | {x['warm_s']:.1f} |")
-        hf1 = rows[("transformers LlamaForCausalLM.generate", 1)]["tps"]
-        eager1 = rows[("videollama, static cache, eager", 1)]["tps"]
-        comp1 = rows[("videollama, static cache, compiled", 1)]["tps"]
-        best1 = max(eager1, comp1)
-        best8 = max(rows[("videollama, static cache, eager", 8)]["tps"],
-                    rows[("videollama, static cache, compiled", 8)]["tps"])
-        int8 = rows[("videollama int8 (fused), compiled", 1)]["tps"]
-        lines += [
-            "",
-            f"* weights read per token (text-only step: self-attention, MLPs, norms, lm_head): "
-            f"{r['bytes_per_token'] / 1e6:.1f} MB fp32, {r['int8_bytes_per_token'] / 1e6:.1f} MB int8; bound at "
-            f"{read_bw / 1e9:.1f} GB/s read-only: **{bound:.0f} tokens/s** fp32, "
-            f"{read_bw / r['int8_bytes_per_token']:.0f} int8 (at {bw / 1e9:.1f} GB/s copy, read + write: "
-            f"{bw / r['bytes_per_token']:.0f} fp32).",
-            f"* achieved weight streaming rate at batch 1 (bytes per token x tokens/s): transformers "
-            f"{rows[('transformers LlamaForCausalLM.generate', 1)]['tps'] * r['bytes_per_token'] / 1e9:.1f} GB/s, "
-            f"ours {max(rows[('videollama, static cache, eager', 1)]['tps'], rows[('videollama, static cache, compiled', 1)]['tps']) * r['bytes_per_token'] / 1e9:.1f} GB/s.",
-            f"* batch 1 fp32, ours (best of eager/compiled) {best1:.1f} tokens/s = **{100 * best1 / bound:.0f}% of "
-            f"the bound** (target >= 85%); transformers {hf1:.1f} ({100 * hf1 / bound:.0f}%). Ours / transformers: "
-            f"eager {eager1 / hf1:.2f}x, compiled {comp1 / hf1:.2f}x.",
-            f"* batch 8 vs batch 1 total tokens/s (ours, best of eager/compiled): **{best8 / best1:.2f}x** (target >= 5x).",
-            f"* int8 weights, compiled, batch 1: {int8:.1f} tokens/s = **{int8 / hf1:.2f}x transformers fp32** "
-            f"(target >= 2x); decoder + lm_head weights {r['fp32_bytes'] / 1e6:.1f} MB fp32 -> "
-            f"{r['int8_bytes'] / 1e6:.1f} MB int8 ({r['int8_bytes'] / r['fp32_bytes']:.2f}x; the embedding table "
-            "stays fp32).",
-            f"* greedy tokens equal to transformers' at batch 1: {100 * r['agree']:.0f}% (same weights; float "
-            "rounding differs, so a near-tie can flip a token and the paths part from there).",
-        ]
-        if r["compile_failed"]:
-            lines.append(f"* torch.compile FAILED ({r['compile_failed']}): compiled rows ran eager.")
-        o = r["overhead"]
-        if o:
-            lines += [
-                "",
-                "Per-step time at batch 1 (ms, CPU time, median of 5 x 20 steps at one cache position; "
-                "overhead = step minus the same matrix-vector products run alone, F.linear per weight in "
-                "the step's order):",
-                "",
-                "| step | ms/step | matvecs alone | overhead outside the matvecs |",
-                "| --- | ---: | ---: | ---: |",
-            ]
-            for k, name in [("dynamic", "dynamic cache, eager (before)"), ("static", "static cache, eager"),
-                            ("compiled", "static cache, compiled")]:
-                lines.append(f"| {name} | {o[k]:.2f} | {o['matvecs']:.2f} | {o[k] - o['matvecs']:.2f} |")
-            lines.append(f"\nOverhead, compiled vs before: {(o['compiled'] - o['matvecs']):.2f} ms vs "
-                         f"{(o['dynamic'] - o['matvecs']):.2f} ms (target: half).")
-        lines.append("")
-    lines.append(f"_{platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}._")
+        lines += preset_table(r, read_bw, bw)
     return "\n".join(lines) + "\n"
+
+
+def _choice(x: dict) -> str:
+    c = x.get("chosen")
+    if not c:
+        return "?"
+    ms = c.get("ms")
+    return f"{c['choice']}" + (f" ({ms['compiled']:.2f} vs {ms['eager']:.2f} ms/step)" if ms else "")
+
+
+def preset_table(r: dict, read_bw: float, bw: float) -> list[str]:
+    rows = {(x["name"], x["batch"]): x for x in r["rows"]}
+    tps = {k: x["tps"] for k, x in rows.items()}
+    bound = read_bw / r["bytes_per_token"]
+    lines = [f"### `{r['preset']}` preset: {r['new']} new tokens, "
+             f"{r['reps']} timed run{'s' if r['reps'] > 1 else ''} per row", "",
+             "| implementation | batch | tokens/s (CPU) | per row | wall s | warm-up s | step chosen at start-up "
+             "(compiled vs eager) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for x in r["rows"]:
+        lines.append(f"| {x['name']} | {x['batch']} | {x['tps']:.1f} | {x['tps'] / x['batch']:.1f} | "
+                     f"{x['wall']:.2f} | {x['warm_s']:.1f} | {_choice(x) if 'chosen' in x else ''} |")
+    hf1 = tps[("transformers LlamaForCausalLM.generate", 1)]
+    fp, i8 = "videollama, static cache", "videollama int8"
+    checks = []
+    for label in (fp, i8):
+        for b in BATCHES:
+            eager = tps[(f"{label}, eager", b)]
+            as_chosen = rows[(f"{label}, --compile (as chosen)", b)]
+            ran = as_chosen["chosen"]["choice"] if as_chosen.get("chosen") else "?"
+            checks.append(f"{'fp32' if label == fp else 'int8'} batch {b}: compiled "
+                          f"{tps[(f'{label}, compiled', b)] / eager:.2f}x eager, --compile ran {ran} at "
+                          f"{as_chosen['tps'] / eager:.2f}x eager")
+    best = {b: max(tps[(f"{fp}, eager", b)], tps[(f"{fp}, compiled", b)]) for b in BATCHES}
+    chosen = {(lab, b): tps[(f"{lab}, --compile (as chosen)", b)] for lab in (fp, i8) for b in BATCHES}
+    int8_best1 = max(tps[(f"{i8}, eager", 1)], chosen[(i8, 1)])
+    lines += [
+        "",
+        f"* weights read per token (text-only step: self-attention, MLPs, norms, lm_head): "
+        f"{r['bytes_per_token'] / 1e6:.1f} MB fp32, {r['int8_bytes_per_token'] / 1e6:.1f} MB int8; bound at "
+        f"{read_bw / 1e9:.1f} GB/s read-only: **{bound:.0f} tokens/s** fp32, "
+        f"{read_bw / r['int8_bytes_per_token']:.0f} int8 (at {bw / 1e9:.1f} GB/s copy: {bw / r['bytes_per_token']:.0f} fp32).",
+        f"* batch 1 fp32, ours (best of eager/compiled) {best[1]:.1f} tokens/s = {100 * best[1] / bound:.0f}% of the "
+        f"bound; transformers {hf1:.1f} ({100 * hf1 / bound:.0f}%).",
+        f"* **int8, batch 1: {int8_best1:.1f} tokens/s = {int8_best1 / hf1:.2f}x transformers fp32** (target >= 2x; "
+        f"--compile as chosen {chosen[(i8, 1)] / hf1:.2f}x, eager {tps[(f'{i8}, eager', 1)] / hf1:.2f}x); implementations "
+        f"kept: {r['int8_impls']} eagerly, {r['int8_compiled_impls']} inside a compiled step (chosen in "
+        f"{r['int8_choose_s']:.1f} s at load); decoder + lm_head weights {r['fp32_bytes'] / 1e6:.1f} MB fp32 -> "
+        f"{r['int8_bytes'] / 1e6:.1f} MB int8.",
+        "* compiled vs eager, and what --compile ran (target: never below eager): " + "; ".join(checks) + ".",
+        f"* **batch 8 vs batch 1, total tokens/s**: fp32 --compile as chosen **{chosen[(fp, 8)] / chosen[(fp, 1)]:.2f}x**"
+        f" (best of eager/compiled {best[8] / best[1]:.2f}x), int8 {chosen[(i8, 8)] / chosen[(i8, 1)]:.2f}x "
+        "(target >= 5x).",
+        f"* greedy tokens equal to transformers' at batch 1: {100 * r['agree']:.0f}% (same weights; float "
+        "rounding differs, so a near-tie can flip a token and the paths part from there).",
+    ]
+    if r["compile_failed"]:
+        lines.append(f"* torch.compile FAILED ({r['compile_failed']}): compiled rows ran eager.")
+    return lines + overhead_table(r["overhead"]) + [""]
+
+
+def overhead_table(o: dict | None) -> list[str]:
+    if not o:
+        return []
+    lines = ["", "Per-step time at batch 1 (ms, CPU time, median of 5 x 20 steps at one cache position; "
+             "overhead = step minus the same matrix-vector products run alone, F.linear per weight in "
+             "the step's order):", "",
+             "| step | ms/step | matvecs alone | overhead outside the matvecs |", "| --- | ---: | ---: | ---: |"]
+    for k, name in [("dynamic", "dynamic cache, eager (before)"), ("static", "static cache, eager"),
+                    ("compiled", "static cache, compiled")]:
+        lines.append(f"| {name} | {o[k]:.2f} | {o['matvecs']:.2f} | {o[k] - o['matvecs']:.2f} |")
+    return lines
 
 
 def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     presets = argv or list(PLAN)
-    samples = [bandwidth()]
-    results = []
-    for p in presets:
-        results.append(measure(p))
-        samples.append(bandwidth())
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["VIDEOLLAMA_CACHE"] = cache  # a first start: every choice measured, every graph compiled
+        samples = [bandwidth()]
+        results = []
+        for p in presets:
+            results.append(measure(p))
+            samples.append(bandwidth())
     text = report(results, samples)
-    out = ROOT / "bench" / "results" / "decode.md"
-    out.write_text(text)
+    machine.write_result("decode", text)
     print(text)
     return 0
 

@@ -264,7 +264,8 @@ def write_results(results: list[dict]) -> None:
     for r in crashes:
         lines.append(f"\ncrash: {r['kind']} through {r['path']}: `{r.get('stderr', '')[-300:]}`")
     out = ROOT / "bench" / "results" / "hostile.md"
-    out.write_text("\n".join(lines) + "\n")
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    out.write_text(stamped("\n".join(lines) + "\n"))
     print("\n".join(lines))
 
 

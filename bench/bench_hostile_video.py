@@ -138,7 +138,8 @@ def write_results(text: str, subset: bool) -> None:
     if subset and path.exists():
         full = path.read_text().split("\n## Subset:")[0].rstrip("\n")
         text = full + "\n\n" + text
-    path.write_text(text)
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    path.write_text(stamped(text))
 
 
 def main() -> None:

@@ -198,7 +198,8 @@ def write_report(results, paired) -> None:
     ]
     out = ROOT / "bench" / "results" / "loader.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    out.write_text(stamped("\n".join(lines) + "\n"))
     print(f"wrote {out}")
 
 

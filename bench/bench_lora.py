@@ -165,7 +165,8 @@ def write(full_report: dict, lora: dict, cost: dict, out: Path, demo: Path) -> s
         "run unless `--lora-run` holds a finished one).",
     ]
     text = "\n".join(lines) + "\n"
-    out.write_text(text)
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    out.write_text(stamped(text))
     return text
 
 

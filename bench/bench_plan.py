@@ -266,7 +266,8 @@ def main() -> int:
              f"{100 * worst:.1f}%).", "", *thirteen_b(),
              f"_{platform.machine()}, torch {torch.__version__}, {len(CONFIGS)} configurations._"]
     out = ROOT / "bench" / "results" / "plan.md"
-    out.write_text("\n".join(lines) + "\n")
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    out.write_text(stamped("\n".join(lines) + "\n"))
     print(f"wrote {out}")
     return 0
 

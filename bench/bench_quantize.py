@@ -146,7 +146,8 @@ def main(argv: list[str]) -> int:
     if failed:
         lines.append(f"\ntorch.compile FAILED ({failed}): compiled rows ran eager.")
     lines.append(f"\n_{platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}._")
-    (ROOT / "bench" / "results" / "quantize.md").write_text("\n".join(lines) + "\n")
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    (ROOT / "bench" / "results" / "quantize.md").write_text(stamped("\n".join(lines) + "\n"))
     return 0
 
 

@@ -216,7 +216,8 @@ def main() -> None:
         "server pays for one row, not 16.",
     ]
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "serve.md").write_text("\n".join(lines) + "\n")
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    (ROOT / "bench" / "results" / "serve.md").write_text(stamped("\n".join(lines) + "\n"))
     print("\n".join(lines))
 
 

@@ -163,7 +163,8 @@ unless they say otherwise.
 {chr(10).join(generation)}
 """
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    OUT.write_text(stamped(text))
     print(f"wrote {OUT}")
     return 0
 

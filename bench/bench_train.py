@@ -206,7 +206,8 @@ def main() -> int:
     ]
     out = ROOT / "bench" / "results" / "train.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    out.write_text(stamped("\n".join(lines) + "\n"))
     print("\n".join(lines))
     return 0
 

@@ -316,7 +316,8 @@ def write_results(results: list[dict], out: Path, cpu: str, scale: float) -> str
                       f"{verdict} (it waits on the decoder's pixel-weighted work bound in data/video.py; the "
                       "server bounds it meanwhile by `--decode-timeout-s` and the request deadline)."]
     text = "\n".join(lines) + "\n"
-    out.write_text(text)
+    from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
+    out.write_text(stamped(text))
     return text
 
 

@@ -34,3 +34,20 @@ def no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Measurements and kernels go to a cache directory of this test session (VIDEOLLAMA_CACHE, which
+    subprocesses inherit), never the user's; inductor's compiled graphs stay where torch keeps them
+    by default, so that compile-heavy tests keep their cache across sessions."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VIDEOLLAMA_CACHE", str(tmp_path_factory.mktemp("videollama-cache")))
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    yield
+    mp.undo()

@@ -128,7 +128,7 @@ def test_compiled_fused_int8_step_equals_eager(quantized):
 
 
 def test_reduction_chunks():
-    from videollama.inference.quantize import _chunks
+    from videollama.inference.int8_impls import _chunks
 
     assert [_chunks(k) for k in (64, 2048, 4096, 4097, 5632, 8192, 11008)] == [1, 1, 1, 17, 2, 2, 4]
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from videollama.inference.generate import prefill, run_step, sample
+from videollama.inference.generate import prefill, run_step, sample, step_choice, step_report
 from videollama.model.decoder import KVCache, Media
 
 MediaKV = list[tuple[torch.Tensor, torch.Tensor]]  # per cross-attn block (k, v), batch dim 1
@@ -176,17 +176,18 @@ class BatchDecoder:
         full = [self.slot_at[i] for i, length in enumerate(lengths) if length >= self.max_len]
         if full:
             raise ValueError(f"slot(s) {full} hold max_len {self.max_len} positions already: remove them")
-        # Rows nb > n are idle (slot 0 visible, writes at slot 0, outputs ignored).
-        nb = bucket(n, self.max_batch) if self.compile else n
         self.key_mask[:n].scatter_(1, self.write_pos[:n, None], True)  # each row's new token sees itself
         any_media = bool(self.media_rows[:n].any())
-        caches = [KVCache(c.k[:nb], c.v[:nb]) for c in self.caches]
-        media = None
-        if any_media:
-            media = Media(kv=[(k[:nb], v[:nb]) for k, v in self.media_kv], rows=self.media_rows[:nb])
-        logits = run_step(self.compile, self.model, self.tokens[:nb], position=self.position[:nb],
-                          write_pos=self.write_pos[:nb], key_mask=self.key_mask[:nb], media=media,
-                          kv_caches=caches)  # [nb, V]
+        # Compiled: rows [:bucket(n)] (rows n.. are idle: slot 0 visible, writes at slot 0, outputs
+        # ignored), unless the eager step measured faster at that bucket: then exactly n rows, eager.
+        nb, compiled = n, False
+        if self.compile:
+            nb = bucket(n, self.max_batch)
+            token, kwargs = self._step_inputs(nb, any_media)
+            compiled = step_choice(self.model, token, **kwargs) == "compiled"
+            nb = nb if compiled else n
+        token, kwargs = self._step_inputs(nb, any_media)
+        logits = run_step(compiled, self.model, token, **kwargs)  # [nb, V]
         new = logits[:n].argmax(dim=-1)  # [n]
         for i, slot in enumerate(self.slot_at):
             row = self.rows[slot]
@@ -197,6 +198,47 @@ class BatchDecoder:
         self.write_pos[:n] += 1
         self.position[:n] += 1
         return dict(zip(self.slot_at, new.tolist()))
+
+    def _step_inputs(self, rows: int, any_media: bool) -> tuple[torch.Tensor, dict]:
+        """decode_step's token and keyword inputs for rows [:rows] of the static buffers (views)."""
+        caches = [KVCache(c.k[:rows], c.v[:rows]) for c in self.caches]
+        media = None
+        if any_media:
+            media = Media(kv=[(k[:rows], v[:rows]) for k, v in self.media_kv], rows=self.media_rows[:rows])
+        return self.tokens[:rows], {"position": self.position[:rows], "write_pos": self.write_pos[:rows],
+                                    "key_mask": self.key_mask[:rows], "media": media, "kv_caches": caches}
+
+    @torch.inference_mode()
+    def warm_up(self, video: bool = True) -> list[dict]:
+        """Before any request (with ``compile``): choose and compile the step of every row bucket,
+        without and (``video``, when the model reads video) with video rows, on idle rows; the
+        choice records (:func:`~videollama.inference.generate.step_report`) of those steps."""
+        if self.rows:
+            raise ValueError("warm_up needs an idle batch decoder")
+        if not self.compile:
+            return []
+        media_options = [False]
+        if video and len(self.model.decoder.cross_attn_layers):
+            media_options.append(True)
+            if self.media_kv is None:
+                self.media_kv = [(k.new_zeros((self.max_batch, *k.shape[1:])), v.new_zeros((self.max_batch, *v.shape[1:])))
+                                 for k, v in self.model.decoder.project_media(self._blank_latents())]
+        keys = []
+        for any_media in media_options:
+            self.media_rows[:] = any_media
+            for b in buckets(self.max_batch):
+                token, kwargs = self._step_inputs(b, any_media)
+                step_choice(self.model, token, **kwargs)
+                keys.append((b, self.max_len, any_media))
+        self.media_rows[:] = False
+        return [r for r in step_report() if (r["rows"], r["cache_len"], r["media"]) in keys]
+
+    def _blank_latents(self) -> torch.Tensor:
+        """The visual latents [1, L, D_v] of a black clip: a video's shapes, for warm-up."""
+        cfg, p = self.model.config, next(self.model.vision.parameters())
+        size = cfg.vision.image_size
+        video = torch.zeros(1, cfg.preprocess.num_frames, 3, size, size, dtype=p.dtype, device=p.device)
+        return self.model.encode_video(video)
 
     @torch.inference_mode()
     def remove(self, slot: int) -> None:

@@ -14,6 +14,9 @@ requests that join and leave (serving).
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +26,8 @@ import torch
 from videollama.inference.whole_video import EncodedVideo, pad_videos
 from videollama.model.decoder import KVCache, Media
 from videollama.model.videollama import VideoLlama, Windows, positions_from_mask
+
+log = logging.getLogger(__name__)
 
 
 def prefill(model: VideoLlama, input_ids: torch.Tensor, *, attention_mask: torch.Tensor,
@@ -53,6 +58,7 @@ def decode_step(model: VideoLlama, token: torch.Tensor, *, position: torch.Tenso
 
 
 _COMPILED: dict[str, object] = {}
+STEP_ENV = "VIDEOLLAMA_STEP"  # auto (measure), compiled or eager: what compile=True runs
 
 
 def compiled_decode_step():
@@ -60,9 +66,14 @@ def compiled_decode_step():
 
     Its inputs keep their shapes from step to step, so it compiles once per batch/cache shape
     (and once more for each of media / no media); the first call pays the compile (seconds to
-    minutes on a CPU, C++ compiler needed). :func:`run_step` falls back to eager on failure.
+    minutes on a CPU, C++ compiler needed), once per host: inductor's caches live in our cache
+    directory (:func:`~videollama.inference.host.use_compile_cache`), so a later process loads
+    the compiled graphs. :func:`run_step` falls back to eager on failure.
     """
     if "step" not in _COMPILED:
+        from videollama.inference.host import use_compile_cache
+
+        use_compile_cache()
         # One graph per (rows, cache length, media or not): BatchDecoder's row buckets alone give
         # 2 x log2(max_batch) + 2 of them, over dynamo's default limit of 8 (past which it would
         # silently run eager).
@@ -71,16 +82,91 @@ def compiled_decode_step():
     return _COMPILED["step"]
 
 
+def _step_key(model: VideoLlama, token: torch.Tensor, kv_caches: list[KVCache], media: Media | None) -> str:
+    """What a step's speed depends on: the decoder's shapes, its int8 implementations, the rows,
+    the cache length and the video keys/values' shape (or none)."""
+    import hashlib
+
+    from videollama.inference.quantize import Int8Linear
+
+    impls = sorted({(m.impl, m.compiled_impl) for m in model.modules() if isinstance(m, Int8Linear)})
+    p = next(model.decoder.parameters())
+    ident = repr((model.config.decoder, impls, p.dtype, p.device.type))
+    media_shape = "none" if media is None else "x".join(map(str, media.kv[0][0].shape[1:])) if media.kv else "latents"
+    return (f"step/{hashlib.sha256(ident.encode()).hexdigest()[:16]}/rows{token.shape[0]}/"
+            f"len{kv_caches[0].k.shape[2]}/media-{media_shape}")
+
+
+def step_choice(model: VideoLlama, token: torch.Tensor, **kwargs) -> str:
+    """"compiled" or "eager": which decode step runs for these inputs when compiling is asked for.
+
+    $VIDEOLLAMA_STEP=compiled or eager decides outright; otherwise (auto) the choice is measured
+    the first time a shape is seen on this host (compile, then both steps timed on these inputs:
+    a step writes the same cache slot each time, so repeating it changes nothing) and kept in our
+    cache directory. Either way the compiled step is compiled here, once per process, and the
+    time that took (``warm_s``) goes into the record :func:`step_report` lists. A compile that
+    fails warns once; every step is eager from then on."""
+    from videollama.inference import tuning
+
+    if "failed" in _COMPILED:
+        return "eager"
+    key = _step_key(model, token, kwargs["kv_caches"], kwargs["media"])
+    choices = _COMPILED.setdefault("choices", {})
+    if key in choices:
+        return choices[key]["choice"]
+    policy = os.environ.get(STEP_ENV, "auto").strip().lower()
+    t = time.perf_counter()
+    try:
+        if policy in ("compiled", "eager"):
+            record = {"choice": policy, "why": f"{STEP_ENV}={policy}"}
+        else:
+            if any(hasattr(m, "compiled_impl") for m in model.modules()):  # int8 linears: fused or not
+                tuning.prepare_compiled(model)
+                key = _step_key(model, token, kwargs["kv_caches"], kwargs["media"])
+            record = dict(tuning.choose_step(key, lambda: decode_step(model, token, **kwargs),
+                                             lambda: compiled_decode_step()(model, token, **kwargs)))
+        if record["choice"] == "compiled":
+            compiled_decode_step()(model, token, **kwargs)  # compiles now, not inside a timed step
+    except Exception as e:  # noqa: BLE001 - inductor raises many kinds; eager is always correct
+        _failed(e)
+        return "eager"
+    record["warm_s"] = time.perf_counter() - t
+    record["rows"], record["cache_len"] = token.shape[0], kwargs["kv_caches"][0].k.shape[2]
+    record["media"] = kwargs["media"] is not None
+    choices[key] = record
+    log.info("decode step at %d rows, cache %d%s: %s (%s), warm-up %.1f s", record["rows"], record["cache_len"],
+             ", video" if record["media"] else "", record["choice"], _times(record), record["warm_s"])
+    return record["choice"]
+
+
+def _failed(e: Exception) -> None:
+    _COMPILED["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    warnings.warn(f"torch.compile of the decode step failed ({_COMPILED['failed']}); decoding eagerly",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _times(record: dict) -> str:
+    ms = record.get("ms")
+    if not ms:
+        return record.get("why", "kept from an earlier measurement")
+    return f"compiled {ms['compiled']:.2f} ms vs eager {ms['eager']:.2f} ms per step"
+
+
+def step_report() -> list[dict]:
+    """The decode-step choices this process made, one record per shape: choice, ms, warm_s, rows,
+    cache_len, media."""
+    return list(_COMPILED.get("choices", {}).values())
+
+
 def run_step(compile: bool, *args, **kwargs) -> torch.Tensor:
-    """:func:`decode_step`, compiled when ``compile``; a failed compile warns once and then
-    runs eager for the rest of the process (``_COMPILED["failed"]`` records why)."""
-    if compile and "failed" not in _COMPILED:
+    """:func:`decode_step`, compiled when ``compile`` and :func:`step_choice` says compiling wins
+    here; a failed compile warns once and then runs eager for the rest of the process
+    (``_COMPILED["failed"]`` records why)."""
+    if compile and step_choice(*args, **kwargs) == "compiled":
         try:
             return compiled_decode_step()(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - inductor raises many kinds; eager is always correct
-            _COMPILED["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warnings.warn(f"torch.compile of the decode step failed ({_COMPILED['failed']}); "
-                          "decoding eagerly", RuntimeWarning, stacklevel=2)
+            _failed(e)
     return decode_step(*args, **kwargs)
 
 

@@ -6,16 +6,16 @@ one scale per output row. The vision encoder and resampler stay in float32 (they
 video, not once per token, and are a small part of the per-token weight traffic); so do the
 embedding (a lookup: one row per token) and the norms and gates.
 
-The matrix products: torchao 0.18's weight-only int8 linear computes
-``mm(x, int8_weight.t().to(float32)) * scale``, which on a CPU first writes the whole
-dequantized float32 weight, then reads it again: at batch 1 it is several times *slower* than
-the float32 linear, eager or through ``torch.compile`` (bench/results/quantize.md measures
-it). So by default (``kernel="fused"``) each quantized linear becomes an :class:`Int8Linear`
-holding torchao's int8 values and scales, whose forward, inside a compiled decode step
-(``generate(..., compile=True)``, ``BatchDecoder(compile=True)``), is written as a reduction
-that inductor fuses into one loop reading the int8 weight once: a quarter of the float32
-bytes. Outside ``torch.compile`` it dequantizes like torchao (correct, not fast).
-``kernel="torchao"`` keeps torchao's own tensor subclass, for comparison.
+Each quantized linear becomes an :class:`Int8Linear` (torchao's int8 values and scales) whose
+product is computed by one of the implementations of :mod:`videollama.inference.int8_impls` (our
+C kernel, ATen's int8 weight-pack matmul, inductor's fused reduction, dequantize-then-matmul).
+Which one is fastest depends on the CPU's instruction set and on the code generated for it, so it
+is measured, not assumed (bench/results/int8.md has the figures on the machines we had):
+``kernel="auto"`` (the default) times the eager ones on each weight shape at one and at eight
+rows (decoding) and at 64 rows (a prompt), and keeps the fastest for each; the compiled decode
+step later offers the fused reduction too (:func:`videollama.inference.tuning.prepare_compiled`).
+The choices are kept per host and shape in our cache directory (:mod:`videollama.inference.host`),
+so a second load measures nothing. ``kernel="torchao"`` keeps torchao's tensor subclass.
 
 int4: torchao 0.18 has no int4 weight-only kernel for a float32 CPU model (its formats need
 the mslk package, an XPU/NPU device, or CUDA bfloat16 tinygemm); on such a platform the
@@ -26,71 +26,46 @@ tinygemm format (``tile_packed_to_4d``, groups of 128) is used.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from videollama.inference.int8_impls import DECODE_MAX_ROWS, IMPLS, candidates, product
+
 MODES = ("none", "int8", "int4")
-KERNELS = ("fused", "torchao")
-# Rows (batch x tokens) up to which a compiled Int8Linear uses the fused reduction; above it
-# (prefill) the dequantize-then-matmul form, whose matmul is compute-bound anyway.
-FUSED_MAX_ROWS = 16
+KERNELS = ("auto", *IMPLS, "torchao")
 
 
 class Int8Linear(nn.Module):
-    """y = (x @ weight.T) * scale with weight int8 [N, K] and scale float [N] (no bias)."""
+    """y = (x @ weight.T) * scale with weight int8 [N, K] and scale float [N] (no bias).
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+    ``impl`` computes rows <= DECODE_MAX_ROWS eagerly, ``compiled_impl`` (default: impl) inside
+    torch.compile, ``prefill_impl`` (default: impl) more rows; each one of IMPLS."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, *, impl: str = "fused",
+                 compiled_impl: str | None = None, prefill_impl: str | None = None) -> None:
         super().__init__()
         if weight.dtype != torch.int8 or weight.dim() != 2 or scale.numel() != weight.shape[0]:
             raise ValueError(f"Int8Linear needs an int8 [N, K] weight and N scales, got {weight.dtype} "
                              f"{tuple(weight.shape)} and {scale.numel()} scales")
+        for name in (impl, compiled_impl, prefill_impl):
+            if name is not None and name not in IMPLS:
+                raise ValueError(f"Int8Linear impl must be one of {', '.join(IMPLS)}, not {name!r}")
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.impl, self.compiled_impl, self.prefill_impl = impl, compiled_impl or impl, prefill_impl or impl
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scale", scale.reshape(-1).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., K] -> [..., N] in x's dtype."""
-        if torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS:
-            # [..., 1, K] * [N, K] summed over K: inductor emits one loop over the int8 weight,
-            # converting in registers; nothing [..., N, K] is ever written. A reduction longer
-            # than 4096 makes inductor's C++ backend switch to cascade summation, several times
-            # slower: such a K is summed as g chunks of K / g.
-            # (The int8 weight is viewed before the conversion: a view of the converted weight
-            # makes inductor write the whole float32 weight out.)
-            x = _written(x)
-            g = _chunks(self.in_features)
-            if g == 1:
-                y = (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1)
-            else:
-                k = self.in_features // g
-                xs = x.reshape(*x.shape[:-1], 1, g, k)
-                y = (xs * self.weight.view(self.out_features, g, k).to(x.dtype)).sum(-1).sum(-1)
+        rows = x.numel() // x.shape[-1]
+        if rows > DECODE_MAX_ROWS:
+            impl = self.prefill_impl
         else:
-            y = F.linear(x, self.weight.to(x.dtype))
-        return y * self.scale.to(x.dtype)
+            impl = self.compiled_impl if torch.compiler.is_compiling() else self.impl
+        return product(impl, x, self.weight, self.scale)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
-
-
-@torch.library.custom_op("videollama::written", mutates_args=())
-def _written(x: torch.Tensor) -> torch.Tensor:
-    """A copy of x that inductor cannot inline: an Int8Linear's input is computed once, not
-    recomputed inside its reduction loop once per output row. Without it, the RMSNorm that feeds
-    the q/k/v, gate/up and lm_head projections (a per-element rsqrt and divide) is inlined into
-    them, and recomputed for every output row: several times slower."""
-    return x.clone()
-
-
-@_written.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-def _chunks(k: int, longest: int = 4096) -> int:
-    """The fewest equal chunks g that split a reduction of length k into chunks <= longest (1 if
-    none divides evenly: one cascade-summed loop, slower but exact)."""
-    return next((g for g in range(1, k // 2 + 1) if k % g == 0 and k // g <= longest), 1)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only, "
+                f"impl={self.impl}, compiled={self.compiled_impl}, prefill={self.prefill_impl}")
 
 
 def _targets(model: nn.Module) -> set[str]:
@@ -114,13 +89,14 @@ def _int4_unavailable(model: nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str, *, kernel: str = "fused") -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, *, kernel: str = "auto") -> nn.Module:
     """Quantize ``model`` (a VideoLlama) in place for inference and return it.
 
     mode: "none" (unchanged), "int8" (weight-only, per output row) or "int4" (CUDA bfloat16 only,
-    else ValueError). kernel, for int8: "fused" (:class:`Int8Linear`, fast inside a compiled decode
-    step) or "torchao" (torchao's own Int8Tensor weights). A tied lm_head is untied: it gets its
-    int8 copy and the embedding keeps its float32 table.
+    else ValueError). kernel, for int8: "auto" (each weight shape's fastest implementation on this
+    host, measured once and kept), one of IMPLS for every linear (ValueError where it cannot run),
+    or "torchao" (torchao's own Int8Tensor weights). A tied lm_head is untied: it gets its int8
+    copy and the embedding keeps its float32 table.
     """
     if mode not in MODES:
         raise ValueError(f"quantize mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -150,16 +126,37 @@ def quantize_model(model: nn.Module, mode: str, *, kernel: str = "fused") -> nn.
     else:
         config = Int8WeightOnlyConfig(set_inductor_config=False)
     quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in targets)
-    if mode == "int8" and kernel == "fused":
-        for name in sorted(targets):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            lin = getattr(parent, child)
-            w = lin.weight
-            if lin.bias is not None or not hasattr(w, "qdata"):
-                raise ValueError(f"{name}: torchao did not give an int8 weight-only tensor ({type(w).__name__})")
-            setattr(parent, child, Int8Linear(w.qdata.detach().clone(), w.scale.detach().float().clone()))
+    if mode == "int8" and kernel != "torchao":
+        _to_int8_linears(model, targets, kernel)
     return model
+
+
+def _to_int8_linears(model: nn.Module, targets: set[str], kernel: str) -> None:
+    """Replace each of torchao's int8 linears named in ``targets`` by an :class:`Int8Linear`
+    computing with ``kernel`` (or, "auto", what :func:`~videollama.inference.tuning.choose_int8`
+    measured fastest for its shape)."""
+    from videollama.inference import tuning
+
+    if kernel == "kernel":
+        from videollama.inference import int8_kernel
+
+        if not int8_kernel.available():
+            raise ValueError(f"quantize kernel 'kernel': our int8 kernel {int8_kernel.kernel_status()}")
+    for name in sorted(targets):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lin = getattr(parent, child)
+        w = lin.weight
+        if lin.bias is not None or not hasattr(w, "qdata"):
+            raise ValueError(f"{name}: torchao did not give an int8 weight-only tensor ({type(w).__name__})")
+        qdata, scale = w.qdata.detach().contiguous(), w.scale.detach().float().reshape(-1).contiguous()
+        if kernel == "auto":
+            dtype = w.scale.dtype  # the model's compute dtype
+            choice = tuning.choose_int8(qdata, scale, dtype, candidates(qdata.device, dtype))
+            impls = {"impl": choice["decode"], "prefill_impl": choice["prefill"]}
+        else:
+            impls = {"impl": kernel}
+        setattr(parent, child, Int8Linear(qdata.clone(), scale.clone(), **impls))
 
 
 def weight_bytes(module: nn.Module) -> int:

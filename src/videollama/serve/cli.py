@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="http(s) video URLs are fetched only from these hosts (.example.com: its "
                         "subdomains too); private and loopback addresses are refused anyway")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step where, measured at start-up, it beats the eager step")
     add_limit_arguments(parser)
 
 
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
                                    allowed_domains=tuple(args.allowed_media_domains))
     if args.served_model_name:
         engine.name = args.served_model_name
+    if args.compile:
+        engine.warm_up()  # every batch bucket's step chosen (and compiled) before the first request
     engine.start()
     try:
         uvicorn.run(create_app(engine, api_key=key, hosts=hosts), host=args.host, port=args.port,

@@ -106,6 +106,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closing = self._paused = False
         self.in_system = 0  # requests inside chat(), preparing, waiting or decoding
+        self.warmup: dict | None = None  # warm_up()'s seconds and decode-step choices
         self._decode_slots = threading.BoundedSemaphore(self.limits.decode_workers)
         # Reading a video's bytes and decoding it wait on pools of their own (never asyncio's
         # default one, which every to_thread of the process shares): a queue of videos holds no thread.
@@ -124,6 +125,19 @@ class Engine:
         return cls(model, tokenizer, **kwargs)
 
     # ---- lifecycle ----------------------------------------------------------------------------
+    def warm_up(self) -> dict:
+        """Before :meth:`start`: choose, and compile where compiling wins, the decode step of every
+        batch bucket (with ``compile``; nothing otherwise); {"seconds": s, "steps": [records]}."""
+        if self._thread is not None:
+            raise RuntimeError("warm_up runs before start(): the scheduler thread owns the model")
+        t = time.perf_counter()
+        steps = self.decoder.warm_up() if hasattr(self.decoder, "warm_up") else []
+        self.warmup = {"seconds": time.perf_counter() - t, "steps": steps}
+        compiled = sorted(r["rows"] for r in steps if r["choice"] == "compiled")
+        log.info("warm-up %.1f s: %d decode-step shapes, compiled at rows %s, eager for the rest",
+                 self.warmup["seconds"], len(steps), compiled or "none")
+        return self.warmup
+
     def start(self) -> Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="videollama-scheduler", daemon=True)
