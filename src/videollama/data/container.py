@@ -79,12 +79,15 @@ PROBE_OPTIONS = {"probesize": str(2 << 20), "analyzeduration": "2000000", "max_p
 # Decoding work is counted in pixels: each packet decoded costs the frame size it decodes at,
 # whether or not a frame comes out (a skip frame before the first keyframe costs a full-size
 # decode and shows nothing). A clip may decode as many full-HD frames as its frame cap, and at
-# least MIN_PIXEL_BUDGET (32 frames of the largest size allowed); a quarter of that may go to
-# decoding that shows no frame at all (real streams show one at least every group of pictures,
-# a few hundred frames). Videos up to full HD are bounded by the frame cap exactly as before; a
+# least MIN_PIXEL_BUDGET (32 frames of the largest size allowed); an eighth of that, and at least
+# MIN_DRY_PIXEL_BUDGET (16 of the largest frames), may go to decoding that shows no frame at all:
+# real streams show one at least every group of pictures (x264's default: 250 frames, within the
+# cap for full HD), and a flood of frames that never show is refused after about a second of
+# decoding here (bench/results/hostile_video.md). Videos up to full HD are bounded by the frame cap exactly as before; a
 # 48 KB stream of 8192x4880 skip frames stops after ~40 of them (bench/results/hostile_video.md).
 REFERENCE_PIXELS = 1920 * 1080
 MIN_PIXEL_BUDGET = 32 * MAX_PIXELS
+MIN_DRY_PIXEL_BUDGET = 16 * MAX_PIXELS
 
 Source = str | os.PathLike | bytes | bytearray | memoryview
 
@@ -99,7 +102,7 @@ class WorkBound:
     def __init__(self, name: str, max_items: int, deadline: float | None):
         self.name, self.max_items, self.deadline = name, max_items, deadline
         self.max_pixels = max(MIN_PIXEL_BUDGET, max_items * REFERENCE_PIXELS)
-        self.max_dry_pixels = max(MIN_PIXEL_BUDGET, self.max_pixels // 4)
+        self.max_dry_pixels = max(MIN_DRY_PIXEL_BUDGET, self.max_pixels // 8)
         self.declared_pixels = 0
 
     def remaining(self) -> float | None:
