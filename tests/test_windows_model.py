@@ -35,6 +35,17 @@ def ids(b: int = 2, t: int = 6) -> torch.Tensor:
 
 
 @torch.no_grad()
+def test_a_fresh_model_starts_with_no_time_code():
+    # init_weights draws every Linear; the time code's projection must end at zero all the same
+    # (its MediaTime is visited before its Linear), so that a fresh model ignores time as the gates do.
+    torch.manual_seed(0)
+    m = VideoLlama(tiny())
+    assert torch.equal(m.decoder.media_time.proj.weight, torch.zeros_like(m.decoder.media_time.proj.weight))
+    latents = torch.randn(3, 16, m.config.vision.hidden_size)
+    assert torch.equal(m.stamp(latents, torch.tensor([[0.0], [4.0], [3600.0]])), latents)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("num_latents", [16, 0])
 def test_a_directory_saved_before_the_time_stamps_loads_and_gives_the_same_logits(tmp_path, num_latents):
     torch.manual_seed(0)

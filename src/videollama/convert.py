@@ -53,7 +53,7 @@ def read_safetensors_dir(hf_dir: Path) -> dict[str, Any]:
     """All tensors of a (possibly sharded) safetensors checkpoint. Pickled checkpoints are refused."""
     from safetensors.torch import load_file
 
-    from videollama.model.videollama import weight_files
+    from videollama.model.model_dir import weight_files
 
     if not (hf_dir / "model.safetensors.index.json").is_file() and not (hf_dir / "model.safetensors").exists():
         if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         if out.resolve() == folder or out.resolve().is_relative_to(folder):
             raise ValueError(f"--out {out} is, or is inside, the {flag} input {folder}: writing there would "
                              "destroy it; give another folder")
-    from videollama.model.videollama import TOKENIZER_NAME
+    from videollama.model.model_dir import TOKENIZER_NAME
 
     tokenizer = None
     if args.tokenizer:

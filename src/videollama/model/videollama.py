@@ -1,19 +1,17 @@
-"""The composed VideoLlama model, its loss, and the model directory format.
+"""The composed VideoLlama model and its loss; the model directory format is model/model_dir.py.
 
     video [B, F, 3, H, W] -> vision (ViT per frame + temporal) -> post_layernorm
         -> resampler -> latents [B, L, D_v]
     input_ids [B, T] -> decoder (Llama + gated cross-attention to the latents) -> lm_head -> logits
 
-A model directory holds ``config.json``, ``preprocessor.json`` and ``model.safetensors`` (or
-``model-0000i-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``, the Hugging
-Face index format). Loading is strict: a missing, unexpected or misshapen tensor is an error
-that names the tensor and the file.
+``save_pretrained`` / ``from_pretrained`` read and write a model directory through
+model/model_dir.py (strict: a missing, unexpected or misshapen tensor is an error that names the
+tensor and the file).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,15 +21,9 @@ from torch import nn
 from videollama.config import VideoLlamaConfig
 from videollama.constants import IGNORE_INDEX
 from videollama.model.decoder import Decoder, KVCache, Media
-from videollama.model.parts import ADDED_ZERO_INIT, check_layout
+from videollama.model.model_dir import read_config, read_state, save_model_dir
 from videollama.model.resampler import PerceiverResampler
 from videollama.model.vision import VisionEncoder
-
-CONFIG_NAME = "config.json"
-PREPROCESSOR_NAME = "preprocessor.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_NAME = "tokenizer.json"
 
 
 @dataclass
@@ -125,6 +117,9 @@ class VideoLlama(nn.Module):
                 nn.init.zeros_(module.bias)
             elif module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()  # only its own parameters; children come in this loop
+        # The time code's projection is a Linear, visited after its MediaTime above: zero again, so
+        # that a fresh model reads time as a model saved before it existed does (as the gates do).
+        self.decoder.media_time.reset_parameters()
 
     def tie_weights(self) -> None:
         if self.config.decoder.tie_word_embeddings:
@@ -301,50 +296,13 @@ class VideoLlama(nn.Module):
         return self.lm_head(self.decoder(input_ids, positions=positions, key_mask=key_mask, media=media,
                                          kv_caches=kv_caches, write_pos=write_pos))
 
-    # ---- model directory --------------------------------------------------------------
+    # ---- model directory (model/model_dir.py) ------------------------------------------
     def save_pretrained(self, directory: str | Path, *, tokenizer=None, max_shard_size: int = 5 * 2**30) -> None:
         """Write a model directory: config.json, preprocessor.json, the weights as safetensors
         (sharded above max_shard_size bytes; tied output weights stored once, as the embedding)
         and, given ``tokenizer`` (a ``tokenizers.Tokenizer`` or the path of a tokenizer.json),
         tokenizer.json: then ``videollama generate --model`` and ``videollama eval`` can use it."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory / CONFIG_NAME)
-        (directory / PREPROCESSOR_NAME).write_text(json.dumps(asdict(self.config.preprocess), indent=2) + "\n")
-        if tokenizer is not None:
-            _save_tokenizer(tokenizer, directory / TOKENIZER_NAME)
-
-        state = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
-        if self.config.decoder.tie_word_embeddings:
-            del state["lm_head.weight"]
-        # Leftovers of an earlier save with another layout would confuse the loader.
-        for old in [directory / WEIGHTS_NAME, directory / WEIGHTS_INDEX_NAME,
-                    *directory.glob("model-*-of-*.safetensors")]:
-            old.unlink(missing_ok=True)
-
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_size:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += nbytes
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], str(directory / WEIGHTS_NAME), metadata=meta)
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(directory / file), metadata=meta)
-            weight_map.update(dict.fromkeys(shard, file))
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        save_model_dir(self, Path(directory), tokenizer=tokenizer, max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None,
@@ -353,49 +311,12 @@ class VideoLlama(nn.Module):
 
         Returns the model, or ``(model, tokenizer)`` with ``return_tokenizer=True`` (the
         directory's tokenizer.json, an error if it has none)."""
-
         directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; not a VideoLlama model directory")
-        config = VideoLlamaConfig.load(directory / CONFIG_NAME)  # validated: sizes, divisibility
-        files = weight_files(directory)
-        check_layout(config, [n for names in files.values() for n in names], str(directory))
-
+        config = read_config(directory)
         # Built on the meta device: no memory, no random init; the tensors are assigned below.
         with torch.device("meta"):
             model = cls(config)
-        expected = {name: p for name, p in model.state_dict().items()}
-        if config.decoder.tie_word_embeddings:
-            del expected["lm_head.weight"]
-
-        state: dict[str, torch.Tensor] = {}
-        where: dict[str, Path] = {}
-        for file, names in files.items():
-            with _open_safetensors(file) as f:
-                stored = set(f.keys())
-                missing_in_file = set(names) - stored
-                if missing_in_file:
-                    raise ValueError(f"{file}: the index lists {sorted(missing_in_file)[:5]} but the file lacks them")
-                for name in names:
-                    if name in where:
-                        raise ValueError(f"{file}: tensor {name!r} is also stored in {where[name]}")
-                    if name not in expected:
-                        raise ValueError(f"{file}: unexpected tensor {name!r} for a {config.name!r} config")
-                    t = f.get_tensor(name)
-                    if tuple(t.shape) != tuple(expected[name].shape):
-                        raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, the config "
-                                         f"({directory / CONFIG_NAME}) needs {tuple(expected[name].shape)}")
-                    state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
-                    where[name] = file
-        for name in ADDED_ZERO_INIT:  # newer than the directory: zero changes nothing (model/parts.py)
-            if name in expected and name not in state:
-                state[name] = torch.zeros(expected[name].shape, device=device,
-                                          dtype=dtype or state["decoder.embed_tokens.weight"].dtype)
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise ValueError(f"{directory}: missing tensors {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-        if config.decoder.tie_word_embeddings:
-            state["lm_head.weight"] = state["decoder.embed_tokens.weight"]
+        state = read_state(directory, config, model.state_dict(), device=device, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.tie_weights()  # assign=True replaced the shared Parameter with two
         if return_tokenizer:
@@ -405,67 +326,8 @@ class VideoLlama(nn.Module):
         return model
 
 
-def _save_tokenizer(tokenizer, path: Path) -> None:
-    """A ``tokenizers.Tokenizer`` is saved; a path (file, or folder holding tokenizer.json) is
-    checked by loading it, then copied byte for byte."""
-    import shutil
-
-    from videollama.data.tokenizer import load_tokenizer
-
-    if isinstance(tokenizer, (str, Path)):
-        source = Path(tokenizer)
-        source = source / TOKENIZER_NAME if source.is_dir() else source
-        load_tokenizer(source)  # a clear error for a missing or invalid file, before copying
-        if source.resolve() != path.resolve():
-            shutil.copyfile(source, path)
-    else:
-        tokenizer.save(str(path))
-
-
-def weight_files(directory: Path) -> dict[Path, list[str]]:
-    """The safetensors files of a model (or Hugging Face checkpoint) directory and the tensor
-    names each one holds. An index may name only plain files inside the directory."""
-    from videollama.data.safe_io import MAX_JSON_BYTES, check_regular_file, read_json_object
-
-    index = directory / WEIGHTS_INDEX_NAME
-    single = directory / WEIGHTS_NAME
-    if index.is_file():
-        weight_map = read_json_object(index, "index", limit=64 * MAX_JSON_BYTES).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise ValueError(f"{index}: not a safetensors index (no weight_map of tensor name -> file name)")
-        files: dict[Path, list[str]] = {}
-        for name, file in weight_map.items():
-            if Path(file).name != file or file in (".", ".."):
-                raise ValueError(f"{index}: tensor {name!r} points to {file!r}, not a file of {directory}")
-            path = directory / file
-            if not path.exists():
-                raise FileNotFoundError(f"{index}: tensor {name!r} points to missing file {path}")
-            check_regular_file(path, "weights file")
-            files.setdefault(path, []).append(name)
-        return files
-    if single.exists():
-        check_regular_file(single, "weights file")
-        return {single: safetensors_names(single)}
-    raise FileNotFoundError(f"{directory}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}")
-
-
-def safetensors_names(path: Path) -> list[str]:
-    """The tensor names of a safetensors file (its header only); a damaged file is a ValueError."""
-    with _open_safetensors(path) as f:
-        return list(f.keys())
-
-
 def positions_from_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
     """Rotary positions [B, T]: 0..T-1, or counted over real tokens only for left-padded rows."""
     if attention_mask is None:
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _open_safetensors(path: Path):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError and others
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e

@@ -91,7 +91,7 @@ class SyntheticVideos(SyntheticClips):
         rows = [v for v in range(videos) for _ in range(1 + v % 2)]  # odd videos get two texts
         ids = torch.randint(3, self.cfg.decoder.vocab_size, (len(rows), self.seq_len), generator=g)  # [R, T]
         labels = ids.clone()
-        labels[:, : self.seq_len // 4] = -100
+        labels[:, : self.seq_len // 4] = IGNORE_INDEX
         return {"video": torch.stack([self.window(k) for k in picks]),  # [N, F, 3, S, S]
                 "windows": {"times": times, "video": torch.repeat_interleave(torch.arange(videos), torch.tensor(counts))},
                 "input_ids": ids, "labels": labels, "video_index": torch.tensor(rows), "keys": [f"v{v}" for v in range(videos)]}
