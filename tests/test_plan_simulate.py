@@ -1,7 +1,8 @@
 """`videollama plan --simulate` at tiny size: the fake step's collectives and sharded state against
-exact counts from a plain meta-device model, and (slow) against a real 2-rank gloo run of the
-same recipe: the same collectives in order, the same shard shapes, the peak within 10% of the
-CPU allocator's.
+exact counts from a plain meta-device model; against the training loop's own step run for real
+as rank 0 of 2 in a fake process group (one block per kind, two micro-batches per step); and (slow)
+against a real 2-rank gloo run of the tiny recipe: the same collectives in order, the same shard
+shapes, the peak within 10% of the CPU allocator's.
 
 The simulated job: 4 fake ranks, 2 per node (a 2 x 2 hybrid-sharding mesh), a tiny model of one
 block per kind, bf16 mixed precision, every block checkpointed, two micro-batches per step.
@@ -109,6 +110,18 @@ def test_sharded_state_is_exact(simulated):
 def test_two_fake_ranks_match_a_real_two_rank_gloo_run(global_batch):
     result = compare({**TINY_RECIPE, "global_batch": global_batch}, 2)
     assert result["same_collectives_in_order"], (result["collectives_simulated"], result["collectives_real"])
+    assert result["same_shard_shapes"]
+    assert 0.9 <= result["peak_ratio"] <= 1.1, {k: v for k, v in result.items() if "collectives" not in k}
+
+
+def test_two_fake_ranks_match_the_loops_own_step_run_for_real_in_a_fake_group():
+    # one block per kind, 2 frames; 16 clips = 4 per micro-batch x 2 ranks x 2 micro-batches
+    overrides = {**TINY_RECIPE["model"]["overrides"], "vision.num_layers": 1, "decoder.num_layers": 1,
+                 "preprocess.num_frames": 2, "vision.max_frames": 2}
+    recipe = {**TINY_RECIPE, "model": {"preset": "tiny", "overrides": overrides}, "global_batch": 16}
+    result = compare(recipe, 2, gloo=False)
+    assert result["same_collectives_in_order"], (result["collectives_simulated"], result["collectives_real"])
+    assert {c["kind"] for c in result["collectives_real"]} == {"all_gather", "reduce_scatter", "all_reduce"}
     assert result["same_shard_shapes"]
     assert 0.9 <= result["peak_ratio"] <= 1.1, {k: v for k, v in result.items() if "collectives" not in k}
 

@@ -136,29 +136,31 @@ def worker(spec_path: str, out_path: str, *, fake_group: bool = False) -> None:
 # ---- side by side -----------------------------------------------------------------------------------
 
 
-def compare(recipe: dict, world_size: int) -> dict:
+def compare(recipe: dict, world_size: int, *, gloo: bool = True) -> dict:
     """Simulated and real, side by side, for ``recipe`` on ``world_size`` ranks (one node).
 
     Memory is compared with rank 0 of a real run in a fake process group (real tensors and
     kernels): in the gloo run the profiler misses the frees of buffers that gloo's own threads
     release (it follows the main thread), so that peak is only ever too high, and by how much
-    depends on how far the other rank has got; it is reported beside."""
+    depends on how far the other rank has got; it is reported beside. ``gloo`` False: no gloo run;
+    the collectives and shard shapes are compared with the run in the fake process group (the
+    training loop's own step and sharding, its collectives issued but moving nothing)."""
     from videollama.plan.simulate import simulate
 
     sim = simulate(job_for(recipe, world_size))
-    gloo = real_run(recipe, world_size)
     alone = real_run(recipe, world_size, gloo=False)
+    real = real_run(recipe, world_size) if gloo else alone
     key = ("kind", "group", "bytes", "dtype")
     fake_seq = [tuple(c.to_dict()[k] for k in key) for c in sim.collectives]
-    real_seq = [tuple(c[k] for k in key) for c in gloo["collectives"]]
-    return {"world_size": world_size,
+    real_seq = [tuple(c[k] for k in key) for c in real["collectives"]]
+    return {"world_size": world_size, "collectives_from": "gloo" if gloo else "fake process group",
             "simulated_peak": sim.peak, "real_allocator_peak": alone["allocator_peak"],
             "real_peak_phase": alone["peak_phase"], "peak_ratio": sim.peak / alone["allocator_peak"],
-            "gloo_allocator_peak": gloo["allocator_peak"], "simulated_at_peak": sim.at_peak,
+            "gloo_allocator_peak": real["allocator_peak"] if gloo else None, "simulated_at_peak": sim.at_peak,
             "collectives_simulated": _counts(fake_seq), "collectives_real": _counts(real_seq),
             "same_collectives_in_order": fake_seq == real_seq,
-            "same_shard_shapes": {k: list(v) for k, v in sim.shard_shapes.items()} == gloo["shard_shapes"],
-            "parameters": len(gloo["shard_shapes"]), "simulation_cpu_s": sim.cpu_s}
+            "same_shard_shapes": {k: list(v) for k, v in sim.shard_shapes.items()} == real["shard_shapes"],
+            "parameters": len(real["shard_shapes"]), "simulation_cpu_s": sim.cpu_s}
 
 
 def _counts(seq: list[tuple]) -> list[dict]:
