@@ -9,11 +9,14 @@ moments; the breakdown is the memory at that moment.
 
 Training: AdamW (two fp32 states per trainable parameter, and a step counter per tensor), fp32
 gradients. fp32 on one device is the training loop without FSDP; bf16, or more than one device, is
-FSDP2 full sharding (train/parallel.py): parameters (fp32: under bf16 mixed precision they are the
-master weights), gradients and optimizer state are divided by the number of devices, and the bf16
+FSDP2 (train/parallel.py): full sharding inside a node, hybrid across nodes (``Settings.shard``):
+parameters (fp32: under bf16 mixed precision they are the master weights), gradients and optimizer
+state are divided by the devices of a node, and the bf16
 (or fp32) copies of the root module (embeddings, norms, lm_head: gathered for the whole step) and
 of the two largest blocks (the current one and the prefetched next) are added; in backward a
-block's unsharded gradient and its fp32 reduce-scatter buffer. Inference is ``generate``: the
+block's unsharded gradient and its fp32 reduce-scatter buffer. Accumulating several micro-batches
+(``Settings.accumulation``), the earlier ones' gradient is held in fp32 (shards: train/loop.py
+reduce-scatters every micro-batch) through the last forward. Inference is ``generate``: the
 weights, the visual latents and every cross-attention block's keys/values, the static KV cache
 (batch x layers x 2 x kv_heads x head_dim x (prompt + new tokens)) and the largest transient of
 encoding, prefill or a decode step; each device holds a whole replica. A whole video per prompt
