@@ -239,6 +239,29 @@ def test_two_simulated_nodes_train_with_hybrid_sharding(recipe: Path, tmp_path: 
 
 
 @pytest.mark.slow
+def test_two_simulated_nodes_accumulate_sharded_gradients_and_all_reduce_on_the_last_micro_batch(
+        recipe: Path, tmp_path: Path):
+    # Global batch 8 on 2 nodes of 1 rank: 2 micro-batches of 2 per step. Each micro-batch reduce-scatters
+    # inside its node; the all-reduce across nodes runs on the last only. The curve is one rank's, which
+    # accumulates 4 micro-batches without FSDP.
+    one, hsdp = tmp_path / "one", tmp_path / "hsdp"
+    port = free_port()
+    run_ok(train_cmd(recipe, one, "max_steps=4", "global_batch=8"))
+    cmd = train_cmd(recipe, hsdp, "max_steps=4", "global_batch=8", nproc=1, nnodes=2, port=port)
+    nodes = [subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [n.communicate(timeout=180) for n in nodes]
+    for n, (_, err) in zip(nodes, outs):
+        assert n.returncode == 0, err[-3000:]
+    summary = json.loads((hsdp / "summary.json").read_text())
+    assert summary["mesh"] == {"replicate": 2, "shard": 1} and summary["accumulation"] == 2
+    a, b = losses(one), losses(hsdp)
+    assert sorted(a) == sorted(b) == list(range(4))
+    for step in range(4):
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+@pytest.mark.slow
 def test_a_late_rank_is_named(recipe: Path, tmp_path: Path):
     run = tmp_path / "hang"
     cmd = train_cmd(recipe, run, "max_steps=4", "guards.barrier_every=1", "guards.timeout_s=4",

@@ -6,6 +6,10 @@ meta-device model), estimate.py (a step replayed stage by stage: the peak and wh
 it), advice.py (notes, and what would make a run fit), planner.py (``plan`` and
 ``settings_for``), report.py (the text report), cli.py (the ``plan`` command); memtrace.py
 measures the allocator's peak and the saved tensors the planner is checked against; info.py is
-``videollama info`` (parameters, FLOPs and FSDP memory of a preset). The planner may import
+``videollama info`` (parameters, FLOPs and FSDP memory of a preset). ``videollama plan --simulate``
+runs the real training step at full size and world size on fake tensors and a fake process group:
+simulate.py (the step), tracking.py (torch's memory trackers), comm.py (every collective, its
+group and link), project.py (run time from those counts), simulate_cli.py (the report beside the
+plan), check.py (the same tiny recipe simulated and run for real, side by side). The planner may import
 ``videollama.train``'s recipe types and LoRA selection; ``videollama.model`` imports nothing here.
 """

@@ -30,11 +30,19 @@ def notes_for(config: VideoLlamaConfig, s) -> list[str]:
     elif s.mode != "infer" and s.fsdp and s.gpus == 1:
         notes.append(f"one device, bf16: the training loop computes in bf16 through FSDP2 on one rank (fp32 "
                      f"parameters{master})")
+    elif s.mode != "infer" and s.fsdp and s.shard < s.gpus:
+        notes.append(f"FSDP2 hybrid sharding: sharded over the {s.shard} GPUs of a node, replicated across "
+                     f"{s.gpus // s.shard} nodes: parameters (fp32{master}), gradients and optimizer state are "
+                     f"1/{s.shard} each")
     elif s.mode != "infer" and s.fsdp:
         notes.append(f"FSDP2 full sharding over {s.gpus} devices: parameters (fp32{master}), gradients and "
                      f"optimizer state are 1/{s.gpus} each")
     elif s.mode != "infer":
         notes.append("one device, fp32: the training loop runs without FSDP")
+    if s.mode != "infer" and s.accumulation > 1:
+        across = ", all-reduced across nodes on the last" if s.shard < s.gpus else ""
+        notes.append(f"{s.accumulation} micro-batches per step: the gradient accumulates in fp32"
+                     + (f" shards (reduce-scattered every micro-batch{across})" if s.fsdp and s.gpus > 1 else ""))
     if s.mode == "infer" and s.gpus > 1:
         notes.append(f"inference: each of the {s.gpus} devices holds a whole replica; the numbers are per device")
     if s.freeze and not s.lora:

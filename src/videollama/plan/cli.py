@@ -12,6 +12,7 @@ from videollama.config import VideoLlamaConfig
 from videollama.model.parts import BLOCK_TYPES
 from videollama.plan.planner import plan, settings_for
 from videollama.plan.report import render
+from videollama.plan.simulate_cli import add_arguments as add_simulate_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "section: lora, or qlora with lora.quantize nf4), lora, qlora or infer (generate)")
     parser.add_argument("--lora-r", type=int, dest="lora_r", metavar="R", help="lora/qlora: the adapters' rank "
                         "(default: the recipe's lora.r, else 16)")
-    parser.add_argument("--gpus", type=int, metavar="N", help="devices; train: FSDP full sharding over them (default 1)")
+    parser.add_argument("--gpus", type=int, metavar="N", help="devices; train: FSDP2 sharding over them, "
+                        "hybrid across nodes (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, metavar="N", help="GPUs per node (default 8): more GPUs "
+                        "than that shard inside a node and replicate across nodes (train/parallel.py)")
+    parser.add_argument("--global-batch", type=int, metavar="N", help="train: clips per optimizer step (default: the "
+                        "recipe's global_batch, else micro-batch x GPUs); more than that accumulates micro-batches")
     parser.add_argument("--gpu-memory", type=float, dest="gpu_memory_gib", metavar="GIB", help="memory per device in GiB "
                         "(default 80; an '80 GB' A100 or H100 has 80 GiB); 90%% of it counts as usable")
     parser.add_argument("--frames", type=int, metavar="F", help="frames per clip (default: the model's preprocess.num_frames)")
@@ -42,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KINDS", help="checkpoint every block (no value, or 'all'), the kinds given "
                         f"(comma-separated: {','.join(BLOCK_TYPES)}) or none")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    add_simulate_arguments(parser)
 
 
 def resolve(args: argparse.Namespace) -> tuple[VideoLlamaConfig, dict, str]:
@@ -63,7 +70,7 @@ def resolve(args: argparse.Namespace) -> tuple[VideoLlamaConfig, dict, str]:
     if args.size is not None:
         config = config.with_overrides({"vision.image_size": args.size, "preprocess.size": args.size})
     for key in ("mode", "lora_r", "gpus", "gpu_memory_gib", "frames", "tokens", "new_tokens", "micro_batch", "precision",
-                "video_seconds", "windows_per_chunk"):
+                "video_seconds", "windows_per_chunk", "gpus_per_node", "global_batch"):
         if getattr(args, key, None) is not None:
             kw[key] = getattr(args, key)
     if args.checkpointing is not None:
@@ -101,7 +108,7 @@ def _from_recipe(path: Path) -> tuple[VideoLlamaConfig, str, dict, list[str]]:
         lora = {"mode": "qlora" if cfg.lora.quantize == "nf4" else "lora", "lora_r": cfg.lora.r,
                 "lora_dropout": cfg.lora.dropout, "lora_targets": tuple(cfg.lora.target_modules),
                 "lora_parts": tuple(cfg.lora.parts)}
-    kw = {**lora, "micro_batch": cfg.micro_batch, "precision": precision,
+    kw = {**lora, "micro_batch": cfg.micro_batch, "precision": precision, "global_batch": cfg.global_batch,
           "freeze": () if lora else tuple(cfg.freeze),
           "checkpointing": tuple(cfg.parallel.activation_checkpointing), "texts_per_clip": texts,
           "tokens": min(tokens or config.decoder.max_seq_len, config.decoder.max_seq_len)}
@@ -111,6 +118,10 @@ def _from_recipe(path: Path) -> tuple[VideoLlamaConfig, str, dict, list[str]]:
 def run(args: argparse.Namespace) -> int:
     config, kw, name = resolve(args)
     notes = kw.pop("_notes")
+    if getattr(args, "simulate", False):
+        from videollama.plan.simulate_cli import run as run_simulation
+
+        return run_simulation(args, config, kw, name, notes)
     s = settings_for(config, **kw)
     p = plan(config, s, model_name=name)
     p.notes = notes + p.notes

@@ -9,11 +9,14 @@ moments; the breakdown is the memory at that moment.
 
 Training: AdamW (two fp32 states per trainable parameter, and a step counter per tensor), fp32
 gradients. fp32 on one device is the training loop without FSDP; bf16, or more than one device, is
-FSDP2 full sharding (train/parallel.py): parameters (fp32: under bf16 mixed precision they are the
-master weights), gradients and optimizer state are divided by the number of devices, and the bf16
+FSDP2 (train/parallel.py): full sharding inside a node, hybrid across nodes (``Settings.shard``):
+parameters (fp32: under bf16 mixed precision they are the master weights), gradients and optimizer
+state are divided by the devices of a node, and the bf16
 (or fp32) copies of the root module (embeddings, norms, lm_head: gathered for the whole step) and
 of the two largest blocks (the current one and the prefetched next) are added; in backward a
-block's unsharded gradient and its fp32 reduce-scatter buffer. Inference is ``generate``: the
+block's unsharded gradient and its fp32 reduce-scatter buffer. Accumulating several micro-batches
+(``Settings.accumulation``), the earlier ones' gradient is held in fp32 (shards: train/loop.py
+reduce-scatters every micro-batch) through the last forward. Inference is ``generate``: the
 weights, the visual latents and every cross-attention block's keys/values, the static KV cache
 (batch x layers x 2 x kv_heads x head_dim x (prompt + new tokens)) and the largest transient of
 encoding, prefill or a decode step; each device holds a whole replica. A whole video per prompt
@@ -92,7 +95,7 @@ def _train(config, s: Settings, table, act: int) -> Estimate:
     b, rows, t = s.micro_batch, s.micro_batch * s.texts_per_clip, s.tokens
     stages, latents = _stages(config, s, act, clips=b, rows=rows, tokens=t)
     stages.append(loss_stage(config, rows=rows, tokens=t, act=act))
-    n = s.gpus if s.fsdp else 1
+    n = s.shard
     adapters = lora_table(config, s) if s.lora else ()
     numel, trainable = _counts(s, table, adapters)
     _apply(stages, numel, s.checkpointing, trainable)
@@ -110,7 +113,11 @@ def _train(config, s: Settings, table, act: int) -> Estimate:
             "inputs": b * s.frames * config.vision.num_channels * config.vision.image_size ** 2 * F32
             + 2 * rows * t * I64}
     gathered = pd * (root + 2 * largest) if s.fsdp else 0
-    moments, grads = _replay(stages, s, trainable, n=n, pd=pd)
+    # accumulating (train/loop.py), the earlier micro-batches' gradients wait in fp32, sharded under FSDP
+    # (reduce-scattered at once; across nodes the all-reduce waits for the last), each stage's until
+    # the last backward reaches it, the root's until the end
+    held = F32 * train_total // n if s.accumulation > 1 else 0
+    moments, grads = _replay(stages, s, trainable, n=n, pd=pd, largest=largest, held=held)
     moments.append(("optimizer step", {"gradients": grads, "gathered_parameters": -gathered}))
     at_peak, phase = _peak(moments, {**base, "gathered_parameters": gathered})
     ac_all = [replace(st, checkpointed=st.kind != "root") for st in stages]
@@ -146,10 +153,11 @@ def _counts(s: Settings, table, adapters) -> tuple[dict[str, int], dict[str, int
     return numel, trainable
 
 
-def _replay(stages: list[Stage], s: Settings, trainable: dict, *, n: int,
-            pd: int) -> tuple[list[tuple[str, dict]], int]:
+def _replay(stages: list[Stage], s: Settings, trainable: dict, *, n: int, pd: int, largest: int,
+            held: int) -> tuple[list[tuple[str, dict]], int]:
     """The moments of a step's forward and backward, what is alive at each, and the gradients
-    held at the end (n: devices the state is sharded over; pd: bytes of a gathered parameter)."""
+    held at the end (n: devices the state is sharded over; pd: bytes of a gathered parameter;
+    largest: the largest block's parameters; held: the earlier micro-batches' gradient bytes)."""
     moments: list[tuple[str, dict]] = []
     live = visual = 0
 
@@ -160,7 +168,9 @@ def _replay(stages: list[Stage], s: Settings, trainable: dict, *, n: int,
         live, visual = live + st.saved, visual + st.visual
         # a stage no gradient flows through (a frozen prefix) runs as without autograd: its input is held too
         fwd = st.input + st.no_grad if not st.grad else st.no_grad if st.checkpointed else st.fwd_transient
-        moments.append((f"forward, {st.name}", alive(transient=fwd)))
+        # the loss runs after the model's forward, whose root has freed every block's gathered copy
+        blocks_gone = -2 * pd * largest if s.fsdp and st.name == "loss" else 0
+        moments.append((f"forward, {st.name}", alive(transient=fwd, gradients=held, gathered_parameters=blocks_gone)))
     grads = root_grads = root_sharded = 0
     for st in reversed(stages):
         if not st.grad:
@@ -171,13 +181,17 @@ def _replay(stages: list[Stage], s: Settings, trainable: dict, *, n: int,
             root_grads, root_sharded, g = root_grads + pd * k, root_sharded + g, 0
         elif s.fsdp:                         # the block's unsharded gradient and its fp32 reduce-scatter input
             extra = (pd + F32) * k
-        moments.append((f"backward, {st.name}", alive(gradients=grads + g + root_grads,
+        # the loss's backward: the root's pre-backward has prefetched the last block only
+        prefetched = -pd * largest if s.fsdp and st.name == "loss" else 0
+        moments.append((f"backward, {st.name}", alive(gradients=grads + g + root_grads + held,
+                                                       gathered_parameters=prefetched,
                                                        transient=st.recompute + st.bwd_transient + extra)))
         live, visual = live - st.saved, visual - st.visual
         grads += g
+        held -= F32 * k // n if held and st.kind != "root" else 0
     if s.fsdp:
         moments.append(("backward end, the root's reduce-scatter",
-                        {"gradients": grads + root_grads + root_sharded, "transient": F32 * root_grads // pd}))
+                        {"gradients": grads + root_grads + root_sharded + held, "transient": F32 * root_grads // pd}))
         grads += root_sharded
     return moments, grads
 

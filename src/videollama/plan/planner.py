@@ -84,12 +84,17 @@ def settings_for(config: VideoLlamaConfig, **kw) -> Settings:
                  lora_dropout=float(_value(kw, "lora_dropout", defaults.dropout)) if lora else 0.0,
                  lora_targets=tuple(_value(kw, "lora_targets", defaults.target_modules)) if lora else (),
                  lora_parts=tuple(_value(kw, "lora_parts", defaults.parts)) if lora else (),
-                 windows_per_chunk=_value(kw, "windows_per_chunk", WINDOWS_PER_CHUNK))
+                 windows_per_chunk=_value(kw, "windows_per_chunk", WINDOWS_PER_CHUNK),
+                 gpus_per_node=kw.get("gpus_per_node"), accumulation=_accumulation(kw))
     for name, value in (("--gpus", s.gpus), ("--micro-batch", s.micro_batch), ("--frames", s.frames),
                         ("--seq", s.tokens), ("--new-tokens", s.new_tokens), ("texts_per_clip", s.texts_per_clip),
                         ("--windows-per-chunk", s.windows_per_chunk)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    per_node = s.gpus_per_node
+    if per_node is not None and (isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1
+                                 or (s.gpus > per_node and s.gpus % per_node)):
+        raise ValueError(f"--gpus-per-node must be an integer >= 1 that divides --gpus {s.gpus}, got {per_node!r}")
     if not s.gpu_memory_gib > 0:
         raise ValueError(f"--gpu-memory must be > 0 GiB, got {s.gpu_memory_gib!r}")
     if s.precision not in PRECISIONS:
@@ -131,6 +136,15 @@ def _whole_video(config: VideoLlamaConfig, s: Settings, seconds) -> Settings:
     pre = config.preprocess
     windows = len(window_starts(float(seconds), s.frames / pre.fps, pre.max_windows))
     return with_settings(s, windows=windows, video_seconds=float(seconds))
+
+
+def _accumulation(kw: dict) -> int:
+    """Micro-batches per optimizer step: a global batch's (recipe.TrainConfig.accumulation), else 1."""
+    batch = kw.get("global_batch")
+    per_pass = _value(kw, "micro_batch", 1) * _value(kw, "gpus", 1)
+    if batch is None or not isinstance(per_pass, int) or per_pass < 1:
+        return 1
+    return max(1, -(-batch // per_pass))
 
 
 def _value(kw: dict, key: str, default):

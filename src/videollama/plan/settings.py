@@ -31,6 +31,8 @@ class Settings:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ()   # recipe.LoraSection.target_modules
     lora_parts: tuple[str, ...] = ()     # recipe.LoraSection.parts
+    gpus_per_node: int | None = None     # None: every GPU in one node
+    accumulation: int = 1       # train: micro-batches per optimizer step
     # infer, a whole video per prompt (--video-seconds): its windows under the model's policy, decoded
     # and encoded windows_per_chunk at a time; windows 0: one clip per prompt, given as frames
     windows: int = 0
@@ -40,6 +42,13 @@ class Settings:
     @property
     def fsdp(self) -> bool:
         return self.mode in ("train", "lora") and (self.gpus > 1 or self.precision == "bf16")
+
+    @property
+    def shard(self) -> int:
+        """Ranks a parameter is sharded over: train/parallel.py shards inside a node, replicates across nodes."""
+        if not self.fsdp:
+            return 1
+        return min(self.gpus, self.gpus_per_node or self.gpus)
 
     @property
     def whole_video(self) -> bool:

@@ -76,9 +76,12 @@ def train_step(run: Run, data_iter) -> dict:
     loss_sum = torch.zeros((), dtype=torch.float32, device=env.device)  # no GPU sync per micro-batch
     input_tokens = clips = 0
     for m, batch in enumerate(micro_batches):
-        # Reduce-scatter gradients once per step, on the last micro-batch only.
+        # Every micro-batch reduce-scatters its gradient, which accumulates sharded; across nodes the
+        # all-reduce of the shards waits for the last micro-batch. Syncing on the last micro-batch only
+        # would make FSDP2 hold the whole model's gradient unsharded in fp32 on every GPU between
+        # micro-batches: the 13B recipe would not fit in 80 GB (bench/results/simulate.md).
         if run.use_fsdp:
-            model.set_requires_gradient_sync(m == accum - 1)
+            model.set_requires_all_reduce(m == accum - 1)
         summed = _micro_step(model, batch, env.device, run.latents)
         if step in cfg.guards.inject_nan_steps and env.rank == cfg.guards.inject_rank:
             summed = summed * float("nan")  # test hook: a poisoned batch on one rank
