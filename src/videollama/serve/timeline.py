@@ -66,6 +66,36 @@ def preview_video(data: bytes, preprocess, limits: ServeLimits, deadline: float 
                    frame_times=frame_times, window_s=preprocess.window_s, duration=video.duration)
 
 
+def frame_caption(index: int, seconds: float) -> str:
+    """The caption under frame ``index`` (0-based) of the gallery, e.g. ``frame 1 · 0.25 s``."""
+    return f"frame {index + 1} · {seconds:.2f} s"
+
+
+async def preview_frames(engine, video: bytes) -> tuple[list[tuple[object, str]], Preview]:
+    """The gallery items for a video, ``(uint8 [H, W, 3] frame, caption)`` per frame shown, and
+    the :class:`Preview`; from the engine's own decoding (``engine.apreview``), off the event loop."""
+    preview = await engine.apreview(video)
+    return [(preview.pixels[i], frame_caption(i, t)) for i, t in enumerate(preview.times)], preview
+
+
+def preview_status(preview: Preview) -> str:
+    """The page's status for a previewed video: what the model sees, then its timeline."""
+    windows = len(preview.frame_times)
+    frames = sum(len(w) for w in preview.frame_times)
+    shown = "" if len(preview.times) == frames else f" (the gallery shows {len(preview.times)} of them)"
+    return (f"The model sees {frames} frames in {windows} window{'s' * (windows != 1)}{shown}.\n\n"
+            + timeline_html(preview.starts, preview.window_s, preview.duration))
+
+
+def answer_status(timestamps: list[list[float]], window_s: float, segment: tuple[float, float]) -> str:
+    """The page's status after an answer that names a time range: the range on the timeline of
+    the windows the model saw (``timestamps``: the chat result's, per window)."""
+    starts = [w[0] for w in timestamps]
+    end = max(max(w) for w in timestamps)
+    return (f"The answer points at {clock(segment[0])}–{clock(segment[1])}.\n\n"
+            + timeline_html(starts, window_s, end, segment))
+
+
 def clock(seconds: float) -> str:
     """``75.5`` -> ``1:15.5``; under a minute ``12.0 s``."""
     if seconds < 60:
