@@ -1,7 +1,8 @@
 """`videollama serve` through the official `openai` client against a live server on 127.0.0.1.
 
 References are independent of the server: answers come from ``generate`` called directly on the
-prompt ids and on frames decoded by ``load_clip`` (what eval does), timestamps from ``load_clip``.
+prompt ids and on the whole video as eval encodes it (``encode_whole_video``: the windows of the
+model's policy), timestamps from that encoding (eval's ``timestamps``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import pytest
 import torch
 
 from serving import LiveServer, build_model_dir, data_url, video_message
-from videollama.data import load_clip
 from videollama.data.tokenizer import encode_prompt, load_tokenizer, videoqa_prompt
 from videollama.inference.generate import generate
+from videollama.inference.whole_video import encode_whole_video
 from videollama.model.videollama import VideoLlama
 from videollama.serve.engine import Engine
 from videollama.serve.limits import ServeLimits
@@ -69,17 +70,14 @@ def server(env):
 
 
 def _reference(env, prompt_ids, video_bytes=None, max_new=MAX):
-    """Greedy answer by generate() on one unpadded prompt and load_clip's frames, as eval decodes."""
+    """Greedy answer by generate() on one unpadded prompt and the whole video, as eval encodes it."""
     model, tok = env["model"], env["tok"]
-    video = None
+    latents = None
     if video_bytes is not None:
-        pre = model.config.preprocess
-        frames, _ = load_clip(video_bytes, num_frames=pre.num_frames, fps=pre.fps, size=pre.size,
-                              mean=pre.mean, std=pre.std)
-        video = frames[None]
+        latents = encode_whole_video(model, video_bytes).latents[None]  # [1, W * L, D_v]
     eos = model.config.decoder.eos_token_id
-    new = generate(model, torch.tensor([prompt_ids]), video, max_new_tokens=max_new, temperature=0.0,
-                   eos_token_id=eos)[0].tolist()
+    new = generate(model, torch.tensor([prompt_ids]), visual_latents=latents, max_new_tokens=max_new,
+                   temperature=0.0, eos_token_id=eos)[0].tolist()
     new = new[: new.index(eos)] if eos in new else new
     return tok.decode(new, skip_special_tokens=True).strip()
 
@@ -114,9 +112,9 @@ def test_video_data_url_matches_eval_decoding(env, server):
     assert r.usage.prompt_tokens == len(ids)
     assert r.choices[0].message.content == _reference(env, ids, env["red"])
     pre = env["model"].config.preprocess
-    _, stamps = load_clip(env["red"], num_frames=pre.num_frames, fps=pre.fps, size=pre.size)
-    assert r.model_extra["frame_timestamps_s"] == [round(float(t), 4) for t in stamps]
-    assert len(r.model_extra["frame_timestamps_s"]) == pre.num_frames
+    stamps = encode_whole_video(env["model"], env["red"]).frame_times_list()
+    assert r.model_extra["frame_timestamps_s"] == stamps
+    assert len(stamps) == 2 and all(len(w) == pre.num_frames for w in stamps)  # 4.5 s: windows at 0 and 0.5 s
 
 
 def test_streaming_equals_non_streamed(env, server):

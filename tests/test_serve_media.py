@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from videollama.data import load_clip, shapes
-from videollama.serve import media
+from videollama.data import shapes
+from videollama.serve import frames, media
 from videollama.serve.cache import VideoCache, VideoEntry
 from videollama.serve.limits import APIError, ServeLimits
 
@@ -141,18 +141,20 @@ def test_sources_other_than_data_file_http_are_refused(tmp_path):
     assert media.video_bytes(ok, limits) == bytes(100)
 
 
-def test_isolated_decode_is_bit_identical_to_load_clip():
+def test_isolated_decode_is_bit_identical_to_load_windows():
     from videollama.config import VideoLlamaConfig
+    from videollama.data.windows import load_windows
 
     pre = VideoLlamaConfig.from_name("tiny").preprocess
     import random
 
     mp4 = shapes.encode_mp4(shapes.iter_frames(shapes.sample_clip_spec(random.Random(3))))
-    video = media.decode_video(mp4, pre, ServeLimits())
-    frames, stamps = load_clip(mp4, num_frames=pre.num_frames, fps=pre.fps, size=pre.size, mean=pre.mean, std=pre.std)
-    assert torch.equal(video.frames, frames)
-    assert video.pixels.dtype == torch.uint8 and video.pixels.shape == (pre.num_frames, 3, pre.size, pre.size)
-    assert video.timestamps == [round(float(t), 4) for t in stamps]
+    video = frames.decode_video(mp4, pre, ServeLimits())
+    expected, stamps = load_windows(mp4, pre)  # the whole video under the policy, as eval decodes it
+    assert torch.equal(video.frames, expected)
+    windows = expected.shape[0]
+    assert video.pixels.dtype == torch.uint8 and video.pixels.shape == (windows, pre.num_frames, 3, pre.size, pre.size)
+    assert video.timestamps == [[round(float(t), 4) for t in window] for window in stamps]
 
 
 def test_hostile_videos_cost_a_worker_not_the_server():
@@ -163,7 +165,7 @@ def test_hostile_videos_cost_a_worker_not_the_server():
     limits = ServeLimits(decode_timeout_s=10, decode_memory_bytes=512 << 20)
     for name, (make, _) in BAD_VIDEOS.items():
         with pytest.raises(APIError) as e:
-            media.decode_video(make(), pre, limits)
+            frames.decode_video(make(), pre, limits)
         assert e.value.status == 400, name
 
 

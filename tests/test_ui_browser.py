@@ -4,8 +4,9 @@ A tiny model is saved to disk and served by the real :class:`~videollama.serve.e
 the page mounted on the API's app on 127.0.0.1. The browser loads the page, uploads a Shapes
 clip through the page's own file input, and the test checks:
 
-* the gallery shows the model's frames: as many as the model's ``preprocess.num_frames``, with
-  the engine's timestamps as captions, and pixel for pixel the frames ``load_clip`` decodes;
+* the gallery shows the model's frames: every frame of the windows the model sees of the whole
+  video (``load_windows``, the policy eval uses), with the engine's timestamps as captions, and
+  pixel for pixel the frames ``load_windows`` decodes;
 * asking a question streams the answer into the chat (intermediate prefixes are seen in the
   DOM), and the final text equals the engine's own greedy answer to the same video and question,
   asked directly in the API's message format (a ``data:`` ``video_url``);
@@ -73,7 +74,11 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(2)
     cfg = VideoLlamaConfig.from_name("tiny").with_overrides({
         "preprocess.num_frames": NUM_FRAMES, "preprocess.fps": FPS, "preprocess.size": SIZE,
-        "vision.max_frames": NUM_FRAMES, "decoder.vocab_size": tok.get_vocab_size()})
+        "vision.max_frames": NUM_FRAMES, "decoder.vocab_size": tok.get_vocab_size(),
+        # A context that holds the test's conversation: two questions and a first answer of up to the
+        # page's default max tokens (the tiny preset's 128 positions do not, once that answer is
+        # re-tokenised).
+        "decoder.max_seq_len": 256})
     model = VideoLlama(cfg).eval()
     with torch.no_grad():
         for block in model.vision.temporal:
@@ -290,16 +295,19 @@ def ask(browser, question: str, expected: str) -> list[str]:
 def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     from selenium.webdriver.common.by import By
 
-    from videollama.data import load_clip
+    from videollama.data.windows import load_windows
     from videollama.serve.ui import DEFAULT_MAX_TOKENS
 
     video = video_file.read_bytes()
-    pixels, timestamps = engine.preview(video)
-    assert len(timestamps) == NUM_FRAMES == engine.model.config.preprocess.num_frames
-    # The reference frames: load_clip's own decode, as 0..255 bytes.
-    reference, ref_times = load_clip(video, num_frames=NUM_FRAMES, fps=FPS, size=SIZE, normalize=False)
-    reference = (reference * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [F, S, S, 3]
-    np.testing.assert_allclose(timestamps, ref_times.numpy(), atol=1e-3)
+    preview = engine.preview(video)
+    pixels, timestamps = preview.pixels, preview.times
+    assert NUM_FRAMES == engine.model.config.preprocess.num_frames
+    # The reference frames: load_windows' own decode of the whole video, as 0..255 bytes.
+    reference, ref_times = load_windows(video, engine.model.config.preprocess, normalize=False)  # [W, F, 3, S, S]
+    assert reference.shape[0] == 2  # a 5 s clip is two windows of 4 s (0-4 s and 1-5 s)
+    reference = (reference.flatten(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [W*F, S, S, 3]
+    assert len(timestamps) == len(reference)
+    np.testing.assert_allclose(timestamps, ref_times.flatten().numpy(), atol=1e-3)
     answer = engine_answer(engine, api_messages(video, QUESTION))
     assert answer, "the tiny model's greedy answer is empty: nothing to compare"
     # The answer depends on the video: matching it below means the page sent this video.
@@ -321,7 +329,7 @@ def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     upload[0].send_keys(str(video_file))
     assert np.array_equal(pixels, reference), "the engine's preview differs from load_clip's frames"
     wait_gallery(browser, timestamps, pixels)
-    assert status.text.startswith(f"The model sees {NUM_FRAMES} frames")
+    assert status.text.startswith(f"The model sees {len(reference)} frames in 2 windows")
 
     # A question: the answer streams in, through prefixes, and ends as the engine's own answer.
     browser.execute_script(OBSERVE_ANSWER)
@@ -345,7 +353,8 @@ def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     example = browser.find_elements(By.CSS_SELECTOR, "#examples button.gallery-item")
     assert len(example) == len(server.examples)
     clip = server.examples[1].read_bytes()
-    example_pixels, example_times = engine.preview(clip)
+    example_preview = engine.preview(clip)
+    example_pixels, example_times = example_preview.pixels, example_preview.times
     assert not np.array_equal(example_pixels, pixels)
     example_answer = engine_answer(engine, api_messages(clip, QUESTION))
     assert example_answer != answer

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from serving import build_model_dir
+from videollama.data.windows import load_windows
 
 pytestmark = pytest.mark.usefixtures("no_hang")
 
@@ -110,7 +111,8 @@ def cached_copies(tmp_path, data: bytes) -> list[str]:
 
 def test_preview_reads_uploads_and_nothing_else(page, clip, tmp_path, engine):
     gallery, status, _ = preview(page, upload(page, clip))
-    assert len(gallery) == engine.model.config.preprocess.num_frames and status.startswith("The model sees")
+    windows, _ = load_windows(clip, engine.model.config.preprocess)  # [W, F, 3, S, S]: every frame of the video's windows
+    assert len(gallery) == windows.shape[0] * windows.shape[1] and status.startswith("The model sees")
 
     outside = tmp_path / "private" / "secret.mp4"  # a video on the machine, never uploaded
     outside.parent.mkdir()
@@ -181,4 +183,5 @@ def test_with_a_key_the_api_and_the_page_ask_for_it(engine, clip, tmp_path, monk
             assert browser.post(url + "login", data={"username": "me", "password": "wrong"}).status_code != 200
             assert browser.post(url + "login", data={"username": "me", "password": "sekrit"}).status_code == 200
             gallery, status, _ = preview(url, upload(url, clip, browser), browser)
-            assert len(gallery) == engine.model.config.preprocess.num_frames, status
+            windows, _ = load_windows(clip, engine.model.config.preprocess)  # [W, F, 3, S, S]
+            assert len(gallery) == windows.shape[0] * windows.shape[1], status

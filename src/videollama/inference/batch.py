@@ -14,11 +14,12 @@ moves. Eager steps use exactly n rows; the compiled step rounds n up to a bucket
 max_batch; the extra rows are idle ones) so that it compiles once per bucket (and per media /
 no media), not once per n, gpt-fast style.
 
-Videos: each row's cross-attention keys/values (``model.decoder.project_media(model.encode_video(v))``,
-batch dim 1) are copied into a [max_batch, H, L, hd] buffer per cross-attention block; a bool
-``media_rows`` [max_batch] says which rows read it, and the others pass every cross-attention
-block unchanged, exactly as the model does with ``video=None``. All videos of one decoder must
-give the same number of latents L (the resampler's ``num_latents``, or frames x tokens per frame).
+Videos: each row's cross-attention keys/values (``model.decoder.project_media(latents)`` of one
+whole video, batch dim 1: a clip is one window, a long video up to the policy's ``max_windows``)
+are copied into a buffer per cross-attention block, [rows, H, L_max, hd], with a key mask
+[rows, L_max] for the rows whose video is shorter than the longest (:class:`~videollama.inference.
+media_rows.MediaRows`); a bool ``media_rows`` [max_batch] says which rows read a video, and the
+others pass every cross-attention block unchanged, exactly as the model does with ``video=None``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from videollama.inference.generate import prefill, run_step, sample, step_choice, step_report
+from videollama.inference.media_rows import MediaKV, MediaRows, max_media_latents
 from videollama.model.decoder import KVCache, Media
-
-MediaKV = list[tuple[torch.Tensor, torch.Tensor]]  # per cross-attn block (k, v), batch dim 1
 
 
 @dataclass
@@ -75,7 +75,7 @@ class BatchDecoder:
         self.position = torch.zeros(max_batch, 1, dtype=torch.long, device=device)  # its rotary position
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)  # the token to feed
         self.media_rows = torch.zeros(max_batch, dtype=torch.bool, device=device)
-        self.media_kv: MediaKV | None = None  # allocated at the first video
+        self.media = MediaRows(len(model.decoder.cross_attn_layers), max_media_latents(model.config))
         self.rows: dict[int, _Row] = {}  # caller-visible slot -> its row (index moves on compaction)
         self.slot_at: list[int] = []  # row index -> slot, for the n active rows
 
@@ -91,20 +91,6 @@ class BatchDecoder:
     def _check_active(self, slot: int) -> None:
         if slot not in self.rows:
             raise ValueError(f"slot {slot} is not active")
-
-    def _check_media(self, media_kv: MediaKV) -> None:
-        blocks = self.model.decoder.cross_attn_layers
-        if len(media_kv) != len(blocks):
-            raise ValueError(f"media_kv has {len(media_kv)} (k, v) pairs; the model has {len(blocks)} "
-                             "cross-attention blocks")
-        for i, (k, v) in enumerate(media_kv):
-            if k.dim() != 4 or k.shape[0] != 1 or k.shape != v.shape:
-                raise ValueError(f"media_kv[{i}] must be (k, v), each [1, heads, latents, head_dim]; got "
-                                 f"{tuple(k.shape)} and {tuple(v.shape)}")
-            if self.media_kv is not None and k.shape[1:] != self.media_kv[i][0].shape[1:]:
-                raise ValueError(f"media_kv[{i}] is {tuple(k.shape[1:])} per row; this batch decoder holds "
-                                 f"{tuple(self.media_kv[i][0].shape[1:])} (every video must give the same "
-                                 "number of latents)")
 
     @torch.inference_mode()
     def add(self, prompt_ids: list[int], *, media_kv: MediaKV | None, temperature: float = 0.0,
@@ -128,8 +114,7 @@ class BatchDecoder:
                              f"batch decoder's max_len {self.max_len} (need 1 <= prompt + new <= max_len)")
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # [1, T]
         self.model.check_tokens(ids)
-        if media_kv is not None:
-            self._check_media(media_kv)
+        length = self.media.check(media_kv) if media_kv is not None else 0
         slot = next(s for s in range(self.max_batch) if s not in self.rows)
         r = len(self.rows)  # the first idle row: active rows stay in 0..n-1
 
@@ -145,12 +130,10 @@ class BatchDecoder:
         first = sample(logits, temperature=temperature, top_p=top_p, generator=generator)  # [1]
 
         if media_kv is not None:
-            if self.media_kv is None:
-                self.media_kv = [(k.new_zeros((self.max_batch, *k.shape[1:])),
-                                  v.new_zeros((self.max_batch, *v.shape[1:]))) for k, v in media_kv]
-            for (buf_k, buf_v), (k, v) in zip(self.media_kv, media_kv):
-                buf_k[r].copy_(k[0])
-                buf_v[r].copy_(v[0])
+            self.media.reserve(r + 1, length, like=media_kv)
+            self.media.put(r, media_kv)
+        else:
+            self.media.clear(r)
         self.media_rows[r] = media_kv is not None
         self.key_mask[r] = False
         self.key_mask[r, :n] = True
@@ -202,9 +185,7 @@ class BatchDecoder:
     def _step_inputs(self, rows: int, any_media: bool) -> tuple[torch.Tensor, dict]:
         """decode_step's token and keyword inputs for rows [:rows] of the static buffers (views)."""
         caches = [KVCache(c.k[:rows], c.v[:rows]) for c in self.caches]
-        media = None
-        if any_media:
-            media = Media(kv=[(k[:rows], v[:rows]) for k, v in self.media_kv], rows=self.media_rows[:rows])
+        media = self.media.media(rows, self.media_rows[:rows]) if any_media else None
         return self.tokens[:rows], {"position": self.position[:rows], "write_pos": self.write_pos[:rows],
                                     "key_mask": self.key_mask[:rows], "media": media, "kv_caches": caches}
 
@@ -220,9 +201,7 @@ class BatchDecoder:
         media_options = [False]
         if video and len(self.model.decoder.cross_attn_layers):
             media_options.append(True)
-            if self.media_kv is None:
-                self.media_kv = [(k.new_zeros((self.max_batch, *k.shape[1:])), v.new_zeros((self.max_batch, *v.shape[1:])))
-                                 for k, v in self.model.decoder.project_media(self._blank_latents())]
+            self.media.reserve(self.max_batch, like=self.model.decoder.project_media(self._blank_latents()))
         keys = []
         for any_media in media_options:
             self.media_rows[:] = any_media
@@ -254,15 +233,13 @@ class BatchDecoder:
             for c in self.caches:
                 c.k[r, :, :used] = c.k[last, :, :used]
                 c.v[r, :, :used] = c.v[last, :, :used]
-            if self.media_kv is not None and bool(self.media_rows[last]):
-                for k, v in self.media_kv:
-                    k[r] = k[last]
-                    v[r] = v[last]
+            self.media.move(last, r)
             for buf in (self.key_mask, self.write_pos, self.position, self.tokens, self.media_rows):
                 buf[r] = buf[last]
             self.rows[moved].index = r
             self.slot_at[r] = moved
         self.slot_at.pop()
+        self.media.clear(last)
         self.media_rows[last] = False
         self.key_mask[last] = False
         self.key_mask[last, 0] = True

@@ -2,8 +2,9 @@
 
 Our decoder reads a video only through cross-attention, so a video's encoder pass and every
 cross-attention block's keys/values can be computed once and reused by every question and every
-turn about it. An entry holds the visual latents ``[1, L, D_v]``, the K/V list (one ``(k, v)``
-pair, each ``[1, H, L, hd]``, per cross-attention block) and the frame timestamps (seconds).
+turn about it. An entry holds the whole video's window latents ``[1, W * L, D_v]`` (W windows
+under the model's policy, stamped with their times), the K/V list (one ``(k, v)`` pair, each
+``[1, H, W * L, hd]``, per cross-attention block) and every frame's timestamp, per window (s).
 The cache is a least-recently-used map bounded both in bytes (tensor storage) and in entries.
 Thread-safe: the HTTP side looks entries up, the scheduler thread inserts them.
 """
@@ -25,9 +26,9 @@ class VideoEntry:
     """One encoded video. ``nbytes``: the storage of its tensors."""
 
     key: str
-    latents: object                  # torch.Tensor [1, L, D_v]
-    media_kv: list                   # [(k, v)] per cross-attention block, each [1, H, L, hd]
-    timestamps: list[float]          # seconds from the video's first frame, one per frame seen
+    latents: object                  # torch.Tensor [1, W * L, D_v]
+    media_kv: list                   # [(k, v)] per cross-attention block, each [1, H, W * L, hd]
+    timestamps: list                 # per window, seconds from the video's start of each frame seen
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:

@@ -4,10 +4,10 @@ In-process API (the HTTP server in app.py and the ``videollama chat`` UI both us
 
     engine = Engine.from_model_dir("runs/model", limits=ServeLimits())   # loads, does not start
     engine.start()                                   # the scheduler thread
-    pixels, timestamps = engine.preview(video_bytes)  # uint8 [F, S, S, 3] as the model sees them, seconds
+    preview = engine.preview(video_bytes)           # the windows the model sees, a few frames of them (timeline.py)
     async for event in engine.chat(messages, max_tokens=32, temperature=0.0, top_p=1.0, stop=None, seed=None):
         if isinstance(event, str): ...                # a text delta
-        else: event.usage, event.finish_reason, event.timestamps  # the final ChatResult
+        else: event.usage, event.finish_reason, event.timestamps  # the final ChatResult ([W][F] s)
     engine.close()
 
 ``messages`` are OpenAI chat messages: ``{"role": "system"|"user"|"assistant", "content": str |
@@ -20,11 +20,15 @@ Prompt: the model directory's template, the one ``videollama eval`` uses
 (``videollama.data.tokenizer.videoqa_prompt`` + ``encode_prompt``): a single user turn with one
 video and a question gives exactly eval's prompt. Later turns append ``answer </s>`` and
 ``<|question|> next question <|answer|>``. Decoding of the video follows the directory's own
-``preprocess`` spec; no request value changes it.
+``preprocess`` spec; no request value changes it: the whole video, under its policy (the windows
+that tile it, or ``max_windows`` spread over it: exactly what eval sees), up to
+``--max-video-duration-s``, streamed from the sandboxed decoder and encoded a chunk of windows at
+a time (encoding.py); the video cache keeps the latents and K/V by the bytes' SHA-256.
 
-Scheduling: requests wait in a FIFO; between decode steps the scheduler admits waiting ones into
-the decoder's free rows (prefill with the video's cached cross-attention K/V), runs one step for
-all rows, hands each row's token to its request (stop strings, ``max_tokens``, EOS, deadline,
+Scheduling: the scheduler thread alone runs the model. Between decode steps it encodes the
+chunks of windows that decode workers hand it (``run_on_model``), admits waiting requests into the
+decoder's free rows (prefill with the video's cached cross-attention K/V; rows read videos of
+different lengths, padded and masked), runs one step for all rows, hands each row's token to its request (stop strings, ``max_tokens``, EOS, deadline,
 client gone), and removes finished rows. Tokens reach each request's asyncio queue through
 ``call_soon_threadsafe``.
 """
@@ -36,12 +40,13 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from videollama.serve import media
 from videollama.serve.cache import VideoCache, VideoEntry, content_hash
+from videollama.serve.encoding import encode_video_entry
 from videollama.serve.limits import APIError, ServeLimits, check_sampling, deadline_error
 from videollama.serve.metrics import Metrics
 from videollama.serve.prompt import build_prompt
@@ -52,18 +57,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class ChatResult:
     """The end of a chat: the whole ``text``, why it ended (``stop`` / ``length``), token counts
-    and the timestamps (s) of the frames the model saw (None without a video)."""
+    and the timestamps (s) of every frame the model saw, per window (None without a video)."""
 
     text: str
     finish_reason: str
     usage: dict
-    timestamps: list[float] | None
+    timestamps: list[list[float]] | None
 
 
 @dataclass
 class _Request:
     prompt_ids: list[int]
-    video: object                        # VideoEntry (cached), DecodedVideo (to encode) or None
+    video: VideoEntry | None
     key: str | None
     max_new: int
     temperature: float
@@ -80,7 +85,7 @@ class _Request:
     slot: int | None = None
     cancelled: bool = False
     done: bool = False
-    timestamps: list[float] | None = None
+    timestamps: list[list[float]] | None = None
 
 
 class Engine:
@@ -101,6 +106,8 @@ class Engine:
         factory = decoder_factory or _default_decoder
         self.decoder = factory(model, max_batch=self.limits.max_batch, max_len=self.max_seq_len, compile=compile)
         self._waiting: collections.deque[_Request] = collections.deque()
+        self._jobs: collections.deque[tuple[Future, object]] = collections.deque()  # run_on_model's
+        self._encoding: dict[str, Future] = {}  # videos being encoded, by key: one encoding each
         self._active: dict[int, _Request] = {}
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -151,6 +158,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join(30)
             self._thread = None
+        with self._cv:
+            while self._jobs:
+                self._jobs.popleft()[0].cancel()
         for pool in (self._media_pool, self._decode_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -180,23 +190,75 @@ class Engine:
         return media.video_bytes(url, self.limits, allowed_local_path=self.allowed_local_path,
                                  allowed_domains=self.allowed_domains, deadline=deadline)
 
-    def decode(self, data: bytes, deadline: float | None = None) -> media.DecodedVideo:
-        """Decode in a sandboxed worker (at most ``decode_workers`` at once); blocking."""
+    def preview(self, data: bytes, deadline: float | None = None):
+        """The windows the model sees of ``data`` and a few of their frames
+        (:class:`~videollama.serve.timeline.Preview`); decoded in a sandboxed worker (at most
+        ``decode_workers`` at once), nothing encoded; blocking."""
+        from videollama.serve.timeline import preview_video
+
         with self._decode_slots:
             if deadline is not None and time.monotonic() > deadline:
                 raise deadline_error(self.limits)
-            return media.decode_video(data, self.model.config.preprocess, self.limits, deadline)
-
-    def preview(self, data: bytes):
-        """(uint8 frames [F, S, S, 3] as the model sees them before normalisation, timestamps s)."""
-        video = self.decode(data)
-        return video.pixels.permute(0, 2, 3, 1).numpy(), video.timestamps
+            return preview_video(data, self.model.config.preprocess, self.limits, deadline)
 
     async def apreview(self, data: bytes):
         """:meth:`preview` on the decode pool, within ``--request-timeout-s``."""
         deadline = time.monotonic() + self.limits.request_timeout_s
-        video = await self._off_loop(self._decode_pool, deadline, self.decode, data, deadline)
-        return video.pixels.permute(0, 2, 3, 1).numpy(), video.timestamps
+        return await self._off_loop(self._decode_pool, deadline, self.preview, data, deadline)
+
+    def run_on_model(self, fn, deadline: float | None = None):
+        """``fn()`` on the scheduler thread, between two decode steps; its result (blocking; 504
+        past ``deadline``, 503 when the engine closes first)."""
+        future: Future = Future()
+        with self._cv:
+            if self._closing:
+                raise APIError(503, "the server is shutting down")
+            self._jobs.append((future, fn))
+            self._cv.notify_all()
+        try:
+            return future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            future.cancel()
+            raise deadline_error(self.limits) from None
+        except CancelledError:
+            raise APIError(503, "the server is shutting down") from None
+
+    def _encode_video(self, data: bytes, key: str, deadline: float) -> VideoEntry:
+        """Decode and encode a video (encoding.py) and keep it in the cache; blocking."""
+        with self._decode_slots:
+            entry = self.cache.peek(key)  # encoded meanwhile
+            if entry is None:
+                if time.monotonic() > deadline:
+                    raise deadline_error(self.limits)
+                entry = encode_video_entry(self.model, data, key, self.limits,
+                                           lambda fn: self.run_on_model(fn, deadline), deadline=deadline)
+                self.cache.put(entry)
+            return entry
+
+    async def _encoded(self, data: bytes, key: str, deadline: float) -> VideoEntry:
+        """The video's entry, encoded once however many requests ask for it at the same time
+        (a request that finds it being encoded waits for that encoding, and shares its outcome)."""
+        with self._cv:
+            shared = self._encoding.get(key)
+            if shared is None:
+                shared = self._encoding[key] = Future()
+                owner = True
+            else:
+                owner = False
+        if owner:
+            try:
+                shared.set_result(await self._off_loop(self._decode_pool, deadline, self._encode_video, data, key,
+                                                       deadline))
+            except BaseException as e:
+                shared.set_exception(e)
+            finally:
+                with self._cv:
+                    self._encoding.pop(key, None)
+        left = deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(shared), max(left, 0.0))
+        except asyncio.TimeoutError:
+            raise deadline_error(self.limits) from None
 
     async def _off_loop(self, pool: ThreadPoolExecutor, deadline: float, fn, *args):
         """``fn(*args)`` on ``pool``, awaited until ``deadline`` at most (504 after; a job still
@@ -278,8 +340,7 @@ class Engine:
         video, key = None, None
         if videos:  # one video (build_prompt refused two different ones): read once, decode once
             blob, key = await self._off_loop(self._media_pool, deadline, self._read_video, videos[0], deadline)
-            video = self.cache.get(key) or await self._off_loop(self._decode_pool, deadline, self.decode, blob,
-                                                                deadline)
+            video = self.cache.get(key) or await self._encoded(blob, key, deadline)
             del blob
         request = _Request(ids, video, key, min(max_tokens or lim.max_tokens, budget), float(temperature),
                            float(top_p), seed, stop, deadline, asyncio.get_running_loop(), asyncio.Queue())
@@ -299,16 +360,24 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._closing or self._active or (self._waiting and not self._paused)):
+                    while not (self._closing or self._active or self._jobs or (self._waiting and not self._paused)):
                         self._cv.wait(0.05)
                         self._expire_waiting()
                     if self._closing:
                         break
+                    jobs = list(self._jobs)
+                    self._jobs.clear()
                     self._expire_waiting()
                     admit = []
                     while not self._paused and self._waiting and self.decoder.free_slots > len(admit):
                         admit.append(self._waiting.popleft())
                     self.metrics.queue_depth, self.metrics.running = len(self._waiting), len(self._active) + len(admit)
+                for future, fn in jobs:  # chunks of videos being encoded: one each per decode worker
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except BaseException as e:  # noqa: BLE001 - the worker that asked raises it
+                            future.set_exception(e)
                 for request in admit:
                     self._admit(request)
                 if self._active:
@@ -351,8 +420,7 @@ class Engine:
         try:
             media_kv = None
             if request.video is not None:
-                entry = request.video if isinstance(request.video, VideoEntry) else self._encode(request)
-                media_kv, request.timestamps = entry.media_kv, entry.timestamps
+                media_kv, request.timestamps = request.video.media_kv, request.video.timestamps
             slot, token = self.decoder.add(request.prompt_ids, media_kv=media_kv, temperature=request.temperature,
                                            top_p=request.top_p, seed=request.seed, max_new_tokens=request.max_new)
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
@@ -364,17 +432,6 @@ class Engine:
         self.metrics.first_token_after(time.monotonic() - request.arrival)
         self.metrics.tokens_generated(1)
         self._on_token(request, token)
-
-    def _encode(self, request: _Request) -> VideoEntry:
-        entry = self.cache.peek(request.key)  # a request that came meanwhile may have encoded it
-        if entry is None:
-            param = next(self.model.parameters())
-            video = request.video.frames[None].to(device=param.device, dtype=param.dtype)  # [1, F, 3, S, S]
-            latents = self.model.encode_video(video)  # [1, L, D_v]
-            entry = VideoEntry(request.key, latents, self.model.decoder.project_media(latents),
-                               request.video.timestamps)
-            self.cache.put(entry)
-        return entry
 
     def _on_token(self, request: _Request, token: int) -> None:
         if request.cancelled:

@@ -1,4 +1,4 @@
-"""A request's video: its bytes from a ``video_url``, then its frames, decoded out of process.
+"""A request's video: its bytes from a ``video_url`` (serve/frames.py decodes them, out of process).
 
 Sources (anything else is refused with a 400):
 
@@ -16,11 +16,7 @@ A URL that does not parse (a NUL byte, port 99999, ``http://[::1/x``) is a 400 l
 refusal. The download's time limit is a total, connect to last byte, never longer than what is
 left of the request's deadline (a server that drips a byte at a time cannot stretch it).
 
-Decoding (:func:`decode_video`) never runs in the server process: a first sandboxed child
-(``videollama.data.untrusted``'s forkserver, with a memory limit and a wall-clock timeout) reads
-the declared resolution and duration, which are checked against the server's limits (400 naming
-the limit); a second child, ``load_clip_isolated``, decodes the model's frames with the model
-directory's own preprocessing spec. A hostile file costs one child, never the server.
+Decoding the bytes into the model's windows is serve/frames.py's (sandboxed children).
 """
 
 from __future__ import annotations
@@ -32,7 +28,6 @@ import os
 import socket
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 
 from videollama.serve.limits import APIError, ServeLimits, deadline_error, too_large
@@ -205,122 +200,3 @@ async def _download(url: str, target: str, headers: dict, extensions: dict, limi
     except httpx.HTTPError as e:
         raise _bad(f"fetching {url} failed: {type(e).__name__}: {e}") from None
     return b"".join(chunks)
-
-
-# ---- frames -----------------------------------------------------------------------------------
-
-@dataclass
-class DecodedVideo:
-    """``pixels``: uint8 ``[F, 3, S, S]`` as the model sees them before normalisation;
-    ``frames``: float32 ``[F, 3, S, S]``, normalised exactly as ``load_clip`` does;
-    ``timestamps``: ``F`` seconds from the first frame."""
-
-    pixels: object
-    frames: object
-    timestamps: list[float]
-
-
-def _probe_child(send, data: bytes, memory_bytes: int, time_budget_s: float) -> None:
-    import resource
-
-    from videollama.data.decoding import open_and_time
-
-    resource.setrlimit(resource.RLIMIT_AS, (_mapped() + memory_bytes,) * 2)
-    try:
-        import time
-
-        with open_and_time(data, f"<{len(data)} bytes>", 1, 3000, time.monotonic() + time_budget_s) as video:
-            width, height = video.stream.codec_context.width, video.stream.codec_context.height
-            duration = video.duration
-        send.send(("ok", (int(width), int(height), float(duration))))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent as a bad video
-        send.send(("bad", f"{type(e).__name__}: {e}"))
-    send.close()
-
-
-def _mapped() -> int:
-    import resource
-
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[0]) * resource.getpagesize()
-    except OSError:
-        return 0
-
-
-def _time_for(limits: ServeLimits, deadline: float | None) -> tuple[float, bool]:
-    """(seconds a decode step may take, whether the request's deadline is what sets them)."""
-    if deadline is None or deadline - time.monotonic() >= limits.decode_timeout_s:
-        return limits.decode_timeout_s, False
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise deadline_error(limits)
-    return left, True
-
-
-def probe_video(data: bytes, limits: ServeLimits, deadline: float | None = None) -> tuple[int, int, float]:
-    """(width, height, duration s) as the file declares them, read in a sandboxed child."""
-    from videollama.data.untrusted import mp_context
-
-    seconds, by_deadline = _time_for(limits, deadline)
-    receive, send = mp_context().Pipe(duplex=False)
-    child = mp_context().Process(target=_probe_child, daemon=True,
-                                  args=(send, data, limits.decode_memory_bytes, seconds))
-    child.start()
-    send.close()
-    try:
-        if not receive.poll(seconds + (0 if by_deadline else 1)):
-            if by_deadline:
-                raise deadline_error(limits)
-            raise _bad(f"reading the video's header took over {limits.decode_timeout_s:g} s "
-                       "(--decode-timeout-s)", "invalid_video")
-        try:
-            kind, payload = receive.recv()
-        except EOFError:
-            raise _bad("the video could not be read (its decoder died)", "invalid_video") from None
-    finally:
-        if child.is_alive():
-            child.kill()
-        child.join()
-        receive.close()
-    if kind != "ok":
-        raise _bad(f"the video could not be read: {payload}", "invalid_video")
-    return payload
-
-
-def decode_video(data: bytes, preprocess, limits: ServeLimits, deadline: float | None = None) -> DecodedVideo:
-    """Check the declared size and duration against the limits, then decode the model's frames
-    (centred window, ``preprocess``'s frames, fps and size) in a sandboxed child.
-
-    Each child gets ``--decode-timeout-s`` or what is left of ``deadline`` (the request's), the
-    shorter; past the deadline the request ends with a 504. The decoder's own bound on the work a
-    file may cost (``time_budget_s``, and any work bound ``load_clip`` adds) is applied in the child.
-    """
-    import torch
-
-    from videollama.data.errors import TIMEOUT, BadSample
-    from videollama.data.untrusted import load_clip_isolated
-
-    width, height, duration = probe_video(data, limits, deadline)
-    if width * height > limits.max_video_pixels:
-        raise _bad(f"the video's frames are {width}x{height} = {width * height} pixels, over the server's "
-                   f"limit of {limits.max_video_pixels} (--max-video-pixels)", "video_too_large")
-    if duration > limits.max_video_duration_s:
-        raise _bad(f"the video lasts {duration:.1f} s, over the server's limit of {limits.max_video_duration_s:g} s "
-                   "(--max-video-duration-s)", "video_too_long")
-    seconds, by_deadline = _time_for(limits, deadline)
-    try:
-        frames, timestamps = load_clip_isolated(
-            data, memory_bytes=limits.decode_memory_bytes, timeout_s=seconds,
-            num_frames=preprocess.num_frames, fps=preprocess.fps, size=preprocess.size, start=None, train=False,
-            normalize=False, time_budget_s=seconds)
-    except (BadSample, ValueError, OSError) as e:
-        if by_deadline and getattr(e, "reason", None) == TIMEOUT:
-            raise deadline_error(limits) from None
-        raise _bad(f"the video could not be decoded: {e}", "invalid_video") from None
-    # load_clip's own normalisation, on the same uint8 values: bit-identical to what eval feeds.
-    pixels = (frames * 255.0).round_().to(torch.uint8)  # [F, 3, S, S]
-    std = torch.tensor(preprocess.std, dtype=torch.float32).view(3, 1, 1)
-    mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(3, 1, 1)
-    normalised = pixels.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
-    return DecodedVideo(pixels=pixels, frames=normalised, timestamps=[round(float(t), 4) for t in timestamps])

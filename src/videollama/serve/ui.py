@@ -1,7 +1,8 @@
 """The web chat UI (Gradio) and the ``videollama chat`` command.
 
-One page: upload a video (or pick an example), see the frames the model sees with their
-timestamps, ask questions and watch the answer stream in. The page talks to the serving
+One page: upload a video (or pick an example), see the windows the model sees of the whole video
+on a timeline and their frames with their timestamps (serve/timeline.py), ask questions and watch
+the answer stream in; an answer that names a time range is marked on the timeline. The page talks to the serving
 engine (:mod:`videollama.serve.engine`) in-process, the same engine object that answers the
 OpenAI-compatible API: ``videollama chat`` mounts the page at ``/`` of the API's app, so one
 process, one model and one batch serve both. There is no second generation path here.
@@ -36,9 +37,18 @@ from pathlib import Path
 from typing import Any
 
 from videollama.serve.limits import APIError
+from videollama.serve.timeline import (
+    TIMELINE_CSS,
+    answer_segment,
+    answer_status,
+    frame_caption,
+    preview_frames,
+    preview_status,
+)
 from videollama.serve.uploads import read_upload, read_video, refuse_url_inputs
 
-__all__ = ["build_ui", "mount_ui", "serving", "read_video", "read_upload", "engine_messages", "video_message"]
+__all__ = ["build_ui", "mount_ui", "serving", "read_video", "read_upload", "engine_messages", "video_message",
+           "frame_caption"]
 
 STOP_TIMEOUT_S = 45.0  # Ctrl-C to exit, at most
 PAGE_EVENT_BYTES = 1 << 20  # the body of one of the page's events (uploads excepted)
@@ -55,7 +65,7 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
 
 CSS = """
 #frames img { image-rendering: pixelated; }
-"""
+""" + TIMELINE_CSS
 
 
 def _gradio():
@@ -65,11 +75,6 @@ def _gradio():
         # is what the CLI prints as `videollama: error: ...`)
         raise OSError(f"the web UI needs gradio ({e}): pip install 'videollama[ui]'") from e
     return gr
-
-
-def frame_caption(index: int, seconds: float) -> str:
-    """The caption under frame ``index`` (0-based) of the gallery, e.g. ``frame 1 · 0.25 s``."""
-    return f"frame {index + 1} · {seconds:.2f} s"
 
 
 def video_message(video: bytes, text: str) -> dict:
@@ -122,15 +127,6 @@ def sampling_options(max_tokens, temperature, top_p, seed) -> dict[str, Any]:
     return options
 
 
-async def preview_frames(engine, video: bytes) -> tuple[list[tuple[Any, str]], list[float]]:
-    """The gallery items for a video, ``(uint8 [H, W, 3] frame, caption)`` per frame the model
-    sees, and the frames' times in seconds; from the engine's own preprocessing
-    (``engine.preview``), decoded off the event loop."""
-    frames, timestamps = await engine.apreview(video)
-    seconds = [float(t) for t in timestamps]
-    return [(frames[i], frame_caption(i, seconds[i])) for i in range(len(frames))], seconds
-
-
 def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "VideoLlama chat"):
     """The Gradio Blocks page over ``engine`` (which must be started by the caller)."""
     gr = _gradio()
@@ -144,22 +140,21 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
         return [], [], ("Reading the frames the model sees..." if path else "Upload a video or pick an example.")
 
     async def on_preview(path: str | None):
-        """The frames the model sees of the video now shown, with their times."""
+        """The windows the model sees of the video now shown (a timeline), and their frames."""
         if not path:
             return [], "Upload a video or pick an example."
         try:
             data = await read(path)
-            items, seconds = await preview_frames(engine, data)
+            items, preview = await preview_frames(engine, data)
         except (APIError, ValueError, OSError) as e:  # a bad video is the user's to fix: say so on the page
             return [], f"Cannot use this video: {e}"
-        at = ", ".join(f"{t:.2f}" for t in seconds)
-        return items, f"The model sees {len(items)} frames, at {at} s."
+        return items, preview_status(preview)
 
     async def respond(question: str, history: list[dict], path: str | None, max_tokens: float,
-                      temperature: float, top_p: float, seed: float) -> AsyncIterator[tuple[str, list[dict]]]:
+                      temperature: float, top_p: float, seed: float) -> AsyncIterator[tuple[str, list[dict], Any]]:
         question = (question or "").strip()
         if not question:
-            yield "", history
+            yield "", history, gr.skip()
             return
         history = [m for m in history or [] if isinstance(m, dict)]
         turn = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
@@ -169,16 +164,20 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
             video = await read(path) if path else None
             messages = engine_messages(history, video, question)
             history = turn
-            yield "", history
+            yield "", history, gr.skip()
             async for event in engine.chat(messages, **options):
                 if isinstance(event, str):  # a text delta; the final ChatResult repeats the whole text
                     answer += event
                     history[-1] = {"role": "assistant", "content": answer}
-                    yield "", history
+                    yield "", history, gr.skip()
+                elif event.timestamps and (segment := answer_segment(event.text)) is not None:
+                    # An answer with a time range: marked on the timeline of the windows it saw.
+                    yield "", history, answer_status(event.timestamps, engine.model.config.preprocess.window_s,
+                                                     segment)
         except (APIError, ValueError, OSError) as e:  # the request's fault (too long, bad video...): say so
             history = turn
             history[-1] = {"role": "assistant", "content": f"{answer}\n[error: {e}]".lstrip()}
-            yield "", history
+            yield "", history, gr.skip()
 
     # Uploads and gallery images live in Gradio's cache folder: files older than 2 h are
     # removed every hour, so a long-running server does not fill its disk.
@@ -191,7 +190,8 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[video], label="Examples",
                                 elem_id="examples")
-                status = gr.Markdown("Upload a video or pick an example.", elem_id="status")
+                # The status carries the timeline, HTML made here of numbers alone (timeline.py).
+                status = gr.Markdown("Upload a video or pick an example.", elem_id="status", sanitize_html=False)
                 frames = gr.Gallery(label="Frames the model sees", columns=4, format="png",
                                     object_fit="contain", allow_preview=True, height=280, elem_id="frames")
             with gr.Column(scale=1):
@@ -214,7 +214,7 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
         video.change(on_new_video, inputs=[video], outputs=[frames, chatbot, status], queue=False).then(
             on_preview, inputs=[video], outputs=[frames, status], concurrency_limit=limits.decode_workers)
         question.submit(respond, inputs=[question, chatbot, video, max_tokens, temperature, top_p, seed],
-                        outputs=[question, chatbot], concurrency_limit=limits.max_batch)
+                        outputs=[question, chatbot, status], concurrency_limit=limits.max_batch)
         clear.click(lambda: [], outputs=[chatbot])
     return page
 
