@@ -182,7 +182,11 @@ def evaluate(
             (out_dir / stale).unlink(missing_ok=True)
     model.eval()
     partial = "predictions.jsonl" if world == 1 else f"predictions.rank{rank}.partial.jsonl"
-    _predict(run, shard_by_video(items, rank, world), batch_size, out_dir / partial, progress=progress and rank == 0)
+    share = shard_by_video(items, rank, world)
+    if world > 1:
+        log.info("rank %d of %d: %d of the %d items, %d videos", rank, world, len(share), len(items),
+                 len({it.video for it in share}))
+    _predict(run, share, batch_size, out_dir / partial, progress=progress and rank == 0)
     gathered = gather_to_first(run.records, run.skipped, world)
     if world > 1:
         (out_dir / partial).unlink(missing_ok=True)
