@@ -79,7 +79,7 @@ def provenance(model: Any, data_path: str | Path, *, model_dir: str | Path | Non
         "git": git_commit(),
         "seeds": dict(seeds or {}),
     }
-    return out
+    return json.loads(json.dumps(out))  # as metrics.json will hold it (the spec's tuples as lists)
 
 
 __all__ = ["directory_digest", "file_sha256", "git_commit", "provenance"]
