@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from videollama.constants import MAX_LINE_BYTES  # a predictions line is a few KiB (its timestamps)
 from videollama.eval.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, item_scores, paired_difference
 
-MAX_LINE_BYTES = 1 << 20  # a predictions line is a few KiB (its timestamps); a longer one is not ours
 MAX_LINES = 10_000_000
 _FIELDS = ("correct", "correct_likelihood", "correct_letter")
 _GROUNDING = ("R@0.3", "R@0.5", "R@0.7", "iou")
