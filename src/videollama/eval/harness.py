@@ -37,13 +37,16 @@ from videollama.data import errors
 from videollama.data.errors import BadSample
 from videollama.data.evalset import EvalItem, read_eval_set
 from videollama.data.safe_io import resolve_inside
+from videollama.eval.ranks import gather_to_first, rank_and_world, shard_by_video
 from videollama.inference.whole_video import DEFAULT_WINDOWS_PER_CHUNK, EncodedVideo
 
 log = logging.getLogger(__name__)
 
 # Shapes answers are at most a few words, captions up to three clauses, time ranges
 # ("from 123.4 to 130.0 seconds") about a dozen tokens; all leave room for BPE.
-DEFAULT_MAX_NEW_TOKENS = {"videoqa": 16, "caption": 48, "grounding": 24}
+DEFAULT_MAX_NEW_TOKENS = {"videoqa": 16, "mc": 16, "caption": 48, "grounding": 24}
+# The tasks of ``evaluate``: the evaluation-set tasks, and multiple choice over a VideoQA set.
+EVAL_TASKS = ("videoqa", "mc", "caption", "grounding")
 
 
 # ---- videos -----------------------------------------------------------------------------------
@@ -115,13 +118,21 @@ def evaluate(
     progress: bool = True,
     allow_outside_root: bool = False,
     windows_per_chunk: int = DEFAULT_WINDOWS_PER_CHUNK,
+    num_options: int = 4,
+    seed: int = 0,
+    resamples: int = 2000,
+    model_dir: str | Path | None = None,
+    adapter_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on a VideoQA, captioning or grounding set; write predictions and metrics.
+    """Evaluate ``model`` on a VideoQA, multiple-choice, captioning or grounding set; write predictions
+    and metrics.
 
     Args:
         model: a VideoLlama (its ``config.preprocess`` decides how videos are windowed and decoded).
         tokenizer: the model's tokenizer (``videollama.data.tokenizer.load_tokenizer``).
-        task: "videoqa", "caption" or "grounding".
+        task: "videoqa", "caption", "grounding", or "mc": a VideoQA set as multiple choice, answered
+            by option likelihood and by letter (``eval/multiple_choice.py``; ``num_options`` and
+            ``seed`` draw the options of a line that has none).
         data_path: the JSONL evaluation set; ``video_root``: folder its ``video`` paths are
             relative to (default: the JSONL file's folder).
         out_dir: receives ``predictions.jsonl``, ``metrics.json`` (and ``niah.png``).
@@ -130,6 +141,10 @@ def evaluate(
         meteor: caption METEOR (a Java process); default: when Java is installed.
         allow_outside_root: let ``video`` paths leave ``video_root`` (refused by default).
         windows_per_chunk: windows decoded and encoded at a time (memory: one chunk of frames).
+        resamples: bootstrap resamples of the 95% intervals (``ci95``; videos resampled, seeded by ``seed``).
+        model_dir, adapter_dir: the directories the model was loaded from, hashed into ``provenance``.
+    Under ``torch.distributed`` (torchrun) each rank answers its share of the videos and rank 0
+    writes the files (eval/ranks.py); the other ranks return ``{"rank": r}``.
     A line that is not a valid item, a video that does not load or lies outside the root, a
     question that does not fit the context: each is counted in ``skipped_by_reason`` and the
     evaluation goes on; an item of a skipped video or question is scored as wrong.
@@ -146,20 +161,43 @@ def evaluate(
         raise ValueError(f"frames must be 1 (one frame for the whole video) or {preprocess.num_frames} (every frame)")
     if task == "caption":
         require_java()  # before hours of generation, not after: the metrics' PTB tokenizer is Java
+    if task not in EVAL_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {EVAL_TASKS}")
     data_path = Path(data_path)
     run = _EvalRun(model=model, tokenizer=tokenizer, task=task,
                    video_root=Path(video_root) if video_root is not None else data_path.parent,
                    single_frame=frames == 1, allow_outside_root=allow_outside_root,
                    windows_per_chunk=windows_per_chunk)
-    items, bad_lines = read_items(data_path, task, limit=limit)
+    items, bad_lines = read_items(data_path, "videoqa" if task == "mc" else task, limit=limit)
+    if task == "mc":
+        from videollama.eval.multiple_choice import mc_items
+
+        items = mc_items(items, num_options=num_options, seed=seed)
     run.max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", "niah.png"):  # an earlier run's, which would read as this one's
-        (out_dir / stale).unlink(missing_ok=True)
+    rank, world = rank_and_world()
+    if rank == 0:
+        for stale in ("metrics.json", "niah.png"):  # an earlier run's, which would read as this one's
+            (out_dir / stale).unlink(missing_ok=True)
     model.eval()
-    _predict(run, items, batch_size, out_dir, progress=progress)
-    metrics = score(run, items, bad_lines, str(data_path), out_dir, meteor=meteor)
+    partial = "predictions.jsonl" if world == 1 else f"predictions.rank{rank}.partial.jsonl"
+    share = shard_by_video(items, rank, world)
+    if world > 1:
+        log.info("rank %d of %d: %d of the %d items, %d videos", rank, world, len(share), len(items),
+                 len({it.video for it in share}))
+    _predict(run, share, batch_size, out_dir / partial, progress=progress and rank == 0)
+    gathered = gather_to_first(run.records, run.skipped, world)
+    if world > 1:
+        (out_dir / partial).unlink(missing_ok=True)
+    if gathered is None:
+        return {"rank": rank}
+    run.records, run.skipped = gathered
+    from videollama.eval.provenance import provenance
+
+    metrics = score(run, items, bad_lines, str(data_path), out_dir, meteor=meteor, resamples=resamples, seed=seed)
+    metrics["provenance"] = provenance(model, data_path, model_dir=model_dir, adapter_dir=adapter_dir,
+                                       seeds={"options": seed, "bootstrap": seed})
     _write_outputs(out_dir, items, run.records, metrics)
     return metrics
 
@@ -199,7 +237,7 @@ def group_by_video(items: list[EvalItem]) -> list[EvalItem]:
     return sorted(items, key=lambda it: (first_seen[it.video], it.index))
 
 
-def _predict(run: _EvalRun, items: list[EvalItem], batch_size: int, out_dir: Path, *, progress: bool) -> None:
+def _predict(run: _EvalRun, items: list[EvalItem], batch_size: int, partial_path: Path, *, progress: bool) -> None:
     """Every item's prediction into ``run.records``, batch by batch in video order. Lines are also
     written as they are made (in the order of work, with their ``line_index``), so that an
     interruption keeps what was done; :func:`_write_outputs` rewrites them in the file's order."""
@@ -207,19 +245,18 @@ def _predict(run: _EvalRun, items: list[EvalItem], batch_size: int, out_dir: Pat
 
     order = group_by_video(items)
     loaded: dict[str, LoadedVideo] = {}  # only the videos of the current batch (grouping makes that enough)
-    partial = (out_dir / "predictions.jsonl").open("w", encoding="utf-8")
+    partial = partial_path.open("w", encoding="utf-8")
     bar = tqdm(total=len(order), desc=f"eval {run.task}", unit="item", disable=not progress)
     try:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             loaded = encode_batch_videos(run, batch, loaded)
-            ready, prompts = _batch_prompts(run, batch)
-            texts = _generate(run, ready, prompts, loaded)
+            answers = _answer_batch(run, batch, loaded, batch_size)
             for it in batch:
                 skip = run.skipped.get(it.index)
                 if skip is not None:
                     log.warning("skipping %s (scored as wrong): %s", it.video, skip[1])
-                rec = _record(it, run.task, texts.get(it.index, ""), loaded[it.video].timestamps, skip)
+                rec = _record(it, run.task, answers.get(it.index), loaded[it.video].timestamps, skip)
                 run.records[it.index] = rec
                 partial.write(json.dumps({"line_index": it.index, **rec}) + "\n")
             partial.flush()
@@ -242,6 +279,17 @@ def encode_batch_videos(run: _EvalRun, batch: list[EvalItem], loaded: dict[str, 
         if video.error is not None:
             run.skipped[item.index] = (video.reason, video.error)
     return loaded
+
+
+def _answer_batch(run: _EvalRun, batch: list[EvalItem], loaded: dict[str, LoadedVideo], batch_size: int
+                  ) -> dict[int, Any]:
+    """By item index: the generated text, or for multiple choice both answers (``multiple_choice``)."""
+    if run.task == "mc":
+        from videollama.eval.multiple_choice import answer_mc_batch
+
+        return answer_mc_batch(run, batch, loaded, batch_size)
+    ready, prompts = _batch_prompts(run, batch)
+    return _generate(run, ready, prompts, loaded)
 
 
 def _batch_prompts(run: _EvalRun, batch: list[EvalItem]) -> tuple[list[EvalItem], list[list[int]]]:
@@ -280,22 +328,28 @@ def _generate(run: _EvalRun, ready: list[EvalItem], prompts: list[list[int]],
 _GROUP_FIELDS = ("duration_s", "depth")
 
 
-def _record(it: EvalItem, task: str, prediction: str, timestamps: list[list[float]] | None,
+def _record(it: EvalItem, task: str, prediction: Any, timestamps: list[list[float]] | None,
             skip: tuple[str, str] | None) -> dict:
-    """One line of predictions.jsonl: the item, its prediction and, for a skipped item, why."""
+    """One line of predictions.jsonl: the item, its prediction (None: none was made) and, for a
+    skipped item, why."""
     from videollama.eval.grounding import grounding_iou
     from videollama.eval.metrics import is_correct
+    from videollama.eval.multiple_choice import mc_record
 
-    if task == "videoqa":
+    if task == "mc":
+        rec = mc_record(it, None if skip is not None else prediction)
+    elif task == "videoqa":
+        prediction = prediction or ""
         rec = {"video": it.video, "question": it.question, "prediction": prediction, "answer": it.answer,
                "kind": it.kind, "correct": skip is None and is_correct(prediction, it.answer, it.options)}
         if it.options is not None:
             rec["options"] = it.options
     elif task == "grounding":
+        prediction = prediction or ""
         rec = {"video": it.video, "question": it.question, "prediction": prediction, "segments": it.segments,
                "iou": grounding_iou(prediction, it.segments)}  # None: the answer holds no time range
     else:
-        rec = {"video": it.video, "references": it.captions, "prediction": prediction}
+        rec = {"video": it.video, "references": it.captions, "prediction": prediction or ""}
     rec.update({k: it.extra[k] for k in _GROUP_FIELDS if k in it.extra})
     rec["timestamps"] = timestamps  # per window, every frame's time; None: the video failed to load
     if skip is not None:

@@ -7,7 +7,12 @@ the task's scores over every item, a skipped one scored as wrong.
   drawn to ``OUT/niah.png``.
 - Grounding: R@0.3 / R@0.5 / R@0.7, mIoU and parse failures, overall and by ``duration_s`` /
   ``depth`` (``grounding.grounding_report``).
+- Multiple choice: accuracy by option likelihood and by letter, overall and by kind
+  (``multiple_choice.mc_scores``).
 - Captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr (``metrics.caption_scores``).
+
+Beside every accuracy, R@k and mIoU, ``ci95``: its 95% bootstrap interval resampling videos
+(``bootstrap.intervals_for``), overall and by kind.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from videollama.data import errors
 
 
 def score(run: Any, items: Sequence[Any], bad_lines: list[tuple[int, str]], data: str, out_dir: Path, *,
-          meteor: bool | None) -> dict[str, Any]:
+          meteor: bool | None, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
     """The metrics dict of a finished run (``harness._EvalRun``: its records and skips by item index)."""
     preprocess = run.model.config.preprocess
     skipped = run.skipped
@@ -50,12 +55,20 @@ def score(run: Any, items: Sequence[Any], bad_lines: list[tuple[int, str]], data
         metrics.update(videoqa_scores(records, out_dir))
     elif run.task == "grounding":
         metrics.update(grounding_scores(records))
+    elif run.task == "mc":
+        from videollama.eval.multiple_choice import mc_scores
+
+        metrics.update(mc_scores(records))
     else:
         from videollama.eval.metrics import caption_scores
 
         # A skipped video's caption is empty: it matches nothing, as a wrong caption would.
         metrics.update(caption_scores([r["prediction"] for r in records], [r["references"] for r in records],
                                       meteor=meteor))
+    if run.task != "caption":
+        from videollama.eval.bootstrap import intervals_for
+
+        metrics["ci95"] = intervals_for(run.task, records, resamples=resamples, seed=seed)
     return metrics
 
 

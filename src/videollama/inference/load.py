@@ -14,9 +14,10 @@ from pathlib import Path
 QUANTIZE = ("none", "int8", "int4")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model`` (required), ``--adapter`` and ``--quantize``."""
-    parser.add_argument("--model", required=True, type=Path, help="model directory (config.json, "
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``--model`` (required unless ``required`` is False: a command with a mode that needs no
+    model checks it itself), ``--adapter`` and ``--quantize``."""
+    parser.add_argument("--model", required=required, type=Path, help="model directory (config.json, "
                         "model.safetensors, tokenizer.json, preprocessor.json)")
     parser.add_argument("--adapter", type=Path, default=None,
                         help="a peft LoRA adapter directory (adapter_config.json, adapter_model.safetensors), "
