@@ -38,7 +38,7 @@ filtering networks (Fang et al., 2023) and BLIP's CapFilt bootstrap a filter the
 It writes ``runs/demo/model`` (the final model directory), ``runs/demo/report.json`` (accuracy
 overall and by kind, the single-frame ablation, caption metrics, the curation figures, per-stage
 timings, training clips/s) and ``runs/demo/*-curves.png``, and prints a short summary. The targets
-it checks (issue 5): temporal accuracy >= 0.80, static >= 0.90, single-frame temporal <= 0.45.
+it checks: temporal accuracy >= 0.80, static >= 0.90, single-frame temporal <= 0.45.
 """
 
 from __future__ import annotations
