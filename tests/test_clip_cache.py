@@ -11,6 +11,7 @@ import torch
 from videollama.config import PreprocessConfig
 from videollama.data.clip_cache import cached_clip
 from videollama.data.loader import VideoTextLoader
+from videollama.data.read_policy import ReadPolicy
 from videollama.data.shapes import encode_mp4, iter_frames, sample_clip_spec
 from videollama.data.video import load_clip
 
@@ -92,7 +93,7 @@ def test_loader_with_cache_yields_the_same_evaluation_batches(video: Path, tmp_p
 
     tok = train_tokenizer(["how many objects are there? one two three"], 300)
     kwargs = dict(tokenizer=tok, preprocess=PRE, task="videoqa", batch_size=1, max_len=32, train=False, epochs=1,
-                  allow_outside_root=True)  # the line gives the video by its absolute path
+                  policy=ReadPolicy(allow_outside_root=True))  # the line gives the video by its absolute path
     plain = next(iter(VideoTextLoader(str(jsonl), **kwargs)))
     with_cache = next(iter(VideoTextLoader(str(jsonl), cache_dir=str(tmp_path / "c"), **kwargs)))
     torch.testing.assert_close(with_cache["video"], plain["video"], atol=1e-6, rtol=0)

@@ -16,6 +16,7 @@ import pytest
 from helpers import FUZZ_PRE, good_meta, good_video
 from videollama.cli import main
 from videollama.data.loader import VideoTextLoader, iter_samples
+from videollama.data.read_policy import ReadPolicy
 from videollama.data.stages import Skip
 from videollama.data.tokenizer import MAX_TEXTS_PER_CLIP, train_tokenizer
 
@@ -88,7 +89,7 @@ def test_bad_jsonl_lines_and_paths_out_of_the_root_are_counted(tmp_path, tok):
     assert len(list(loader)) == 1
     assert loader.skipped == {"invalid_json": 3, "outside_root": 3, "not_a_file": 1}
     # Opting out of the root check is explicit, and then the three outside paths decode.
-    loader = _loader(str(root / "qa.jsonl"), tok, task="videoqa", allow_outside_root=True)
+    loader = _loader(str(root / "qa.jsonl"), tok, task="videoqa", policy=ReadPolicy(allow_outside_root=True))
     assert len(list(loader)) == 4
 
 
@@ -223,3 +224,29 @@ def test_a_nul_byte_in_a_data_path_is_a_counted_skip(tmp_path, tok, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("videollama: error:") and "\n" not in err and "embedded null byte" not in err, err
+
+
+def test_one_read_policy_bounds_every_decode_of_the_loader(tmp_path, tok):
+    # The policy handed to the loader reaches stage 8's decoders: with a frame cap of 1 the clip
+    # (and the decoded-clip cache's grid) stops as a counted timeout; the default decodes it.
+    root = tmp_path / "data"
+    (root / "videos").mkdir(parents=True)
+    (root / "videos" / "ok.mp4").write_bytes(good_video(seed=0))
+    (root / "qa.jsonl").write_text(json.dumps({"video": "videos/ok.mp4", "question": "which way?",
+                                               "answer": "left"}) + "\n")
+    assert len(list(_loader(str(root / "qa.jsonl"), tok, task="videoqa"))) == 1
+    for cache in (None, tmp_path / "cache"):
+        loader = _loader(str(root / "qa.jsonl"), tok, task="videoqa", cache_dir=cache,
+                         policy=ReadPolicy(max_decoded_frames=1))
+        assert list(loader) == [] and loader.skipped == {"timeout": 1}, cache
+
+
+@pytest.mark.parametrize("field, value", [("max_decoded_frames", 0), ("clip_time_budget_s", -1.0),
+                                          ("video_time_budget_s", float("inf"))])
+def test_a_read_policy_out_of_range_is_refused_by_name(field, value):
+    from videollama.train.recipe import TrainConfig
+
+    with pytest.raises(ValueError, match=field):
+        ReadPolicy(**{field: value})
+    with pytest.raises(ValueError, match=f"data.{field}"):
+        TrainConfig.from_dict({"data": {"sources": ["x"], field: value}}).validate()

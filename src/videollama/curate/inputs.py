@@ -23,6 +23,7 @@ from typing import Any
 
 from videollama.data import errors
 from videollama.data.errors import BadSample
+from videollama.data.read_policy import DEFAULT_POLICY, ReadPolicy
 from videollama.data.safe_io import MAX_TEXT_CHARS, iter_manifest, resolve_inside
 from videollama.data.sources import VIDEO_EXTS, read_sidecar
 
@@ -57,13 +58,13 @@ def _texts(value: Any, where: str) -> list[str]:
     return [t.strip() for t in value if t.strip()]
 
 
-def read_inputs(input_path: str | Path, *, allow_outside_root: bool = False
+def read_inputs(input_path: str | Path, *, policy: ReadPolicy = DEFAULT_POLICY
                 ) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
     """``(sources sorted by source_id, skips)`` for a folder or a manifest JSONL."""
     path = Path(input_path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such folder or manifest")
-    sources, skips = (_folder(path) if path.is_dir() else _manifest(path, allow_outside_root))
+    sources, skips = (_folder(path) if path.is_dir() else _manifest(path, policy))
     seen: set[str] = set()
     for s in sources:
         if s["source_id"] in seen:
@@ -94,7 +95,7 @@ def _folder(folder: Path):
     return sources, skips
 
 
-def _manifest(manifest: Path, allow_outside_root: bool):
+def _manifest(manifest: Path, policy: ReadPolicy):
     sources, skips = [], []
     root = manifest.parent
     for lineno, where, row in iter_manifest(manifest, manifest.name):
@@ -111,7 +112,7 @@ def _manifest(manifest: Path, allow_outside_root: bool):
         try:
             if "\x00" in row["video"]:  # no OS call takes it ("embedded null byte"): a bad line, not the end
                 raise BadSample(errors.INVALID_LINE, where, "the video path holds a NUL byte")
-            video = resolve_inside(root, row["video"], allow_outside=allow_outside_root)
+            video = policy.resolve(root, row["video"])
         except BadSample as e:
             skips.append((e.reason, where, str(e)))
             continue

@@ -35,6 +35,7 @@ from videollama.curate.filters import alignment_threshold, best_clip_of_texts, c
 from videollama.curate.records import make_batches, read_record, video_record
 from videollama.curate.rows import ClipRow, DropReason
 from videollama.curate.run_stats import RunStats
+from videollama.data.read_policy import ReadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _prepare(input_path: Path, out: Path, cfg: CurateConfig, overwrite: bool
     from videollama.curate.records import write_record
 
     _check_models(cfg)
-    sources, skips = read_inputs(input_path, allow_outside_root=cfg.allow_outside_root)
+    sources, skips = read_inputs(input_path, policy=ReadPolicy(allow_outside_root=cfg.allow_outside_root))
     identity = json.loads(json.dumps({"input": str(input_path.resolve()), "config": {
         k: v for k, v in cfg.to_dict().items() if k not in ("engine", "workers")}}))
     target = choose_target(input_path, out, identity, overwrite)

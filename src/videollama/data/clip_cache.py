@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from videollama.config import PreprocessConfig
+from videollama.data.read_policy import DEFAULT_POLICY, ReadPolicy
 
 # Most sample frames one video keeps in the cache: four windows' worth (a 4 s window of a 16 s clip).
 CACHE_MAX_WINDOWS = 4
@@ -42,7 +43,7 @@ def write_entry(path: Path, **arrays) -> None:
 
 def cached_clip(
     video_source: str | bytes, *, cache_dir: str, identity: tuple[str, str], preprocess: PreprocessConfig,
-    train: bool, generator: torch.Generator, name: str,
+    train: bool, generator: torch.Generator, name: str, policy: ReadPolicy = DEFAULT_POLICY,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 8 with a clip cache: the clip ``load_clip`` would give, minus the decoding after the first time.
 
@@ -90,7 +91,8 @@ def cached_clip(
         first = centre - eval_start / rate
         grid = min(max(int((duration - first) * rate + 1e-6), span, eval_start + span), most * sub)
         frames, grid_times = load_clip(video_source, num_frames=grid, fps=rate, size=pre.size, start=first,
-                                       train=False, normalize=False, name=name)
+                                       train=False, normalize=False, name=name,
+                                       **policy.clip_bounds())
         pixels = (frames * 255.0).round_().to(torch.uint8).numpy()
         grid_times = grid_times.numpy()
         write_entry(path, pixels=pixels, timestamps=grid_times, substeps=sub, eval_start=eval_start)

@@ -17,6 +17,7 @@ from typing import Any
 
 from videollama.data import errors
 from videollama.data.errors import BadSample
+from videollama.data.read_policy import DEFAULT_POLICY, ReadPolicy
 from videollama.data.safe_io import iter_manifest, read_bounded, resolve_inside
 from videollama.data.sources import MAX_VIDEO_BYTES, VIDEO_EXTS, read_sidecar
 from videollama.data.writer import parse_size, write_shards
@@ -73,10 +74,10 @@ def folder_samples(folder: Path, counts: dict[str, int]) -> Iterator[tuple[str, 
         yield from _validated(key, path, meta, counts)
 
 
-def manifest_samples(manifest: Path, counts: dict[str, int], *, allow_outside_root: bool = False
+def manifest_samples(manifest: Path, counts: dict[str, int], *, policy: ReadPolicy = DEFAULT_POLICY
                      ) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
     """JSONL lines ``{"video": path, "caption": ..., "qa": [...], ...}``; paths relative to the
-    file and inside its folder (unless ``allow_outside_root``); each line bounded (safe_io)."""
+    file and inside its folder (unless ``policy.allow_outside_root``); each line bounded (safe_io)."""
     root = manifest.parent
     for lineno, where, row in iter_manifest(manifest):
         if isinstance(row, ValueError):
@@ -84,7 +85,7 @@ def manifest_samples(manifest: Path, counts: dict[str, int], *, allow_outside_ro
             continue
         rel = row.pop("video")
         try:
-            video = resolve_inside(root, rel, allow_outside=allow_outside_root)
+            video = policy.resolve(root, rel)
         except BadSample as e:
             _report_skip(counts, BadSample(e.reason, where, str(e)))
             continue
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     if source.is_dir():
         samples = folder_samples(source, counts)
     else:
-        samples = manifest_samples(source, counts, allow_outside_root=args.allow_outside_root)
+        samples = manifest_samples(source, counts, policy=ReadPolicy(allow_outside_root=args.allow_outside_root))
     # Written beside --out and swapped in only when complete: an interrupted run, or one that
     # replaces an older dataset, never leaves a folder that mixes two.
     staging = out.with_name(f".{out.name}.writing-{os.getpid()}")

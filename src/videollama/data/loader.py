@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from videollama.config import PreprocessConfig
 from videollama.data.errors import SkipBudgetExceeded
+from videollama.data.read_policy import ReadPolicy
 from videollama.data.sources import expand_sources
 from videollama.data.stages import ReaderPlan, Sample, Skip, collate, collate_windows, reader_stream
 
@@ -142,7 +143,8 @@ class VideoTextLoader:
     ``load_state_dict`` then ``iter`` resumes exactly. Bad samples are skipped and counted in
     ``skipped``; ``SkipBudgetExceeded`` is raised once more than ``skip_budget`` of at least
     ``skip_budget_min_samples`` seen samples were unusable. ``cache_dir``: decode each video once
-    and draw later windows from a uint8 cache there (see :func:`cached_clip`).
+    and draw later windows from a uint8 cache there (see :func:`cached_clip`). ``policy``: where
+    video paths may point and what one clip or video may cost (:class:`ReadPolicy`; its defaults).
 
     ``windows="whole"``: each sample is its whole video, every window the model's policy picks
     (``preprocess.max_windows``; :func:`videollama.data.window_cache.whole_video`), and a batch
@@ -180,7 +182,7 @@ class VideoTextLoader:
         worker_timeout_s: float = 600.0,
         cache_dir: str | None = None,
         texts_per_clip: int = 1,
-        allow_outside_root: bool = False,
+        policy: ReadPolicy | None = None,
         windows: str = "clip",
         window_budget: int = 0,
     ):
@@ -201,7 +203,7 @@ class VideoTextLoader:
             units=self.units, preprocess=preprocess, seed=seed, rank=rank, world_size=world_size, train=train,
             shuffle_buffer=shuffle_buffer, video_root=video_root, tokenizer=tokenizer, task=task,
             max_len=max_len, cache_dir=None if cache_dir is None else str(cache_dir), texts_per_clip=texts_per_clip,
-            allow_outside_root=allow_outside_root, windows=windows,
+            policy=policy or ReadPolicy(), windows=windows,
             window_budget=(window_budget or preprocess.max_windows) if windows == "whole" else 0,
         )
         self.batch_size, self.num_workers, self.epochs = batch_size, num_workers, epochs

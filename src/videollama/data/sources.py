@@ -20,6 +20,7 @@ from typing import Any
 from videollama.data import errors
 from videollama.data.errors import BadSample
 from videollama.data.evalset import iter_eval_lines
+from videollama.data.read_policy import DEFAULT_POLICY, ReadPolicy
 from videollama.data.safe_io import (
     MAX_JSON_BYTES,
     check_regular_file,
@@ -192,9 +193,9 @@ def group_members(path: str) -> Iterator[SampleRef]:
 VIDEO_MEMBER_EXTS = tuple(ext.lstrip(".") for ext in VIDEO_EXTS)
 
 
-def read_jsonl(path: str, video_root: str | None, *, allow_outside_root: bool = False) -> Iterator[SampleRef]:
+def read_jsonl(path: str, video_root: str | None, *, policy: ReadPolicy = DEFAULT_POLICY) -> Iterator[SampleRef]:
     """Evaluation-set lines as samples (rules: videollama.data.evalset); videos relative to the
-    file or ``video_root``, and inside it (safe_io.resolve_inside) unless ``allow_outside_root``.
+    file or ``video_root``, and inside it (safe_io.resolve_inside) unless ``policy.allow_outside_root``.
     A bad line is a known-bad ref (INVALID_JSON, OUTSIDE_ROOT, ...), counted by the loader."""
     root = video_root or os.path.dirname(path)
     name = os.path.basename(path)
@@ -210,7 +211,7 @@ def read_jsonl(path: str, video_root: str | None, *, allow_outside_root: bool = 
             yield SampleRef(key=key, source=path, error=(errors.INVALID_JSON, str(item)))
             continue
         try:
-            video = resolve_inside(root, item.video, allow_outside=allow_outside_root)
+            video = policy.resolve(root, item.video)
         except BadSample as e:
             yield SampleRef(key=key, source=path, error=(e.reason, f"{path}:{lineno}: {e}"))
             continue
@@ -254,13 +255,13 @@ def read_video_file(path: str) -> Iterator[SampleRef]:
 
 
 def index_units(units: list[Unit], *, video_root: str | None = None,
-                allow_outside_root: bool = False) -> Iterator[SampleRef]:
+                policy: ReadPolicy = DEFAULT_POLICY) -> Iterator[SampleRef]:
     """Stages 4-5 over a list of units, in order."""
     for unit in units:
         if unit.kind == "tar":
             yield from group_members(unit.path)
         elif unit.kind == "jsonl":
-            yield from read_jsonl(unit.path, video_root, allow_outside_root=allow_outside_root)
+            yield from read_jsonl(unit.path, video_root, policy=policy)
         else:
             yield from read_video_file(unit.path)
 

@@ -35,6 +35,7 @@ from videollama.config import PreprocessConfig
 from videollama.constants import IGNORE_INDEX
 from videollama.data import errors
 from videollama.data.errors import BadSample
+from videollama.data.read_policy import DEFAULT_POLICY, ReadPolicy
 from videollama.data.sources import SampleRef, Unit, index_units, read_sample
 
 TARGET_TOO_LONG = errors.TARGET_TOO_LONG  # encode_example never cuts a target: such samples are skipped
@@ -88,7 +89,7 @@ class ReaderPlan:
     max_len: int = 0
     cache_dir: str | None = None
     texts_per_clip: int = 1
-    allow_outside_root: bool = False  # JSONL video paths may leave their root (an explicit choice)
+    policy: ReadPolicy = DEFAULT_POLICY  # where video paths may point, what one clip or video may cost
     windows: str = "clip"  # clip: one window per sample; whole: every window (window_cache.whole_video)
     window_budget: int = 0  # whole: a video with more windows is skipped (OVER_WINDOW_BUDGET)
 
@@ -101,15 +102,15 @@ def reader_stream(plan: ReaderPlan, epoch: int, start: int, *, worker_id: int = 
     p = plan
     units = order_units(p.units, seed=p.seed, epoch=epoch, shuffle=p.train)                 # 2
     units, stride, offset = split_by_node(units, rank=p.rank, world_size=p.world_size)      # 3
-    refs: Iterable[SampleRef] = index_units(units, video_root=p.video_root,                 # 4-5
-                                            allow_outside_root=p.allow_outside_root)
+    refs: Iterable[SampleRef] = index_units(units, video_root=p.video_root, policy=p.policy)  # 4-5
     if stride > 1:  # fewer units than ranks: every rank reads all, keeps every stride-th sample
         refs = (ref for i, ref in enumerate(refs) if i % stride == offset)
     if p.train and p.shuffle_buffer > 1:                                                    # 6
         refs = shuffle_refs(refs, buffer_size=p.shuffle_buffer, rng=random.Random(f"{p.seed}/{epoch}/{p.rank}/refs"))
     for index, ref in split_by_worker(refs, start=start, worker_id=worker_id, num_workers=num_workers):  # 7
         item = decode_sample(index, ref, preprocess=p.preprocess, train=p.train, seed=p.seed,  # 8
-                             epoch=epoch, cache_dir=p.cache_dir, windows=p.windows, window_budget=p.window_budget)
+                             epoch=epoch, cache_dir=p.cache_dir, windows=p.windows, window_budget=p.window_budget,
+                             policy=p.policy)
         if p.tokenizer is not None:                                                         # 9
             item = tokenize_sample(item, tokenizer=p.tokenizer, task=p.task, max_len=p.max_len, seed=p.seed,
                                    epoch=epoch, texts_per_clip=p.texts_per_clip)
@@ -168,7 +169,7 @@ def sample_seed(seed: int, epoch: int, source: str, key: str) -> int:
 
 def decode_sample(
     index: int, ref: SampleRef, *, preprocess: PreprocessConfig, train: bool, seed: int, epoch: int,
-    cache_dir: str | None = None, windows: str = "clip", window_budget: int = 0,
+    cache_dir: str | None = None, windows: str = "clip", window_budget: int = 0, policy: ReadPolicy = DEFAULT_POLICY,
 ) -> Sample | Skip:
     """Stage 8. Read the sample's bytes, parse its JSON and decode the clip; never raises for bad data.
 
@@ -191,17 +192,18 @@ def decode_sample(
             if windows == "whole":
                 frames, timestamps = whole_video(
                     video_source, preprocess=preprocess, name=name, window_budget=window_budget,
-                    cache_dir=cache_dir, identity=(ref.video_path or ref.source, ref.key),
+                    cache_dir=cache_dir, identity=(ref.video_path or ref.source, ref.key), policy=policy,
                 )
             elif cache_dir is not None:
                 frames, timestamps = cached_clip(
                     video_source, cache_dir=cache_dir, identity=(ref.video_path or ref.source, ref.key),
-                    preprocess=preprocess, train=train, generator=generator, name=name,
+                    preprocess=preprocess, train=train, generator=generator, name=name, policy=policy,
                 )
             else:
                 frames, timestamps = load_clip(
                     video_source, num_frames=preprocess.num_frames, fps=preprocess.fps, size=preprocess.size,
                     train=train, mean=preprocess.mean, std=preprocess.std, generator=generator, name=name,
+                    **policy.clip_bounds(),
                 )
         except BadSample:
             raise

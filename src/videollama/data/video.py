@@ -57,11 +57,8 @@ from videollama.data.container import Source
 from videollama.data.decoding import OpenedVideo, open_and_time
 from videollama.data.errors import DECODE_ERROR, ZERO_FRAMES, BadSample
 from videollama.data.frames import resize_crop_frame
+from videollama.data.read_policy import DEFAULT_MAX_DECODED_FRAMES, DEFAULT_TIME_BUDGET_S
 
-# Work bounds for one clip. A 4 s window of a 60 FPS video with a 10 s keyframe interval needs
-# about 840 frames; 3000 leaves room for long GOPs while still capping a pathological file.
-DEFAULT_MAX_DECODED_FRAMES = 3000
-DEFAULT_TIME_BUDGET_S = 60.0
 # Slack when comparing a frame's time with a sample time: absorbs float rounding, far below
 # any real frame interval.
 _TIME_EPS = 1e-6

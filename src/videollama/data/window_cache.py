@@ -18,12 +18,13 @@ from videollama.config import PreprocessConfig
 from videollama.data import errors
 from videollama.data.clip_cache import entry_path, write_entry
 from videollama.data.errors import BadSample
+from videollama.data.read_policy import DEFAULT_POLICY, ReadPolicy
 from videollama.data.windows import open_windows
 
 
 def whole_video(
     video_source: str | bytes, *, preprocess: PreprocessConfig, name: str, window_budget: int,
-    cache_dir: str | None = None, identity: tuple[str, str] | None = None,
+    cache_dir: str | None = None, identity: tuple[str, str] | None = None, policy: ReadPolicy = DEFAULT_POLICY,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ``(frames [W, F, 3, S, S] float32 normalised, times [W, F] float64)``: every window of the
     video, exactly what ``load_windows(video_source, preprocess)`` gives.
@@ -34,7 +35,7 @@ def whole_video(
     uint8; later calls normalise the stored pixels, which gives the same floats as decoding.
     """
     if cache_dir is None:
-        with open_windows(video_source, preprocess, name=name) as whole:
+        with open_windows(video_source, preprocess, name=name, time_budget_s=policy.video_time_budget_s) as whole:
             _check_budget(whole.num_windows, window_budget, whole.duration, name)
             chunk, = list(whole.chunks(windows_per_chunk=whole.num_windows))  # list: the walk's end checks run
         return chunk.frames, chunk.times
@@ -47,7 +48,8 @@ def whole_video(
             pixels, times = stored["pixels"], stored["times"]  # [W, F, 3, S, S] uint8, [W, F] seconds
             duration = float(stored["duration"])
     except (OSError, ValueError, KeyError):  # not cached yet (or a damaged entry: decode again)
-        with open_windows(video_source, pre, name=name, normalize=False) as whole:
+        with open_windows(video_source, pre, name=name, normalize=False,
+                          time_budget_s=policy.video_time_budget_s) as whole:
             _check_budget(whole.num_windows, window_budget, whole.duration, name)
             chunk, = list(whole.chunks(windows_per_chunk=whole.num_windows))
             duration = whole.duration

@@ -41,10 +41,8 @@ from videollama.data.container import Source
 from videollama.data.decoding import OpenedVideo, open_and_time
 from videollama.data.errors import DECODE_ERROR, ZERO_FRAMES, BadSample
 from videollama.data.frames import resize_crop_frame
-from videollama.data.video import DEFAULT_MAX_DECODED_FRAMES
+from videollama.data.read_policy import DEFAULT_MAX_DECODED_FRAMES, DEFAULT_WHOLE_VIDEO_BUDGET_S
 
-# Whole videos take longer than one clip; a caller with tighter limits (a server) passes its own.
-DEFAULT_WHOLE_VIDEO_BUDGET_S = 600.0
 # Frames per second of video that the frame cap allows (a 120 FPS video, twice over).
 _FRAMES_PER_SECOND_CAP = 240
 # Before any keyframe interval is seen, windows closer than this are decoded in one pass.

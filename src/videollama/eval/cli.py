@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from videollama.data.read_policy import ReadPolicy
 from videollama.eval.harness import DEFAULT_MAX_NEW_TOKENS, EVAL_TASKS, evaluate
 from videollama.inference.whole_video import DEFAULT_WINDOWS_PER_CHUNK
 
@@ -131,7 +132,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         model, tokenizer, args.task, args.data, args.video_root, args.out,
         batch_size=args.batch_size, frames=args.frames, limit=args.limit,
         max_new_tokens=args.max_new_tokens, meteor=False if args.no_meteor else None,
-        allow_outside_root=args.allow_outside_root, windows_per_chunk=args.windows_per_chunk,
+        policy=ReadPolicy(allow_outside_root=args.allow_outside_root), windows_per_chunk=args.windows_per_chunk,
         num_options=args.num_options, seed=args.seed, resamples=args.resamples,
         model_dir=args.model, adapter_dir=args.adapter,
     )

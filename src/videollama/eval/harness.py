@@ -36,7 +36,7 @@ from typing import Any
 from videollama.data import errors
 from videollama.data.errors import BadSample
 from videollama.data.evalset import EvalItem, read_eval_set
-from videollama.data.safe_io import resolve_inside
+from videollama.data.read_policy import DEFAULT_POLICY, ReadPolicy
 from videollama.eval.ranks import gather_to_first, rank_and_world, shard_by_video
 from videollama.inference.whole_video import DEFAULT_WINDOWS_PER_CHUNK, EncodedVideo
 
@@ -65,8 +65,8 @@ class LoadedVideo:
         return None if self.encoded is None else self.encoded.frame_times_list()
 
 
-def load_video(path: Path, model: Any, *, single_frame: bool,
-               windows_per_chunk: int = DEFAULT_WINDOWS_PER_CHUNK) -> LoadedVideo:
+def load_video(path: Path, model: Any, *, single_frame: bool, windows_per_chunk: int = DEFAULT_WINDOWS_PER_CHUNK,
+               policy: ReadPolicy = DEFAULT_POLICY) -> LoadedVideo:
     """Decode and encode one evaluation video whole (``inference.whole_video.encode_whole_video``).
 
     With ``single_frame`` one frame (at half the duration) fills every frame of every window, so
@@ -76,7 +76,8 @@ def load_video(path: Path, model: Any, *, single_frame: bool,
     from videollama.inference.whole_video import encode_whole_video
 
     try:
-        encoded = encode_whole_video(model, path, single_frame=single_frame, windows_per_chunk=windows_per_chunk)
+        encoded = encode_whole_video(model, path, single_frame=single_frame, windows_per_chunk=windows_per_chunk,
+                                     time_budget_s=policy.video_time_budget_s)
     except BadSample as e:
         return LoadedVideo(error=f"{type(e).__name__}: {e}", reason=e.reason)
     except FileNotFoundError as e:
@@ -86,10 +87,11 @@ def load_video(path: Path, model: Any, *, single_frame: bool,
 
 def _load_item_video(run: _EvalRun, video: str) -> LoadedVideo:
     try:
-        path = resolve_inside(run.video_root, video, allow_outside=run.allow_outside_root)
+        path = run.policy.resolve(run.video_root, video)
     except BadSample as e:
         return LoadedVideo(error=str(e), reason=e.reason)
-    return load_video(path, run.model, single_frame=run.single_frame, windows_per_chunk=run.windows_per_chunk)
+    return load_video(path, run.model, single_frame=run.single_frame, windows_per_chunk=run.windows_per_chunk,
+                      policy=run.policy)
 
 
 # ---- generation -----------------------------------------------------------------------------
@@ -116,7 +118,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     meteor: bool | None = None,
     progress: bool = True,
-    allow_outside_root: bool = False,
+    policy: ReadPolicy | None = None,
     windows_per_chunk: int = DEFAULT_WINDOWS_PER_CHUNK,
     num_options: int = 4,
     seed: int = 0,
@@ -139,7 +141,8 @@ def evaluate(
         frames: None for every frame, 1 for one frame of the whole video (repeated everywhere).
         limit: evaluate only the first ``limit`` items.
         meteor: caption METEOR (a Java process); default: when Java is installed.
-        allow_outside_root: let ``video`` paths leave ``video_root`` (refused by default).
+        policy: where ``video`` paths may point (inside ``video_root`` unless it allows more) and what one
+            video may cost to decode (:class:`videollama.data.read_policy.ReadPolicy`; default its defaults).
         windows_per_chunk: windows decoded and encoded at a time (memory: one chunk of frames).
         resamples: bootstrap resamples of the 95% intervals (``ci95``; videos resampled, seeded by ``seed``).
         model_dir, adapter_dir: the directories the model was loaded from, hashed into ``provenance``.
@@ -166,7 +169,7 @@ def evaluate(
     data_path = Path(data_path)
     run = _EvalRun(model=model, tokenizer=tokenizer, task=task,
                    video_root=Path(video_root) if video_root is not None else data_path.parent,
-                   single_frame=frames == 1, allow_outside_root=allow_outside_root,
+                   single_frame=frames == 1, policy=policy or ReadPolicy(),
                    windows_per_chunk=windows_per_chunk)
     items, bad_lines = read_items(data_path, "videoqa" if task == "mc" else task, limit=limit)
     if task == "mc":
@@ -212,7 +215,7 @@ class _EvalRun:
     task: str
     video_root: Path
     single_frame: bool
-    allow_outside_root: bool
+    policy: ReadPolicy
     windows_per_chunk: int = DEFAULT_WINDOWS_PER_CHUNK
     max_new_tokens: int = 0
     records: dict[int, dict] = field(default_factory=dict)

@@ -35,7 +35,7 @@ from typing import Any
 
 from videollama.data.errors import BadSample
 from videollama.data.evalset import EvalItem, read_eval_set
-from videollama.data.safe_io import resolve_inside
+from videollama.data.read_policy import DEFAULT_POLICY, ReadPolicy
 from videollama.data.tokenizer import normalize_answer
 
 TASKS_DIR = Path(__file__).with_name("lmms_tasks")
@@ -75,9 +75,9 @@ def multiple_choice(items: list[EvalItem], *, num_options: int = 4, seed: int = 
     return out
 
 
-def _video_path(root: Path, video: str, allow_outside_root: bool) -> str:
+def _video_path(root: Path, video: str, policy: ReadPolicy) -> str:
     try:
-        return str(resolve_inside(root, video, allow_outside=allow_outside_root))
+        return str(policy.resolve(root, video))
     except BadSample:
         return ""  # fails to load in the model: scored wrong, as the harness scores a refused path
 
@@ -99,7 +99,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def export_tasks(data: str | Path, out: str | Path, *, video_root: str | Path | None = None, num_options: int = 4,
-                 seed: int = 0, allow_outside_root: bool = False) -> dict[str, Any]:
+                 seed: int = 0, policy: ReadPolicy = DEFAULT_POLICY) -> dict[str, Any]:
     """Write the Shapes tasks for lmms-eval into ``out``; returns what was written (counts, paths)."""
     data = Path(data)
     root = Path(video_root) if video_root is not None else data.parent
@@ -111,7 +111,7 @@ def export_tasks(data: str | Path, out: str | Path, *, video_root: str | Path | 
     for src in sorted(TASKS_DIR.iterdir()):
         if src.suffix in (".yaml", ".py") or src.name.endswith("_yaml"):
             shutil.copyfile(src, out / src.name)
-    paths = {it.video: _video_path(root, it.video, allow_outside_root) for it in items}
+    paths = {it.video: _video_path(root, it.video, policy) for it in items}
     mc = multiple_choice(items, num_options=num_options, seed=seed)
     _write_jsonl(out / "shapes_videoqa.json", [_row(it, paths[it.video]) for it in items])
     _write_jsonl(out / "shapes_mc.json", [_row(it, paths[it.video], choice=True) for it in mc])
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = export_tasks(args.data, args.out, video_root=args.video_root, num_options=args.num_options,
-                               seed=args.seed, allow_outside_root=args.allow_outside_root)
+                               seed=args.seed, policy=ReadPolicy(allow_outside_root=args.allow_outside_root))
     except (OSError, ValueError) as e:
         print(f"videollama: error: {e}", file=sys.stderr)
         return 2

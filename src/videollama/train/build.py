@@ -85,5 +85,5 @@ def build_loader(cfg: TrainConfig, model_cfg: VideoLlamaConfig, env: DistEnv, to
                            max_len=cfg.data.max_len or model_cfg.decoder.max_seq_len, seed=cfg.seed,
                            rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers,
                            train=True, skip_budget=cfg.data.skip_budget, cache_dir=cfg.data.cache_dir,
-                           texts_per_clip=cfg.data.texts_per_clip, allow_outside_root=cfg.data.allow_outside_root,
+                           texts_per_clip=cfg.data.texts_per_clip, policy=cfg.data.read_policy(),
                            windows=cfg.data.windows, window_budget=cfg.data.window_budget)

@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from videollama.data.read_policy import (
+    DEFAULT_MAX_DECODED_FRAMES,
+    DEFAULT_TIME_BUDGET_S,
+    DEFAULT_WHOLE_VIDEO_BUDGET_S,
+    ReadPolicy,
+)
 from videollama.data.tokenizer import TASKS
 from videollama.dataclass_io import build, parse_override, set_dotted
 from videollama.model.parts import BLOCK_TYPES, PARTS, VISION_SIDE, check_names
@@ -69,6 +75,16 @@ class DataSection:
     latent_cache: bool = False
     latent_cache_bytes: int = 2**30  # in memory, least recently used evicted first
     latent_cache_dir: str | None = None  # also keep them on disk here (later runs of the same encoder)
+    # What one sample may cost to decode (data.read_policy.ReadPolicy): wall clock and frames per
+    # clip, wall clock per whole video; a sample over them is skipped as a timeout and counted.
+    clip_time_budget_s: float = DEFAULT_TIME_BUDGET_S
+    max_decoded_frames: int = DEFAULT_MAX_DECODED_FRAMES
+    video_time_budget_s: float = DEFAULT_WHOLE_VIDEO_BUDGET_S
+
+    def read_policy(self) -> ReadPolicy:
+        """The one object every reader of this run gets: roots and decode bounds."""
+        return ReadPolicy(allow_outside_root=self.allow_outside_root, clip_time_budget_s=self.clip_time_budget_s,
+                          max_decoded_frames=self.max_decoded_frames, video_time_budget_s=self.video_time_budget_s)
 
 
 @dataclass
@@ -205,6 +221,10 @@ class TrainConfig:
             raise ValueError(f"data.task must be one of {', '.join(TASKS)}, not {self.data.task!r}")
         if self.data.texts_per_clip < 0:
             raise ValueError(f"data.texts_per_clip must be >= 0 (0: every text of a clip), not {self.data.texts_per_clip}")
+        try:
+            self.data.read_policy()
+        except ValueError as e:
+            raise ValueError(str(e).replace("read policy: ", "data.")) from None
         self._validate_windows()
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
