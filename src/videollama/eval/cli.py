@@ -49,11 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from videollama.inference.load import load_for_inference
+    from videollama.inference.load import load_for_inference, refuse_run_dir
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Everything that can be checked before the model is loaded, is.
+    refuse_run_dir(args.model)
     if not (Path(args.model) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"eval: model directory {args.model} has no tokenizer.json (convert with "
                                 "--tokenizer, or copy the tokenizer the model was trained with into it)")
