@@ -139,6 +139,9 @@ def block_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONWARNINGS"] = ""   # what a user's shell has: our own filters only
+    # One thread: the test machine is shared, and two spinning threads per process on a loaded
+    # machine made each step several times slower. Nothing printed depends on it.
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
