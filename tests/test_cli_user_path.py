@@ -117,3 +117,17 @@ def test_only_the_known_noise_is_silenced():
         warnings.warn_explicit(known, UserWarning, "mine.py", 1, module="videollama.somewhere")
         warnings.warn_explicit("another", UserWarning, "utils.py", 2, module="torch.distributed.checkpoint.utils")
     assert [str(w.message) for w in caught] == [known, "another"]
+
+
+def test_data_inspect_samples_with_a_models_spec(model_dir, tmp_path, capsys):
+    import random
+
+    from readme_blocks import small_mp4
+    from videollama.data import shapes
+
+    (tmp_path / "v.mp4").write_bytes(small_mp4(shapes.sample_clip_spec(random.Random(0))))
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"video": "v.mp4", "question": "q?", "answer": "a"}) + "\n")
+    assert main(["data", "inspect", str(tmp_path / "qa.jsonl"), "--model", str(model_dir), "--limit", "1"]) == 0
+    times = [ln for ln in capsys.readouterr().out.splitlines() if "timestamps:" in ln]
+    # The shapes preset's spec: 4 frames at 1 FPS (the defaults would give 16 at 4 FPS).
+    assert len(times) == 1 and len(times[0].split(":")[1].split()) == 4
