@@ -87,3 +87,113 @@ def test_saved_directory_works_with_generate_and_eval(tmp_path):
                  "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 1 and metrics["skipped"] == 0
+
+
+# ---- every shell block of README.md and docs/ -------------------------------------------------------
+
+# Blocks that cannot run here, by their first line, and why. A block neither run below nor listed
+# here fails test_every_shell_block_is_run_or_listed: a new block must be classified.
+NOT_RUNNABLE = {
+    "make demo   # sets everything up, then: raw web pool -> curate -> pre-train -> fine-tune -> eval -> generate":
+        "the whole demo takes about 19 minutes and installs .venv; tests/test_demo_chain.py runs its chain at toy size",
+    "videollama convert --llama HF_LLAMA_DIR --vision HF_CLIP_DIR --preset videollama-13b --out models/init":
+        "needs Hugging Face Llama and CLIP checkpoints (gigabytes, no network here); tests/test_convert.py converts "
+        "tiny ones",
+    "videollama data synth --out data/shapes --train 3000 --eval 300 --seed 0 --workers 2":
+        "renders 3,300 clips and trains a tokenizer on them: minutes of CPU; tests/test_shapes.py runs data synth small",
+    "videollama data web --out data/web --videos 80          # a raw \"web\" Shapes corpus with truth.json":
+        "needs the curator `make demo` bootstraps (runs/demo/curator) and its train line is abbreviated (...); "
+        "tests/test_demo_chain.py runs this chain at toy size",
+    "ray start --head --port 6379                        # on the head node":
+        "a Ray cluster of several nodes with shared storage and a 13B model",
+    "videollama train --config configs/pretrain-tiny.yaml --run-dir runs/tiny          # CPU, Shapes corpus":
+        "1,500 steps of pre-training on data/shapes (tens of minutes on a CPU); tests/test_train_loop.py trains "
+        "and exports small runs",
+    "# on every node (c10d rendezvous; HEAD is any one of the nodes)": "8 nodes x 8 GPUs, or Slurm",
+    "make lmms-eval      # .venv-lmms: about 40-50 s and 84 MB over the main environment":
+        "creates a second environment from the package index (network); tests/test_lmms_eval.py covers the model",
+    "python -m videollama.eval.lmms_export --data data/shapes/eval/videoqa.jsonl --out runs/lmms_tasks":
+        "needs .venv-lmms (make lmms-eval); tests/test_lmms_eval.py runs the export and the tasks",
+    "pip install -e '.[serve]'      # fastapi, uvicorn, httpx":
+        "installs from the package index, then serves until stopped; tests/test_serve_cli.py starts the server",
+    "VIDEO=$(base64 -w0 clip.mp4)": "needs the server of the block above running; tests/test_serve.py posts the "
+                                    "same request through the openai client",
+    "videollama chat --model runs/demo/model            # http://127.0.0.1:7860/, the API at /v1 beside it":
+        "serves until stopped; tests/test_ui.py and tests/test_ui_browser.py drive the page",
+}
+# Blocks run by another test, in the same way (as printed, in a folder made by readme_blocks).
+RUN_ELSEWHERE = {
+    "videollama train --config configs/finetune-videoqa.yaml --run-dir runs/ft-qa \\": "tests/test_own_data.py",
+    "videollama train --config configs/lora-videoqa.yaml --run-dir runs/lora-qa \\": "tests/test_own_data.py",
+}
+# Blocks run here, in README order, in one folder (a later block may read what an earlier wrote).
+RUN_HERE = [
+    "videollama info --preset videollama-13b",
+    "videollama generate --model runs/demo/model --template videoqa",
+    "videollama data shards --input videos/",
+    "videollama eval --model models/ft-qa --task videoqa",
+    "videollama plan --config configs/pretrain-13b.yaml --gpus 64 --gpu-memory 80",
+]
+FIGURE = re.compile(r"\d+\.\d+ GiB")
+
+
+def test_every_shell_block_is_run_or_listed():
+    from readme_blocks import shell_blocks
+
+    blocks = shell_blocks()
+    unclassified = []
+    for block in blocks:
+        first = block.first_line
+        if first in NOT_RUNNABLE or first in RUN_ELSEWHERE or any(first.startswith(p) for p in RUN_HERE):
+            continue
+        unclassified.append(f"{block.source}:{block.line}: {first}")
+    assert not unclassified, "shell blocks neither run nor listed in NOT_RUNNABLE:\n" + "\n".join(unclassified)
+    firsts = [b.first_line for b in blocks]
+    stale = [k for k in [*NOT_RUNNABLE, *RUN_ELSEWHERE] if k not in firsts]
+    assert not stale, f"listed blocks no longer in README.md: {stale}"
+    for test_file in RUN_ELSEWHERE.values():
+        assert (ROOT / test_file).is_file()
+
+
+def _readme_folder(root: Path) -> Path:
+    """What the blocks run here read besides make_workdir's: a videos/ folder with a sidecar caption
+    and a manifest (data shards), the two fine-tuned models (eval; test_own_data trains them) and
+    a grounding set (eval --task grounding)."""
+    import shutil
+
+    from readme_blocks import make_workdir
+
+    make_workdir(root)
+    (root / "videos").mkdir()
+    shutil.copy(root / "my-data/videos/v0.mp4", root / "videos/clip0.mp4")
+    (root / "videos/clip0.txt").write_text("a red square moves left.\n")
+    qa = json.loads((root / "my-data/train.jsonl").read_text().splitlines()[1])
+    manifest = {"video": "my-data/videos/v1.mp4", "caption": "a clip", "qa": [{k: qa[k] for k in ("question", "answer")}]}
+    (root / "manifest.jsonl").write_text(json.dumps(manifest) + "\n")
+    for name in ("ft-qa", "ft-cap"):
+        shutil.copytree(root / "runs/demo/model", root / "models" / name)
+    whole = root / "data/shapes-long/eval/whole"
+    (whole / "videos").mkdir(parents=True)
+    shutil.copy(root / "my-data/videos/v2.mp4", whole / "videos/g0.mp4")
+    line = {"video": "videos/g0.mp4", "question": "when does the square move?", "segments": [[1.0, 3.0]]}
+    (whole / "grounding.jsonl").write_text(json.dumps(line) + "\n")
+    return root
+
+
+def test_the_runnable_shell_blocks_run_as_printed(tmp_path):
+    from readme_blocks import block_starting, check, run_block
+
+    root = _readme_folder(tmp_path / "work")
+    outputs = {}
+    for prefix in RUN_HERE:
+        block = block_starting(prefix)
+        outputs[prefix] = check(run_block(block, root, timeout=300), block).stdout
+    assert "total 12.933 B" in outputs[RUN_HERE[0]] and "6.8 GiB" in outputs[RUN_HERE[0]]
+    assert json.loads((root / "eval/qa/metrics.json").read_text())["n"] == 10
+    assert (root / "eval/cap/metrics.json").is_file() and (root / "eval/ground/metrics.json").is_file()
+    assert json.loads(outputs[RUN_HERE[2]].strip().splitlines()[-1])["samples"] == 1  # shards/: the videos/ clip
+    # Every figure a plan line's comment states is what the command prints.
+    plan = block_starting(RUN_HERE[4])
+    for line in plan.text.splitlines():
+        stated = FIGURE.findall(line.partition("#")[2])
+        assert all(figure in outputs[RUN_HERE[4]] for figure in stated[:1]), (line, stated)

@@ -33,8 +33,8 @@ PRE = MODEL_CFG.preprocess  # 4 s windows, at most 8 of them
 def corpus(tmp_path_factory) -> Path:
     """Six Shapes-Long videos of 20-40 s (5 to 10 windows: tiled up to 8, spread past it) in three
     shards, four Shapes v1 clips of 5 s (2 windows) in two, and a BPE tokenizer on all their text."""
-    from videollama.data.shapes_synth import synthesize
     from videollama.data.shapes_long_synth import TrainDurations, synthesize_long
+    from videollama.data.shapes_synth import synthesize
     from videollama.data.tokenizer import iter_training_texts, train_tokenizer
 
     root = tmp_path_factory.mktemp("long")

@@ -14,6 +14,7 @@ import sys
 from videollama import __version__
 from videollama.data.errors import BadSample, SkipBudgetExceeded
 from videollama.eval.metrics import JavaMissing
+from videollama.noise import quiet_known_noise
 
 # name -> (module, one-line help). Groups with their own sub-subcommands (data, tokenizer)
 # are handled by their module's add_arguments.
@@ -57,6 +58,7 @@ USER_ERRORS = (ValueError, OSError, BadSample, SkipBudgetExceeded, JavaMissing)
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_known_noise()  # before any subcommand imports torch, peft or torchao
     # Only the chosen subcommand's module is imported: `videollama info` never imports the loader.
     only = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only if only in COMMANDS else None)

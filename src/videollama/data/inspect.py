@@ -23,9 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sheet", metavar="OUT.png", help="save a contact sheet of the first sample's frames")
     parser.add_argument("--limit", type=int, default=None, help="stop after N good samples")
     parser.add_argument("--video-root", default=None, help="video folder for .jsonl sources")
-    parser.add_argument("--num-frames", type=int, default=PreprocessConfig.num_frames)
-    parser.add_argument("--fps", type=float, default=PreprocessConfig.fps)
-    parser.add_argument("--size", type=int, default=PreprocessConfig.size)
+    parser.add_argument("--model", metavar="DIR", help="sample as this model directory does (its preprocessing "
+                        "spec, preprocessor.json / config.json); --num-frames, --fps and --size then change it")
+    parser.add_argument("--num-frames", type=int, default=None, help=f"default {PreprocessConfig.num_frames}")
+    parser.add_argument("--fps", type=float, default=None, help=f"default {PreprocessConfig.fps}")
+    parser.add_argument("--size", type=int, default=None, help=f"default {PreprocessConfig.size}")
     parser.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in-process)")
 
 
@@ -95,12 +97,25 @@ def save_contact_sheet(video, timestamps, preprocess: PreprocessConfig, out: str
     sheet.save(out, format="PNG")
 
 
+def _preprocess(args: argparse.Namespace) -> PreprocessConfig:
+    """The model's spec with --model (else the defaults), then the flags given."""
+    from dataclasses import replace
+
+    base = PreprocessConfig()
+    if args.model is not None:
+        from videollama.config import VideoLlamaConfig
+
+        base = VideoLlamaConfig.load(args.model).preprocess
+    given = {k: getattr(args, k) for k in ("num_frames", "fps", "size") if getattr(args, k) is not None}
+    return replace(base, **given)
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
 
     # Skips are reported in the output itself; keep stderr for real warnings only.
     logging.getLogger("videollama.data.loader").setLevel(logging.ERROR)
-    preprocess = PreprocessConfig(num_frames=args.num_frames, fps=args.fps, size=args.size)
+    preprocess = _preprocess(args)
     result = inspect(
         args.paths, preprocess=preprocess, limit=args.limit, video_root=args.video_root,
         num_workers=args.workers, sheet=args.sheet, echo=None if args.json else print,

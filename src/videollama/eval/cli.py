@@ -95,9 +95,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from videollama.eval.ranks import local_device, rank_and_world
-    from videollama.inference.load import load_for_inference
+    from videollama.inference.load import load_for_inference, refuse_run_dir
 
     # Everything that can be checked before the model is loaded, is.
+    refuse_run_dir(args.model)
     if not (Path(args.model) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"eval: model directory {args.model} has no tokenizer.json (convert with "
                                 "--tokenizer, or copy the tokenizer the model was trained with into it)")

@@ -15,13 +15,14 @@ import argparse
 import math
 from pathlib import Path
 
-from videollama.inference.load import add_model_arguments, load_for_inference
+from videollama.inference.load import add_model_arguments, load_for_inference, refuse_run_dir
 from videollama.inference.whole_video import DEFAULT_WINDOWS_PER_CHUNK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)  # --model, --adapter, --quantize
-    parser.add_argument("--prompt", required=True, help="the prompt text, e.g. a question about the video")
+    parser.add_argument("--prompt", help="the prompt text, e.g. a question about the video (not with --template "
+                        "caption, which asks for a caption)")
     parser.add_argument("--template", choices=["raw", "videoqa", "caption"], default="raw",
                         help="raw: the prompt as given; videoqa: wrap it as a question (the fine-tuned "
                         "format); caption: ask for a caption (the prompt is ignored)")
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from videollama.data.tokenizer import caption_prompt, encode_prompt, videoqa_prompt
 
     # The tokenizer first: a directory without a usable one fails before any weights are read.
+    refuse_run_dir(args.model)
     if not (Path(args.model) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"generate: model directory {args.model} has no tokenizer.json (convert with "
                                 "--tokenizer, or copy the tokenizer the model was trained with into it)")
@@ -58,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     # a 100 MB prompt costs nothing) and the numbers.
     from videollama.data.safe_io import MAX_TEXT_CHARS, check_regular_file
 
-    if len(args.prompt) > MAX_TEXT_CHARS:
+    if args.prompt is None and args.template != "caption":
+        raise ValueError(f"--template {args.template} needs --prompt TEXT (only --template caption needs none)")
+    if args.prompt is not None and len(args.prompt) > MAX_TEXT_CHARS:
         raise ValueError(f"--prompt is {len(args.prompt)} characters, over the {MAX_TEXT_CHARS}-character cap")
     if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1 \
             or args.windows_per_chunk < 1:

@@ -26,6 +26,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
                         help="weight-only quantization through torchao (default: none)")
 
 
+def refuse_run_dir(model_dir: str | Path) -> None:
+    """A training run directory given where a model directory goes: say how to make one from it."""
+    model_dir = Path(model_dir)
+    if (model_dir / "config.json").is_file() or not (model_dir / "checkpoints").is_dir():
+        return
+    raise ValueError(f"{model_dir} is a training run directory (checkpoints/), not a model directory: export "
+                     f"it first, e.g. `videollama export {model_dir} --out models/NAME`, then pass --model models/NAME "
+                     "(a LoRA run exports its adapter: --model BASE --adapter DIR, or export --merged)")
+
+
 def load_for_inference(model_dir: str | Path, *, adapter: str | Path | None = None, quantize: str | None = None,
                        device: str | None = None):
     """The model of ``model_dir`` (with ``adapter`` merged in, then quantized) in eval mode on
@@ -43,6 +53,7 @@ def load_for_inference(model_dir: str | Path, *, adapter: str | Path | None = No
         from videollama.train.lora import read_adapter_config
 
         read_adapter_config(adapter)  # a bad --adapter fails before the base weights are read
+    refuse_run_dir(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_dir)
     model = VideoLlama.from_pretrained(model_dir, device=device)

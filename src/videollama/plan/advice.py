@@ -117,11 +117,24 @@ def suggestions_for(config: VideoLlamaConfig, s, est) -> list[str]:
     elif s.mode == "lora" and s.gpus == 1:
         suggest("QLoRA (--mode qlora: base linear weights in NF4, lora.quantize nf4)", with_settings(s, mode="qlora"))
     if s.mode == "infer":
-        at = est.at_peak
-        out.append(f"int8 or int4 weights: {format_bytes(at['parameters'])} of "
-                   f"parameters would shrink to about 1/{2 if s.precision == 'bf16' else 4} or 1/"
-                   f"{4 if s.precision == 'bf16' else 8}")
+        out += _quantized_weights(s, est, usable)
     return out
+
+
+def _quantized_weights(s, est, usable: int) -> list[str]:
+    """int8 and int4 weights (``--quantize`` of generate, eval and serve), by arithmetic: the
+    parameters at 1 or 0.5 bytes each in place of the precision's, the rest of the peak unchanged
+    (an upper bound on what is saved: norms and scales stay in floating point)."""
+    params = est.at_peak["parameters"]
+    per_param = 2 if s.precision == "bf16" else 4
+    lines = []
+    for flag, size, where in (("int8", 1.0, "any device"), ("int4", 0.5, "a CUDA GPU, bf16 model")):
+        peak = est.peak - params + int(params * size / per_param)
+        verdict = "" if peak <= usable else ", still too much"
+        lines.append(f"{flag} weights (--quantize {flag} of generate, eval and serve; {where}): parameters "
+                     f"{format_bytes(params)} -> about {format_bytes(int(params * size / per_param))}, "
+                     f"about {format_bytes(peak)} per device{verdict}")
+    return lines
 
 
 def _lora_defaults():

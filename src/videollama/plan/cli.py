@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KINDS", help="checkpoint every block (no value, or 'all'), the kinds given "
                         f"(comma-separated: {','.join(BLOCK_TYPES)}) or none")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="with --config: recipe overrides as `train` takes them (micro_batch=4 "
+                        "model.init_from=DIR); with --model or --preset: model config keys (decoder.num_layers=4)")
     add_simulate_arguments(parser)
 
 
@@ -59,12 +62,13 @@ def resolve(args: argparse.Namespace) -> tuple[VideoLlamaConfig, dict, str]:
                          + (f" (got {', '.join('--' + g for g in given)})" if given else ""))
     kw: dict = {}
     notes: list[str] = []
+    overrides = list(getattr(args, "overrides", None) or [])
     if args.model is not None:
-        config, name = VideoLlamaConfig.load(args.model), str(args.model)
+        config, name = _with_model_overrides(VideoLlamaConfig.load(args.model), overrides), str(args.model)
     elif args.preset is not None:
-        config, name = VideoLlamaConfig.from_name(args.preset), args.preset
+        config, name = _with_model_overrides(VideoLlamaConfig.from_name(args.preset), overrides), args.preset
     else:
-        config, name, kw, notes = _from_recipe(args.config)
+        config, name, kw, notes = _from_recipe(args.config, overrides)
     if args.gpu_memory_gib is not None and not 0 < args.gpu_memory_gib < math.inf:  # inf: no integer of bytes
         raise ValueError(f"--gpu-memory must be a finite number of GiB > 0, got {args.gpu_memory_gib}")
     if args.size is not None:
@@ -83,11 +87,22 @@ def resolve(args: argparse.Namespace) -> tuple[VideoLlamaConfig, dict, str]:
     return config, kw, name
 
 
-def _from_recipe(path: Path) -> tuple[VideoLlamaConfig, str, dict, list[str]]:
+def _with_model_overrides(config: VideoLlamaConfig, overrides: list[str]) -> VideoLlamaConfig:
+    """``key=value`` items on a model config (``decoder.num_layers=4``), values parsed as YAML."""
+    from videollama.dataclass_io import parse_override
+
+    return config.with_overrides(dict(parse_override(item) for item in overrides)) if overrides else config
+
+
+def _from_recipe(path: Path, overrides: list[str] | None = None) -> tuple[VideoLlamaConfig, str, dict, list[str]]:
     from videollama.train.recipe import TrainConfig
 
-    cfg = TrainConfig.from_yaml(path)
+    cfg = TrainConfig.from_yaml(path, overrides)
     if cfg.model.init_from:
+        if not (Path(cfg.model.init_from) / "config.json").is_file():
+            raise ValueError(f"{path}: model.init_from {cfg.model.init_from} is not a model directory (no config.json; "
+                             "`make demo` writes runs/demo/model): plan another with model.init_from=DIR, or a preset "
+                             "with model.init_from=null model.preset=NAME")
         config = VideoLlamaConfig.load(cfg.model.init_from)
     else:
         config = VideoLlamaConfig.from_name(cfg.model.preset)

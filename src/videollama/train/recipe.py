@@ -103,6 +103,15 @@ class OptimizerSection:
 class ScheduleSection:
     warmup_steps: int = 1000
     min_lr: float = 1e-6
+    # Set: the warmup is this share of max_steps (at least 1 step) and warmup_steps is ignored, so a
+    # short first try (--max-steps 20) reaches the peak LR as a long run does.
+    warmup_fraction: float | None = None
+
+    def warmup_for(self, max_steps: int) -> int:
+        """The warmup steps of a run of ``max_steps`` steps."""
+        if self.warmup_fraction is None:
+            return self.warmup_steps
+        return max(1, round(self.warmup_fraction * max_steps))
 
 
 @dataclass
@@ -232,6 +241,9 @@ class TrainConfig:
             raise ValueError("micro_batch and global_batch must be >= 1, max_steps >= 0")
         if self.schedule.warmup_steps < 0 or self.checkpoint.keep < 1:
             raise ValueError("schedule.warmup_steps must be >= 0 and checkpoint.keep >= 1")
+        fraction = self.schedule.warmup_fraction
+        if fraction is not None and not 0.0 <= fraction < 1.0:
+            raise ValueError(f"schedule.warmup_fraction must be in [0, 1) (null: warmup_steps), not {fraction}")
 
     def _validate_windows(self) -> None:
         data = self.data

@@ -118,14 +118,15 @@ def setup_run(cfg: TrainConfig, run_dir: Path, env: DistEnv, *, allow_config_cha
         materialize(model, env.device, cfg.seed)
     # After fully_shard: it replaces every parameter by a sharded DTensor parameter.
     optimizer = build_optimizer(model, cfg.optimizer)
-    scheduler = build_scheduler(optimizer, peak_lr=cfg.optimizer.lr, warmup_steps=cfg.schedule.warmup_steps,
+    warmup = cfg.schedule.warmup_for(cfg.max_steps)
+    scheduler = build_scheduler(optimizer, peak_lr=cfg.optimizer.lr, warmup_steps=warmup,
                                 max_steps=cfg.max_steps, min_lr=cfg.schedule.min_lr)
     loader = build_loader(cfg, model_cfg, env, tokenizer_path)
     run = Run(cfg=cfg, env=env, run_dir=run_dir, model=model, model_cfg=model_cfg, optimizer=optimizer,
               scheduler=scheduler, loader=loader, mesh=mesh, use_fsdp=use_fsdp, accumulation=accum,
               trainable=[p for p in model.parameters() if p.requires_grad], n_params=n_params,
               frozen_params=frozen, flops_per_sample=_flops_per_sample(model_cfg), config_change=change,
-              warnings=schedule_warnings(peak_lr=cfg.optimizer.lr, warmup_steps=cfg.schedule.warmup_steps,
+              warnings=schedule_warnings(peak_lr=cfg.optimizer.lr, warmup_steps=warmup,
                                          max_steps=cfg.max_steps, min_lr=cfg.schedule.min_lr))
     seed_everything(cfg.seed, env.rank)
     resume(run)
