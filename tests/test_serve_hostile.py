@@ -169,11 +169,11 @@ def test_the_deadline_covers_waiting_for_a_decode_worker(model_dir, clip):
     limits = ServeLimits(request_timeout_s=1.0, decode_workers=1, max_tokens=4)
     engine = Engine.from_model_dir(model_dir, limits=limits)
     with LiveServer(engine) as live:
-        engine._decode_slots.acquire()  # every decode worker busy
+        engine.videos.decode_slots.acquire()  # every decode worker busy
         try:
             r = chat(live, {"messages": [video_message(clip, "what?")], "max_tokens": 2})
         finally:
-            engine._decode_slots.release()
+            engine.videos.decode_slots.release()
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
         assert engine.in_system == 0
         r = chat(live, {"messages": [video_message(clip, "what?")], "max_tokens": 2})

@@ -360,7 +360,7 @@ def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     assert example_answer != answer
     # Hold every decode slot of the engine: the preview waits, while the chat needs none (the
     # example's encoding is in the engine's video cache since engine_answer above).
-    slots = engine._decode_slots
+    slots = engine.videos.decode_slots
     held = 0
     try:
         while slots.acquire(blocking=False):
