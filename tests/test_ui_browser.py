@@ -165,7 +165,8 @@ class Server(str):
 
 @pytest.fixture
 def server(engine, tmp_path, monkeypatch):
-    from videollama.serve.ui import serving, shapes_examples
+    from videollama.serve.examples import shapes_examples
+    from videollama.serve.ui import serving
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # uploads and gallery files
     (tmp_path / "examples").mkdir()

@@ -8,5 +8,6 @@ guard.py: what every request passes first (Host, Origin, API key, body limits, e
 media.py: video sources and allowlists; frames.py: sandboxed decoding of the whole video's
 windows, streamed; encoding.py: those windows -> a cache entry; cache.py: the video cache;
 limits.py: every limit and its error; metrics.py: Prometheus metrics; cli.py: the command;
-ui.py: the Gradio page and ``videollama chat``; timeline.py: what the page shows of a video; uploads.py: the files the page may read.
+ui.py: the Gradio page and ``videollama chat``; examples.py: the example videos it offers;
+timeline.py: what the page shows of a video; uploads.py: the files the page may read.
 """
