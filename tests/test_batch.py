@@ -137,7 +137,7 @@ def test_bad_requests(model):
 def test_compiled_steps_compile_once_and_match_eager(model):
     from torch._dynamo.utils import counters
 
-    from videollama.inference.generate import _COMPILED
+    from videollama.inference.generate import COMPILED
 
     torch._dynamo.reset()
     counters.clear()
@@ -145,7 +145,7 @@ def test_compiled_steps_compile_once_and_match_eager(model):
                 (3, prompt(6, 32), None, 6, {})]
     eager = run_schedule(model, requests, max_batch=2, max_len=20)
     compiled = run_schedule(model, requests, max_batch=2, max_len=20, compile=True)
-    assert "failed" not in _COMPILED, _COMPILED.get("failed")
+    assert "failed" not in COMPILED, COMPILED.get("failed")
     assert compiled == eager
     # Over ~20 steps of changing lengths and rows: at most one graph per row bucket (1, 2), with
     # and without a video row; not one per length.

@@ -267,7 +267,7 @@ def test_static_cache_equals_dynamic_cache(model):
 def test_compiled_step_compiles_once(model):
     from torch._dynamo.utils import counters
 
-    from videollama.inference.generate import _COMPILED
+    from videollama.inference.generate import COMPILED
 
     torch._dynamo.reset()
     counters.clear()
@@ -275,7 +275,7 @@ def test_compiled_step_compiles_once(model):
     for vid in (None, v):
         eager = generate(model, x, vid, max_new_tokens=16)
         got = generate(model, x, vid, max_new_tokens=16, compile=True)
-        assert "failed" not in _COMPILED, _COMPILED.get("failed")
+        assert "failed" not in COMPILED, COMPILED.get("failed")
         assert torch.equal(got, eager)
     # 2 x 15 steps, each at another position and cache length used: one graph per media / no media.
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])

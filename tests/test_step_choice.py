@@ -32,10 +32,10 @@ def fresh(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDEOLLAMA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(gen.STEP_ENV, raising=False)
     tuning.forget()
-    gen._COMPILED.pop("choices", None)
+    gen.COMPILED.pop("choices", None)
     yield
     tuning.forget()
-    gen._COMPILED.pop("choices", None)
+    gen.COMPILED.pop("choices", None)
 
 
 def busy(seconds: float):
@@ -132,7 +132,7 @@ def test_auto_measures_a_shape_once_per_host(fresh, model, monkeypatch):
     assert record["choice"] in ("compiled", "eager") and record["measured"]
     assert set(record["ms"]) == {"compiled", "eager"} and record["compile_s"] > 0
     # Another process on this host: the choice is read back, not measured.
-    gen._COMPILED.pop("choices")
+    gen.COMPILED.pop("choices")
     tuning.forget()
     monkeypatch.setattr(tuning, "time_calls", lambda *a, **k: pytest.fail("measured again"))
     assert torch.equal(gen.generate(model, x, max_new_tokens=8, compile=True), eager)
