@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import sharpened_tiny_model, token_ids, video_frames
 from reference_decode import reference_generate
 from videollama.cli import main
 from videollama.config import VideoLlamaConfig
@@ -16,32 +17,16 @@ V = 1024
 
 @pytest.fixture(scope="module", params=[16, 0], ids=["resampler", "no-resampler"])
 def model(request) -> VideoLlama:
-    torch.manual_seed(0)
     # num_latents 0: the decoder reads every frame token (the Shapes preset's choice).
-    m = VideoLlama(VideoLlamaConfig.from_name("tiny").with_overrides({"resampler.num_latents": request.param})).eval()
-    # Open every gate so that the video really shapes the tokens being compared.
-    with torch.no_grad():
-        for block in m.vision.temporal:
-            block.gate.fill_(0.5)
-        m.vision.frame_diff.gate.fill_(0.5)
-        for block in m.decoder.cross_attn_layers:
-            block.attn_gate.fill_(1.0)
-            block.ff_gate.fill_(1.0)
-        # A fresh lm_head makes nearly flat logits; sharpen them so greedy choices are not near-ties.
-        m.lm_head.weight.mul_(20.0)
-        # Likewise sharpen self-attention so that positions (rotary, cache slots) really matter.
-        for layer in m.decoder.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return m
+    return sharpened_tiny_model(request.param)
 
 
 def video(b: int = 1, f: int = 4, seed: int = 1) -> torch.Tensor:
-    return torch.randn(b, f, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return video_frames(b, f, seed)
 
 
 def ids(b: int = 1, t: int = 6, seed: int = 2) -> torch.Tensor:
-    return torch.randint(3, V, (b, t), generator=torch.Generator().manual_seed(seed))
+    return token_ids(b, t, seed)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import token_ids
 from videollama.config import VideoLlamaConfig
 from videollama.inference.generate import generate
 from videollama.inference.quantize import Int8Linear, quantize_model, weight_bytes
@@ -34,7 +35,7 @@ def quantized(model) -> VideoLlama:
 
 
 def ids(b=2, t=9, seed=0):
-    return torch.randint(3, 1024, (b, t), generator=torch.Generator().manual_seed(seed))
+    return token_ids(b, t, seed)
 
 
 def test_int8_values_and_which_modules(model, quantized):

@@ -7,7 +7,6 @@ prometheus_client's own parser)."""
 from __future__ import annotations
 
 import json
-import random
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from conftest import shapes_clip
 from serving import LiveServer, build_model_dir, video_message
-from videollama.data import shapes
 from videollama.serve import engine as engine_module
 from videollama.serve.engine import Engine
 from videollama.serve.guard import allowed_hosts
@@ -33,7 +32,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip() -> bytes:
-    return shapes.encode_mp4(shapes.render_frames(shapes.sample_clip_spec(random.Random(4))))
+    return shapes_clip(4)
 
 
 def chat(live, body, **kwargs) -> httpx.Response:

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from conftest import token_ids
 from videollama.config import VideoLlamaConfig
 from videollama.inference import generate as gen
 from videollama.inference import tuning
@@ -60,7 +61,7 @@ def test_choose_step_keeps_the_faster_one_and_measures_once(fresh, monkeypatch):
 
 
 def ids(b=2, t=6, seed=0):
-    return torch.randint(3, 1024, (b, t), generator=torch.Generator().manual_seed(seed))
+    return token_ids(b, t, seed)
 
 
 def test_eager_policy_never_compiles(fresh, model, monkeypatch):

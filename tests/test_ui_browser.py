@@ -32,6 +32,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import shapes_clip
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_hang")]
 
 NUM_FRAMES, FPS, SIZE = 4, 1.0, 64
@@ -105,12 +107,6 @@ def engine(model_dir):
         yield engine
     finally:
         engine.close()
-
-
-def shapes_clip(seed: int) -> bytes:
-    from videollama.data import shapes
-
-    return shapes.encode_mp4(shapes.render_frames(shapes.sample_clip_spec(random.Random(seed))))
 
 
 @pytest.fixture
