@@ -172,7 +172,7 @@ def measure(preset: str) -> dict:
     res = {"preset": preset, "new": new, "reps": reps, "rows": [], "bytes_per_token": bytes_per_token(model),
            "fp32_bytes": weight_bytes(model.decoder) + weight_bytes(model.lm_head)}
     torch._dynamo.reset()
-    gen._COMPILED.clear()
+    gen.COMPILED.clear()
 
     def ours(b, compile=False):
         x = prompts(b, vocab)
@@ -218,10 +218,10 @@ def measure(preset: str) -> dict:
     hf = None  # frees nothing of ours: it shared our tensors
     with step_policy("compiled"):
         res["overhead"] = step_overhead(model) if preset == "small" else None
-    res["compile_failed"] = gen._COMPILED.get("failed")
+    res["compile_failed"] = gen.COMPILED.get("failed")
 
     torch._dynamo.reset()
-    gen._COMPILED.clear()
+    gen.COMPILED.clear()
     t = time.perf_counter()
     quantize_model(model, "int8")  # kernel="auto": each shape's implementation measured here
     res["int8_choose_s"] = time.perf_counter() - t
@@ -234,7 +234,7 @@ def measure(preset: str) -> dict:
         compiled_rows("videollama int8", b)
     res["int8_compiled_impls"] = ", ".join(sorted({m.compiled_impl for m in model.modules()
                                                    if isinstance(m, Int8Linear)}))
-    res["compile_failed"] = res["compile_failed"] or gen._COMPILED.get("failed")
+    res["compile_failed"] = res["compile_failed"] or gen.COMPILED.get("failed")
     return res
 
 

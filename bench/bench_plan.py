@@ -19,7 +19,7 @@ LoRA (`mode lora`): the adapters are added by `videollama.train.lora.apply_lora`
 defaults of `recipe.LoraSection` but r = 16 (`plan.LORA_R`, configs/lora-videoqa.yaml's rank) and
 dropout 0 (the planner counts CUDA's 1-byte dropout mask; the CPU keeps a float one), before
 checkpointing is applied, as train/loop.py does; AdamW then holds state for the adapters only.
-A training step is the training loop's (`videollama.train.loop._micro_step`: forward, fp32 loss
+A training step is the training loop's (`videollama.train.loop.micro_step`: forward, fp32 loss
 summed over the label tokens; backward; gradient clipping; fused AdamW; `zero_grad(set_to_none)`),
 with activation checkpointing applied by `train.parallel.apply_activation_checkpointing`.
 Inference is `videollama.inference.generate.generate` (prefill + greedy decoding, no early stop).
@@ -77,7 +77,7 @@ def child(spec: dict) -> dict:
     from videollama.inference.generate import generate
     from videollama.model.videollama import VideoLlama
     from videollama.plan.memtrace import AllocatorTrace
-    from videollama.train.loop import _micro_step
+    from videollama.train.loop import micro_step
     from videollama.train.optim import build_optimizer
     from videollama.train.parallel import apply_activation_checkpointing
     from videollama.train.recipe import OptimizerSection
@@ -109,7 +109,7 @@ def child(spec: dict) -> dict:
 
         def step() -> None:
             with trace.phase("forward"):
-                summed = _micro_step(model, batch, torch.device("cpu"))
+                summed = micro_step(model, batch, torch.device("cpu"))
             with trace.phase("backward"):
                 (summed / label_tokens).backward()
             del summed

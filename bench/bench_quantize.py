@@ -88,10 +88,10 @@ def main(argv: list[str]) -> int:
         t2 = time.perf_counter()
     speed = {"fp32 eager": tokens_per_s(fp32, False), "fp32 compiled": tokens_per_s(fp32, True)}
     torch._dynamo.reset()
-    gen._COMPILED.clear()
+    gen.COMPILED.clear()
     speed["int8 compiled"] = tokens_per_s(int8, True)
     speed["int8 eager"] = tokens_per_s(int8, False, reps=2)
-    failed = gen._COMPILED.get("failed")
+    failed = gen.COMPILED.get("failed")
     same = sum(a == b for a, b in zip(acc_fp32.pop("predictions"), acc_int8.pop("predictions")))
     result = {"same_predictions": same, "fp32": acc_fp32, "int8": acc_int8, "linear_bytes": [lin_fp32, lin_int8],
               "model_bytes": [weight_bytes(fp32), weight_bytes(int8)], "tokens_per_s": speed,

@@ -1,10 +1,16 @@
-"""Fixtures shared by several test modules (plain helpers live in tests/helpers.py)."""
+"""Fixtures shared by several test modules, and the builders of tiny inputs and models that
+several modules share (``from conftest import token_ids, ...``); other plain helpers live in
+tests/helpers.py, the serve tests' in tests/serving.py."""
 
 from __future__ import annotations
 
+import random
 import signal
 
 import pytest
+import torch
+
+TINY_VOCAB = 1024  # the tiny preset's vocabulary
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,3 +57,46 @@ def _private_cache(tmp_path_factory):
         mp.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     yield
     mp.undo()
+
+
+# ---- builders of tiny inputs and models --------------------------------------------------------
+
+def token_ids(b: int, t: int, seed: int) -> torch.Tensor:
+    """[b, t] random ids of the tiny vocabulary, above its three lowest (special) ids."""
+    return torch.randint(3, TINY_VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def video_frames(b: int, f: int, seed: int) -> torch.Tensor:
+    """[b, f, 3, 64, 64] random frames at the tiny preset's image size."""
+    return torch.randn(b, f, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def sharpened_tiny_model(num_latents: int):
+    """The tiny preset (seed 0, ``num_latents`` resampler latents; 0: the decoder reads every frame
+    token) with every gate open and the logits and self-attention sharpened, so that the video,
+    the positions and the cache slots all change the greedy tokens (a fresh lm_head gives nearly
+    flat logits, whose greedy choices would be near-ties)."""
+    from videollama.config import VideoLlamaConfig
+    from videollama.model import VideoLlama
+
+    torch.manual_seed(0)
+    m = VideoLlama(VideoLlamaConfig.from_name("tiny").with_overrides({"resampler.num_latents": num_latents})).eval()
+    with torch.no_grad():
+        for block in m.vision.temporal:
+            block.gate.fill_(0.5)
+        m.vision.frame_diff.gate.fill_(0.5)
+        for block in m.decoder.cross_attn_layers:
+            block.attn_gate.fill_(1.0)
+            block.ff_gate.fill_(1.0)
+        m.lm_head.weight.mul_(20.0)
+        for layer in m.decoder.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    return m
+
+
+def shapes_clip(seed: int) -> bytes:
+    """One Shapes clip (MP4 bytes) drawn from ``random.Random(seed)``."""
+    from videollama.data import shapes
+
+    return shapes.encode_mp4(shapes.render_frames(shapes.sample_clip_spec(random.Random(seed))))

@@ -18,13 +18,13 @@ def shapes_video(scenes: list[tuple[int, float]], *, width: int = 320, height: i
     import random
 
     from videollama.data.shapes import FPS, sample_clip_spec
-    from videollama.data.shapes_web import _frames, _still, encode
+    from videollama.data.shapes_web import encode, render_plan, still_spec
 
     plan = {"scenes": []}
     for seed, seconds in scenes:
         spec = sample_clip_spec(random.Random(seed))
-        plan["scenes"].append({"spec": _still(spec) if still else spec, "frames": round(seconds * FPS)})
-    return encode(_frames(plan), width=width, height=height, crf=crf)
+        plan["scenes"].append({"spec": still_spec(spec) if still else spec, "frames": round(seconds * FPS)})
+    return encode(render_plan(plan), width=width, height=height, crf=crf)
 
 
 def scene_caption(seed: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from videollama.config import VideoLlamaConfig
+from conftest import sharpened_tiny_model, video_frames
 from videollama.inference.batch import BatchDecoder, bucket, buckets
 from videollama.inference.generate import generate
 from videollama.model import VideoLlama
@@ -15,26 +15,11 @@ V = 1024
 
 @pytest.fixture(scope="module", params=[16, 0], ids=["resampler", "no-resampler"])
 def model(request) -> VideoLlama:
-    torch.manual_seed(0)
-    m = VideoLlama(VideoLlamaConfig.from_name("tiny").with_overrides({"resampler.num_latents": request.param})).eval()
-    # As in test_generate: open the gates and sharpen logits and attention, so that the video,
-    # the positions and the cache slots all change the greedy tokens.
-    with torch.no_grad():
-        for block in m.vision.temporal:
-            block.gate.fill_(0.5)
-        m.vision.frame_diff.gate.fill_(0.5)
-        for block in m.decoder.cross_attn_layers:
-            block.attn_gate.fill_(1.0)
-            block.ff_gate.fill_(1.0)
-        m.lm_head.weight.mul_(20.0)
-        for layer in m.decoder.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return m
+    return sharpened_tiny_model(request.param)  # as test_generate's: the video, positions and slots matter
 
 
 def video(seed: int) -> torch.Tensor:
-    return torch.randn(1, 4, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return video_frames(1, 4, seed)
 
 
 def prompt(t: int, seed: int) -> list[int]:
@@ -137,7 +122,7 @@ def test_bad_requests(model):
 def test_compiled_steps_compile_once_and_match_eager(model):
     from torch._dynamo.utils import counters
 
-    from videollama.inference.generate import _COMPILED
+    from videollama.inference.generate import COMPILED
 
     torch._dynamo.reset()
     counters.clear()
@@ -145,7 +130,7 @@ def test_compiled_steps_compile_once_and_match_eager(model):
                 (3, prompt(6, 32), None, 6, {})]
     eager = run_schedule(model, requests, max_batch=2, max_len=20)
     compiled = run_schedule(model, requests, max_batch=2, max_len=20, compile=True)
-    assert "failed" not in _COMPILED, _COMPILED.get("failed")
+    assert "failed" not in COMPILED, COMPILED.get("failed")
     assert compiled == eager
     # Over ~20 steps of changing lengths and rows: at most one graph per row bucket (1, 2), with
     # and without a video row; not one per length.

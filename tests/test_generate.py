@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import sharpened_tiny_model, token_ids, video_frames
 from reference_decode import reference_generate
 from videollama.cli import main
 from videollama.config import VideoLlamaConfig
@@ -16,32 +17,16 @@ V = 1024
 
 @pytest.fixture(scope="module", params=[16, 0], ids=["resampler", "no-resampler"])
 def model(request) -> VideoLlama:
-    torch.manual_seed(0)
     # num_latents 0: the decoder reads every frame token (the Shapes preset's choice).
-    m = VideoLlama(VideoLlamaConfig.from_name("tiny").with_overrides({"resampler.num_latents": request.param})).eval()
-    # Open every gate so that the video really shapes the tokens being compared.
-    with torch.no_grad():
-        for block in m.vision.temporal:
-            block.gate.fill_(0.5)
-        m.vision.frame_diff.gate.fill_(0.5)
-        for block in m.decoder.cross_attn_layers:
-            block.attn_gate.fill_(1.0)
-            block.ff_gate.fill_(1.0)
-        # A fresh lm_head makes nearly flat logits; sharpen them so greedy choices are not near-ties.
-        m.lm_head.weight.mul_(20.0)
-        # Likewise sharpen self-attention so that positions (rotary, cache slots) really matter.
-        for layer in m.decoder.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return m
+    return sharpened_tiny_model(request.param)
 
 
 def video(b: int = 1, f: int = 4, seed: int = 1) -> torch.Tensor:
-    return torch.randn(b, f, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return video_frames(b, f, seed)
 
 
 def ids(b: int = 1, t: int = 6, seed: int = 2) -> torch.Tensor:
-    return torch.randint(3, V, (b, t), generator=torch.Generator().manual_seed(seed))
+    return token_ids(b, t, seed)
 
 
 @torch.no_grad()
@@ -267,7 +252,7 @@ def test_static_cache_equals_dynamic_cache(model):
 def test_compiled_step_compiles_once(model):
     from torch._dynamo.utils import counters
 
-    from videollama.inference.generate import _COMPILED
+    from videollama.inference.generate import COMPILED
 
     torch._dynamo.reset()
     counters.clear()
@@ -275,7 +260,7 @@ def test_compiled_step_compiles_once(model):
     for vid in (None, v):
         eager = generate(model, x, vid, max_new_tokens=16)
         got = generate(model, x, vid, max_new_tokens=16, compile=True)
-        assert "failed" not in _COMPILED, _COMPILED.get("failed")
+        assert "failed" not in COMPILED, COMPILED.get("failed")
         assert torch.equal(got, eager)
     # 2 x 15 steps, each at another position and cache length used: one graph per media / no media.
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])

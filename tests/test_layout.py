@@ -1,6 +1,6 @@
 """The package layout holds: model/ is the network only, and no import circle runs through the
 model, inference or planner packages (every import counted: module-level, inside functions, and
-under ``if TYPE_CHECKING``)."""
+under ``if TYPE_CHECKING``); no file of src/ is over 400 lines, no function over 80."""
 
 from __future__ import annotations
 
@@ -109,3 +109,43 @@ def test_one_definition_of_the_shared_constants():
                 and node.operand.value == 100]
         assert not bare or path.name == "constants.py", f"{path}: a bare -100 at lines {bare}"
     assert defined == dict.fromkeys(shared, ["constants.py"])
+
+
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 80
+
+
+def oversized(root: Path = SRC) -> tuple[list[str], list[str]]:
+    """The files of ``root`` over MAX_FILE_LINES lines and the functions (methods and nested ones
+    too) over MAX_FUNCTION_LINES, signature and docstring counted, each named with its size."""
+    files, functions = [], []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        name = path.relative_to(root)
+        if (lines := len(text.splitlines())) > MAX_FILE_LINES:
+            files.append(f"{name}: {lines} lines")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                size = node.end_lineno - node.lineno + 1
+                if size > MAX_FUNCTION_LINES:
+                    functions.append(f"{name}:{node.lineno} {node.name}: {size} lines")
+    return files, functions
+
+
+def test_no_file_over_400_lines():
+    files, _ = oversized()
+    assert not files, f"over {MAX_FILE_LINES} lines: {files}"
+
+
+def test_no_function_over_80_lines():
+    _, functions = oversized()
+    assert not functions, f"over {MAX_FUNCTION_LINES} lines: {functions}"
+
+
+def test_the_size_checks_see_a_long_file_and_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def long():\n{body}\n" + "\n" * (MAX_FILE_LINES - MAX_FUNCTION_LINES))
+    (tmp_path / "short.py").write_text("def short():\n    return 1\n")
+    files, functions = oversized(tmp_path)
+    assert files == [f"long.py: {MAX_FILE_LINES + 1} lines"]
+    assert functions == [f"long.py:1 long: {MAX_FUNCTION_LINES + 1} lines"]

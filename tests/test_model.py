@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import token_ids, video_frames
 from videollama.config import VideoLlamaConfig
 from videollama.model import VideoLlama, lm_loss
 
@@ -29,13 +30,11 @@ def model() -> VideoLlama:
 
 
 def video(b: int = 2, f: int = 4, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, f, 3, 64, 64, generator=g)
+    return video_frames(b, f, seed)
 
 
 def ids(b: int = 2, t: int = 12, seed: int = 2) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, V, (b, t), generator=g)
+    return token_ids(b, t, seed)
 
 
 def open_gates(m: VideoLlama, *, temporal: bool = False, cross: bool = False, frame_diff: bool = False) -> None:

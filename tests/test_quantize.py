@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import token_ids
 from videollama.config import VideoLlamaConfig
 from videollama.inference.generate import generate
 from videollama.inference.quantize import Int8Linear, quantize_model, weight_bytes
@@ -34,7 +35,7 @@ def quantized(model) -> VideoLlama:
 
 
 def ids(b=2, t=9, seed=0):
-    return torch.randint(3, 1024, (b, t), generator=torch.Generator().manual_seed(seed))
+    return token_ids(b, t, seed)
 
 
 def test_int8_values_and_which_modules(model, quantized):
@@ -118,19 +119,19 @@ def test_int4_on_cuda_bfloat16(model):
 
 @pytest.mark.slow
 def test_compiled_fused_int8_step_equals_eager(quantized):
-    from videollama.inference.generate import _COMPILED
+    from videollama.inference.generate import COMPILED
 
     x = ids(b=1, t=5, seed=4)
     eager = generate(quantized, x, max_new_tokens=12)
     compiled = generate(quantized, x, max_new_tokens=12, compile=True)
-    assert "failed" not in _COMPILED, _COMPILED.get("failed")
+    assert "failed" not in COMPILED, COMPILED.get("failed")
     assert torch.equal(compiled, eager)
 
 
 def test_reduction_chunks():
-    from videollama.inference.int8_impls import _chunks
+    from videollama.inference.int8_impls import reduction_chunks
 
-    assert [_chunks(k) for k in (64, 2048, 4096, 4097, 5632, 8192, 11008)] == [1, 1, 1, 17, 2, 2, 4]
+    assert [reduction_chunks(k) for k in (64, 2048, 4096, 4097, 5632, 8192, 11008)] == [1, 1, 1, 17, 2, 2, 4]
 
 
 @pytest.mark.slow

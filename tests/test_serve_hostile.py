@@ -7,7 +7,6 @@ prometheus_client's own parser)."""
 from __future__ import annotations
 
 import json
-import random
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from conftest import shapes_clip
 from serving import LiveServer, build_model_dir, video_message
-from videollama.data import shapes
 from videollama.serve import engine as engine_module
 from videollama.serve.engine import Engine
 from videollama.serve.guard import allowed_hosts
@@ -33,7 +32,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip() -> bytes:
-    return shapes.encode_mp4(shapes.render_frames(shapes.sample_clip_spec(random.Random(4))))
+    return shapes_clip(4)
 
 
 def chat(live, body, **kwargs) -> httpx.Response:
@@ -169,11 +168,11 @@ def test_the_deadline_covers_waiting_for_a_decode_worker(model_dir, clip):
     limits = ServeLimits(request_timeout_s=1.0, decode_workers=1, max_tokens=4)
     engine = Engine.from_model_dir(model_dir, limits=limits)
     with LiveServer(engine) as live:
-        engine._decode_slots.acquire()  # every decode worker busy
+        engine.videos.decode_slots.acquire()  # every decode worker busy
         try:
             r = chat(live, {"messages": [video_message(clip, "what?")], "max_tokens": 2})
         finally:
-            engine._decode_slots.release()
+            engine.videos.decode_slots.release()
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
         assert engine.in_system == 0
         r = chat(live, {"messages": [video_message(clip, "what?")], "max_tokens": 2})

@@ -28,7 +28,7 @@ from videollama.inference.generate import generate
 from videollama.inference.whole_video import encode_whole_video
 from videollama.model.videollama import VideoLlama
 from videollama.serve.engine import Engine
-from videollama.serve.frames import _check_opening
+from videollama.serve.frames import check_opening
 from videollama.serve.limits import APIError, ServeLimits
 
 pytestmark = [pytest.mark.usefixtures("no_hang"), pytest.mark.slow]
@@ -128,10 +128,10 @@ def test_a_decoder_that_lies_about_its_windows_is_refused():
 
     pre = VideoLlamaConfig.from_name("tiny").preprocess
     limits = ServeLimits(max_video_duration_s=600)
-    assert _check_opening({"duration": 40.0, "windows": 8}, pre, limits) == (40.0, window_starts(40.0, 4.0, 8))
+    assert check_opening({"duration": 40.0, "windows": 8}, pre, limits) == (40.0, window_starts(40.0, 4.0, 8))
     for header in ({"duration": 40.0, "windows": 1_000_000}, {"duration": 40.0, "windows": 10},
                    {"duration": 1000 * HOUR, "windows": 8}, {"duration": float("nan"), "windows": 8},
                    {"duration": -1.0, "windows": 1}, {"duration": "40", "windows": 8}, {"windows": 8}):
         with pytest.raises(APIError) as e:
-            _check_opening(header, pre, limits)
+            check_opening(header, pre, limits)
         assert e.value.status == 400, header

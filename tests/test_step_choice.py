@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from conftest import token_ids
 from videollama.config import VideoLlamaConfig
 from videollama.inference import generate as gen
 from videollama.inference import tuning
@@ -32,10 +33,10 @@ def fresh(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDEOLLAMA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(gen.STEP_ENV, raising=False)
     tuning.forget()
-    gen._COMPILED.pop("choices", None)
+    gen.COMPILED.pop("choices", None)
     yield
     tuning.forget()
-    gen._COMPILED.pop("choices", None)
+    gen.COMPILED.pop("choices", None)
 
 
 def busy(seconds: float):
@@ -60,7 +61,7 @@ def test_choose_step_keeps_the_faster_one_and_measures_once(fresh, monkeypatch):
 
 
 def ids(b=2, t=6, seed=0):
-    return torch.randint(3, 1024, (b, t), generator=torch.Generator().manual_seed(seed))
+    return token_ids(b, t, seed)
 
 
 def test_eager_policy_never_compiles(fresh, model, monkeypatch):
@@ -132,7 +133,7 @@ def test_auto_measures_a_shape_once_per_host(fresh, model, monkeypatch):
     assert record["choice"] in ("compiled", "eager") and record["measured"]
     assert set(record["ms"]) == {"compiled", "eager"} and record["compile_s"] > 0
     # Another process on this host: the choice is read back, not measured.
-    gen._COMPILED.pop("choices")
+    gen.COMPILED.pop("choices")
     tuning.forget()
     monkeypatch.setattr(tuning, "time_calls", lambda *a, **k: pytest.fail("measured again"))
     assert torch.equal(gen.generate(model, x, max_new_tokens=8, compile=True), eager)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from videollama.cli import main
-from videollama.serve import ui
+from videollama.serve import examples, ui
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,25 +56,25 @@ def test_example_videos_are_copied_into_the_served_folder(tmp_path):
     folder, scratch = tmp_path / "videos", tmp_path / "scratch"
     scratch.mkdir()
     with pytest.raises(NotADirectoryError, match="not a folder"):
-        ui.example_videos(folder, scratch, 100)
+        examples.example_videos(folder, scratch, 100)
     folder.mkdir()
     (folder / "notes.txt").write_text("not a video")
     with pytest.raises(ValueError, match="no video files"):
-        ui.example_videos(folder, scratch, 100)
+        examples.example_videos(folder, scratch, 100)
     (folder / "b.mp4").write_bytes(b"B")
     (folder / "a.MOV").write_bytes(b"A")
-    got = ui.example_videos(folder, scratch, 100)
+    got = examples.example_videos(folder, scratch, 100)
     assert got == [scratch / "a.MOV", scratch / "b.mp4"] and got[0].read_bytes() == b"A"
     assert not (scratch / "notes.txt").exists()
     (folder / "c.mp4").write_bytes(b"C" * 101)
     with pytest.raises(ValueError, match=r"c\.mp4: 101 bytes, over the server's 100-byte cap"):
-        ui.example_videos(folder, scratch, 100)
+        examples.example_videos(folder, scratch, 100)
 
 
 def test_shapes_examples_decode(tmp_path):
     from videollama.data import load_clip
 
-    paths = ui.shapes_examples(tmp_path, n=2, seed=1)
+    paths = examples.shapes_examples(tmp_path, n=2, seed=1)
     assert [p.name for p in paths] == ["shapes-0.mp4", "shapes-1.mp4"]
     frames, times = load_clip(paths[0], num_frames=4, fps=1.0, size=32)
     assert frames.shape == (4, 3, 32, 32) and times.tolist() == [0.5, 1.5, 2.5, 3.5]

@@ -32,6 +32,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import shapes_clip
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_hang")]
 
 NUM_FRAMES, FPS, SIZE = 4, 1.0, 64
@@ -107,12 +109,6 @@ def engine(model_dir):
         engine.close()
 
 
-def shapes_clip(seed: int) -> bytes:
-    from videollama.data import shapes
-
-    return shapes.encode_mp4(shapes.render_frames(shapes.sample_clip_spec(random.Random(seed))))
-
-
 @pytest.fixture
 def video_file(tmp_path):
     path = tmp_path / "clip.mp4"
@@ -165,7 +161,8 @@ class Server(str):
 
 @pytest.fixture
 def server(engine, tmp_path, monkeypatch):
-    from videollama.serve.ui import serving, shapes_examples
+    from videollama.serve.examples import shapes_examples
+    from videollama.serve.ui import serving
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # uploads and gallery files
     (tmp_path / "examples").mkdir()
@@ -360,7 +357,7 @@ def test_chat_page_in_chromium(engine, server, browser, video_file, outbound):
     assert example_answer != answer
     # Hold every decode slot of the engine: the preview waits, while the chat needs none (the
     # example's encoding is in the engine's video cache since engine_answer above).
-    slots = engine._decode_slots
+    slots = engine.videos.decode_slots
     held = 0
     try:
         while slots.acquire(blocking=False):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 
 import httpx
 import pytest
 
+from conftest import shapes_clip
 from serving import build_model_dir
 from videollama.data.windows import load_windows
 
@@ -36,9 +36,7 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip() -> bytes:
-    from videollama.data import shapes
-
-    return shapes.encode_mp4(shapes.render_frames(shapes.sample_clip_spec(random.Random(5))))
+    return shapes_clip(5)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import token_ids, video_frames
 from videollama.config import VideoLlamaConfig
 from videollama.model.videollama import VideoLlama, Windows
 
@@ -27,11 +28,11 @@ def open_gates(m: VideoLlama) -> None:
 
 
 def clip(b: int = 2, f: int = 4, seed: int = 0) -> torch.Tensor:
-    return torch.randn(b, f, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return video_frames(b, f, seed)
 
 
 def ids(b: int = 2, t: int = 6) -> torch.Tensor:
-    return torch.randint(3, 1024, (b, t), generator=torch.Generator().manual_seed(1))
+    return token_ids(b, t, seed=1)
 
 
 @torch.no_grad()

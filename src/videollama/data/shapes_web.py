@@ -87,7 +87,7 @@ def _rng(seed: int, *parts) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
-def _still(spec: ClipSpec) -> ClipSpec:
+def still_spec(spec: ClipSpec) -> ClipSpec:
     """The same objects at their t = 0 places, all still (a slideshow picture)."""
     objects = tuple(dataclasses.replace(o, motion="still", speed=0.0) for o in spec.objects)
     return ClipSpec(background=spec.background, objects=objects)
@@ -114,7 +114,7 @@ def plan_corpus(cfg: WebConfig) -> list[dict]:
         if role != "reupload":
             specs = [sample_clip_spec(rng) for _ in range(rng.randint(cfg.min_scenes, cfg.max_scenes))]
             if role == "slideshow":
-                specs = [_still(s) for s in specs]
+                specs = [still_spec(s) for s in specs]
             plan["scenes"] = [{"spec": s, "frames": rng.randint(lo, hi)} for s in specs]
         if role == "corrupt":
             kind = corrupt_kinds[sum(p["role"] == "corrupt" for p in plans) % len(corrupt_kinds)]  # each in turn
@@ -183,7 +183,7 @@ def _add_texts(plans: list[dict], cfg: WebConfig) -> None:
 
 # ---- rendering ------------------------------------------------------------------------------------
 
-def _frames(plan: dict):
+def render_plan(plan: dict):
     """The plan's frames, uint8 ``[240, 320, 3]`` (one buffer, repainted), scene after scene."""
     frame = np.empty((HEIGHT, WIDTH, 3), dtype=np.uint8)
     for scene in plan["scenes"]:
@@ -248,7 +248,7 @@ def render(job: tuple[dict, int]) -> bytes:
     """Worker: the file's bytes for one plan (corrupted when the plan says so)."""
     plan, seed = job
     kind = plan["corrupt"]["kind"] if plan["corrupt"] else None
-    data = encode(_frames(plan), width=plan["width"], height=plan["height"], crf=plan["crf"],
+    data = encode(render_plan(plan), width=plan["width"], height=plan["height"], crf=plan["crf"],
                   faststart=kind == "truncated")
     return corrupt(data, kind, _rng(seed, "corrupt", plan["id"])) if kind else data
 

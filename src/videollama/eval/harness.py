@@ -154,18 +154,10 @@ def evaluate(
     Returns:
         the metrics dict written to ``metrics.json``.
     """
-    from videollama.eval.metrics import require_java
+    from videollama.eval.provenance import provenance
     from videollama.eval.scoring import score
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    preprocess = model.config.preprocess
-    if frames not in (None, 1, preprocess.num_frames):
-        raise ValueError(f"frames must be 1 (one frame for the whole video) or {preprocess.num_frames} (every frame)")
-    if task == "caption":
-        require_java()  # before hours of generation, not after: the metrics' PTB tokenizer is Java
-    if task not in EVAL_TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {EVAL_TASKS}")
+    _check_arguments(task, batch_size, frames, model.config.preprocess.num_frames)
     data_path = Path(data_path)
     run = _EvalRun(model=model, tokenizer=tokenizer, task=task,
                    video_root=Path(video_root) if video_root is not None else data_path.parent,
@@ -178,12 +170,40 @@ def evaluate(
         items = mc_items(items, num_options=num_options, seed=seed)
     run.max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
     out_dir = Path(out_dir)
+    rank = _predict_on_ranks(run, items, batch_size, out_dir, progress=progress)
+    if rank != 0:
+        return {"rank": rank}
+    metrics = score(run, items, bad_lines, str(data_path), out_dir, meteor=meteor, resamples=resamples, seed=seed)
+    metrics["provenance"] = provenance(model, data_path, model_dir=model_dir, adapter_dir=adapter_dir,
+                                       seeds={"options": seed, "bootstrap": seed})
+    _write_outputs(out_dir, items, run.records, metrics)
+    return metrics
+
+
+def _check_arguments(task: str, batch_size: int, frames: int | None, num_frames: int) -> None:
+    """:func:`evaluate`'s arguments, refused before anything is read or generated."""
+    from videollama.eval.metrics import require_java
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if frames not in (None, 1, num_frames):
+        raise ValueError(f"frames must be 1 (one frame for the whole video) or {num_frames} (every frame)")
+    if task == "caption":
+        require_java()  # before hours of generation, not after: the metrics' PTB tokenizer is Java
+    if task not in EVAL_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {EVAL_TASKS}")
+
+
+def _predict_on_ranks(run: _EvalRun, items: list[EvalItem], batch_size: int, out_dir: Path, *,
+                      progress: bool) -> int:
+    """This rank's share of ``items`` answered (eval/ranks.py); rank 0 ends with every rank's
+    records and skips in ``run``. Returns the rank."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = rank_and_world()
     if rank == 0:
         for stale in ("metrics.json", "niah.png"):  # an earlier run's, which would read as this one's
             (out_dir / stale).unlink(missing_ok=True)
-    model.eval()
+    run.model.eval()
     partial = "predictions.jsonl" if world == 1 else f"predictions.rank{rank}.partial.jsonl"
     share = shard_by_video(items, rank, world)
     if world > 1:
@@ -193,16 +213,9 @@ def evaluate(
     gathered = gather_to_first(run.records, run.skipped, world)
     if world > 1:
         (out_dir / partial).unlink(missing_ok=True)
-    if gathered is None:
-        return {"rank": rank}
-    run.records, run.skipped = gathered
-    from videollama.eval.provenance import provenance
-
-    metrics = score(run, items, bad_lines, str(data_path), out_dir, meteor=meteor, resamples=resamples, seed=seed)
-    metrics["provenance"] = provenance(model, data_path, model_dir=model_dir, adapter_dir=adapter_dir,
-                                       seeds={"options": seed, "bootstrap": seed})
-    _write_outputs(out_dir, items, run.records, metrics)
-    return metrics
+    if gathered is not None:
+        run.records, run.skipped = gathered
+    return rank
 
 
 @dataclass

@@ -57,7 +57,9 @@ def decode_step(model: VideoLlama, token: torch.Tensor, *, position: torch.Tenso
     return model.lm_head(hidden[:, -1])
 
 
-_COMPILED: dict[str, object] = {}
+# The process's compiled decode step ("step"), the step chosen per shape ("choices") and why
+# compiling failed ("failed"): benchmarks and tests read or clear it to start afresh.
+COMPILED: dict[str, object] = {}
 STEP_ENV = "VIDEOLLAMA_STEP"  # auto (measure), compiled or eager: what compile=True runs
 
 
@@ -70,7 +72,7 @@ def compiled_decode_step():
     directory (:func:`~videollama.inference.host.use_compile_cache`), so a later process loads
     the compiled graphs. :func:`run_step` falls back to eager on failure.
     """
-    if "step" not in _COMPILED:
+    if "step" not in COMPILED:
         from videollama.inference.host import use_compile_cache
 
         use_compile_cache()
@@ -78,8 +80,8 @@ def compiled_decode_step():
         # 2 x log2(max_batch) + 2 of them, over dynamo's default limit of 8 (past which it would
         # silently run eager).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED["step"] = torch.compile(decode_step, dynamic=False)
-    return _COMPILED["step"]
+        COMPILED["step"] = torch.compile(decode_step, dynamic=False)
+    return COMPILED["step"]
 
 
 def _step_key(model: VideoLlama, token: torch.Tensor, kv_caches: list[KVCache], media: Media | None) -> str:
@@ -108,10 +110,10 @@ def step_choice(model: VideoLlama, token: torch.Tensor, **kwargs) -> str:
     fails warns once; every step is eager from then on."""
     from videollama.inference import tuning
 
-    if "failed" in _COMPILED:
+    if "failed" in COMPILED:
         return "eager"
     key = _step_key(model, token, kwargs["kv_caches"], kwargs["media"])
-    choices = _COMPILED.setdefault("choices", {})
+    choices = COMPILED.setdefault("choices", {})
     if key in choices:
         return choices[key]["choice"]
     policy = os.environ.get(STEP_ENV, "auto").strip().lower()
@@ -140,8 +142,8 @@ def step_choice(model: VideoLlama, token: torch.Tensor, **kwargs) -> str:
 
 
 def _failed(e: Exception) -> None:
-    _COMPILED["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    warnings.warn(f"torch.compile of the decode step failed ({_COMPILED['failed']}); decoding eagerly",
+    COMPILED["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    warnings.warn(f"torch.compile of the decode step failed ({COMPILED['failed']}); decoding eagerly",
                   RuntimeWarning, stacklevel=3)
 
 
@@ -155,13 +157,13 @@ def _times(record: dict) -> str:
 def step_report() -> list[dict]:
     """The decode-step choices this process made, one record per shape: choice, ms, warm_s, rows,
     cache_len, media."""
-    return list(_COMPILED.get("choices", {}).values())
+    return list(COMPILED.get("choices", {}).values())
 
 
 def run_step(compile: bool, *args, **kwargs) -> torch.Tensor:
     """:func:`decode_step`, compiled when ``compile`` and :func:`step_choice` says compiling wins
     here; a failed compile warns once and then runs eager for the rest of the process
-    (``_COMPILED["failed"]`` records why)."""
+    (``COMPILED["failed"]`` records why)."""
     if compile and step_choice(*args, **kwargs) == "compiled":
         try:
             return compiled_decode_step()(*args, **kwargs)

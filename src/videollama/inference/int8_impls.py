@@ -48,7 +48,7 @@ def _fused(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.
     conversion: a view of the converted weight makes inductor write the whole float weight out.)"""
     n, k = weight.shape
     x = _written(x)
-    g = _chunks(k)
+    g = reduction_chunks(k)
     if g == 1:
         y = (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
     else:
@@ -71,7 +71,7 @@ def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def _chunks(k: int, longest: int = 4096) -> int:
+def reduction_chunks(k: int, longest: int = 4096) -> int:
     """The fewest equal chunks g that split a reduction of length k into chunks <= longest (1 if
     none divides evenly: one cascade-summed loop, slower but exact)."""
     return next((g for g in range(1, k // 2 + 1) if k % g == 0 and k // g <= longest), 1)

@@ -16,7 +16,7 @@ One process plays one rank of the job:
    step on); then one optimizer step of the training loop (``train.loop.train_step``'s order):
    the recipe's micro-batches (the first without gradient sync, the last with it, as the loop's
    gradient accumulation does; two stand for any number, the memory of the third on is the
-   second's), each ``train.loop._micro_step`` (forward, fp32 summed loss) and backward; the loop's
+   second's), each ``train.loop.micro_step`` (forward, fp32 summed loss) and backward; the loop's
    all-reduces of the label-token count and of its six per-step totals; gradient clipping,
    ``grad_norm.full_tensor()``, the AdamW step, ``zero_grad(set_to_none=True)``;
 4. ``FSDPMemTracker`` (``torch.distributed._tools.fsdp2_mem_tracker``) follows every tensor of the
@@ -294,7 +294,7 @@ def train_step(model, optimizer, trainable, job: Job, recorder: CommRecorder, tr
     tensors have none): its scalar all-reduces are issued with the same shapes. The loop loads a
     step's micro-batches into host memory first and moves each to the GPU in its forward: here each
     is made when it runs."""
-    from videollama.train.loop import _micro_step
+    from videollama.train.loop import micro_step
 
     cpu = torch.device("cpu")
     recorder.phase = "loop scalars"
@@ -311,7 +311,7 @@ def train_step(model, optimizer, trainable, job: Job, recorder: CommRecorder, tr
         elif job.fsdp:
             model.set_requires_all_reduce(last)   # the loop: reduce-scatter always, all-reduce across nodes on the last
         recorder.micro_batch, recorder.phase = m + 1, "forward"
-        summed = _micro_step(model, batch, cpu)
+        summed = micro_step(model, batch, cpu)
         recorder.phase = ("backward" if last else "backward, no gradient sync" if job.sync_on_last_only
                           else "backward, no all-reduce across nodes")
         (summed * (job.world_size / label_tokens)).backward()

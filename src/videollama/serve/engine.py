@@ -23,14 +23,14 @@ video and a question gives exactly eval's prompt. Later turns append ``answer </
 ``preprocess`` spec; no request value changes it: the whole video, under its policy (the windows
 that tile it, or ``max_windows`` spread over it: exactly what eval sees), up to
 ``--max-video-duration-s``, streamed from the sandboxed decoder and encoded a chunk of windows at
-a time (encoding.py); the video cache keeps the latents and K/V by the bytes' SHA-256.
+a time (videos.py, encoding.py); the video cache keeps the latents and K/V by the bytes' SHA-256.
 
 Scheduling: the scheduler thread alone runs the model. Between decode steps it encodes the
 chunks of windows that decode workers hand it (``run_on_model``), admits waiting requests into the
 decoder's free rows (prefill with the video's cached cross-attention K/V; rows read videos of
 different lengths, padded and masked), runs one step for all rows, hands each row's token to its request (stop strings, ``max_tokens``, EOS, deadline,
 client gone), and removes finished rows. Tokens reach each request's asyncio queue through
-``call_soon_threadsafe``.
+``call_soon_threadsafe`` (chat_request.py).
 """
 
 from __future__ import annotations
@@ -40,52 +40,17 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import CancelledError, Future
 from pathlib import Path
 
-from videollama.serve import media
-from videollama.serve.cache import VideoCache, VideoEntry, content_hash
-from videollama.serve.encoding import encode_video_entry
-from videollama.serve.limits import APIError, ServeLimits, check_sampling, deadline_error
+from videollama.serve.cache import VideoCache, content_hash
+from videollama.serve.chat_request import ChatRequest, ChatResult, check_arguments, settled
+from videollama.serve.limits import APIError, ServeLimits, deadline_error
 from videollama.serve.metrics import Metrics
 from videollama.serve.prompt import build_prompt
+from videollama.serve.videos import EngineVideos
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ChatResult:
-    """The end of a chat: the whole ``text``, why it ended (``stop`` / ``length``), token counts
-    and the timestamps (s) of every frame the model saw, per window (None without a video)."""
-
-    text: str
-    finish_reason: str
-    usage: dict
-    timestamps: list[list[float]] | None
-
-
-@dataclass
-class _Request:
-    prompt_ids: list[int]
-    video: VideoEntry | None
-    key: str | None
-    max_new: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: list[str]
-    deadline: float
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    arrival: float = field(default_factory=time.monotonic)
-    tokens: list[int] = field(default_factory=list)
-    generated: int = 0
-    sent: int = 0
-    slot: int | None = None
-    cancelled: bool = False
-    done: bool = False
-    timestamps: list[list[float]] | None = None
 
 
 class Engine:
@@ -94,8 +59,6 @@ class Engine:
                  decoder_factory=None, compile: bool = False) -> None:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.limits = limits or ServeLimits()
-        self.allowed_local_path = Path(allowed_local_path) if allowed_local_path else None
-        self.allowed_domains = tuple(allowed_domains)
         self.cache = VideoCache(self.limits.cache_bytes, self.limits.cache_entries)
         self.metrics = Metrics()
         dec = model.config.decoder
@@ -105,21 +68,16 @@ class Engine:
         self.eos_id, self.max_seq_len = dec.eos_token_id, self.limits.max_model_len or dec.max_seq_len
         factory = decoder_factory or _default_decoder
         self.decoder = factory(model, max_batch=self.limits.max_batch, max_len=self.max_seq_len, compile=compile)
-        self._waiting: collections.deque[_Request] = collections.deque()
+        self._waiting: collections.deque[ChatRequest] = collections.deque()
         self._jobs: collections.deque[tuple[Future, object]] = collections.deque()  # run_on_model's
-        self._encoding: dict[str, Future] = {}  # videos being encoded, by key: one encoding each
-        self._active: dict[int, _Request] = {}
+        self._active: dict[int, ChatRequest] = {}
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = self._paused = False
         self.in_system = 0  # requests inside chat(), preparing, waiting or decoding
         self.warmup: dict | None = None  # warm_up()'s seconds and decode-step choices
-        self._decode_slots = threading.BoundedSemaphore(self.limits.decode_workers)
-        # Reading a video's bytes and decoding it wait on pools of their own (never asyncio's
-        # default one, which every to_thread of the process shares): a queue of videos holds no thread.
-        workers = self.limits.decode_workers
-        self._media_pool = ThreadPoolExecutor(max(2, workers), thread_name_prefix="videollama-media")
-        self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="videollama-decode")
+        self.videos = EngineVideos(model, self.limits, self.cache, self.run_on_model,
+                                   allowed_local_path=allowed_local_path, allowed_domains=allowed_domains)
 
     @classmethod
     def from_model_dir(cls, model_dir, *, device=None, adapter=None, quantize=None, **kwargs) -> Engine:
@@ -161,8 +119,7 @@ class Engine:
         with self._cv:
             while self._jobs:
                 self._jobs.popleft()[0].cancel()
-        for pool in (self._media_pool, self._decode_pool):
-            pool.shutdown(wait=False, cancel_futures=True)
+        self.videos.close()
 
     def pause(self) -> None:
         """Stop admitting waiting requests (running ones go on): for draining, and for tests."""
@@ -174,37 +131,24 @@ class Engine:
             self._paused = False
             self._cv.notify_all()
 
-    # ---- videos -------------------------------------------------------------------------------
+    # ---- videos (videos.py) ------------------------------------------------------------------
     def video_from_part(self, part: dict, deadline: float | None = None) -> bytes:
         """The bytes of a ``video_url`` (or in-process ``video``) content part; blocking."""
-        if part.get("type") == "video":
-            data = part.get("video")
-            if not isinstance(data, bytes | bytearray):
-                raise APIError(400, "a video part's 'video' must be bytes", param="messages")
-            if len(data) > self.limits.max_video_bytes:
-                from videollama.serve.limits import too_large
-
-                raise too_large("the video", len(data), self.limits.max_video_bytes, "--max-video-bytes")
-            return bytes(data)
-        url = (part.get("video_url") or {}).get("url") if isinstance(part.get("video_url"), dict) else None
-        return media.video_bytes(url, self.limits, allowed_local_path=self.allowed_local_path,
-                                 allowed_domains=self.allowed_domains, deadline=deadline)
+        return self.videos.from_part(part, deadline)
 
     def preview(self, data: bytes, deadline: float | None = None):
         """The windows the model sees of ``data`` and a few of their frames
         (:class:`~videollama.serve.timeline.Preview`); decoded in a sandboxed worker (at most
         ``decode_workers`` at once), nothing encoded; blocking."""
-        from videollama.serve.timeline import preview_video
-
-        with self._decode_slots:
-            if deadline is not None and time.monotonic() > deadline:
-                raise deadline_error(self.limits)
-            return preview_video(data, self.model.config.preprocess, self.limits, deadline)
+        return self.videos.preview(data, deadline)
 
     async def apreview(self, data: bytes):
         """:meth:`preview` on the decode pool, within ``--request-timeout-s``."""
-        deadline = time.monotonic() + self.limits.request_timeout_s
-        return await self._off_loop(self._decode_pool, deadline, self.preview, data, deadline)
+        return await self.videos.apreview(data)
+
+    def _read_video(self, part: dict, deadline: float) -> tuple[bytes, str]:
+        data = self.video_from_part(part, deadline)
+        return data, content_hash(data)
 
     def run_on_model(self, fn, deadline: float | None = None):
         """``fn()`` on the scheduler thread, between two decode steps; its result (blocking; 504
@@ -223,60 +167,6 @@ class Engine:
         except CancelledError:
             raise APIError(503, "the server is shutting down") from None
 
-    def _encode_video(self, data: bytes, key: str, deadline: float) -> VideoEntry:
-        """Decode and encode a video (encoding.py) and keep it in the cache; blocking."""
-        with self._decode_slots:
-            entry = self.cache.peek(key)  # encoded meanwhile
-            if entry is None:
-                if time.monotonic() > deadline:
-                    raise deadline_error(self.limits)
-                entry = encode_video_entry(self.model, data, key, self.limits,
-                                           lambda fn: self.run_on_model(fn, deadline), deadline=deadline)
-                self.cache.put(entry)
-            return entry
-
-    async def _encoded(self, data: bytes, key: str, deadline: float) -> VideoEntry:
-        """The video's entry, encoded once however many requests ask for it at the same time
-        (a request that finds it being encoded waits for that encoding, and shares its outcome)."""
-        with self._cv:
-            shared = self._encoding.get(key)
-            if shared is None:
-                shared = self._encoding[key] = Future()
-                owner = True
-            else:
-                owner = False
-        if owner:
-            try:
-                shared.set_result(await self._off_loop(self._decode_pool, deadline, self._encode_video, data, key,
-                                                       deadline))
-            except BaseException as e:
-                shared.set_exception(e)
-            finally:
-                with self._cv:
-                    self._encoding.pop(key, None)
-        left = deadline - time.monotonic()
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(shared), max(left, 0.0))
-        except asyncio.TimeoutError:
-            raise deadline_error(self.limits) from None
-
-    async def _off_loop(self, pool: ThreadPoolExecutor, deadline: float, fn, *args):
-        """``fn(*args)`` on ``pool``, awaited until ``deadline`` at most (504 after; a job still
-        waiting for a worker then never starts)."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise deadline_error(self.limits)
-        future = pool.submit(fn, *args)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), left)
-        except asyncio.TimeoutError:
-            future.cancel()
-            raise deadline_error(self.limits) from None
-
-    def _read_video(self, part: dict, deadline: float) -> tuple[bytes, str]:
-        data = self.video_from_part(part, deadline)
-        return data, content_hash(data)
-
     # ---- prompts ------------------------------------------------------------------------------
     def build_prompt(self, messages: list) -> tuple[list[int], list[dict]]:
         """Token ids of the conversation, ending ready for the answer, and its video parts."""
@@ -292,7 +182,7 @@ class Engine:
             yield event
 
     async def submit(self, messages: list, *, max_tokens: int | None = None, temperature: float = 0.0,
-                     top_p: float = 1.0, stop: list[str] | str | None = None, seed: int | None = None) -> _Request:
+                     top_p: float = 1.0, stop: list[str] | str | None = None, seed: int | None = None) -> ChatRequest:
         """Check, fetch and decode, then queue a request; raises APIError (429 when full)."""
         lim = self.limits
         with self._cv:
@@ -309,7 +199,7 @@ class Engine:
                 self.in_system -= 1
             raise
 
-    async def events(self, request: _Request):
+    async def events(self, request: ChatRequest):
         """A submitted request's text deltas, then its ChatResult; raises its APIError."""
         try:
             while True:
@@ -323,15 +213,9 @@ class Engine:
             if not request.done:
                 request.cancelled = True  # the client went away: the scheduler drops the row
 
-    async def _prepare(self, messages, max_tokens, temperature, top_p, stop, seed, deadline) -> _Request:
+    async def _prepare(self, messages, max_tokens, temperature, top_p, stop, seed, deadline) -> ChatRequest:
         lim = self.limits
-        if max_tokens is not None and not 1 <= max_tokens <= lim.max_tokens:
-            raise APIError(400, f"max_tokens must be 1 to {lim.max_tokens} (--max-tokens), got {max_tokens}",
-                           param="max_tokens")
-        temperature, top_p, seed = check_sampling(temperature, top_p, seed)
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stop) > 4 or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop):
-            raise APIError(400, "stop: at most 4 non-empty strings of up to 64 characters", param="stop")
+        temperature, top_p, seed, stop = check_arguments(lim, max_tokens, temperature, top_p, stop, seed)
         ids, videos = self.build_prompt(messages)
         budget = self.max_seq_len - len(ids)
         if budget < 1:
@@ -339,10 +223,11 @@ class Engine:
                            f"{self.max_seq_len} tokens (--max-model-len)", param="messages", code="context_length_exceeded")
         video, key = None, None
         if videos:  # one video (build_prompt refused two different ones): read once, decode once
-            blob, key = await self._off_loop(self._media_pool, deadline, self._read_video, videos[0], deadline)
-            video = self.cache.get(key) or await self._encoded(blob, key, deadline)
+            blob, key = await self.videos.off_loop(self.videos.media_pool, deadline, self._read_video, videos[0],
+                                                   deadline)
+            video = self.cache.get(key) or await self.videos.encoded(blob, key, deadline)
             del blob
-        request = _Request(ids, video, key, min(max_tokens or lim.max_tokens, budget), float(temperature),
+        request = ChatRequest(ids, video, key, min(max_tokens or lim.max_tokens, budget), float(temperature),
                            float(top_p), seed, stop, deadline, asyncio.get_running_loop(), asyncio.Queue())
         if time.monotonic() > deadline:
             raise deadline_error(lim)
@@ -416,7 +301,7 @@ class Engine:
             self._waiting.remove(request)
             self._finish(request, error=None if request.cancelled else deadline_error(self.limits))
 
-    def _admit(self, request: _Request) -> None:
+    def _admit(self, request: ChatRequest) -> None:
         try:
             media_kv = None
             if request.video is not None:
@@ -433,7 +318,7 @@ class Engine:
         self.metrics.tokens_generated(1)
         self._on_token(request, token)
 
-    def _on_token(self, request: _Request, token: int) -> None:
+    def _on_token(self, request: ChatRequest, token: int) -> None:
         if request.cancelled:
             return self._finish(request)
         request.generated += 1
@@ -448,22 +333,15 @@ class Engine:
                 return self._finish(request, reason="stop", text=text[: text.index(s)].rstrip())
         if request.generated >= request.max_new:
             return self._finish(request, reason="length")
-        # Hold back what may still change: a cut UTF-8 sequence, trailing spaces (the answer is
-        # stripped, as eval strips it), and a tail that could be the start of a stop string.
-        safe = text.rstrip("\ufffd").rstrip()
-        for s in request.stop:
-            for n in range(min(len(s) - 1, len(safe)), 0, -1):
-                if safe.endswith(s[:n]):
-                    safe = safe[:-n].rstrip()
-                    break
+        safe = settled(text, request.stop)
         if len(safe) > request.sent:
-            self._send(request, safe[request.sent:])
+            request.send(safe[request.sent:])
             request.sent = len(safe)
 
-    def _text(self, request: _Request) -> str:
+    def _text(self, request: ChatRequest) -> str:
         return self.tokenizer.decode(request.tokens, skip_special_tokens=True).lstrip()
 
-    def _finish(self, request: _Request, *, reason: str | None = None, error: BaseException | None = None,
+    def _finish(self, request: ChatRequest, *, reason: str | None = None, error: BaseException | None = None,
                 text: str | None = None) -> None:
         with self._cv:
             if request.done:
@@ -473,22 +351,15 @@ class Engine:
         if request.slot is not None and self._active.pop(request.slot, None) is not None:
             self.decoder.remove(request.slot)
         if error is not None:
-            return self._send(request, error)
+            return request.send(error)
         if request.cancelled:
             return
         text = self._text(request).strip() if text is None else text
         if len(text) > request.sent:
-            self._send(request, text[request.sent:])
+            request.send(text[request.sent:])
         usage = {"prompt_tokens": len(request.prompt_ids), "completion_tokens": request.generated,
                  "total_tokens": len(request.prompt_ids) + request.generated}
-        self._send(request, ChatResult(text, reason, usage, request.timestamps))
-
-    @staticmethod
-    def _send(request: _Request, event) -> None:
-        try:
-            request.loop.call_soon_threadsafe(request.queue.put_nowait, event)
-        except RuntimeError:  # the request's event loop has closed
-            pass
+        request.send(ChatResult(text, reason, usage, request.timestamps))
 
 
 def _default_decoder(model, *, max_batch: int, max_len: int, compile: bool = False):

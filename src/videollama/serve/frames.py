@@ -214,7 +214,7 @@ class _Child:
         return header
 
 
-def _check_opening(header: dict, preprocess, limits: ServeLimits) -> tuple[float, list[float]]:
+def check_opening(header: dict, preprocess, limits: ServeLimits) -> tuple[float, list[float]]:
     """The child's opening line, checked: (duration, window starts). The number of windows is the
     policy's for that duration, so at most ``max_windows``; nothing is sized before this passes."""
     from videollama.data.windows import window_starts
@@ -253,7 +253,7 @@ def stream_windows(data: bytes, preprocess, limits: ServeLimits, on_chunk: Calla
     send.close()
     try:
         pipe = _Child(receive, limits, deadline)
-        duration, starts = _check_opening(pipe.message(), preprocess, limits)
+        duration, starts = check_opening(pipe.message(), preprocess, limits)
         frame_times = torch.empty(len(starts), f, dtype=torch.float64)
         done = 0
         while done < len(starts):

@@ -26,7 +26,6 @@ import faulthandler
 import hmac
 import math
 import os
-import random
 import signal
 import sys
 import tempfile
@@ -34,8 +33,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from videollama.serve.examples import example_videos
 from videollama.serve.limits import APIError
 from videollama.serve.timeline import (
     TIMELINE_CSS,
@@ -59,9 +60,6 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 # Default generation settings shown on the page (temperature 0 is greedy); the engine's limits
 # (``--max-tokens``, ``--max-video-bytes``, ``--max-batch``) bound what the page offers.
 DEFAULT_MAX_TOKENS = 64
-# How many Shapes clips `videollama chat` offers as examples when given no --examples folder.
-NUM_SHAPES_EXAMPLES = 3
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
 
 CSS = """
 #frames img { image-rendering: pixelated; }
@@ -133,7 +131,7 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
     limits = engine.limits
 
     async def read(path) -> bytes:  # an upload of this page, off the event loop
-        return await asyncio.to_thread(read_upload, path, video.GRADIO_CACHE, limits.max_video_bytes)
+        return await asyncio.to_thread(read_upload, path, page.video.GRADIO_CACHE, limits.max_video_bytes)
 
     def on_new_video(path: str | None):
         """A new video (upload, example or clear): a fresh chat at once, the frames to come."""
@@ -181,42 +179,52 @@ def build_ui(engine, *, examples: Sequence[str | Path] = (), title: str = "Video
 
     # Uploads and gallery images live in Gradio's cache folder: files older than 2 h are
     # removed every hour, so a long-running server does not fill its disk.
-    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 7200)) as page:
-        gr.Markdown(f"## {title}\nUpload a video or pick an example, then ask about it.")
-        with gr.Row():
-            with gr.Column(scale=1):
-                video = gr.Video(label="Video", sources=["upload"], format=None, elem_id="video")
-                refuse_url_inputs(video)
-                if examples:
-                    gr.Examples([[str(p)] for p in examples], inputs=[video], label="Examples",
-                                elem_id="examples")
-                # The status carries the timeline, HTML made here of numbers alone (timeline.py).
-                status = gr.Markdown("Upload a video or pick an example.", elem_id="status", sanitize_html=False)
-                frames = gr.Gallery(label="Frames the model sees", columns=4, format="png",
-                                    object_fit="contain", allow_preview=True, height=280, elem_id="frames")
-            with gr.Column(scale=1):
-                chatbot = gr.Chatbot(label="Chat", render_markdown=False, elem_id="chatbot",
-                                     feedback_options=None, height=480)
-                question = gr.Textbox(label="Question", placeholder="What happens in the video?",
-                                      elem_id="question", lines=1, submit_btn=True)
-                with gr.Accordion("Generation", open=False):
-                    max_tokens = gr.Slider(1, limits.max_tokens, value=min(DEFAULT_MAX_TOKENS, limits.max_tokens),
-                                           step=1, label="max tokens")
-                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top p (with temperature > 0)")
-                    seed = gr.Number(value=0, precision=0, label="seed (with temperature > 0)")
-                clear = gr.Button("Clear chat")
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 7200)) as blocks:
+        page = _layout(gr, title, limits, examples)
         # Gradio runs one event of a kind at a time unless told: let as many chats run as the
         # engine batches (more wait in Gradio's queue, showing their place), and as many
         # previews as it has decode workers.
         # A question asked before the preview is done still goes with the video shown: the chat
         # reads the video component itself, and the engine decodes (and caches) it on its own.
-        video.change(on_new_video, inputs=[video], outputs=[frames, chatbot, status], queue=False).then(
-            on_preview, inputs=[video], outputs=[frames, status], concurrency_limit=limits.decode_workers)
-        question.submit(respond, inputs=[question, chatbot, video, max_tokens, temperature, top_p, seed],
-                        outputs=[question, chatbot, status], concurrency_limit=limits.max_batch)
-        clear.click(lambda: [], outputs=[chatbot])
-    return page
+        page.video.change(on_new_video, inputs=[page.video], outputs=[page.frames, page.chatbot, page.status],
+                          queue=False).then(on_preview, inputs=[page.video], outputs=[page.frames, page.status],
+                                            concurrency_limit=limits.decode_workers)
+        page.question.submit(respond, inputs=[page.question, page.chatbot, page.video, *page.sampling],
+                             outputs=[page.question, page.chatbot, page.status], concurrency_limit=limits.max_batch)
+        page.clear.click(lambda: [], outputs=[page.chatbot])
+    return blocks
+
+
+def _layout(gr, title: str, limits, examples: Sequence[str | Path]) -> SimpleNamespace:
+    """The page's components, inside the caller's ``gr.Blocks``: ``video``, ``status``,
+    ``frames``, ``chatbot``, ``question``, ``clear`` and ``sampling`` (max tokens, temperature,
+    top p, seed: the order of :func:`sampling_options`' arguments)."""
+    gr.Markdown(f"## {title}\nUpload a video or pick an example, then ask about it.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            video = gr.Video(label="Video", sources=["upload"], format=None, elem_id="video")
+            refuse_url_inputs(video)
+            if examples:
+                gr.Examples([[str(p)] for p in examples], inputs=[video], label="Examples",
+                            elem_id="examples")
+            # The status carries the timeline, HTML made here of numbers alone (timeline.py).
+            status = gr.Markdown("Upload a video or pick an example.", elem_id="status", sanitize_html=False)
+            frames = gr.Gallery(label="Frames the model sees", columns=4, format="png",
+                                object_fit="contain", allow_preview=True, height=280, elem_id="frames")
+        with gr.Column(scale=1):
+            chatbot = gr.Chatbot(label="Chat", render_markdown=False, elem_id="chatbot",
+                                 feedback_options=None, height=480)
+            question = gr.Textbox(label="Question", placeholder="What happens in the video?",
+                                  elem_id="question", lines=1, submit_btn=True)
+            with gr.Accordion("Generation", open=False):
+                max_tokens = gr.Slider(1, limits.max_tokens, value=min(DEFAULT_MAX_TOKENS, limits.max_tokens),
+                                       step=1, label="max tokens")
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top p (with temperature > 0)")
+                seed = gr.Number(value=0, precision=0, label="seed (with temperature > 0)")
+            clear = gr.Button("Clear chat")
+    return SimpleNamespace(video=video, status=status, frames=frames, chatbot=chatbot, question=question,
+                           clear=clear, sampling=[max_tokens, temperature, top_p, seed])
 
 
 def mount_ui(app, engine, *, examples: Sequence[str | Path] = (), api_key: str | None = None):
@@ -286,38 +294,6 @@ def serving(engine, *, host: str = "127.0.0.1", port: int = 0, examples: Sequenc
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-
-
-def shapes_examples(directory: Path, n: int = NUM_SHAPES_EXAMPLES, seed: int = 0) -> list[Path]:
-    """Write ``n`` Shapes clips (5 s, 320x240) into ``directory``; return their paths."""
-    from videollama.data import shapes
-
-    rng = random.Random(seed)
-    paths = []
-    for i in range(n):
-        spec = shapes.sample_clip_spec(rng)
-        path = directory / f"shapes-{i}.mp4"
-        path.write_bytes(shapes.encode_mp4(shapes.render_frames(spec)))
-        paths.append(path)
-    return paths
-
-
-def example_videos(folder: Path | None, scratch: Path, cap: int) -> list[Path]:
-    """The example videos, in ``scratch`` (the only folder the page may serve them from): copies
-    of ``folder``'s videos (sorted, at most 12, each at most ``cap`` bytes), or fresh Shapes clips."""
-    if folder is None:
-        return shapes_examples(scratch)
-    if not folder.is_dir():
-        raise NotADirectoryError(f"--examples {folder}: not a folder")
-    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
-    if not found:
-        raise ValueError(f"--examples {folder}: no video files ({', '.join(VIDEO_SUFFIXES)})")
-    copies = []
-    for path in found[:12]:
-        copy = scratch / path.name
-        copy.write_bytes(read_video(path, cap))
-        copies.append(copy)
-    return copies
 
 
 # ---- the `videollama chat` command -----------------------------------------------------

@@ -82,7 +82,7 @@ def train_step(run: Run, data_iter) -> dict:
         # micro-batches: the 13B recipe would not fit in 80 GB (bench/results/simulate.md).
         if run.use_fsdp:
             model.set_requires_all_reduce(m == accum - 1)
-        summed = _micro_step(model, batch, env.device, run.latents)
+        summed = micro_step(model, batch, env.device, run.latents)
         if step in cfg.guards.inject_nan_steps and env.rank == cfg.guards.inject_rank:
             summed = summed * float("nan")  # test hook: a poisoned batch on one rank
         # FSDP averages gradients over ranks; the x world undoes that, so the gradient
@@ -215,7 +215,7 @@ def _loop(run: Run, data_iter, log: MetricsLog, spikes: SpikeDetector, progress)
             break
 
 
-def _micro_step(model: torch.nn.Module, batch: dict, device: torch.device, latents=None) -> torch.Tensor:
+def micro_step(model: torch.nn.Module, batch: dict, device: torch.device, latents=None) -> torch.Tensor:
     """Forward one micro-batch; returns the loss summed over its label tokens (fp32 scalar).
 
     A batch of whole videos carries ``windows`` (times [N, F], video [N]) for the rows of
