@@ -41,8 +41,11 @@ def ids(b=2, t=9, seed=0):
 def test_int8_values_and_which_modules(model, quantized):
     int8 = {n: m for n, m in quantized.named_modules() if isinstance(m, Int8Linear)}
     fp32 = dict(model.named_modules())
-    # Every decoder linear (self-attention, MLP, cross-attention) and the lm_head; nothing else.
-    expected = {f"decoder.{n}" for n, m in model.decoder.named_modules() if isinstance(m, nn.Linear)} | {"lm_head"}
+    # Every decoder linear run per token (self-attention, MLP, cross-attention) and the lm_head;
+    # nothing else: not the vision side, not the time code's projection (once per video).
+    expected = {f"decoder.{n}" for n, m in model.decoder.named_modules()
+                if isinstance(m, nn.Linear) and not n.startswith("media_time.")} | {"lm_head"}
+    assert "decoder.media_time.proj" not in int8 and "decoder.media_time.proj" in fp32
     assert set(int8) == expected
     assert not any(isinstance(m, Int8Linear) for m in quantized.vision.modules())
     for name, q in int8.items():

@@ -69,8 +69,11 @@ class Int8Linear(nn.Module):
 
 
 def _targets(model: nn.Module) -> set[str]:
-    """Qualified names of the linears to quantize: the decoder's and the lm_head."""
-    names = {f"decoder.{n}" for n, m in model.decoder.named_modules() if isinstance(m, nn.Linear)}
+    """Qualified names of the linears to quantize: the decoder's and the lm_head. Not the time
+    code's projection (decoder.media_time): it runs once per video, not per token, holds 2P x D
+    weights, and int8 would coarsen the absolute times it writes into the latents."""
+    names = {f"decoder.{n}" for n, m in model.decoder.named_modules()
+             if isinstance(m, nn.Linear) and not n.startswith("media_time.")}
     if isinstance(getattr(model, "lm_head", None), nn.Linear):
         names.add("lm_head")
     return names
