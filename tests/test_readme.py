@@ -120,6 +120,12 @@ NOT_RUNNABLE = {
                                     "same request through the openai client",
     "videollama chat --model runs/demo/model            # http://127.0.0.1:7860/, the API at /v1 beside it":
         "serves until stopped; tests/test_ui.py and tests/test_ui_browser.py drive the page",
+    "videollama eval --model runs/demo/model --task mc --data data/shapes/eval/videoqa.jsonl --out eval/mc "
+    "--num-options 5":
+        "needs the demo's model and two earlier evaluations (eval/qa-a, eval/qa-b) to compare; "
+        "tests/test_eval_stats.py runs --task mc, --compare and the two-rank torchrun eval on a tiny model",
+    "# once, with network: the questions into the datasets cache, the videos unpacked where the task looks":
+        "downloads Video-MME from the Hugging Face Hub (network, about 100 GB of video)",
 }
 # Blocks run by another test, in the same way (as printed, in a folder made by readme_blocks).
 RUN_ELSEWHERE = {
