@@ -250,3 +250,16 @@ def test_a_read_policy_out_of_range_is_refused_by_name(field, value):
         ReadPolicy(**{field: value})
     with pytest.raises(ValueError, match=f"data.{field}"):
         TrainConfig.from_dict({"data": {"sources": ["x"], field: value}}).validate()
+
+
+def test_the_loader_takes_its_config_section(tmp_path, tok):
+    # train/build.py hands the recipe's data section over whole: its settings and its read policy arrive.
+    from videollama.train.recipe import DataSection
+
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"video": "v.mp4", "question": "which way?", "answer": "left"}) + "\n")
+    section = DataSection(sources=[str(tmp_path / "qa.jsonl")], task="videoqa", texts_per_clip=0,
+                          allow_outside_root=True, max_decoded_frames=7, cache_dir=str(tmp_path / "cache"))
+    loader = VideoTextLoader.from_section(section, tokenizer=tok, preprocess=FUZZ_PRE, batch_size=2, max_len=96)
+    assert loader.plan.policy == section.read_policy() == ReadPolicy(allow_outside_root=True, max_decoded_frames=7)
+    assert (loader.plan.task, loader.plan.texts_per_clip, loader.plan.cache_dir) == ("videoqa", 0, str(tmp_path / "cache"))
+    assert loader.plan.train and loader.batch_size == 2

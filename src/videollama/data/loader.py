@@ -214,6 +214,18 @@ class VideoTextLoader:
         self._active: Iterator | None = None
         self._logged: set[tuple[str, str]] = set()
 
+    @classmethod
+    def from_section(cls, data: Any, *, tokenizer: Any, preprocess: PreprocessConfig, batch_size: int,
+                     max_len: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> VideoTextLoader:
+        """The loader a recipe's ``data:`` section describes (train.recipe.DataSection: sources, task,
+        workers, skip budget, caches, texts per clip, windows and their budget, and its read policy);
+        the rest is the run's (tokenizer, the model's preprocessing, micro-batch, rank)."""
+        return cls(data.sources, tokenizer=tokenizer, preprocess=preprocess, task=data.task, batch_size=batch_size,
+                   max_len=max_len, seed=seed, rank=rank, world_size=world_size, num_workers=data.num_workers,
+                   train=True, skip_budget=data.skip_budget, cache_dir=data.cache_dir,
+                   texts_per_clip=data.texts_per_clip, policy=data.read_policy(), windows=data.windows,
+                   window_budget=data.window_budget)
+
     # ---- position ------------------------------------------------------------------
     @property
     def epoch(self) -> int:

@@ -80,10 +80,7 @@ def build_loader(cfg: TrainConfig, model_cfg: VideoLlamaConfig, env: DistEnv, to
 
     if tokenizer_path is None:
         raise ValueError("no tokenizer: set `tokenizer:` in the recipe or use model.init_from a model dir")
-    return VideoTextLoader(cfg.data.sources, tokenizer=load_tokenizer(tokenizer_path),
-                           preprocess=model_cfg.preprocess, task=cfg.data.task, batch_size=cfg.micro_batch,
-                           max_len=cfg.data.max_len or model_cfg.decoder.max_seq_len, seed=cfg.seed,
-                           rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers,
-                           train=True, skip_budget=cfg.data.skip_budget, cache_dir=cfg.data.cache_dir,
-                           texts_per_clip=cfg.data.texts_per_clip, policy=cfg.data.read_policy(),
-                           windows=cfg.data.windows, window_budget=cfg.data.window_budget)
+    return VideoTextLoader.from_section(cfg.data, tokenizer=load_tokenizer(tokenizer_path),
+                                        preprocess=model_cfg.preprocess, batch_size=cfg.micro_batch,
+                                        max_len=cfg.data.max_len or model_cfg.decoder.max_seq_len, seed=cfg.seed,
+                                        rank=env.rank, world_size=env.world_size)
