@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 from videollama.data import errors
 from videollama.data.errors import BadSample
 from videollama.data.read_policy import DEFAULT_POLICY, ReadPolicy
-from videollama.data.safe_io import iter_manifest, read_bounded, resolve_inside
+from videollama.data.safe_io import iter_manifest, read_bounded, resolve_inside, written_beside
 from videollama.data.sources import MAX_VIDEO_BYTES, VIDEO_EXTS, read_sidecar
 from videollama.data.writer import parse_size, write_shards
 
@@ -148,20 +146,9 @@ def run(args: argparse.Namespace) -> int:
         samples = manifest_samples(source, counts, policy=ReadPolicy(allow_outside_root=args.allow_outside_root))
     # Written beside --out and swapped in only when complete: an interrupted run, or one that
     # replaces an older dataset, never leaves a folder that mixes two.
-    staging = out.with_name(f".{out.name}.writing-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with written_beside(out) as staging:
         paths = write_shards(samples, staging, prefix=args.prefix, max_bytes=parse_size(args.shard_size),
                              max_count=args.max_count)
-        if out.exists():
-            retired = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, retired)
-            os.replace(staging, out)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     written = counts.pop("written", 0)
     print(f"wrote {written} samples into {len(paths)} shards under {out}")
     if counts:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +206,23 @@ def resolve_inside(root: str | os.PathLike, relative: str, *, allow_outside: boo
         raise BadSample(OUTSIDE_ROOT, relative, f"the path leaves its root folder {root}; refused "
                                                        "(absolute path, '..' or a link out)")
     return resolved
+
+
+@contextmanager
+def written_beside(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` to write into; when the block ends without error it replaces
+    ``out`` (whole), else it is removed and ``out`` is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.writing-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+        if out.exists():
+            retired = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, retired)
+            os.replace(staging, out)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -10,12 +10,11 @@ leaves the old one as it was and no half-written model.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+
+from videollama.data.safe_io import written_beside as written_beside  # export/merge write through it
 
 # What VideoLlama.save_pretrained writes (model/videollama.py), and what save_adapter writes (lora.py).
 MODEL_FILES = {"config.json", "preprocessor.json", "tokenizer.json", "model.safetensors",
@@ -71,23 +70,3 @@ def check_out(out: Path, *, overwrite: bool, inputs: dict[str, Path], command: s
     if not any(test(out) for test in replaceable.values()):
         raise ValueError(f"--overwrite: {out} is not {kinds} (it holds other files or folders); refusing to "
                          "replace it")
-
-
-@contextmanager
-def written_beside(out: Path) -> Iterator[Path]:
-    """A fresh folder beside ``out`` to write into; when the block ends without error it replaces
-    ``out`` (whole), else it is removed and ``out`` is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.writing-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        yield staging
-        if out.exists():
-            retired = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, retired)
-            os.replace(staging, out)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
