@@ -204,9 +204,9 @@ def main() -> int:
            f"`bench/bench_simulate.py` on {cpu_name()} ({os.cpu_count()} cores, shared with other work), torch "
            f"{torch.__version__} (CPU build), no GPU: every figure comes from running the step; nothing is "
            "allocated at full size.", "", *small, *lines, *thirteen_b_account(results, old)]
-    path = ROOT / "bench" / "results" / "simulate.md"
-    path.write_text("\n".join(out) + "\n")
-    print(f"wrote {path}")
+    from machine import write_result
+
+    print(f"wrote {write_result('simulate', chr(10).join(out))}")
     return 0
 
 
