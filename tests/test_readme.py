@@ -124,6 +124,9 @@ NOT_RUNNABLE = {
     "--num-options 5":
         "needs the demo's model and two earlier evaluations (eval/qa-a, eval/qa-b) to compare; "
         "tests/test_eval_stats.py runs --task mc, --compare and the two-rank torchrun eval on a tiny model",
+    "videollama plan --config configs/pretrain-13b.yaml --gpus 64 --simulate          # 8 nodes x 8: 2-3 min of CPU":
+        "three full-size 13B simulations, 2-3 minutes of CPU each; tests/test_plan_simulate.py runs plan --simulate "
+        "at tiny size, bench/bench_simulate.py these jobs",
     "# once, with network: the questions into the datasets cache, the videos unpacked where the task looks":
         "downloads Video-MME from the Hugging Face Hub (network, about 100 GB of video)",
 }
