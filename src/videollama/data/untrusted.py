@@ -82,6 +82,15 @@ def mp_context():
     return _context
 
 
+def start_fork_server() -> None:
+    """Start :func:`mp_context`'s fork server now (once per process; it imports torch and PyAV,
+    about 2 s): a server calls this before it serves, so its first request pays only its own decode."""
+    from multiprocessing import forkserver
+
+    mp_context()
+    forkserver.ensure_running()
+
+
 def _isolated_child(send, source, memory_bytes: int, load_clip_kwargs: dict) -> None:
     import resource
 

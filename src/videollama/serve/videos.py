@@ -35,6 +35,9 @@ class EngineVideos:
         self.decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="videollama-decode")
         self._encoding: dict[str, Future] = {}  # videos being encoded, by key: one encoding each
         self._lock = threading.Lock()
+        from videollama.data.untrusted import start_fork_server
+
+        start_fork_server()  # the sandboxed decoders' parent, before the first request needs it
 
     def close(self) -> None:
         for pool in (self.media_pool, self.decode_pool):
