@@ -113,7 +113,9 @@ def hf_twin(model: VideoLlama):
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         hf = LlamaForCausalLM(cfg)
-    state = {f"model.{k}": v for k, v in model.decoder.state_dict().items() if not k.startswith("cross_attn_layers.")}
+    # text only: our model skips the cross-attention blocks and the time code (media_time) without a video
+    state = {f"model.{k}": v for k, v in model.decoder.state_dict().items()
+             if not k.startswith(("cross_attn_layers.", "media_time."))}
     state["lm_head.weight"] = model.lm_head.weight
     hf.load_state_dict(state, strict=True, assign=True)
     hf.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)  # its buffer was built on meta
