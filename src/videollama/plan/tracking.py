@@ -48,9 +48,9 @@ def memory_tracker(model, optimizer, *, fsdp: bool):
     from torch.distributed._tools.mem_tracker import MemTracker
 
     if fsdp:
-        _quick_weakref_lookups(model, fsdp_only=True)
+        _quick_weakref_lookups(model)
         return _global_peak_only(FSDPMemTracker(model, optimizer))
-    _quick_weakref_lookups(model, fsdp_only=False)
+    _quick_weakref_lookups(model)
     tracker = _global_peak_only(MemTracker())
     # MemTracker hooks every parameter's gradient, which torch refuses on a frozen one: mark those
     # as hooked already (their gradient never exists)
@@ -109,18 +109,15 @@ def _global_peak_only(tracker):
     return tracker
 
 
-def _quick_weakref_lookups(model, *, fsdp_only: bool) -> None:
+def _quick_weakref_lookups(model) -> None:
     """At every op FSDPMemTracker dereferences a weak reference to each FSDP module (MemTracker, to
     every module it has seen), and torch.utils.weak.WeakIdRef then asks the module for
     ``_fix_weakref`` (a tensor method). On a module the miss walks nn.Module's and the checkpoint
     wrapper's ``__getattr__``: a third of a 13B simulation's time with FSDP, most of it without
     (QLoRA's one process tracks every module). A no-op attribute of that name answers at once (the
-    model is the simulation's own)."""
-    from torch.distributed.fsdp import FSDPModule
-
+    model is the simulation's own; every module gets it, whichever the tracker follows)."""
     for module in model.modules():
-        if isinstance(module, FSDPModule) or not fsdp_only:
-            module.__dict__["_fix_weakref"] = _no_op
+        module.__dict__["_fix_weakref"] = _no_op
 
 
 def _no_op() -> None:

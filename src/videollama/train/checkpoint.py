@@ -292,7 +292,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from videollama.train.out_dir import check_out, is_adapter_dir, is_model_dir, written_beside
+    from videollama.data.safe_io import written_beside
+    from videollama.train.out_dir import check_out, is_adapter_dir, is_model_dir
 
     out = Path(args.out)
     # `export RUN --out RUN/model` is usual: inside the run is allowed, the run folder itself is not.

@@ -275,8 +275,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from videollama.data.safe_io import written_beside
     from videollama.model.videollama import VideoLlama
-    from videollama.train.out_dir import check_out, is_model_dir, written_beside
+    from videollama.train.out_dir import check_out, is_model_dir
 
     check_out(args.out, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter},
               command="merge", replaceable={"a model directory": is_model_dir})

@@ -4,7 +4,7 @@ The rule of ``videollama data shards`` (data/ingest.py): ``--out`` must be absen
 with ``--overwrite``, hold what the same command writes (:func:`is_model_dir`; for ``export``
 also :func:`is_adapter_dir`), which is then replaced whole. An input's folder, a folder inside
 one, or one that holds an input is never written to. The new directory is written beside
-``--out`` and swapped in only when complete (:func:`written_beside`): a failure or Ctrl-C
+``--out`` and swapped in only when complete (``data.safe_io.written_beside``): a failure or Ctrl-C
 leaves the old one as it was and no half-written model.
 """
 
@@ -13,8 +13,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-
-from videollama.data.safe_io import written_beside as written_beside  # export/merge write through it
 
 # What VideoLlama.save_pretrained writes (model/videollama.py), and what save_adapter writes (lora.py).
 MODEL_FILES = {"config.json", "preprocessor.json", "tokenizer.json", "model.safetensors",
