@@ -176,6 +176,8 @@ RECIPE = str(ROOT / "configs/pretrain-tiny.yaml")
     (["plan", "--preset", "tiny", "--gpu-memory=-inf"], "--gpu-memory must be a finite number"),
     (["plan", "--preset", "tiny", "--gpu-memory", "nan"], "--gpu-memory must be"),
     (["plan", "--preset", "tiny", "--micro-batch", "0"], "--micro-batch must be an integer >= 1"),
+    (["plan", "--preset", "tiny", "--simulate", "--budget-days", "nan"], "--budget-days must be a finite number"),
+    (["plan", "--preset", "tiny", "--simulate", "--budget-days=-1"], "--budget-days must be a finite number of days > 0"),
     (["train", "--config", RECIPE, "optimizer.lr=.nan"], "optimizer.lr: expected a finite number, got nan"),
     (["train", "--config", RECIPE, "guards.timeout_s=1e400"], "guards.timeout_s: expected a finite number"),
     (["train", "--config", RECIPE, "max_steps=.inf"], "max_steps: expected int, got inf"),

@@ -71,6 +71,9 @@ def resolve(args: argparse.Namespace) -> tuple[VideoLlamaConfig, dict, str]:
         config, name, kw, notes = _from_recipe(args.config, overrides)
     if args.gpu_memory_gib is not None and not 0 < args.gpu_memory_gib < math.inf:  # inf: no integer of bytes
         raise ValueError(f"--gpu-memory must be a finite number of GiB > 0, got {args.gpu_memory_gib}")
+    budget_days = getattr(args, "budget_days", None)
+    if budget_days is not None and not 0 < budget_days < math.inf:
+        raise ValueError(f"--budget-days must be a finite number of days > 0, got {budget_days}")
     if args.size is not None:
         config = config.with_overrides({"vision.image_size": args.size, "preprocess.size": args.size})
     for key in ("mode", "lora_r", "gpus", "gpu_memory_gib", "frames", "tokens", "new_tokens", "micro_batch", "precision",
