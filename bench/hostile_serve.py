@@ -6,9 +6,9 @@ are reported) and samples the server process's RSS. Outcomes per case: the HTTP 
 hostile requests got; ``crash`` (the server died), ``hang`` (a request got no answer within
 ``HANG_S``), 500s. RSS growth per hostile request is (RSS after the case - RSS before) / requests.
 
-The flood case also states the time to reject a skip-frame flood against the 2 s target, which
-waits on the pixel-weighted work bound of the decoder (data/video.py); until that lands the
-flood costs up to ``--decode-timeout-s`` and the request deadline, which this bench reports.
+The flood case also states the time to reject a skip-frame flood (each round's, against the 2 s
+target): the sandboxed decoder's pixel-weighted work bound (data/container.py) stops it; the
+server's ``--decode-timeout-s`` and request deadline are the backstop.
 """
 
 from __future__ import annotations
@@ -120,9 +120,10 @@ def run_case(server: Server, name: str, surface: str, fn, rounds: int = 3) -> di
     rounds (what a stream of such requests keeps adding)."""
     before = server.rss_mb()
     t0 = time.perf_counter()
-    statuses, outcome, after_first, later = [], "defended", before, 0
+    statuses, outcome, after_first, later, round_s = [], "defended", before, 0, []
     with Watch(server) as watch, ThreadPoolExecutor(1) as pool:
         for round_ in range(rounds):
+            started = time.perf_counter()
             future = pool.submit(fn, server)
             try:
                 got = future.result(timeout=HANG_S)
@@ -132,6 +133,7 @@ def run_case(server: Server, name: str, surface: str, fn, rounds: int = 3) -> di
             except Exception as e:  # noqa: BLE001 - a broken case is reported, not raised
                 statuses, outcome = [f"{type(e).__name__}: {e}"[:120]], "error"
                 break
+            round_s.append(time.perf_counter() - started)
             if round_ == 0:
                 statuses, after_first = got, server.rss_mb()
             else:
@@ -141,7 +143,7 @@ def run_case(server: Server, name: str, surface: str, fn, rounds: int = 3) -> di
         outcome = "crash"
     after = server.rss_mb()
     return {"surface": surface, "case": name, "outcome": outcome, "statuses": statuses, "seconds": seconds,
-            "health_slowest_s": watch.slowest, "health_misses": watch.misses, "first_round_mb": after_first - before,
+            "round_s": round_s, "health_slowest_s": watch.slowest, "health_misses": watch.misses, "first_round_mb": after_first - before,
             "rss_growth_mb_per_request": (after - after_first) / max(1, later), "peak_rss_mb": watch.peak,
             "fivehundreds": sum(1 for s in statuses if isinstance(s, int) and s >= 500 and s not in (503, 504))}
 
@@ -311,10 +313,12 @@ def write_results(results: list[dict], out: Path, cpu: str, scale: float) -> str
                      f"{r['peak_rss_mb']:.0f} |")
     flood = next((r for r in results if r["case"] == "skip_frame_flood"), None)
     if flood is not None:
-        verdict = "met" if flood["seconds"] < FLOOD_TARGET_S else "not met yet"
-        lines += ["", f"Skip-frame flood rejected in {flood['seconds']:.1f} s: the {FLOOD_TARGET_S:g} s target is "
-                      f"{verdict} (it waits on the decoder's pixel-weighted work bound in data/video.py; the "
-                      "server bounds it meanwhile by `--decode-timeout-s` and the request deadline)."]
+        rounds = flood.get("round_s") or [flood["seconds"]]
+        verdict = "met" if max(rounds) < FLOOD_TARGET_S else "not met"
+        lines += ["", f"Skip-frame flood (a 48 KB data: URL) rejected in {max(rounds):.2f} s at the slowest of its "
+                      f"rounds ({', '.join(f'{s:.2f}' for s in rounds)} s): the {FLOOD_TARGET_S:g} s target is "
+                      f"{verdict}. The sandboxed decoder's pixel-weighted work bound (data/container.py) stops it; "
+                      "`--decode-timeout-s` and the request deadline are the backstop."]
     text = "\n".join(lines) + "\n"
     from machine import stamped  # bench/machine.py: the CPU, its ISA, measured peak and bandwidth
     out.write_text(stamped(text))
