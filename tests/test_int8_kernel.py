@@ -75,6 +75,8 @@ def test_kernel_uses_the_threads_torch_is_given():
 
 
 def test_custom_op_registration_and_fake():
+    if not int8_kernel.available():  # loads the operator's library
+        pytest.skip(f"our kernel: {int8_kernel.kernel_status()}")
     x, w, s = int8_problem(3, 16, 40)
     torch.library.opcheck(torch.ops.videollama.int8_linear.default, (x, w, s),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
@@ -87,6 +89,8 @@ def test_custom_op_registration_and_fake():
 def test_custom_op_inside_torch_compile_is_one_opaque_call():
     from torch._dynamo.testing import CompileCounterWithBackend
 
+    if not int8_kernel.available():
+        pytest.skip(f"our kernel: {int8_kernel.kernel_status()}")
     x, w, s = int8_problem(2, 24, 64)
     counter = CompileCounterWithBackend("aot_eager")
 
@@ -96,12 +100,14 @@ def test_custom_op_inside_torch_compile_is_one_opaque_call():
     got = torch.compile(f, backend=counter, fullgraph=True)(x)
     torch.testing.assert_close(got, f(x))
     ops = [n.target for n in counter.graphs[0].graph.nodes if n.op == "call_function"]
-    # One call of the op in dynamo's graph: nothing of its body (ctypes, data pointers) is traced.
+    # One call of the op in dynamo's graph: nothing of its body is traced.
     assert ops.count(torch.ops.videollama.int8_linear) == 1 and len(ops) == 3, ops
 
 
 @pytest.mark.slow
 def test_custom_op_under_inductor():
+    if not int8_kernel.available():
+        pytest.skip(f"our kernel: {int8_kernel.kernel_status()}")
     x, w, s = int8_problem(3, 40, 72)
     f = torch.compile(lambda x: torch.ops.videollama.int8_linear(x, w, s) + 1, dynamic=False)
     torch.testing.assert_close(f(x), F.linear(x, w.float() * s[:, None]) + 1, rtol=1e-5, atol=1e-4)

@@ -1,8 +1,8 @@
 """The int8 weight-only product ``(x @ weight.T) * scale`` (weight int8 [N, K], one float scale per
 output row), in each of the ways :class:`~videollama.inference.quantize.Int8Linear` can compute it:
 
-* ``kernel``: our C kernel (:mod:`videollama.inference.int8_kernel`), eagerly and, as the custom
-  op ``videollama::int8_linear``, inside ``torch.compile``;
+* ``kernel``: our kernel, the operator ``videollama::int8_linear``
+  (:mod:`videollama.inference.int8_kernel`), eagerly and inside ``torch.compile``;
 * ``aten``: ``torch.ops.aten._weight_int8pack_mm``;
 * ``fused``: inside a compiled step (up to FUSED_MAX_ROWS rows) a reduction inductor fuses into one
   loop over the int8 weight (:func:`_fused`); otherwise ``dequant``;
@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from videollama.model.layers import written
+
 IMPLS = ("kernel", "aten", "fused", "dequant")
 # Rows (batch x tokens) up to which a linear counts as decoding: one impl for decode steps, one
 # for prompts (whose products are compute-bound, where a float matmul can win).
@@ -26,12 +28,8 @@ FUSED_MAX_ROWS = DECODE_MAX_ROWS
 
 def product(impl: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(x [..., K] @ weight [N, K].T) * scale [N] by implementation ``impl`` (one of IMPLS)."""
-    if impl == "kernel":
-        from videollama.inference import int8_kernel
-
-        if torch.compiler.is_compiling():
-            return torch.ops.videollama.int8_linear(x, weight, scale)
-        return int8_kernel.int8_linear_eager(x, weight, scale)  # the op's body, without the dispatch
+    if impl == "kernel":  # chosen only where int8_kernel.available() and x is float32 on the CPU
+        return torch.ops.videollama.int8_linear(x, weight, scale)
     if impl == "aten":
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scale.to(x.dtype))  # [M, N]
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -47,7 +45,7 @@ def _fused(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.
     slower: such a K is summed as g chunks of K / g. (The int8 weight is viewed before the
     conversion: a view of the converted weight makes inductor write the whole float weight out.)"""
     n, k = weight.shape
-    x = _written(x)
+    x = written(x)  # computed once, not once per output row
     g = reduction_chunks(k)
     if g == 1:
         y = (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
@@ -55,20 +53,6 @@ def _fused(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.
         xs = x.reshape(*x.shape[:-1], 1, g, k // g)  # [..., 1, g, K/g]
         y = (xs * weight.view(n, g, k // g).to(x.dtype)).sum(-1).sum(-1)
     return y * scale.to(x.dtype)
-
-
-@torch.library.custom_op("videollama::written", mutates_args=())
-def _written(x: torch.Tensor) -> torch.Tensor:
-    """A copy of x that inductor cannot inline: an Int8Linear's input is computed once, not
-    recomputed inside its reduction loop once per output row. Without it, the RMSNorm that feeds
-    the q/k/v, gate/up and lm_head projections (a per-element rsqrt and divide) is inlined into
-    them, and recomputed for every output row: several times slower."""
-    return x.clone()
-
-
-@_written.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
 
 
 def reduction_chunks(k: int, longest: int = 4096) -> int:

@@ -1,25 +1,31 @@
-"""Our int8 weight-only linear for the CPU: a small C kernel, built at first use for this host.
+"""Our int8 weight-only linear for the CPU: a small kernel, built at first use for this host as
+a torch operator (``torch.ops.videollama.int8_linear``).
 
 ``y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]``: float32 activations, int8 weights [N, K] (one
 scale per output row), float32 accumulation. Each weight is read once per block of up to four
 activation rows and widened in registers (AVX2: 8 at a time, ``vpmovsxbd`` + ``vcvtdq2ps``;
-AVX-512: 16), so a decode step streams a quarter of the float32 bytes; output rows are shared
-among ``torch.get_num_threads()`` OpenMP threads. Built with the host's C compiler for
-:func:`~videollama.inference.host.isa` (``-mavx2 -mfma``, ``-mavx512f``, or portable C), from the
-source below only (nothing a user sends), into ``cache_dir("kernels")`` under a name that hashes
-the source, the flags and the compiler; the build writes a temporary file and renames it, so
-processes starting together never load half a library. After loading, the kernel is checked
+AVX-512: 16), so a decode step streams a quarter of the float32 bytes; blocks of output rows are
+shared among ``torch.get_num_threads()`` threads (ATen's ``parallel_for``, torch's own pool).
+Built with the host's C and C++ compilers for :func:`~videollama.inference.host.isa` (``-mavx2 -mfma``,
+``-mavx512f``, or portable C) against the installed torch's headers, from the source below only
+(nothing a user sends), into ``cache_dir("kernels")`` under a name that hashes the source, the
+flags, the compiler and the torch version; the build writes a temporary file and renames it, so
+processes starting together never load half a library. After loading, the operator is checked
 against a float64 product on awkward shapes (tails in K, N and M) before it is used.
 
-Without a C compiler (or when the build or the check fails) :func:`kernel_status` says why and
-:func:`available` is False: :mod:`videollama.inference.quantize` then picks among the other
-implementations. ``torch.ops.videollama.int8_linear`` is the kernel as a torch custom op, with a
-fake implementation, so it runs eagerly and inside ``torch.compile`` as one opaque call.
+It is an operator of torch's dispatcher (C++, with a fake implementation registered here for
+``torch.compile``) rather than a Python function around a C call: a decode step calls it some
+60 times, and the Python around a call (argument checks, ``data_ptr``, ``ctypes``, and in a
+compiled step the Python custom-op layer) cost more than the product itself at the ``small``
+preset's shapes (bench/results/int8.md). Inside ``torch.compile`` it is one opaque call.
+
+Without a C and a C++ compiler or torch's headers (or when the build or the check fails)
+:func:`kernel_status` says why and :func:`available` is False:
+:mod:`videollama.inference.quantize` then picks among the other implementations.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import shutil
@@ -83,12 +89,10 @@ static void tile_##MB##_##NB(const float* x, const int8_t* w, const float* s, fl
 }
 TILE(4, 2) TILE(4, 1) TILE(2, 4) TILE(2, 1) TILE(1, 8) TILE(1, 1)
 
-/* y [M, N] = (x [M, K] @ w [N, K]^T) * s [N]; blocks of 8 output rows are shared among threads. */
-void vl_int8_linear(const float* x, const int8_t* w, const float* s, float* y,
-                    long M, long N, long K, int nthreads) {
-  long blocks = (N + 7) / 8;
-  #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)
-  for (long b = 0; b < blocks; b++) {
+/* y [M, N] = (x [M, K] @ w [N, K]^T) * s [N], for the blocks of 8 output rows b0 .. b1-1. */
+void vl_int8_blocks(const float* x, const int8_t* w, const float* s, float* y,
+                           long M, long N, long K, long b0, long b1) {
+  for (long b = b0; b < b1; b++) {
     long n0 = b * 8, n1 = n0 + 8 < N ? n0 + 8 : N, m = 0, n;
     for (; m + 4 <= M; m += 4) {
       for (n = n0; n + 2 <= n1; n += 2) tile_4_2(x, w, s, y, N, K, m, n);
@@ -107,13 +111,64 @@ void vl_int8_linear(const float* x, const int8_t* w, const float* s, float* y,
 }
 """
 
+# The operator around the kernel (C++, against torch's headers): checks, the output tensor, threads
+# from torch's own pool. The kernel itself is compiled as C, apart: g++ made its loops 1.3-1.5x
+# slower on an AVX2 EPYC than the same source compiled as C (bench/results/int8.md).
+OP_SOURCE = r"""
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+extern "C" void vl_int8_blocks(const float* x, const int8_t* w, const float* s, float* y,
+                               long M, long N, long K, long b0, long b1);
+
+static at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
+              "videollama::int8_linear: x float32, weight int8, scale float32; got ", x.scalar_type(), ", ",
+              weight.scalar_type(), ", ", scale.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && scale.dim() == 1, "videollama::int8_linear: x [..., K], "
+              "weight [N, K], scale [N]");
+  const int64_t K = x.size(-1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K && scale.size(0) == N, "videollama::int8_linear: x [..., ", K, "] with weight ",
+              weight.sizes(), " and scale ", scale.sizes());
+  at::Tensor xc = x.contiguous(), wc = weight.contiguous(), sc = scale.contiguous();
+  const int64_t M = K == 0 ? 0 : xc.numel() / K;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  const float* xp = xc.const_data_ptr<float>();
+  const int8_t* wp = wc.const_data_ptr<int8_t>();
+  const float* sp = sc.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t blocks = (N + 7) / 8;
+  // About 64k multiply-adds per task: a decode step's small products run on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, 65536 / (8 * K * M));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    vl_int8_blocks(xp, wp, sp, yp, M, N, K, b0, b1);
+  });
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(videollama, m) {
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(videollama, CPU, m) {
+  m.impl("int8_linear", &int8_linear_cpu);
+}
+"""
+
 FLAGS = {"avx512": ["-mavx512f", "-DVL_AVX512"], "avx2": ["-mavx2", "-mfma", "-DVL_AVX2"], "generic": []}
-COMPILERS = ("cc", "gcc", "clang")
-_STATE: dict[str, object] = {}  # "fn": the loaded ctypes function, or "why": why there is none
+COMPILERS = (("cc", "c++"), ("gcc", "g++"), ("clang", "clang++"))  # (C, C++) pairs, first found
+_STATE: dict[str, object] = {}  # "ok": True once loaded and checked, or "why": why the kernel is not there
 
 
-def _compiler() -> str | None:
-    return next((path for path in map(shutil.which, COMPILERS) if path), None)
+def _compiler() -> tuple[str, str] | None:
+    """The first (C, C++) compiler pair on PATH."""
+    return next(((shutil.which(c), shutil.which(cxx)) for c, cxx in COMPILERS if shutil.which(c) and shutil.which(cxx)),
+                None)
 
 
 def _compiler_id(cc: str) -> str:
@@ -121,72 +176,88 @@ def _compiler_id(cc: str) -> str:
     return (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else cc
 
 
+def _torch_flags() -> list[str]:
+    """Include and link flags for the installed torch (its headers and libraries ship in the wheel)."""
+    root = Path(torch.__file__).parent
+    include, lib = root / "include", root / "lib"
+    if not (include / "torch" / "library.h").is_file():
+        raise RuntimeError(f"torch's C++ headers are not installed under {include}")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [f"-I{include}", f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+
+
 def build(target: str) -> Path:
-    """The kernel library for ``target`` (one of host.ISAS), compiled into our cache directory if
-    it is not there yet. RuntimeError when no C compiler is found or the build fails."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError(f"no C compiler on PATH (looked for {', '.join(COMPILERS)})")
-    flags = ["-O3", "-fPIC", "-shared", *FLAGS[target]]
-    digest = hashlib.sha256("\n".join([SOURCE, *flags, _compiler_id(cc)]).encode()).hexdigest()[:16]
+    """The operator library for ``target`` (one of host.ISAS), compiled into our cache directory if
+    it is not there yet. RuntimeError when no C and C++ compiler is found or the build fails."""
+    pair = _compiler()
+    if pair is None:
+        raise RuntimeError(f"no C compiler with its C++ compiler on PATH (looked for "
+                           f"{', '.join('/'.join(p) for p in COMPILERS)})")
+    cc, cxx = pair
+    c_flags = ["-O3", "-fPIC", *FLAGS[target]]
+    cxx_flags = ["-O3", "-fPIC", "-shared", "-std=c++20", "-w", *_torch_flags()]
+    ident = [SOURCE, OP_SOURCE, *c_flags, *cxx_flags, _compiler_id(cc), _compiler_id(cxx), torch.__version__]
+    digest = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
     lib = cache_dir("kernels") / f"int8_linear_{target}_{digest}.so"
     if lib.is_file() and lib.stat().st_uid == os.getuid():
         return lib
     with tempfile.TemporaryDirectory(dir=lib.parent, prefix=".build-") as tmp:
-        src, out = Path(tmp) / "int8_linear.c", Path(tmp) / lib.name
-        src.write_text(SOURCE)
-        errors = ""
-        for omp in (["-fopenmp"], []):  # a compiler without OpenMP builds the one-thread kernel
-            done = subprocess.run([cc, *flags, *omp, str(src), "-o", str(out)], capture_output=True, text=True,
-                                  timeout=300)
-            if done.returncode == 0:
-                os.replace(out, lib)
-                return lib
-            errors = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-        raise RuntimeError(f"{cc} could not build the {target} int8 kernel: {errors[0]}")
+        kernel, op, out = Path(tmp) / "int8_kernel.c", Path(tmp) / "int8_op.cpp", Path(tmp) / lib.name
+        kernel.write_text(SOURCE)
+        op.write_text(OP_SOURCE)
+        for cmd in ([cc, *c_flags, "-c", str(kernel), "-o", str(kernel.with_suffix(".o"))],
+                    [cxx, str(op), str(kernel.with_suffix(".o")), "-o", str(out), *cxx_flags]):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                errors = [ln for ln in done.stderr.strip().splitlines() if "error" in ln] or [f"exit {done.returncode}"]
+                raise RuntimeError(f"{Path(cmd[0]).name} could not build the {target} int8 kernel: {errors[0]}")
+        os.replace(out, lib)
+    return lib
 
 
-def _load(target: str):
-    fn = ctypes.CDLL(str(build(target))).vl_int8_linear
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-    return fn
+def _register_fake() -> None:
+    @torch.library.register_fake("videollama::int8_linear")
+    def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _self_check(fn) -> str | None:
-    """None if the kernel gives the float64 product on shapes with tails in every dimension."""
+def _self_check() -> str | None:
+    """None if the operator gives the float64 product on shapes with tails in every dimension."""
     g = torch.Generator().manual_seed(0)
     for m, n, k in [(1, 13, 70), (3, 17, 40), (6, 9, 33), (9, 24, 128)]:
         x = torch.randn(m, k, generator=g)
         w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
         s = torch.rand(n, generator=g)
-        y = torch.empty(m, n)
-        fn(x.data_ptr(), w.data_ptr(), s.data_ptr(), y.data_ptr(), m, n, k, 1)
+        y = torch.ops.videollama.int8_linear(x, w, s)
         want = (x.double() @ w.double().T) * s.double()
         if not torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max())):
             return f"the built kernel gave wrong results at M={m} N={n} K={k}"
     return None
 
 
-def _kernel():
-    """The loaded kernel function, or None (``_STATE["why"]`` says why); built once per process."""
-    if "fn" not in _STATE and "why" not in _STATE:
+def _load() -> bool:
+    """Build (or find) the library and load it once per process; True when the operator works."""
+    if "ok" not in _STATE and "why" not in _STATE:
         target = isa()
         try:
-            fn = _load(target)
-            why = _self_check(fn)
+            path = build(target)
+            if not hasattr(torch.ops.videollama, "int8_linear"):  # a process loads one library
+                torch.ops.load_library(str(path))
+                _register_fake()
+            why = _self_check()
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            fn, why = None, f"{type(e).__name__}: {e}"
+            why = f"{type(e).__name__}: {e}"
         if why:
             _STATE["why"] = why
         else:
-            _STATE["fn"], _STATE["isa"] = fn, target
-    return _STATE.get("fn")
+            _STATE["ok"], _STATE["isa"] = True, target
+    return "ok" in _STATE
 
 
 def available() -> bool:
     """Whether our kernel runs on this host (building it on the first call)."""
-    return _kernel() is not None
+    return _load()
 
 
 def kernel_status() -> str:
@@ -195,24 +266,9 @@ def kernel_status() -> str:
 
 
 def int8_linear_eager(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] float32 (CPU) -> [..., N]; weight int8 [N, K] and scale float32 [N], contiguous."""
-    fn = _kernel()
-    if fn is None or x.dtype != torch.float32 or x.device.type != "cpu":
+    """x [..., K] float32 (CPU) -> [..., N]; weight int8 [N, K] and scale float32 [N]: the operator,
+    or the float product of the dequantized weight where the kernel is not available or x is not
+    float32 on the CPU."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not available():
         return torch.nn.functional.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
-    k, n = x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, k).contiguous()  # [M, K]
-    y = torch.empty(x2.shape[0], n, dtype=x.dtype)  # [M, N]
-    fn(x2.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), x2.shape[0], n, k,
-       torch.get_num_threads())
-    return y.view(*x.shape[:-1], n)
-
-
-@torch.library.custom_op("videollama::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """:func:`int8_linear_eager` as an op torch.compile calls without looking inside."""
-    return int8_linear_eager(x, weight, scale)
-
-
-@int8_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+    return torch.ops.videollama.int8_linear(x, weight, scale)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from videollama.config import DecoderConfig
-from videollama.model.layers import RMSNorm, SwiGLU, apply_rotary, rotary_cos_sin
+from videollama.model.layers import RMSNorm, SwiGLU, apply_rotary, rotary_cos_sin, written
 from videollama.model.resampler import GatedCrossAttentionBlock, MediaTime
 
 
@@ -108,6 +108,8 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     b, h, _, hd = q.shape
     kv = k.shape[1]
+    if torch.compiler.is_compiling():
+        q = written(q)  # the query's rotary positions computed once, not once per cached key
     qg = q.reshape(b, kv, h // kv, hd)  # [B, KV, G, hd]: the G query heads of each key/value head
     scores = (qg @ k.transpose(-1, -2)) * hd ** -0.5  # [B, KV, G, S]
     if mask is not None:

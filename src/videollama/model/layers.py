@@ -1,4 +1,5 @@
-"""Layers shared by the decoder and the cross-attention blocks: RMSNorm, SwiGLU, rotary positions.
+"""Layers shared by the decoder and the cross-attention blocks: RMSNorm, SwiGLU, rotary positions,
+and :func:`written`, a copy ``torch.compile`` keeps as a buffer.
 
 They follow Hugging Face Llama's definitions (and parameter names) exactly, so imported Llama
 weights compute what they computed there.
@@ -11,6 +12,22 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@torch.library.custom_op("videollama::written", mutates_args=())
+def written(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x that inductor cannot inline into the loops that read it, so that x is computed
+    once rather than once per iteration of the consumer's reduction. Inductor's C++ backend
+    otherwise inlines a pointwise producer into the reduction that consumes it: the RMSNorm that
+    feeds an int8 product (a per-element rsqrt and divide) recomputed for every output row, or
+    the rotary positions of a decode step's query (a pow, a cos and a sin per element)
+    recomputed for every cached key (bench/results/decode.md). Eagerly: not needed, not used."""
+    return x.clone()
+
+
+@written.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 class RMSNorm(nn.Module):
