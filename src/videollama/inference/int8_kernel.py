@@ -17,7 +17,7 @@ It is an operator of torch's dispatcher (C++, with a fake implementation registe
 ``torch.compile``) rather than a Python function around a C call: a decode step calls it some
 60 times, and the Python around a call (argument checks, ``data_ptr``, ``ctypes``, and in a
 compiled step the Python custom-op layer) cost more than the product itself at the ``small``
-preset's shapes (bench/results/int8.md). Inside ``torch.compile`` it is one opaque call.
+preset's shapes (bench/results/int8_op.md). Inside ``torch.compile`` it is one opaque call.
 
 Without a C and a C++ compiler or torch's headers (or when the build or the check fails)
 :func:`kernel_status` says why and :func:`available` is False:
@@ -112,8 +112,8 @@ void vl_int8_blocks(const float* x, const int8_t* w, const float* s, float* y,
 """
 
 # The operator around the kernel (C++, against torch's headers): checks, the output tensor, threads
-# from torch's own pool. The kernel itself is compiled as C, apart: g++ made its loops 1.3-1.5x
-# slower on an AVX2 EPYC than the same source compiled as C (bench/results/int8.md).
+# from torch's own pool. The kernel itself is compiled as C, apart: compiled as C++ in one file
+# with the operator, its loops ran slower (bench/results/int8_op.md).
 OP_SOURCE = r"""
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
