@@ -6,7 +6,7 @@ command shares), generate.py (prefill, the static-shape decode step and its comp
 sampling, ``generate``, ``generate_batch``), whole_video.py (``encode_whole_video``: a whole
 video under the model's window policy -> its latents, a chunk of windows at a time), batch.py
 (``BatchDecoder``: requests join and leave a running decode), quantize.py (weight-only int8/int4,
-``Int8Linear``), int8_kernel.py (our C int8 kernel, built for the host, as a torch custom op),
+``Int8Linear``), int8_kernel.py (our C int8 kernel, built for the host, as a torch operator),
 tuning.py (the measured choices: int8 product per weight shape, compiled or eager step), host.py
 (the CPU, its ISA, our cache directory), cli.py (the ``videollama generate`` command).
 """
