@@ -56,7 +56,6 @@ PLAN = {"small": {"new": 128, "reps": 3}, "1b": {"new": 32, "reps": 1}}
 if os.environ.get("BENCH_QUICK"):  # a smoke run of the script itself, figures meaningless
     PLAN = {"small": {"new": 8, "reps": 1}, "1b": {"new": 4, "reps": 1}}
 BATCHES = (1, 8)
-EARLIER = "### The earlier run, on "  # heading of a kept section from another machine (see main)
 
 
 def timed(fn) -> tuple[float, float]:
@@ -363,12 +362,7 @@ def main(argv: list[str]) -> int:
             results.append(measure(p))
             samples.append(bandwidth())
     text = report(results, samples)
-    # The tables measured on another kind of machine, kept by hand below this run's, stay.
-    earlier = (machine.RESULTS / "decode.md").read_text() if (machine.RESULTS / "decode.md").exists() else ""
-    kept = earlier[earlier.index(EARLIER):] if EARLIER in earlier else ""
-    out = machine.write_result("decode", text)
-    if kept:
-        out.write_text(out.read_text().rstrip("\n") + "\n\n" + kept)
+    machine.write_result("decode", text)  # keeps the earlier AVX-512 section below
     print(text)
     return 0
 

@@ -104,11 +104,19 @@ def stamped(text: str) -> str:
     return text.rstrip("\n") + "\n\n" + stamp() + "\n"
 
 
+# Heading of a section kept by hand below a benchmark's own tables: an earlier run on another kind
+# of machine (the side-by-side the CPU issue asks for, where that machine is not at hand).
+EARLIER = "### The earlier run, on "
+
+
 def write_result(name: str, text: str) -> Path:
-    """bench/results/<name>.md: ``text`` and the machine line."""
+    """bench/results/<name>.md: ``text`` and the machine line, then any EARLIER section the file
+    held (measured elsewhere, kept by hand)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.md"
-    out.write_text(stamped(text))
+    before = out.read_text() if out.exists() else ""
+    kept = before[before.index(EARLIER):] if EARLIER in before else ""
+    out.write_text(stamped(text).rstrip("\n") + "\n" + (f"\n{kept.rstrip()}\n" if kept else ""))
     return out
 
 
