@@ -21,7 +21,7 @@ def written(x: torch.Tensor) -> torch.Tensor:
     otherwise inlines a pointwise producer into the reduction that consumes it: the RMSNorm that
     feeds an int8 product (a per-element rsqrt and divide) recomputed for every output row, or
     the rotary positions of a decode step's query (a pow, a cos and a sin per element)
-    recomputed for every cached key (bench/results/decode.md). Eagerly: not needed, not used."""
+    recomputed for every cached key (bench/results/int8_op.md). Eagerly: not needed, not used."""
     return x.clone()
 
 
