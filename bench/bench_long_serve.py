@@ -11,7 +11,7 @@ decoder) are sampled every 0.2 s; the server's own peak is its ``VmHWM``.
 
 Reported: the windows and frame timestamps the answer carried, the request's wall time, the
 server's RSS before and its peak, the decoder processes' peak, and the formula of what the video
-makes the server hold (latents, cross-attention keys/values, one chunk of frames), as in
+makes the server hold (long_cost_hour.formula less the weights), as in
 bench/results/long_cost.md for ``generate``. Writes bench/results/long_serve.md.
 """
 
@@ -29,55 +29,48 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import machine  # noqa: E402
-from hostile_serve import Server  # noqa: E402
-from long_cost_hour import make_video  # noqa: E402
+from bench_serve import build  # noqa: E402
+from hostile_serve import Server, _rss_mb  # noqa: E402
+from long_cost_hour import formula, make_video  # noqa: E402
 
-SECONDS, MAX_WINDOWS, NEW = 3600, 900, 16
+SECONDS, MAX_WINDOWS, QUESTION, NEW = 3600, 900, 16, 16
 MiB = 2**20
 
 
-def build_model(directory: Path) -> dict:
-    import torch
-
-    from bench_serve import WORDS
+def held_for_video() -> tuple[dict[str, int], int]:
+    """What generation with the video holds, item by item (long_cost_hour.formula, from the shapes),
+    and its number of latents."""
     from videollama.config import VideoLlamaConfig
-    from videollama.data.tokenizer import train_tokenizer
-    from videollama.model.videollama import VideoLlama
+    from videollama.plan.estimate import estimate
+    from videollama.plan.planner import settings_for
 
-    torch.manual_seed(0)
-    config = VideoLlamaConfig.from_name("small", **{"preprocess.max_windows": MAX_WINDOWS})
-    model = VideoLlama(config).eval()
-    model.save_pretrained(directory)
-    train_tokenizer([WORDS] * 20, vocab_size=config.decoder.vocab_size).save(str(directory / "tokenizer.json"))
-    d, p = config.decoder, config.preprocess
-    latents = MAX_WINDOWS * config.resampler.num_latents
-    blocks = d.num_layers // d.cross_attn_every
-    return {"weights": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
-            "latents": latents * config.vision.hidden_size * 4,
-            "kv": blocks * 2 * latents * d.hidden_size * 4,
-            "chunk": 8 * p.num_frames * 3 * p.size * p.size * 4, "latent_count": latents}
+    cfg = VideoLlamaConfig.from_name("small", **{"preprocess.max_windows": MAX_WINDOWS})
+    s = settings_for(cfg, mode="infer", precision="fp32", tokens=QUESTION, new_tokens=NEW,
+                     video_seconds=float(SECONDS))
+    items = {k: v for k, v in formula(cfg, s, estimate(cfg, s)).items() if k != "weights"}
+    return items, s.windows * cfg.resampler.num_latents
 
 
 def _tree(pid: int) -> list[int]:
-    """pid and every process under it."""
+    """Every process under pid."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        out.append(p)
         try:
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
+                    children = [int(c) for c in f.read().split()]
+                out += children
+                todo += children
         except OSError:
             continue
     return out
 
 
-def _status(pid: int, field: str) -> float:
+def _rss_or_zero(pid: int) -> float:
     try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":")) / MiB
-    except (OSError, StopIteration):
+        return _rss_mb(pid)
+    except (OSError, StopIteration):  # a decoder that has just exited
         return 0.0
 
 
@@ -87,20 +80,18 @@ def main() -> int:
     video = make_video(SECONDS)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        sizes = build_model(work / "model")
+        build(work / "model", **{"preprocess.max_windows": MAX_WINDOWS})
         server = Server(["serve", "--model", str(work / "model"), "--allowed-local-media-path", str(video.parent),
                          "--max-video-duration-s", str(SECONDS), "--request-timeout-s", "1800",
                          "--decode-timeout-s", "1800", "--max-model-len", "128"], work)
         try:
-            before = _status(server.proc.pid, "VmRSS")
-            peaks = {"server": before, "decoders": 0.0}
+            before = _rss_mb(server.proc.pid)
+            peaks = {"decoders": 0.0}
             done = threading.Event()
 
             def sample() -> None:
                 while not done.is_set():
-                    pids = _tree(server.proc.pid)
-                    peaks["server"] = max(peaks["server"], _status(server.proc.pid, "VmRSS"))
-                    peaks["decoders"] = max([peaks["decoders"], *(_status(p, "VmRSS") for p in pids[1:])])
+                    peaks["decoders"] = max([peaks["decoders"], *map(_rss_or_zero, _tree(server.proc.pid))])
                     time.sleep(0.2)
 
             watcher = threading.Thread(target=sample, daemon=True)
@@ -113,11 +104,12 @@ def main() -> int:
             wall = time.perf_counter() - t0
             done.set()
             watcher.join()
-            hwm = _status(server.proc.pid, "VmHWM")
+            hwm = _rss_mb(server.proc.pid, "VmHWM")
             stamps = reply.model_extra.get("frame_timestamps_s") or []  # per window: its frames' times
         finally:
             server.stop()
-    held = (sizes["latents"] + sizes["kv"] + sizes["chunk"]) / MiB
+    items, latents = held_for_video()
+    held = sum(items.values()) / MiB
     frames = [t for window in stamps for t in (window if isinstance(window, list) else [window])]
     text = "\n".join([
         "## The server on a 1-hour video (`bench/bench_long_serve.py`)",
@@ -136,11 +128,11 @@ def main() -> int:
         f"| server RSS before the request | {before:.1f} MiB |",
         f"| server peak RSS (VmHWM) | **{hwm:.1f} MiB** (+{hwm - before:.1f}) |",
         f"| decoder processes' peak RSS (sampled) | {peaks['decoders']:.1f} MiB |",
-        f"| what the video makes it hold (formula): latents {sizes['latents'] / MiB:.1f} + cross-attention k/v "
-        f"{sizes['kv'] / MiB:.1f} + one chunk of frames {sizes['chunk'] / MiB:.1f} | {held:.1f} MiB |",
+        "| what the video makes it hold (formula: "
+        + " + ".join(f"{name} {v / MiB:.1f}" for name, v in items.items()) + f") | {held:.1f} MiB |",
         "",
         f"The server's growth over its idle RSS is {(hwm - before) / held:.2f}x the formula for its "
-        f"{sizes['latent_count']:,} latents, and below what the frames alone would take ({SECONDS * 4:,} frames of 96x96: "
+        f"{latents:,} latents, and below what the frames alone would take ({SECONDS * 4:,} frames of 96x96: "
         f"{SECONDS * 4 * 3 * 96 * 96 * 4 / MiB:,.0f} MiB as float32); one point does not show how it scales. The growth past the formula is not "
         "broken down here (candidates: the video cache's copy of the latents and keys/values, the allocator "
         "keeping the encoder's freed chunk memory, the batch decoder's buffers); `generate` on the same video "

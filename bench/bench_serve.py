@@ -61,9 +61,10 @@ QUESTION = "which way does the red square move?"
 WORDS = "a red green blue square circle triangle moves left right up down what color shape is the which way"
 
 
-def build(directory: Path) -> tuple[VideoLlama, object]:
+def build(directory: Path, **overrides) -> tuple[VideoLlama, object]:
+    """A random ``small`` model (``overrides``: dotted config fields) and its tokenizer, saved in ``directory``."""
     torch.manual_seed(0)
-    config = VideoLlamaConfig.from_name("small")
+    config = VideoLlamaConfig.from_name("small", **overrides)
     never = config.decoder.vocab_size - 1
     config = VideoLlamaConfig.from_dict({**config.to_dict(),
                                          "decoder": {**config.to_dict()["decoder"], "eos_token_id": never}})

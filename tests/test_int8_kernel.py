@@ -31,6 +31,14 @@ def fresh_cache(tmp_path, monkeypatch):
     tuning.forget()
 
 
+@pytest.fixture
+def kernel():
+    """Our kernel, built and loaded (its operator registered); the test is skipped on a host that
+    cannot build it (no C/C++ compiler or torch headers), where int8 uses the other products."""
+    if not int8_kernel.available():
+        pytest.skip(f"our kernel: {int8_kernel.kernel_status()}")
+
+
 def int8_problem(m, n, k, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
@@ -41,9 +49,7 @@ def int8_problem(m, n, k, seed=0):
 
 @pytest.mark.parametrize("m,n,k", [(1, 384, 384), (1, 13, 70), (3, 17, 40), (5, 24, 129), (8, 1024, 384),
                                    (17, 9, 256), (2, 8192, 64)])
-def test_kernel_equals_linear_on_dequantized_weights(m, n, k):
-    if not int8_kernel.available():
-        pytest.skip(f"our kernel: {int8_kernel.kernel_status()}")
+def test_kernel_equals_linear_on_dequantized_weights(m, n, k, kernel):
     x, w, s = int8_problem(m, n, k)
     want = F.linear(x, w.float() * s[:, None])  # the float product of the dequantized weight
     got = int8_kernel.int8_linear_eager(x, w, s)
@@ -59,9 +65,7 @@ def test_kernel_equals_linear_on_dequantized_weights(m, n, k):
                                rtol=1e-5, atol=1e-5 * float(exact.abs().max()) * 10)
 
 
-def test_kernel_uses_the_threads_torch_is_given():
-    if not int8_kernel.available():
-        pytest.skip(f"our kernel: {int8_kernel.kernel_status()}")
+def test_kernel_uses_the_threads_torch_is_given(kernel):
     x, w, s = int8_problem(4, 1000, 96)
     before = torch.get_num_threads()
     try:
@@ -74,9 +78,7 @@ def test_kernel_uses_the_threads_torch_is_given():
     assert torch.equal(one, two)  # each output is summed by one thread in the same order
 
 
-def test_custom_op_registration_and_fake():
-    if not int8_kernel.available():  # loads the operator's library
-        pytest.skip(f"our kernel: {int8_kernel.kernel_status()}")
+def test_custom_op_registration_and_fake(kernel):
     x, w, s = int8_problem(3, 16, 40)
     torch.library.opcheck(torch.ops.videollama.int8_linear.default, (x, w, s),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
@@ -86,11 +88,9 @@ def test_custom_op_registration_and_fake():
     assert fake.shape == (2, 5, 16)
 
 
-def test_custom_op_inside_torch_compile_is_one_opaque_call():
+def test_custom_op_inside_torch_compile_is_one_opaque_call(kernel):
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    if not int8_kernel.available():
-        pytest.skip(f"our kernel: {int8_kernel.kernel_status()}")
     x, w, s = int8_problem(2, 24, 64)
     counter = CompileCounterWithBackend("aot_eager")
 
@@ -105,9 +105,7 @@ def test_custom_op_inside_torch_compile_is_one_opaque_call():
 
 
 @pytest.mark.slow
-def test_custom_op_under_inductor():
-    if not int8_kernel.available():
-        pytest.skip(f"our kernel: {int8_kernel.kernel_status()}")
+def test_custom_op_under_inductor(kernel):
     x, w, s = int8_problem(3, 40, 72)
     f = torch.compile(lambda x: torch.ops.videollama.int8_linear(x, w, s) + 1, dynamic=False)
     torch.testing.assert_close(f(x), F.linear(x, w.float() * s[:, None]) + 1, rtol=1e-5, atol=1e-4)

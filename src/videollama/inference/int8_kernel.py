@@ -167,8 +167,11 @@ _STATE: dict[str, object] = {}  # "ok": True once loaded and checked, or "why": 
 
 def _compiler() -> tuple[str, str] | None:
     """The first (C, C++) compiler pair on PATH."""
-    return next(((shutil.which(c), shutil.which(cxx)) for c, cxx in COMPILERS if shutil.which(c) and shutil.which(cxx)),
-                None)
+    for names in COMPILERS:
+        paths = tuple(map(shutil.which, names))
+        if all(paths):
+            return paths
+    return None
 
 
 def _compiler_id(cc: str) -> str:
